@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Builds every plugin in plugins/ to a wasm component in plugins/dist/.
+#
+# Uses the installed wasm32-wasip2 Rust target when there is one; otherwise the no_std sysroot
+# named by WEIR_WASM_SYSROOT (made by ../shared/toolchain/build-wasm-sysroot.sh); otherwise
+# stops and says how to get one of them.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+target=wasm32-wasip2
+out="$repo/plugins/dist"
+
+rustflags=""
+if rustup target list --installed 2>/dev/null | grep -qx "$target"; then
+  echo "build-plugins: using the installed $target target"
+elif [ -n "${WEIR_WASM_SYSROOT:-}" ]; then
+  if [ ! -d "$WEIR_WASM_SYSROOT/lib/rustlib/$target" ]; then
+    echo "build-plugins: WEIR_WASM_SYSROOT=$WEIR_WASM_SYSROOT has no $target libraries" >&2
+    echo "  hint: rebuild it with ../shared/toolchain/build-wasm-sysroot.sh DIR $target, then WEIR_WASM_SYSROOT=DIR/sysroot" >&2
+    exit 1
+  fi
+  echo "build-plugins: using the sysroot $WEIR_WASM_SYSROOT"
+  rustflags="--sysroot $WEIR_WASM_SYSROOT"
+else
+  echo "build-plugins: the $target Rust target is not installed" >&2
+  echo "  hint: run 'rustup target add $target', or set WEIR_WASM_SYSROOT to a no_std sysroot" >&2
+  echo "        built by ../shared/toolchain/build-wasm-sysroot.sh DIR $target (then DIR/sysroot)" >&2
+  exit 1
+fi
+
+target_dir="${CARGO_TARGET_DIR:-$repo/target}/plugins"
+RUSTFLAGS="$rustflags" CARGO_TARGET_DIR="$target_dir" \
+  cargo build --quiet --release --target "$target" --manifest-path "$repo/plugins/Cargo.toml"
+
+mkdir -p "$out"
+for manifest in "$repo"/plugins/*/Cargo.toml; do
+  name=$(basename "$(dirname "$manifest")")
+  cp "$target_dir/$target/release/${name//-/_}.wasm" "$out/$name.wasm"
+  printf 'build-plugins: %-28s %7d bytes\n' "plugins/dist/$name.wasm" "$(stat -c %s "$out/$name.wasm")"
+done
