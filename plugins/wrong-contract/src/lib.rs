@@ -1,5 +1,5 @@
-//! A component for a contract weir does not speak: `transform` takes and returns a string,
-//! under package version 0.0.1. The host must refuse it at start and name the mismatch.
+//! A component for a contract weir does not speak: it exports
+//! `weir:transform/transformer@0.0.1`, whose `transform` takes and returns a string. The host must refuse it at start and name the mismatch.
 #![no_std]
 
 extern crate alloc;
@@ -43,15 +43,18 @@ fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
 wit_bindgen::generate!({
     inline: "
         package weir:transform@0.0.1;
-        world transformer {
-            export transform: func(text: string) -> string;
+        interface transformer {
+            transform: func(text: string) -> string;
+        }
+        world plugin {
+            export transformer;
         }
     ",
 });
 
 struct WrongContract;
 
-impl Guest for WrongContract {
+impl exports::weir::transform::transformer::Guest for WrongContract {
     fn transform(text: alloc::string::String) -> alloc::string::String {
         text
     }

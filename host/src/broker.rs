@@ -1,0 +1,452 @@
+//! The NATS side: connect, set up streams and the consumer, fetch batches, publish, ack.
+//!
+//! This is the only module that imports async_nats. It knows nothing of plugins or the
+//! store; the pipeline decides what to publish and when to ack.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::pull, message::PublishMessage, stream};
+use async_nats::{ConnectOptions, HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::config::{BatchConfig, InputConfig, NatsConfig, OutputConfig};
+use crate::record::OutboundMessage;
+
+/// A broker failure. At start they stop the host with the message; at run time they are
+/// transient: the pipeline retries them and acks nothing in the meantime.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot connect to NATS at {url:?}: {message} (is nats-server running and reachable?)")]
+    Connect { url: String, message: String },
+    #[error("cannot read NATS credentials file {path:?}: {source}")]
+    Credentials {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "input stream {stream:?} does not exist: create it (e.g. `nats stream add {stream} --subjects '{subject}'`) or set input.create_stream = true"
+    )]
+    MissingStream { stream: String, subject: String },
+    #[error(
+        "no stream stores subject {subject:?}, so publishes to it cannot be acknowledged: set {key} to have weir create one, or create a stream for it"
+    )]
+    Uncaptured { subject: String, key: &'static str },
+    #[error("{action}: {message}")]
+    JetStream {
+        action: String,
+        message: String,
+    },
+}
+
+impl BrokerError {
+    fn jetstream(action: impl Into<String>, error: impl std::fmt::Display) -> BrokerError {
+        BrokerError::JetStream {
+            action: action.into(),
+            message: error.to_string(),
+        }
+    }
+}
+
+/// A connection to the server and its JetStream context.
+pub struct Broker {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+}
+
+/// The input stream's identity: part of every dedup key, so that a stream deleted and
+/// re-created under the same name does not make new messages look processed.
+pub struct InputStream {
+    pub name: String,
+    pub created_unix_ns: u64,
+}
+
+impl Broker {
+    /// Connects once, failing fast if the server is unreachable; later disconnections are
+    /// healed by the client's own reconnect loop.
+    pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Broker, BrokerError> {
+        let mut options = match &config.credentials_file {
+            Some(path) => ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|source| BrokerError::Credentials {
+                    path: path.clone(),
+                    source,
+                })?,
+            None => ConnectOptions::new(),
+        };
+        if let (Some(user), Some(password)) = (&config.user, &config.password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &config.token {
+            options = options.token(token.clone());
+        }
+        if let Some(seed) = &config.nkey_seed {
+            options = options.nkey(seed.clone());
+        }
+        if let Some(ca) = &config.tls_ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        let url = config.url.clone();
+        let client = options
+            .require_tls(config.tls_required)
+            .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
+            .name(client_name)
+            .event_callback(move |event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from NATS; reconnecting")
+                    }
+                    other => tracing::warn!(event = %other, "NATS connection event"),
+                }
+            })
+            .connect(config.url.as_str())
+            .await
+            .map_err(|e| BrokerError::Connect {
+                url,
+                message: e.to_string(),
+            })?;
+        let jetstream = jetstream::new(client.clone());
+        Ok(Broker { client, jetstream })
+    }
+
+    /// The largest message (payload and headers) the server accepts.
+    pub fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+
+    /// Finds the input stream, creating it when configured to.
+    pub async fn input_stream(&self, input: &InputConfig) -> Result<InputStream, BrokerError> {
+        let stream = match self.jetstream.get_stream(&input.stream).await {
+            Ok(stream) => stream,
+            Err(error) if is_stream_not_found(&error) => {
+                if !input.create_stream {
+                    return Err(BrokerError::MissingStream {
+                        stream: input.stream.clone(),
+                        subject: input.subject.clone(),
+                    });
+                }
+                self.create_stream(&input.stream, vec![input.subject.clone()])
+                    .await?
+            }
+            Err(error) => {
+                return Err(BrokerError::jetstream(
+                    format!("cannot look up input stream {:?}", input.stream),
+                    error,
+                ));
+            }
+        };
+        let created = stream.cached_info().created;
+        Ok(InputStream {
+            name: input.stream.clone(),
+            created_unix_ns: u64::try_from(created.unix_timestamp_nanos()).unwrap_or(0),
+        })
+    }
+
+    /// Makes sure some stream stores the output prefix and the DLQ subject, creating the
+    /// configured streams when nothing does: without a stream, a publish is never
+    /// acknowledged and nothing could ever be acked.
+    pub async fn ensure_output_streams(&self, output: &OutputConfig) -> Result<(), BrokerError> {
+        let probe = format!("{}.probe", output.prefix);
+        let targets = [
+            (
+                probe.as_str(),
+                output.stream.as_ref(),
+                vec![output.prefix.clone(), format!("{}.>", output.prefix)],
+                "output.stream",
+            ),
+            (
+                output.dlq_subject.as_str(),
+                output.dlq_stream.as_ref(),
+                vec![output.dlq_subject.clone()],
+                "output.dlq_stream",
+            ),
+        ];
+        for (subject, stream, subjects, key) in targets {
+            if self.jetstream.stream_by_subject(subject).await.is_ok() {
+                continue;
+            }
+            match stream {
+                Some(stream) => {
+                    self.create_stream(stream, subjects).await?;
+                }
+                None => {
+                    return Err(BrokerError::Uncaptured {
+                        subject: subject.to_owned(),
+                        key,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_stream(
+        &self,
+        name: &str,
+        subjects: Vec<String>,
+    ) -> Result<stream::Stream, BrokerError> {
+        tracing::info!(stream = name, ?subjects, "creating stream");
+        self.jetstream
+            .create_stream(stream::Config {
+                name: name.to_owned(),
+                subjects,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BrokerError::jetstream(format!("cannot create stream {name:?}"), e))
+    }
+
+    /// Creates (or finds) the durable pull consumer and starts pulling from it.
+    pub async fn consume(
+        &self,
+        input: &InputConfig,
+        batch: &BatchConfig,
+    ) -> Result<MessageSource, BrokerError> {
+        let mut source = MessageSource {
+            jetstream: self.jetstream.clone(),
+            input: input.clone(),
+            max_messages: batch.max_messages,
+            max_wait: Duration::from_millis(batch.max_wait_ms),
+            messages: None,
+        };
+        source.restart().await?;
+        Ok(source)
+    }
+
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            jetstream: self.jetstream.clone(),
+        }
+    }
+}
+
+fn is_stream_not_found(error: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// Batches of input messages from the durable consumer.
+pub struct MessageSource {
+    jetstream: jetstream::Context,
+    input: InputConfig,
+    max_messages: usize,
+    max_wait: Duration,
+    messages: Option<pull::Stream>,
+}
+
+impl MessageSource {
+    async fn restart(&mut self) -> Result<(), BrokerError> {
+        self.messages = None;
+        let consumer: pull::Consumer = self
+            .jetstream
+            .get_stream(&self.input.stream)
+            .await
+            .map_err(|e| {
+                BrokerError::jetstream(format!("cannot look up stream {:?}", self.input.stream), e)
+            })?
+            .get_or_create_consumer(
+                &self.input.consumer,
+                pull::Config {
+                    durable_name: Some(self.input.consumer.clone()),
+                    filter_subject: self.input.subject.clone(),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_millis(self.input.ack_wait_ms),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| {
+                BrokerError::jetstream(
+                    format!("cannot create consumer {:?}", self.input.consumer),
+                    e,
+                )
+            })?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(self.max_messages)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| BrokerError::jetstream("cannot start pulling messages", e))?;
+        self.messages = Some(messages);
+        Ok(())
+    }
+
+    /// Waits for the next message. Cancel-safe: dropping the future loses nothing.
+    pub async fn next_message(&mut self) -> Result<InputMessage, BrokerError> {
+        if self.messages.is_none() {
+            self.restart().await?;
+        }
+        // `restart` either set the stream or returned an error.
+        let messages = self.messages.as_mut().expect("restart sets the stream");
+        match messages.next().await {
+            Some(Ok(message)) => InputMessage::new(message),
+            Some(Err(error)) => {
+                // Pull the consumer afresh: this heals a deleted consumer as well as a
+                // missed heartbeat.
+                self.messages = None;
+                Err(BrokerError::jetstream("pulling messages failed", error))
+            }
+            None => {
+                self.messages = None;
+                Err(BrokerError::jetstream(
+                    "pulling messages failed",
+                    "the message stream ended",
+                ))
+            }
+        }
+    }
+
+    /// Adds to `batch` whatever arrives within the batch wait, up to the batch size.
+    pub async fn fill_batch(&mut self, batch: &mut Vec<InputMessage>) {
+        let deadline = tokio::time::Instant::now() + self.max_wait;
+        while batch.len() < self.max_messages {
+            let Some(messages) = self.messages.as_mut() else {
+                return;
+            };
+            match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(Some(Ok(message))) => match InputMessage::new(message) {
+                    Ok(message) => batch.push(message),
+                    Err(error) => tracing::warn!(%error, "skipping a message without metadata"),
+                },
+                Ok(Some(Err(error))) => {
+                    tracing::warn!(%error, "pulling messages failed; will pull afresh");
+                    self.messages = None;
+                    return;
+                }
+                Ok(None) => {
+                    self.messages = None;
+                    return;
+                }
+                Err(_elapsed) => return,
+            }
+        }
+    }
+}
+
+/// One input message, with what the pipeline needs to identify and ack it.
+pub struct InputMessage {
+    pub subject: String,
+    /// Sorted by name; a repeated name keeps its values in order.
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+    pub stream_sequence: u64,
+    pub published_unix_ns: u64,
+    message: jetstream::Message,
+}
+
+impl InputMessage {
+    fn new(message: jetstream::Message) -> Result<InputMessage, BrokerError> {
+        let info = message
+            .info()
+            .map_err(|e| BrokerError::jetstream("message has no JetStream metadata", e))?;
+        let stream_sequence = info.stream_sequence;
+        let published_unix_ns = u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0);
+        let mut headers: Vec<(String, String)> = message
+            .headers
+            .iter()
+            .flat_map(|map| map.iter())
+            .flat_map(|(name, values)| {
+                values
+                    .iter()
+                    .map(move |value| (name.to_string(), value.as_str().to_owned()))
+            })
+            .collect();
+        // A stable sort: values of one name keep their order.
+        headers.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(InputMessage {
+            subject: message.subject.to_string(),
+            headers,
+            payload: message.payload.clone(),
+            stream_sequence,
+            published_unix_ns,
+            message,
+        })
+    }
+
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(header, _)| header == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// Acknowledges the message and waits for the server to confirm (double ack).
+    pub async fn ack(&self) -> Result<(), BrokerError> {
+        self.message
+            .double_ack()
+            .await
+            .map_err(|e| BrokerError::jetstream("ack failed", e))
+    }
+
+    /// Tells the server the message is still being worked on, resetting its ack timer.
+    pub async fn progress(&self) {
+        if let Err(error) = self.message.ack_with(AckKind::Progress).await {
+            tracing::debug!(%error, "progress ack failed");
+        }
+    }
+}
+
+/// Whether NATS can carry this header as given.
+pub fn is_publishable_header(name: &str, value: &str) -> bool {
+    !name.is_empty() && HeaderName::from_str(name).is_ok() && HeaderValue::from_str(value).is_ok()
+}
+
+/// The header that carries a message's deduplication id.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// Publishes outbound messages to JetStream.
+#[derive(Clone)]
+pub struct Publisher {
+    jetstream: jetstream::Context,
+}
+
+impl Publisher {
+    /// Publishes every message, all in flight at once, and waits until JetStream has
+    /// acknowledged each (a duplicate counts: the server already has it).
+    pub async fn publish_all<'a>(
+        &self,
+        messages: impl IntoIterator<Item = &'a OutboundMessage>,
+    ) -> Result<(), BrokerError> {
+        let mut acks = Vec::new();
+        for message in messages {
+            let mut headers = HeaderMap::new();
+            for (name, value) in &message.headers {
+                // The pipeline only stores publishable headers; skip rather than panic.
+                if let (Ok(name), Ok(value)) =
+                    (HeaderName::from_str(name), HeaderValue::from_str(value))
+                {
+                    headers.append(name, value);
+                }
+            }
+            let publish = PublishMessage::build()
+                .headers(headers)
+                .message_id(&message.msg_id)
+                .payload(Bytes::copy_from_slice(&message.payload));
+            let ack = self
+                .jetstream
+                .send_publish(message.subject.clone(), publish)
+                .await
+                .map_err(|e| {
+                    BrokerError::jetstream(format!("publish to {:?} failed", message.subject), e)
+                })?;
+            acks.push(ack);
+        }
+        for result in futures::future::join_all(acks.into_iter().map(|ack| ack.into_future())).await
+        {
+            result.map_err(|e| BrokerError::jetstream("publish was not acknowledged", e))?;
+        }
+        Ok(())
+    }
+}

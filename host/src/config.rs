@@ -1,0 +1,479 @@
+//! The TOML configuration: what each key means, its default, and all validation.
+//!
+//! Validation happens here and only here: the rest of the host receives a `Config` whose
+//! values are known to be usable. Every key is documented in the README's configuration
+//! reference; keep the two in step.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::subject;
+
+/// A whole configuration file: one or more pipelines.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Engine-wide sandbox settings, shared by every pipeline's plugin.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+    /// The pipelines to run, each with its own consumer, plugin and store.
+    #[serde(rename = "pipeline")]
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+/// Settings of the one wasm engine all pipelines share.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// The most stack a plugin call may use, in bytes. By default 512 KiB; deep recursion
+    /// past it traps ("stack overflow") and the input goes to the DLQ.
+    pub max_stack_bytes: usize,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            max_stack_bytes: 512 * 1024,
+        }
+    }
+}
+
+/// One pipeline: input stream → plugin → output subjects, exactly once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// The pipeline's name; part of every output's `Nats-Msg-Id`, so renaming a pipeline
+    /// changes the ids of its outputs.
+    pub name: String,
+    /// The plugin component (`.wasm`), relative to the configuration file's directory.
+    pub plugin: PathBuf,
+    /// The RocksDB directory that records processed inputs; relative to the configuration
+    /// file's directory. One host at a time may use it.
+    pub store_dir: PathBuf,
+    /// How an input's identity is derived. By default `stream-sequence`.
+    #[serde(default)]
+    pub dedup: DedupMode,
+    pub nats: NatsConfig,
+    pub input: InputConfig,
+    pub output: OutputConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+}
+
+/// How an input's dedup key is derived (design.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DedupMode {
+    /// Stream name, stream creation time and stream sequence: exact for redeliveries.
+    #[default]
+    StreamSequence,
+    /// The producer's `Nats-Msg-Id` header (falling back to the stream sequence when a
+    /// message has none): also catches producer retries published after JetStream's own
+    /// duplicate window closed.
+    MsgId,
+}
+
+/// How to reach the NATS server. Credentials and TLS are optional and combine as
+/// async-nats allows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// A `.creds` file (JWT + nkey seed).
+    pub credentials_file: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// An nkey seed (`SU…`).
+    pub nkey_seed: Option<String>,
+    /// Require TLS. By default false (a `tls://` URL also turns it on).
+    #[serde(default)]
+    pub tls_required: bool,
+    /// A PEM file of root certificates to trust, in addition to the system's.
+    pub tls_ca_file: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for mutual TLS; set both or neither.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// How long the first connection may take, in milliseconds. By default 5000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    5000
+}
+
+/// Where inputs come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// The JetStream stream to consume.
+    pub stream: String,
+    /// The subject filter of the consumer, e.g. `orders.>`. Also the stream's subject when
+    /// weir creates the stream.
+    pub subject: String,
+    /// The durable consumer's name; weir creates it when it does not exist.
+    pub consumer: String,
+    /// Create the stream (file storage, subject = `subject`) when it does not exist. By
+    /// default true.
+    #[serde(default = "default_true")]
+    pub create_stream: bool,
+    /// How long the server waits for an ack before redelivering, in milliseconds. By default
+    /// 30000. Must exceed the time one batch takes; a redelivery is harmless but wasteful.
+    #[serde(default = "default_ack_wait_ms")]
+    pub ack_wait_ms: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_ack_wait_ms() -> u64 {
+    30_000
+}
+
+/// Where outputs and dead letters go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// The subject prefix a plugin publishes under: its output `x.y` goes to
+    /// `<prefix>.x.y`. Must not be matched by the input subject filter.
+    pub prefix: String,
+    /// The stream that stores the outputs. weir creates it (subjects `<prefix>` and
+    /// `<prefix>.>`) when it does not exist. Without it, some stream must already capture
+    /// the prefix.
+    pub stream: Option<String>,
+    /// The dead-letter subject: inputs the plugin rejected or failed on, with the reason.
+    pub dlq_subject: String,
+    /// The stream that stores dead letters, created when missing, as for `stream`.
+    pub dlq_stream: Option<String>,
+}
+
+/// What one plugin call may use. Exceeding a limit sends the input to the DLQ.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Fuel (roughly, wasm instructions) per message. By default 100 000 000. Deterministic:
+    /// an input that runs out always runs out.
+    pub fuel: u64,
+    /// Linear memory per instance, in bytes. By default 64 MiB.
+    pub memory_bytes: usize,
+    /// Wall-clock backstop per message, in milliseconds. By default 5000. Unlike fuel it
+    /// depends on the machine: keep it well above what the fuel budget takes to burn.
+    pub deadline_ms: u64,
+    /// The most outputs one message may produce. By default 1000.
+    pub max_outputs: usize,
+    /// The most output bytes (payloads and headers) one message may produce. By default 4 MiB.
+    pub max_output_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            fuel: 100_000_000,
+            memory_bytes: 64 * 1024 * 1024,
+            deadline_ms: 5000,
+            max_outputs: 1000,
+            max_output_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// How inputs are grouped: one store commit (one fsync) and one round of publish acks per
+/// batch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// The most messages per batch. By default 256.
+    pub max_messages: usize,
+    /// How long to wait for more messages once a batch has its first, in milliseconds. By
+    /// default 5. Higher values give larger batches under light load, at that latency.
+    pub max_wait_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_messages: 256,
+            max_wait_ms: 5,
+        }
+    }
+}
+
+/// A configuration that cannot be used, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path:?}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path:?}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path:?}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file. Relative paths in it are resolved
+    /// against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base_dir).map_err(|error| match error {
+            ParseError::Syntax(message) => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            ParseError::Invalid(message) => ConfigError::Invalid {
+                path: path.to_owned(),
+                message,
+            },
+        })
+    }
+
+    fn parse(text: &str, base_dir: &Path) -> Result<Config, ParseError> {
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| ParseError::Syntax(one_line(&e.to_string())))?;
+        for pipeline in &mut config.pipelines {
+            pipeline.plugin = base_dir.join(&pipeline.plugin);
+            pipeline.store_dir = base_dir.join(&pipeline.store_dir);
+            for file in [
+                &mut pipeline.nats.credentials_file,
+                &mut pipeline.nats.tls_ca_file,
+                &mut pipeline.nats.tls_cert_file,
+                &mut pipeline.nats.tls_key_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                *file = base_dir.join(&*file);
+            }
+        }
+        config.validate().map_err(ParseError::Invalid)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.pipelines.is_empty() {
+            return Err("no pipelines: add a [[pipeline]] table".into());
+        }
+        if self.sandbox.max_stack_bytes < 64 * 1024 {
+            return Err("sandbox.max_stack_bytes must be at least 65536".into());
+        }
+        let mut names = HashSet::new();
+        let mut store_dirs = HashSet::new();
+        for pipeline in &self.pipelines {
+            pipeline
+                .validate()
+                .map_err(|message| format!("pipeline {:?}: {message}", pipeline.name))?;
+            if !names.insert(&pipeline.name) {
+                return Err(format!(
+                    "two pipelines are named {:?}: names must be unique",
+                    pipeline.name
+                ));
+            }
+            if !store_dirs.insert(&pipeline.store_dir) {
+                return Err(format!(
+                    "pipelines share the store_dir {:?}: give each pipeline its own",
+                    pipeline.store_dir
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PipelineConfig {
+    fn validate(&self) -> Result<(), String> {
+        let is_name = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !is_name(&self.name) {
+            return Err("name must be letters, digits, '-' or '_'".into());
+        }
+        for (key, stream) in [
+            ("input.stream", Some(&self.input.stream)),
+            ("output.stream", self.output.stream.as_ref()),
+            ("output.dlq_stream", self.output.dlq_stream.as_ref()),
+        ] {
+            if let Some(stream) = stream
+                && !is_name(stream)
+            {
+                return Err(format!(
+                    "{key} {stream:?} is not a stream name: use letters, digits, '-' or '_'"
+                ));
+            }
+        }
+        if !is_name(&self.input.consumer) {
+            return Err(format!(
+                "input.consumer {:?} is not a consumer name: use letters, digits, '-' or '_'",
+                self.input.consumer
+            ));
+        }
+        if !subject::is_filter(&self.input.subject) {
+            return Err(format!(
+                "input.subject {:?} is not a subject filter (e.g. \"orders.>\")",
+                self.input.subject
+            ));
+        }
+        for (key, value) in [
+            ("output.prefix", &self.output.prefix),
+            ("output.dlq_subject", &self.output.dlq_subject),
+        ] {
+            if !subject::is_literal(value) {
+                return Err(format!(
+                    "{key} {value:?} must be a subject without wildcards (e.g. \"orders.out\")"
+                ));
+            }
+        }
+        // Any subject the pipeline publishes on must not flow back into its own input.
+        let probe = format!("{}.x", self.output.prefix);
+        for published in [&self.output.prefix, &probe, &self.output.dlq_subject] {
+            if subject::matches(&self.input.subject, published) {
+                return Err(format!(
+                    "input.subject {:?} matches {published:?}, which this pipeline publishes \
+                     on: its outputs would come back as inputs; choose disjoint subjects",
+                    self.input.subject
+                ));
+            }
+        }
+        if subject::matches(&format!("{}.>", self.output.prefix), &self.output.dlq_subject)
+            || self.output.prefix == self.output.dlq_subject
+        {
+            return Err(format!(
+                "output.dlq_subject {:?} is under output.prefix {:?}: a plugin could forge dead \
+                 letters; choose a subject outside the prefix",
+                self.output.dlq_subject, self.output.prefix
+            ));
+        }
+        let nats = &self.nats;
+        if nats.tls_cert_file.is_some() != nats.tls_key_file.is_some() {
+            return Err("nats.tls_cert_file and nats.tls_key_file go together: set both".into());
+        }
+        if nats.user.is_some() != nats.password.is_some() {
+            return Err("nats.user and nats.password go together: set both".into());
+        }
+        let limits = &self.limits;
+        for (key, value) in [
+            ("limits.fuel", limits.fuel),
+            ("limits.deadline_ms", limits.deadline_ms),
+            ("limits.max_outputs", limits.max_outputs as u64),
+            ("limits.max_output_bytes", limits.max_output_bytes as u64),
+            ("batch.max_messages", self.batch.max_messages as u64),
+            ("input.ack_wait_ms", self.input.ack_wait_ms),
+        ] {
+            if value == 0 {
+                return Err(format!("{key} must be greater than 0"));
+            }
+        }
+        if limits.memory_bytes < 64 * 1024 {
+            return Err("limits.memory_bytes must be at least 65536 (one wasm page)".into());
+        }
+        if limits.memory_bytes > 4 << 30 {
+            return Err("limits.memory_bytes must be at most 4 GiB (wasm32's limit)".into());
+        }
+        Ok(())
+    }
+}
+
+enum ParseError {
+    Syntax(String),
+    Invalid(String),
+}
+
+/// toml's errors span several lines (a source excerpt); keep the first line and the
+/// explanation so the error stays one line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('|') && !line.ends_with('|'))
+        .filter(|line| !line.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[pipeline]]
+        name = "orders"
+        plugin = "orders.wasm"
+        store_dir = "store"
+        [pipeline.nats]
+        url = "nats://127.0.0.1:4222"
+        [pipeline.input]
+        stream = "ORDERS"
+        subject = "orders.in.>"
+        consumer = "weir"
+        [pipeline.output]
+        prefix = "orders.out"
+        dlq_subject = "orders.dlq"
+    "#;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/weir")).map_err(|e| match e {
+            ParseError::Syntax(m) | ParseError::Invalid(m) => m,
+        })
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolved_paths() {
+        let config = parse(MINIMAL).unwrap();
+        let pipeline = &config.pipelines[0];
+        assert_eq!(pipeline.plugin, Path::new("/etc/weir/orders.wasm"));
+        assert_eq!(pipeline.dedup, DedupMode::StreamSequence);
+        assert_eq!(pipeline.limits.fuel, 100_000_000);
+        assert_eq!(pipeline.batch.max_messages, 256);
+        assert!(pipeline.input.create_stream);
+    }
+
+    #[test]
+    fn unknown_key_is_named_on_one_line() {
+        let text = MINIMAL.replace("consumer = \"weir\"", "consumer = \"weir\"\nconsumr = 1");
+        let error = parse(&text).unwrap_err();
+        assert!(error.contains("unknown field `consumr`"), "{error}");
+        assert!(!error.contains('\n'), "{error}");
+    }
+
+    #[test]
+    fn output_prefix_matched_by_input_filter_is_refused() {
+        let text = MINIMAL.replace("orders.in.>", "orders.>");
+        let error = parse(&text).unwrap_err();
+        assert!(error.contains("would come back as inputs"), "{error}");
+    }
+
+    #[test]
+    fn dlq_under_output_prefix_is_refused() {
+        let text = MINIMAL.replace("\"orders.dlq\"", "\"orders.out.dlq\"");
+        assert!(parse(&text).unwrap_err().contains("could forge dead letters"));
+    }
+
+    #[test]
+    fn wildcard_prefix_and_zero_limits_are_refused() {
+        let text = MINIMAL.replace("\"orders.out\"", "\"orders.*\"");
+        assert!(parse(&text).unwrap_err().contains("without wildcards"));
+        let text = format!("{MINIMAL}\n[pipeline.limits]\nfuel = 0\n");
+        assert!(parse(&text).unwrap_err().contains("limits.fuel must be greater than 0"));
+    }
+
+    #[test]
+    fn duplicate_store_dirs_are_refused() {
+        let second = MINIMAL.replace("name = \"orders\"", "name = \"other\"");
+        let error = parse(&format!("{MINIMAL}\n{second}")).unwrap_err();
+        assert!(error.contains("share the store_dir"), "{error}");
+    }
+}

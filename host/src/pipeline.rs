@@ -1,0 +1,559 @@
+//! The message path of one pipeline: fetch a batch → dedup lookup → execute new inputs →
+//! commit → publish → ack.
+//!
+//! # The exactly-once invariant
+//!
+//! **An input is acknowledged only after its outputs are durably committed and published;
+//! a committed input is never executed again.**
+//!
+//! `process_batch` keeps it, in this order:
+//! 1. look every input's dedup key up in the store; a committed key is not executed, its
+//!    stored messages are published again (JetStream drops them as duplicates by their
+//!    deterministic `Nats-Msg-Id`) and the input is acked;
+//! 2. execute the new inputs and commit all their records, and their outbox entries, in one
+//!    synced write; until that write returns, nothing of the batch is published or acked;
+//! 3. publish every message of the batch and await JetStream's acks; until then nothing is
+//!    acked;
+//! 4. ack the inputs (double ack), then clear their outbox entries.
+//!
+//! A crash before 2 completes leaves the inputs unacked: they are redelivered and executed
+//! once. A crash after 2 leaves outbox entries, re-published on start, and unacked inputs,
+//! which step 1 recognises. A lost ack only causes a redelivery, which step 1 absorbs. The
+//! store, not the ack, is the source of truth (nats-server may accept a late ack for a
+//! different delivery of the same message).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{
+    Broker, InputMessage, InputStream, MSG_ID_HEADER, MessageSource, Publisher,
+    is_publishable_header,
+};
+use crate::config::{DedupMode, PipelineConfig};
+use crate::record::{Disposition, DoneRecord, OutboundMessage};
+use crate::retry::{Backoff, sleep_unless_shutdown};
+use crate::sandbox::{FailureKind, Outcome, Plugin, Sandbox, TransformInput};
+use crate::store::Store;
+use crate::{Error, StartError};
+
+/// Room left in each message for the headers the host adds (`Nats-Msg-Id`, DLQ headers).
+const HEADER_ALLOWANCE: usize = 2048;
+
+/// The longest DLQ reason kept in a header.
+const MAX_REASON_LEN: usize = 1024;
+
+/// How many outbox records are re-published per round on start.
+const OUTBOX_REPLAY_CHUNK: usize = 1000;
+
+/// Counters of what a pipeline did, readable while it runs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Inputs received from the consumer (redeliveries included).
+    pub received: AtomicU64,
+    /// Inputs the plugin ran on.
+    pub executed: AtomicU64,
+    /// Inputs already committed, whose stored outputs were re-published without running the
+    /// plugin.
+    pub deduplicated: AtomicU64,
+    /// Inputs committed as dead letters.
+    pub dead_lettered: AtomicU64,
+    /// Messages published (outputs and dead letters, re-publishes included).
+    pub published: AtomicU64,
+    /// Inputs acknowledged.
+    pub acked: AtomicU64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            received: self.received.load(Ordering::Relaxed),
+            executed: self.executed.load(Ordering::Relaxed),
+            deduplicated: self.deduplicated.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            published: self.published.load(Ordering::Relaxed),
+            acked: self.acked.load(Ordering::Relaxed),
+        }
+    }
+
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// A copy of a pipeline's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub received: u64,
+    pub executed: u64,
+    pub deduplicated: u64,
+    pub dead_lettered: u64,
+    pub published: u64,
+    pub acked: u64,
+}
+
+/// A pipeline whose plugin, store, streams and consumer are all in place.
+pub struct Pipeline {
+    config: PipelineConfig,
+    plugin: Plugin,
+    store: Arc<Store>,
+    source: MessageSource,
+    publisher: Publisher,
+    input_stream: InputStream,
+    max_payload: usize,
+    stats: Arc<Stats>,
+}
+
+impl Pipeline {
+    /// Checks and prepares everything before anything is consumed: the plugin, the store
+    /// (and its lock), the server, the streams and the consumer.
+    pub async fn start(config: PipelineConfig, sandbox: &Sandbox) -> Result<Pipeline, Error> {
+        let fail = |source: StartError| Error::Start {
+            pipeline: config.name.clone(),
+            source,
+        };
+        let plugin = sandbox
+            .load(&config.plugin, &config.limits)
+            .map_err(|e| fail(e.into()))?;
+        let store = Store::open(&config.store_dir).map_err(|e| fail(e.into()))?;
+        let broker = Broker::connect(&config.nats, &format!("weir-{}", config.name))
+            .await
+            .map_err(|e| fail(e.into()))?;
+        let input_stream = broker
+            .input_stream(&config.input)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        broker
+            .ensure_output_streams(&config.output)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        let source = broker
+            .consume(&config.input, &config.batch)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        tracing::info!(
+            pipeline = %config.name,
+            plugin = %config.plugin.display(),
+            plugin_sha256 = plugin.sha256(),
+            store = %store.path().display(),
+            stream = %input_stream.name,
+            "pipeline ready"
+        );
+        Ok(Pipeline {
+            max_payload: broker.max_payload(),
+            publisher: broker.publisher(),
+            plugin,
+            store: Arc::new(store),
+            source,
+            input_stream,
+            config,
+            stats: Arc::default(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown` fires, then finishes the batch in hand and returns.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        self.replay_outbox(&shutdown).await;
+        let mut backoff = Backoff::new();
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                next = self.source.next_message() => next,
+            };
+            let first = match next {
+                Ok(message) => {
+                    backoff = Backoff::new();
+                    message
+                }
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(pipeline = %self.config.name, %error, retry_in = ?delay, "fetch failed");
+                    if !sleep_unless_shutdown(delay, &shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            self.source.fill_batch(&mut batch).await;
+            self.process_batch(batch, &shutdown).await;
+        }
+        tracing::info!(pipeline = %self.config.name, stats = ?self.stats.snapshot(), "pipeline stopped");
+    }
+
+    /// Re-publishes what was committed but not confirmed published before the last stop.
+    async fn replay_outbox(&self, shutdown: &CancellationToken) {
+        let pending = retry("read the outbox", &[], shutdown, || {
+            let store = self.store.clone();
+            async move { blocking(move || store.pending_outbox()).await }
+        })
+        .await;
+        let Some(pending) = pending else { return };
+        if pending.is_empty() {
+            return;
+        }
+        tracing::info!(pipeline = %self.config.name, inputs = pending.len(), "re-publishing the outbox");
+        for chunk in pending.chunks(OUTBOX_REPLAY_CHUNK) {
+            let messages: Vec<&OutboundMessage> =
+                chunk.iter().flat_map(|(_, r)| &r.messages).collect();
+            let published = retry("re-publish the outbox", &[], shutdown, || {
+                self.publisher.publish_all(messages.iter().copied())
+            })
+            .await;
+            if published.is_none() {
+                return;
+            }
+            Stats::add(&self.stats.published, messages.len());
+            let keys: Vec<String> = chunk.iter().map(|(key, _)| key.clone()).collect();
+            self.clear_outbox(keys).await;
+        }
+    }
+
+    /// Takes one batch through the whole message path; see the module docs for the order
+    /// and why it is safe. Returns early, acking nothing more, only on shutdown.
+    async fn process_batch(&self, batch: Vec<InputMessage>, shutdown: &CancellationToken) {
+        Stats::add(&self.stats.received, batch.len());
+        let keys: Vec<String> = batch.iter().map(|m| self.dedup_key(m)).collect();
+
+        // 1. Which inputs are already committed?
+        let lookup_keys = keys.clone();
+        let Some(committed) = retry("look up the store", &batch, shutdown, || {
+            let store = self.store.clone();
+            let keys = lookup_keys.clone();
+            async move {
+                blocking(move || {
+                    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+                    store.lookup(&refs)
+                })
+                .await
+            }
+        })
+        .await
+        else {
+            return;
+        };
+
+        // 2. Execute the new ones: each key once, even if it appears twice in the batch.
+        let mut records: Vec<Option<Arc<DoneRecord>>> = committed
+            .into_iter()
+            .map(|record| record.map(Arc::new))
+            .collect();
+        Stats::add(
+            &self.stats.deduplicated,
+            records.iter().filter(|r| r.is_some()).count(),
+        );
+        let mut first_index_of_key: HashMap<&str, usize> = HashMap::new();
+        let mut to_execute = Vec::new();
+        for (index, key) in keys.iter().enumerate() {
+            if records[index].is_none() && first_index_of_key.insert(key, index).is_none() {
+                to_execute.push(index);
+            }
+        }
+        let inputs: Vec<TransformInput> = to_execute
+            .iter()
+            .map(|&index| transform_input(&batch[index], &keys[index]))
+            .collect();
+        let plugin = self.plugin.clone();
+        let outcomes = match tokio::task::spawn_blocking(move || {
+            inputs.into_iter().map(|input| plugin.run(input)).collect()
+        })
+        .await
+        {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                // The sandbox turns every plugin misbehaviour into an outcome; a panic here
+                // is a host bug. Nothing was committed, so the batch will be redelivered.
+                tracing::error!(pipeline = %self.config.name, %error, "plugin execution panicked; batch not acked");
+                return;
+            }
+        };
+        let outcomes: Vec<Outcome> = outcomes;
+        Stats::add(&self.stats.executed, outcomes.len());
+        let mut new_records = Vec::with_capacity(outcomes.len());
+        for (&index, outcome) in to_execute.iter().zip(outcomes) {
+            let record = Arc::new(self.record_for(&batch[index], &keys[index], outcome));
+            if record.disposition == Disposition::DeadLettered {
+                Stats::add(&self.stats.dead_lettered, 1);
+            }
+            new_records.push((keys[index].clone(), record.clone()));
+            records[index] = Some(record);
+        }
+        for (index, key) in keys.iter().enumerate() {
+            if records[index].is_none() {
+                // A repeat of a key executed above, in this same batch.
+                records[index] = records[first_index_of_key[key.as_str()]].clone();
+            }
+        }
+
+        // 3. Commit the new records in one synced write.
+        if !new_records.is_empty() {
+            let new_records = Arc::new(new_records);
+            let committed = retry("commit to the store", &batch, shutdown, || {
+                let store = self.store.clone();
+                let new_records = new_records.clone();
+                async move {
+                    blocking(move || {
+                        let refs: Vec<(&str, &DoneRecord)> = new_records
+                            .iter()
+                            .map(|(key, record)| (key.as_str(), &**record))
+                            .collect();
+                        store.commit(&refs)
+                    })
+                    .await
+                }
+            })
+            .await;
+            if committed.is_none() {
+                return;
+            }
+        }
+
+        // 4. Publish everything the batch's inputs map to, and await the acks.
+        let messages: Vec<&OutboundMessage> = records
+            .iter()
+            .flatten()
+            .flat_map(|record| &record.messages)
+            .collect();
+        let published = retry("publish", &batch, shutdown, || {
+            self.publisher.publish_all(messages.iter().copied())
+        })
+        .await;
+        if published.is_none() {
+            // Committed and in the outbox: re-published on the next start.
+            return;
+        }
+        Stats::add(&self.stats.published, messages.len());
+
+        // 5. Ack the inputs. A failed ack only means a redelivery, which step 1 absorbs.
+        let acks = futures::future::join_all(batch.iter().map(InputMessage::ack)).await;
+        let acked = acks.iter().filter(|result| result.is_ok()).count();
+        if let Some(Err(error)) = acks.into_iter().find(Result::is_err) {
+            tracing::warn!(pipeline = %self.config.name, %error, failed = batch.len() - acked, "some acks failed; those inputs will be redelivered and deduplicated");
+        }
+        Stats::add(&self.stats.acked, acked);
+        self.clear_outbox(keys).await;
+    }
+
+    async fn clear_outbox(&self, keys: Vec<String>) {
+        let store = self.store.clone();
+        let result = blocking(move || {
+            let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            store.clear_outbox(&refs)
+        })
+        .await;
+        if let Err(error) = result {
+            // Harmless: a stale outbox entry only causes a re-publish on the next start.
+            tracing::warn!(pipeline = %self.config.name, %error, "clearing the outbox failed");
+        }
+    }
+
+    /// The identity under which an input is recorded (design.md §2).
+    fn dedup_key(&self, message: &InputMessage) -> String {
+        if self.config.dedup == DedupMode::MsgId
+            && let Some(id) = message.header(MSG_ID_HEADER)
+        {
+            return format!("msg-id:{id}");
+        }
+        format!(
+            "{}@{}#{}",
+            self.input_stream.name, self.input_stream.created_unix_ns, message.stream_sequence
+        )
+    }
+
+    /// Turns a plugin's outcome into the exact messages to publish for this input.
+    fn record_for(&self, input: &InputMessage, key: &str, outcome: Outcome) -> DoneRecord {
+        let outcome = match outcome {
+            Outcome::Outputs(outputs) => match self.outbound_outputs(key, outputs) {
+                Ok(messages) => {
+                    return DoneRecord {
+                        disposition: Disposition::Transformed,
+                        messages,
+                    };
+                }
+                Err(reason) => Outcome::failed(FailureKind::OutputRejected, reason),
+            },
+            failed => failed,
+        };
+        let Outcome::Failed { kind, reason } = outcome else {
+            unreachable!("outputs returned above")
+        };
+        tracing::info!(pipeline = %self.config.name, dedup_key = key, kind = kind.as_str(), %reason, "input dead-lettered");
+        DoneRecord {
+            disposition: Disposition::DeadLettered,
+            messages: vec![self.dead_letter(input, key, kind, &reason)],
+        }
+    }
+
+    fn outbound_outputs(
+        &self,
+        key: &str,
+        outputs: Vec<crate::sandbox::PluginOutput>,
+    ) -> Result<Vec<OutboundMessage>, String> {
+        let prefix = &self.config.output.prefix;
+        outputs
+            .into_iter()
+            .enumerate()
+            .map(|(index, output)| {
+                let subject = if output.subject.is_empty() {
+                    prefix.clone()
+                } else if crate::subject::is_literal(&output.subject) {
+                    format!("{prefix}.{}", output.subject)
+                } else {
+                    return Err(format!(
+                        "output {index} has subject {:?}, which is not a literal subject",
+                        output.subject
+                    ));
+                };
+                let mut headers = Vec::with_capacity(output.headers.len());
+                for (name, value) in output.headers {
+                    if name.eq_ignore_ascii_case(MSG_ID_HEADER) {
+                        continue;
+                    }
+                    if !is_publishable_header(&name, &value) {
+                        return Err(format!(
+                            "output {index} has header {name:?} = {value:?}, which NATS cannot carry"
+                        ));
+                    }
+                    headers.push((name, value));
+                }
+                let size = output.payload.len()
+                    + headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>();
+                if size + HEADER_ALLOWANCE > self.max_payload {
+                    return Err(format!(
+                        "output {index} is {size} bytes, more than the server's max_payload of {} allows",
+                        self.max_payload
+                    ));
+                }
+                Ok(OutboundMessage {
+                    subject,
+                    msg_id: format!("{}:{key}:{index}", self.config.name),
+                    headers,
+                    payload: output.payload,
+                })
+            })
+            .collect()
+    }
+
+    fn dead_letter(
+        &self,
+        input: &InputMessage,
+        key: &str,
+        kind: FailureKind,
+        reason: &str,
+    ) -> OutboundMessage {
+        let mut reason: String = reason
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        if reason.len() > MAX_REASON_LEN {
+            let mut end = MAX_REASON_LEN;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        let mut headers: Vec<(String, String)> = input
+            .headers
+            .iter()
+            .filter(|(name, _)| !name.eq_ignore_ascii_case(MSG_ID_HEADER))
+            .cloned()
+            .collect();
+        if let Some(id) = input.header(MSG_ID_HEADER) {
+            headers.push(("Weir-Input-Msg-Id".into(), id.to_owned()));
+        }
+        headers.extend([
+            ("Weir-Dlq-Kind".to_owned(), kind.as_str().to_owned()),
+            ("Weir-Dlq-Reason".to_owned(), reason),
+            (
+                "Weir-Plugin-Sha256".to_owned(),
+                self.plugin.sha256().to_owned(),
+            ),
+            ("Weir-Input-Stream".to_owned(), self.input_stream.name.clone()),
+            (
+                "Weir-Input-Sequence".to_owned(),
+                input.stream_sequence.to_string(),
+            ),
+            ("Weir-Input-Subject".to_owned(), input.subject.clone()),
+            ("Weir-Dedup-Key".to_owned(), key.to_owned()),
+        ]);
+        let header_bytes: usize = headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
+        let mut payload = input.payload.to_vec();
+        if payload.len() + header_bytes + HEADER_ALLOWANCE > self.max_payload {
+            // The input stays in its stream; point at it rather than fail to publish.
+            payload.clear();
+            headers.push(("Weir-Dlq-Payload-Omitted".into(), "too large".into()));
+        }
+        OutboundMessage {
+            subject: self.config.output.dlq_subject.clone(),
+            msg_id: format!("{}:{key}:dlq", self.config.name),
+            headers,
+            payload,
+        }
+    }
+}
+
+fn transform_input(message: &InputMessage, key: &str) -> TransformInput {
+    let digest = Sha256::digest(key.as_bytes());
+    let seed = u64::from_le_bytes(digest[..8].try_into().expect("sha256 has 32 bytes"));
+    TransformInput {
+        subject: message.subject.clone(),
+        headers: message.headers.clone(),
+        payload: message.payload.to_vec(),
+        stream_sequence: message.stream_sequence,
+        data_time_unix_ns: message.published_unix_ns,
+        dedup_key: key.to_owned(),
+        seed,
+    }
+}
+
+/// Runs a store call on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, crate::store::StoreError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .unwrap_or_else(|e| Err(crate::store::StoreError::Io(format!("store task failed: {e}"))))
+}
+
+/// Retries a transient operation with backoff until it succeeds, sending progress acks for
+/// the `held` inputs while it waits so the server does not redeliver them meanwhile.
+/// Returns `None` if `shutdown` fires first.
+async fn retry<T, E, F, Fut>(
+    what: &str,
+    held: &[InputMessage],
+    shutdown: &CancellationToken,
+    mut operation: F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::new();
+    loop {
+        match operation().await {
+            Ok(value) => return Some(value),
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in = ?delay, "{what} failed; retrying");
+                futures::future::join_all(held.iter().map(InputMessage::progress)).await;
+                if !sleep_unless_shutdown(delay, shutdown).await {
+                    tracing::warn!("shutting down with {what} unfinished; its inputs stay unacked");
+                    return None;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! What the store records for a processed input: the exact messages to publish for it.
+//!
+//! Outputs and dead letters are both stored as fully formed outbound messages (subject,
+//! headers, payload and the deterministic `Nats-Msg-Id`), so re-publishing after a crash or
+//! for a redelivered input replays byte-identical messages that JetStream drops as
+//! duplicates.
+
+use serde::{Deserialize, Serialize};
+
+/// A message the host publishes: a plugin output or a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboundMessage {
+    pub subject: String,
+    /// `Nats-Msg-Id`, derived from the pipeline, the input's dedup key and the output's
+    /// index, so that every re-publish of this message carries the same id.
+    pub msg_id: String,
+    pub headers: Vec<(String, String)>,
+    pub payload: Vec<u8>,
+}
+
+/// How an input was disposed of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Disposition {
+    /// The plugin produced outputs (possibly none).
+    Transformed,
+    /// The input went to the dead-letter subject.
+    DeadLettered,
+}
+
+/// The committed result of one input: `done[dedup_key]` in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoneRecord {
+    pub disposition: Disposition,
+    pub messages: Vec<OutboundMessage>,
+}

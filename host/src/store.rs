@@ -1,0 +1,207 @@
+//! The dedup store: which inputs are done, and what to publish for them.
+//!
+//! This is the only module that imports rocksdb. Two column families:
+//! - `done`: dedup key → the input's `DoneRecord` (its outputs or its dead letter). An input
+//!   whose key is here is never executed again.
+//! - `outbox`: dedup key → nothing. Present from the commit until every message of the
+//!   record is acknowledged by JetStream; on start, every key still here is re-published.
+//!
+//! All of a batch's writes go into one `WriteBatch` written with sync on: one fsync per
+//! batch, and either every input of the batch is committed or none is. RocksDB's own LOCK
+//! file keeps a second process from opening the same directory.
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch,
+    WriteOptions,
+};
+
+use crate::record::DoneRecord;
+
+const DONE: &str = "done";
+const OUTBOX: &str = "outbox";
+
+/// A store failure. `Locked` and `Open` stop the host at start; `Io` at run time is
+/// retried: nothing is acked until a commit succeeds.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "store {path:?} is in use by another weir process: stop it, or give this pipeline its own store_dir"
+    )]
+    Locked { path: PathBuf },
+    #[error("cannot open store {path:?}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("store write failed: {0}")]
+    Io(String),
+    #[error("store record for key {key:?} is corrupt: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `path`, and takes its lock.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        let mut done_options = Options::default();
+        let mut table = BlockBasedOptions::default();
+        // Most lookups are for new keys: a bloom filter answers "absent" without a disk read.
+        table.set_bloom_filter(10.0, false);
+        done_options.set_block_based_table_factory(&table);
+        let families = [
+            ColumnFamilyDescriptor::new(DONE, done_options),
+            ColumnFamilyDescriptor::new(OUTBOX, Options::default()),
+        ];
+        let db = DB::open_cf_descriptors(&options, path, families).map_err(|e| {
+            let message = e.to_string();
+            if message.contains("LOCK") || message.contains("lock") {
+                StoreError::Locked {
+                    path: path.to_owned(),
+                }
+            } else {
+                StoreError::Open {
+                    path: path.to_owned(),
+                    message,
+                }
+            }
+        })?;
+        Ok(Store {
+            db,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The committed records of `keys`, in order; `None` for keys never committed.
+    pub fn lookup(&self, keys: &[&str]) -> Result<Vec<Option<DoneRecord>>, StoreError> {
+        let done = self.family(DONE);
+        self.db
+            .multi_get_cf(keys.iter().map(|key| (done, key.as_bytes())))
+            .into_iter()
+            .zip(keys)
+            .map(|(value, key)| match value {
+                Ok(Some(bytes)) => decode(key, &bytes).map(Some),
+                Ok(None) => Ok(None),
+                Err(e) => Err(StoreError::Io(e.to_string())),
+            })
+            .collect()
+    }
+
+    /// Durably records a batch of done inputs and their outbox entries, in one synced write.
+    pub fn commit(&self, records: &[(&str, &DoneRecord)]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for (key, record) in records {
+            let value = postcard::to_allocvec(record)
+                .map_err(|e| StoreError::Io(format!("cannot encode record: {e}")))?;
+            batch.put_cf(self.family(DONE), key.as_bytes(), value);
+            batch.put_cf(self.family(OUTBOX), key.as_bytes(), b"");
+        }
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .write_opt(batch, &options)
+            .map_err(|e| StoreError::Io(e.to_string()))
+    }
+
+    /// Removes outbox entries whose messages JetStream has acknowledged. Not synced: an
+    /// entry that survives a crash only causes a harmless re-publish.
+    pub fn clear_outbox(&self, keys: &[&str]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for key in keys {
+            batch.delete_cf(self.family(OUTBOX), key.as_bytes());
+        }
+        self.db
+            .write(batch)
+            .map_err(|e| StoreError::Io(e.to_string()))
+    }
+
+    /// Every input committed but not yet known to be published, with its record.
+    pub fn pending_outbox(&self) -> Result<Vec<(String, DoneRecord)>, StoreError> {
+        let mut keys = Vec::new();
+        for entry in self.db.iterator_cf(self.family(OUTBOX), IteratorMode::Start) {
+            let (key, _) = entry.map_err(|e| StoreError::Io(e.to_string()))?;
+            keys.push(String::from_utf8_lossy(&key).into_owned());
+        }
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let records = self.lookup(&key_refs)?;
+        Ok(keys
+            .into_iter()
+            .zip(records)
+            .filter_map(|(key, record)| record.map(|record| (key, record)))
+            .collect())
+    }
+
+    fn family(&self, name: &str) -> &rocksdb::ColumnFamily {
+        // Both families are created by `open`; a missing one is a bug, not an input.
+        self.db
+            .cf_handle(name)
+            .expect("open creates every column family")
+    }
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<DoneRecord, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Disposition, OutboundMessage};
+
+    fn record(payload: &[u8]) -> DoneRecord {
+        DoneRecord {
+            disposition: Disposition::Transformed,
+            messages: vec![OutboundMessage {
+                subject: "out.a".into(),
+                msg_id: "weir:p:k:0".into(),
+                headers: vec![("h".into(), "v".into())],
+                payload: payload.to_vec(),
+            }],
+        }
+    }
+
+    #[test]
+    fn committed_records_survive_reopen_and_outbox_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let (a, b) = (record(b"a"), record(b"b"));
+            store.commit(&[("k1", &a), ("k2", &b)]).unwrap();
+            store.clear_outbox(&["k1"]).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let found = store.lookup(&["k1", "k2", "k3"]).unwrap();
+        assert_eq!(found[0], Some(record(b"a")));
+        assert_eq!(found[1], Some(record(b"b")));
+        assert_eq!(found[2], None);
+        let pending = store.pending_outbox().unwrap();
+        assert_eq!(pending, vec![("k2".to_owned(), record(b"b"))]);
+    }
+
+    #[test]
+    fn second_open_of_the_same_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        match Store::open(dir.path()) {
+            Err(StoreError::Locked { .. }) => {}
+            Err(other) => panic!("expected Locked, got {other}"),
+            Ok(_) => panic!("a second open of a locked store succeeded"),
+        }
+    }
+}

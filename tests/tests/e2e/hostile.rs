@@ -1,0 +1,167 @@
+//! Hostile plugins are contained: each misbehaviour becomes a dead letter with its reason,
+//! and the well-behaved messages around it keep flowing.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use weir::config::LimitsConfig;
+use weir::sandbox::{FailureKind, Outcome, Sandbox, TransformInput};
+use weir_tests::*;
+
+const LIMITS: &str = r#"
+[pipeline.limits]
+fuel = 50000000
+memory_bytes = 16777216
+deadline_ms = 10000
+max_outputs = 100
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = server.jetstream().await;
+    let plugin = plugin("hostile");
+    let store_dir = dir.path().join("store");
+    let text = PipelineToml {
+        name: "hostile",
+        nats_url: &server.url(),
+        plugin: &plugin,
+        store_dir: &store_dir,
+        stream: "IN",
+        subject: "in.>",
+        consumer: "weir",
+        output_prefix: "out",
+        output_stream: "OUT",
+        dlq_subject: "dlq",
+        dlq_stream: "DLQ",
+        extra: LIMITS,
+    }
+    .render();
+    let config_path = dir.path().join("weir.toml");
+    std::fs::write(&config_path, text).unwrap();
+    let config = weir::Config::load(&config_path).unwrap();
+
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(weir::run(config, shutdown.clone()));
+    wait_for("the input stream", Duration::from_secs(30), || async {
+        js.get_stream("IN").await.is_ok()
+    })
+    .await;
+    let inputs: Vec<Vec<u8>> = [
+        "ok-1", "loop", "ok-2", "grow", "trap", "flood", "escape", "fail", "ok-3",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    publish_all(&js, "in.x", &inputs).await;
+    wait_for("echoes and dead letters", Duration::from_secs(60), || async {
+        stream_len(&js, "OUT").await >= 3 && stream_len(&js, "DLQ").await >= 6
+    })
+    .await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    let echoes: Vec<Vec<u8>> = read_stream(&js, "OUT")
+        .await
+        .into_iter()
+        .map(|m| {
+            assert_eq!(m.subject, "out.echo");
+            m.payload
+        })
+        .collect();
+    assert_eq!(echoes, [b"ok-1".to_vec(), b"ok-2".to_vec(), b"ok-3".to_vec()]);
+    let mut kinds: Vec<(String, String)> = read_stream(&js, "DLQ")
+        .await
+        .into_iter()
+        .map(|m| {
+            (
+                String::from_utf8(m.payload.clone()).unwrap(),
+                m.header("Weir-Dlq-Kind").unwrap().to_owned(),
+            )
+        })
+        .collect();
+    kinds.sort();
+    let expected = [
+        ("escape", "output-rejected"),
+        ("fail", "plugin-failed"),
+        ("flood", "output-rejected"),
+        ("grow", "memory-limit"),
+        ("loop", "fuel-exhausted"),
+        ("trap", "trap"),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(kinds, expected);
+}
+
+fn input(payload: &str) -> TransformInput {
+    TransformInput {
+        subject: "in.x".into(),
+        headers: vec![],
+        payload: payload.as_bytes().to_vec(),
+        stream_sequence: 1,
+        data_time_unix_ns: 0,
+        dedup_key: "k".into(),
+        seed: 0,
+    }
+}
+
+#[test]
+fn fuel_exhaustion_is_deterministic_and_the_deadline_is_a_backstop() {
+    let settings = weir::config::SandboxConfig::default();
+    let sandbox = Sandbox::new(&settings, 16 << 20).unwrap();
+    let limits = LimitsConfig {
+        fuel: 5_000_000,
+        memory_bytes: 16 << 20,
+        ..LimitsConfig::default()
+    };
+    let hostile = sandbox.load(&plugin("hostile"), &limits).unwrap();
+    let first = hostile.run(input("loop"));
+    assert!(
+        matches!(first, Outcome::Failed { kind: FailureKind::FuelExhausted, .. }),
+        "{first:?}"
+    );
+    assert_eq!(hostile.run(input("loop")), first, "same input, same outcome");
+    assert_eq!(
+        hostile.run(input("fine")),
+        Outcome::Outputs(vec![weir::sandbox::PluginOutput {
+            subject: "echo".into(),
+            headers: vec![],
+            payload: b"fine".to_vec(),
+        }]),
+        "a trap in one instance does not affect the next"
+    );
+
+    // With fuel to spare, only the wall-clock deadline stops an endless loop.
+    let limits = LimitsConfig {
+        fuel: u64::MAX / 2,
+        deadline_ms: 200,
+        memory_bytes: 16 << 20,
+        ..LimitsConfig::default()
+    };
+    let hostile = sandbox.load(&plugin("hostile"), &limits).unwrap();
+    let outcome = hostile.run(input("loop"));
+    assert!(
+        matches!(outcome, Outcome::Failed { kind: FailureKind::Deadline, .. }),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn deeply_nested_json_is_invalid_input_not_a_crash() {
+    // The orders plugin parses nested JSON recursively; serde_json's own depth limit (128)
+    // turns very deep nesting into invalid input before the stack runs out.
+    let sandbox = Sandbox::new(&weir::config::SandboxConfig::default(), 64 << 20).unwrap();
+    let orders = sandbox
+        .load(&plugin("orders"), &LimitsConfig::default())
+        .unwrap();
+    let deep = "[".repeat(100_000);
+    let outcome = orders.run(input(&deep));
+    assert!(
+        matches!(outcome, Outcome::Failed { kind: FailureKind::InvalidInput, .. }),
+        "{outcome:?}"
+    );
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests: real nats-server, real RocksDB, real plugins compiled from plugins/.
+//! Build the plugins (scripts/build-plugins.sh) and the workspace before running them;
+//! scripts/test.sh does both.
+
+mod crash;
+mod hostile;
+mod pipeline;
+mod startup;

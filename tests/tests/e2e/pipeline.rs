@@ -1,0 +1,140 @@
+//! Orders flow through a real pipeline: every output exactly once, by content; malformed
+//! inputs in the DLQ with their coordinates; a committed input arriving again does not run
+//! the plugin.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use weir_tests::*;
+
+struct Setup {
+    server: NatsServer,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn config(&self, consumer: &str) -> weir::Config {
+        let plugin = plugin("orders");
+        let store_dir = self.dir.path().join("store");
+        let text = PipelineToml {
+            name: "orders",
+            nats_url: &self.server.url(),
+            plugin: &plugin,
+            store_dir: &store_dir,
+            stream: "ORDERS",
+            subject: "orders.in.>",
+            consumer,
+            output_prefix: "orders.out",
+            output_stream: "ORDERS_OUT",
+            dlq_subject: "orders.dlq",
+            dlq_stream: "ORDERS_DLQ",
+            extra: "",
+        }
+        .render();
+        let path = self.dir.path().join(format!("{consumer}.toml"));
+        std::fs::write(&path, text).unwrap();
+        weir::Config::load(&path).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() {
+    let setup = Setup {
+        server: NatsServer::start(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let js = setup.server.jetstream().await;
+    let payloads = order_workload(300, 10);
+    let valid = payloads.len() - payloads.len() / 10;
+
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(weir::run(setup.config("weir"), shutdown.clone()));
+    wait_for("the input stream", Duration::from_secs(30), || async {
+        js.get_stream("ORDERS").await.is_ok()
+    })
+    .await;
+    publish_all(&js, "orders.in.new", &payloads).await;
+    wait_for("all outputs and dead letters", Duration::from_secs(60), || async {
+        stream_len(&js, "ORDERS_OUT").await >= 2 * valid as u64
+            && stream_len(&js, "ORDERS_DLQ").await >= (payloads.len() - valid) as u64
+    })
+    .await;
+    shutdown.cancel();
+    let report = running.await.unwrap().unwrap();
+    let stats = report.pipelines[0].1;
+    assert_eq!(stats.executed, 300, "{stats:?}");
+    assert_eq!(stats.dead_lettered, 30, "{stats:?}");
+    assert_eq!(stats.acked, 300, "{stats:?}");
+
+    // Every valid order: one enriched order and one customer event, with the right total.
+    let outputs = read_stream(&js, "ORDERS_OUT").await;
+    assert_eq!(outputs.len(), 2 * valid);
+    let mut enriched: HashMap<String, u64> = HashMap::new();
+    let mut events: HashMap<String, u64> = HashMap::new();
+    for output in &outputs {
+        let body: serde_json::Value = serde_json::from_slice(&output.payload).unwrap();
+        let order = body.get("id").or(body.get("order")).unwrap().as_str().unwrap();
+        let total = body["total_cents"].as_u64().unwrap();
+        let seen = if output.subject == "orders.out.enriched" {
+            assert_eq!(
+                output.header("Content-Type"),
+                Some("application/json"),
+                "plugin headers are carried"
+            );
+            enriched.insert(order.to_owned(), total)
+        } else {
+            let customer = body["customer"].as_str().unwrap();
+            assert_eq!(output.subject, format!("orders.out.customer.{customer}"));
+            events.insert(order.to_owned(), total)
+        };
+        assert!(seen.is_none(), "order {order} has two outputs on one subject");
+    }
+    for payload in &payloads {
+        let Ok(order) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            continue;
+        };
+        let (_, id, total) = expected_order_total(&order).unwrap();
+        assert_eq!(enriched.get(&id), Some(&total), "enriched order {id}");
+        assert_eq!(events.get(&id), Some(&total), "customer event {id}");
+    }
+
+    // The malformed inputs, in the DLQ, with why and where they came from.
+    let plugin_sha256: String = Sha256::digest(std::fs::read(plugin("orders")).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dead = read_stream(&js, "ORDERS_DLQ").await;
+    assert_eq!(dead.len(), 30);
+    for letter in &dead {
+        let sequence: usize = letter.header("Weir-Input-Sequence").unwrap().parse().unwrap();
+        assert_eq!(letter.payload, payloads[sequence - 1], "DLQ carries the input");
+        assert_eq!(letter.header("Weir-Dlq-Kind"), Some("invalid-input"));
+        assert!(letter.header("Weir-Dlq-Reason").unwrap().contains("not an order"));
+        assert_eq!(letter.header("Weir-Plugin-Sha256"), Some(plugin_sha256.as_str()));
+        assert_eq!(letter.header("Weir-Input-Stream"), Some("ORDERS"));
+        assert_eq!(letter.header("Weir-Input-Subject"), Some("orders.in.new"));
+    }
+
+    // The same inputs again, through a second consumer on the same store: every one is
+    // already committed, so the plugin must not run, and nothing new is stored downstream.
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(weir::run(setup.config("weir-again"), shutdown.clone()));
+    wait_for("the second consumer to drain", Duration::from_secs(60), || async {
+        let Ok(mut stream) = js.get_stream("ORDERS").await else {
+            return false;
+        };
+        match stream.consumer_info("weir-again").await {
+            Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
+            Err(_) => false,
+        }
+    })
+    .await;
+    shutdown.cancel();
+    let stats = running.await.unwrap().unwrap().pipelines[0].1;
+    assert_eq!(stats.executed, 0, "committed inputs ran the plugin: {stats:?}");
+    assert_eq!(stats.deduplicated, 300, "{stats:?}");
+    assert_eq!(stream_len(&js, "ORDERS_OUT").await, 2 * valid as u64);
+    assert_eq!(stream_len(&js, "ORDERS_DLQ").await, 30);
+}

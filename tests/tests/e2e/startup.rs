@@ -1,0 +1,148 @@
+//! Start-up refuses what cannot work, with one line that says what to fix, a non-zero exit
+//! code, and nothing consumed.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use weir_tests::*;
+
+fn write_config(dir: &Path, url: &str, plugin: &Path, extra: &str) -> std::path::PathBuf {
+    let text = PipelineToml {
+        name: "orders",
+        nats_url: url,
+        plugin,
+        store_dir: &dir.join("store"),
+        stream: "ORDERS",
+        subject: "orders.in.>",
+        consumer: "weir",
+        output_prefix: "orders.out",
+        output_stream: "ORDERS_OUT",
+        dlq_subject: "orders.dlq",
+        dlq_stream: "ORDERS_DLQ",
+        extra,
+    }
+    .render();
+    let path = dir.join("weir.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn weir_run(config: &Path) -> Output {
+    Command::new(weir_binary())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run weir")
+}
+
+/// The exit code and the one stderr line of a failed run.
+fn failure(output: &Output) -> (i32, String) {
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    assert_eq!(stderr.lines().count(), 1, "one line of error, got:\n{stderr}");
+    assert!(stderr.starts_with("weir: "), "{stderr}");
+    (output.status.code().expect("exited, not killed"), stderr)
+}
+
+#[test]
+fn config_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let unreachable = format!("nats://127.0.0.1:{}", free_port());
+    let config = write_config(dir.path(), &unreachable, &plugin("orders"), "");
+    let text = std::fs::read_to_string(&config).unwrap();
+
+    std::fs::write(&config, text.replace("consumer = ", "consumr = 1\nconsumer = ")).unwrap();
+    let (code, message) = failure(&weir_run(&config));
+    assert_eq!(code, 2);
+    assert!(message.contains("unknown field `consumr`"), "{message}");
+
+    std::fs::write(&config, text.replace("orders.wasm", "missing.wasm")).unwrap();
+    let (code, message) = failure(&weir_run(&config));
+    assert_eq!(code, 2);
+    assert!(message.contains("cannot read plugin") && message.contains("missing.wasm"), "{message}");
+
+    let not_wasm = dir.path().join("not-wasm.wasm");
+    std::fs::write(&not_wasm, "this is text").unwrap();
+    let config = write_config(dir.path(), &unreachable, &not_wasm, "");
+    let (code, message) = failure(&weir_run(&config));
+    assert_eq!(code, 2);
+    assert!(message.contains("is not a wasm component"), "{message}");
+
+    let config = write_config(dir.path(), &unreachable, &plugin("orders"), "");
+    let (code, message) = failure(&weir_run(&config));
+    assert_eq!(code, 1);
+    assert!(message.contains("cannot connect to NATS"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mismatched_component_is_refused_and_nothing_is_consumed() {
+    let server = NatsServer::start();
+    let js = server.jetstream().await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.in.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    publish_all(&js, "orders.in.x", &order_workload(5, 0)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &server.url(), &plugin("wrong-contract"), "");
+    let (code, message) = failure(&weir_run(&config));
+    assert_eq!(code, 2);
+    assert!(
+        message.contains("does not export weir:transform/transformer@0.1.0")
+            && message.contains("weir:transform/transformer@0.0.1"),
+        "{message}"
+    );
+    let mut stream = js.get_stream("ORDERS").await.unwrap();
+    assert!(stream.consumer_info("weir").await.is_err(), "no consumer was created");
+    assert_eq!(stream_len(&js, "ORDERS").await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_stream_is_named_when_weir_may_not_create_it() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &server.url(), &plugin("orders"), "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("ack_wait_ms = 2000", "ack_wait_ms = 2000\ncreate_stream = false"),
+    )
+    .unwrap();
+    let (code, message) = failure(&weir_run(&config));
+    assert_eq!(code, 1);
+    assert!(
+        message.contains("input stream \"ORDERS\" does not exist") && message.contains("nats stream add"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_host_on_the_same_store_refuses_to_start() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &server.url(), &plugin("orders"), "");
+    let mut first = Command::new(weir_binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "off")
+        .spawn()
+        .unwrap();
+    let js = server.jetstream().await;
+    wait_for("the first host to set up", Duration::from_secs(30), || async {
+        match js.get_stream("ORDERS").await {
+            Ok(mut stream) => stream.consumer_info("weir").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let (code, message) = failure(&weir_run(&config));
+    assert_eq!(code, 1);
+    assert!(message.contains("is in use by another weir process"), "{message}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+}
