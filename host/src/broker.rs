@@ -246,7 +246,7 @@ pub struct MessageSource {
 impl MessageSource {
     async fn restart(&mut self) -> Result<(), BrokerError> {
         self.messages = None;
-        let consumer: pull::Consumer = self
+        let consumer: jetstream::consumer::PullConsumer = self
             .jetstream
             .get_stream(&self.input.stream)
             .await
@@ -415,11 +415,8 @@ pub struct Publisher {
 impl Publisher {
     /// Publishes every message, all in flight at once, and waits until JetStream has
     /// acknowledged each (a duplicate counts: the server already has it).
-    pub async fn publish_all<'a>(
-        &self,
-        messages: impl IntoIterator<Item = &'a OutboundMessage>,
-    ) -> Result<(), BrokerError> {
-        let mut acks = Vec::new();
+    pub async fn publish_all(&self, messages: &[&OutboundMessage]) -> Result<(), BrokerError> {
+        let mut acks = Vec::with_capacity(messages.len());
         for message in messages {
             let mut headers = HeaderMap::new();
             for (name, value) in &message.headers {

@@ -195,12 +195,18 @@ impl Pipeline {
 
     /// Re-publishes what was committed but not confirmed published before the last stop.
     async fn replay_outbox(&self, shutdown: &CancellationToken) {
-        let pending = retry("read the outbox", &[], shutdown, || {
+        let mut retrier = Retrier::new("read the outbox", &[], shutdown);
+        let pending = loop {
             let store = self.store.clone();
-            async move { blocking(move || store.pending_outbox()).await }
-        })
-        .await;
-        let Some(pending) = pending else { return };
+            match blocking(move || store.pending_outbox()).await {
+                Ok(pending) => break pending,
+                Err(error) => {
+                    if !retrier.failed(error).await {
+                        return;
+                    }
+                }
+            }
+        };
         if pending.is_empty() {
             return;
         }
@@ -208,14 +214,9 @@ impl Pipeline {
         for chunk in pending.chunks(OUTBOX_REPLAY_CHUNK) {
             let messages: Vec<&OutboundMessage> =
                 chunk.iter().flat_map(|(_, r)| &r.messages).collect();
-            let published = retry("re-publish the outbox", &[], shutdown, || {
-                self.publisher.publish_all(messages.iter().copied())
-            })
-            .await;
-            if published.is_none() {
+            if !self.publish(&messages, &[], shutdown).await {
                 return;
             }
-            Stats::add(&self.stats.published, messages.len());
             let keys: Vec<String> = chunk.iter().map(|(key, _)| key.clone()).collect();
             self.clear_outbox(keys).await;
         }
@@ -228,21 +229,22 @@ impl Pipeline {
         let keys: Vec<String> = batch.iter().map(|m| self.dedup_key(m)).collect();
 
         // 1. Which inputs are already committed?
-        let lookup_keys = keys.clone();
-        let Some(committed) = retry("look up the store", &batch, shutdown, || {
+        let mut retrier = Retrier::new("look up the store", &batch, shutdown);
+        let committed = loop {
             let store = self.store.clone();
-            let keys = lookup_keys.clone();
-            async move {
-                blocking(move || {
-                    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-                    store.lookup(&refs)
-                })
-                .await
+            let lookup_keys = keys.clone();
+            let lookup = blocking(move || {
+                let refs: Vec<&str> = lookup_keys.iter().map(String::as_str).collect();
+                store.lookup(&refs)
+            });
+            match lookup.await {
+                Ok(committed) => break committed,
+                Err(error) => {
+                    if !retrier.failed(error).await {
+                        return;
+                    }
+                }
             }
-        })
-        .await
-        else {
-            return;
         };
 
         // 2. Execute the new ones: each key once, even if it appears twice in the batch.
@@ -267,7 +269,10 @@ impl Pipeline {
             .collect();
         let plugin = self.plugin.clone();
         let outcomes = match tokio::task::spawn_blocking(move || {
-            inputs.into_iter().map(|input| plugin.run(input)).collect()
+            inputs
+                .into_iter()
+                .map(|input| plugin.run(input))
+                .collect::<Vec<Outcome>>()
         })
         .await
         {
@@ -279,7 +284,6 @@ impl Pipeline {
                 return;
             }
         };
-        let outcomes: Vec<Outcome> = outcomes;
         Stats::add(&self.stats.executed, outcomes.len());
         let mut new_records = Vec::with_capacity(outcomes.len());
         for (&index, outcome) in to_execute.iter().zip(outcomes) {
@@ -300,23 +304,25 @@ impl Pipeline {
         // 3. Commit the new records in one synced write.
         if !new_records.is_empty() {
             let new_records = Arc::new(new_records);
-            let committed = retry("commit to the store", &batch, shutdown, || {
+            let mut retrier = Retrier::new("commit to the store", &batch, shutdown);
+            loop {
                 let store = self.store.clone();
                 let new_records = new_records.clone();
-                async move {
-                    blocking(move || {
-                        let refs: Vec<(&str, &DoneRecord)> = new_records
-                            .iter()
-                            .map(|(key, record)| (key.as_str(), &**record))
-                            .collect();
-                        store.commit(&refs)
-                    })
-                    .await
+                let commit = blocking(move || {
+                    let refs: Vec<(&str, &DoneRecord)> = new_records
+                        .iter()
+                        .map(|(key, record)| (key.as_str(), &**record))
+                        .collect();
+                    store.commit(&refs)
+                });
+                match commit.await {
+                    Ok(()) => break,
+                    Err(error) => {
+                        if !retrier.failed(error).await {
+                            return;
+                        }
+                    }
                 }
-            })
-            .await;
-            if committed.is_none() {
-                return;
             }
         }
 
@@ -326,24 +332,43 @@ impl Pipeline {
             .flatten()
             .flat_map(|record| &record.messages)
             .collect();
-        let published = retry("publish", &batch, shutdown, || {
-            self.publisher.publish_all(messages.iter().copied())
-        })
-        .await;
-        if published.is_none() {
+        if !self.publish(&messages, &batch, shutdown).await {
             // Committed and in the outbox: re-published on the next start.
             return;
         }
-        Stats::add(&self.stats.published, messages.len());
 
         // 5. Ack the inputs. A failed ack only means a redelivery, which step 1 absorbs.
-        let acks = futures::future::join_all(batch.iter().map(InputMessage::ack)).await;
+        let acks = futures::future::join_all(batch.iter().map(|message| message.ack())).await;
         let acked = acks.iter().filter(|result| result.is_ok()).count();
         if let Some(Err(error)) = acks.into_iter().find(Result::is_err) {
             tracing::warn!(pipeline = %self.config.name, %error, failed = batch.len() - acked, "some acks failed; those inputs will be redelivered and deduplicated");
         }
         Stats::add(&self.stats.acked, acked);
         self.clear_outbox(keys).await;
+    }
+
+    /// Publishes `messages` until JetStream has acknowledged them all; false if shutdown came
+    /// first.
+    async fn publish(
+        &self,
+        messages: &[&OutboundMessage],
+        held: &[InputMessage],
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let mut retrier = Retrier::new("publish", held, shutdown);
+        loop {
+            match self.publisher.publish_all(messages).await {
+                Ok(()) => {
+                    Stats::add(&self.stats.published, messages.len());
+                    return true;
+                }
+                Err(error) => {
+                    if !retrier.failed(error).await {
+                        return false;
+                    }
+                }
+            }
+        }
     }
 
     async fn clear_outbox(&self, keys: Vec<String>) {
@@ -527,33 +552,42 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(crate::store::StoreError::Io(format!("store task failed: {e}"))))
 }
 
-/// Retries a transient operation with backoff until it succeeds, sending progress acks for
-/// the `held` inputs while it waits so the server does not redeliver them meanwhile.
-/// Returns `None` if `shutdown` fires first.
-async fn retry<T, E, F, Fut>(
-    what: &str,
-    held: &[InputMessage],
-    shutdown: &CancellationToken,
-    mut operation: F,
-) -> Option<T>
-where
-    E: std::fmt::Display,
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-{
-    let mut backoff = Backoff::new();
-    loop {
-        match operation().await {
-            Ok(value) => return Some(value),
-            Err(error) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(%error, retry_in = ?delay, "{what} failed; retrying");
-                futures::future::join_all(held.iter().map(InputMessage::progress)).await;
-                if !sleep_unless_shutdown(delay, shutdown).await {
-                    tracing::warn!("shutting down with {what} unfinished; its inputs stay unacked");
-                    return None;
-                }
-            }
+/// Paces the retries of one transient operation: logs each failure, sends progress acks for
+/// the `held` inputs so the server does not redeliver them meanwhile, and waits with backoff.
+struct Retrier<'a> {
+    what: &'static str,
+    held: &'a [InputMessage],
+    shutdown: &'a CancellationToken,
+    backoff: Backoff,
+}
+
+impl<'a> Retrier<'a> {
+    fn new(
+        what: &'static str,
+        held: &'a [InputMessage],
+        shutdown: &'a CancellationToken,
+    ) -> Retrier<'a> {
+        Retrier {
+            what,
+            held,
+            shutdown,
+            backoff: Backoff::new(),
+        }
+    }
+
+    /// Records a failure and waits before the next try; false if shutdown came first.
+    async fn failed(&mut self, error: impl std::fmt::Display) -> bool {
+        let delay = self.backoff.next_delay();
+        let what = self.what;
+        tracing::warn!(%error, retry_in = ?delay, "{what} failed; retrying");
+        for message in self.held {
+            message.progress().await;
+        }
+        if sleep_unless_shutdown(delay, self.shutdown).await {
+            true
+        } else {
+            tracing::warn!("shutting down with {what} unfinished; its inputs stay unacked");
+            false
         }
     }
 }

@@ -168,7 +168,6 @@ impl Sandbox {
             .total_core_instances(POOLED_INSTANCES * 4)
             .total_memories(POOLED_INSTANCES * 2)
             .total_tables(POOLED_INSTANCES * 4)
-            .total_stacks(POOLED_INSTANCES)
             .max_memory_size(max_memory_bytes);
         let mut config = Config::new();
         config

@@ -28,7 +28,7 @@ impl Transform for Hostile {
                 }
             }
             b"trap" => panic!("the hostile plugin panics on purpose"),
-            b"flood" => Ok((0..100_000).map(|_| Output::new("flood", "x")).collect()),
+            b"flood" => Ok((0..10_000).map(|_| Output::new("flood", "x")).collect()),
             b"escape" => Ok(alloc::vec![Output::new("elsewhere.>", "x")]),
             b"fail" => Err(TransformError::plugin_failed("asked to fail")),
             _ => Ok(alloc::vec![Output::new("echo", msg.payload)]),
