@@ -34,10 +34,7 @@ pub enum BrokerError {
     )]
     Uncaptured { subject: String, key: &'static str },
     #[error("{action}: {message}")]
-    JetStream {
-        action: String,
-        message: String,
-    },
+    JetStream { action: String, message: String },
 }
 
 impl BrokerError {
@@ -101,6 +98,7 @@ impl Broker {
                     async_nats::Event::Disconnected => {
                         tracing::warn!("disconnected from NATS; reconnecting")
                     }
+                    async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
                     other => tracing::warn!(event = %other, "NATS connection event"),
                 }
             })

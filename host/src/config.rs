@@ -348,8 +348,10 @@ impl PipelineConfig {
                 ));
             }
         }
-        if subject::matches(&format!("{}.>", self.output.prefix), &self.output.dlq_subject)
-            || self.output.prefix == self.output.dlq_subject
+        if subject::matches(
+            &format!("{}.>", self.output.prefix),
+            &self.output.dlq_subject,
+        ) || self.output.prefix == self.output.dlq_subject
         {
             return Err(format!(
                 "output.dlq_subject {:?} is under output.prefix {:?}: a plugin could forge dead \
@@ -459,7 +461,11 @@ mod tests {
     #[test]
     fn dlq_under_output_prefix_is_refused() {
         let text = MINIMAL.replace("\"orders.dlq\"", "\"orders.out.dlq\"");
-        assert!(parse(&text).unwrap_err().contains("could forge dead letters"));
+        assert!(
+            parse(&text)
+                .unwrap_err()
+                .contains("could forge dead letters")
+        );
     }
 
     #[test]
@@ -467,7 +473,11 @@ mod tests {
         let text = MINIMAL.replace("\"orders.out\"", "\"orders.*\"");
         assert!(parse(&text).unwrap_err().contains("without wildcards"));
         let text = format!("{MINIMAL}\n[pipeline.limits]\nfuel = 0\n");
-        assert!(parse(&text).unwrap_err().contains("limits.fuel must be greater than 0"));
+        assert!(
+            parse(&text)
+                .unwrap_err()
+                .contains("limits.fuel must be greater than 0")
+        );
     }
 
     #[test]

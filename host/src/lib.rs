@@ -87,7 +87,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunRepor
     let mut running = Vec::new();
     for pipeline in pipelines {
         let stats = pipeline.stats();
-        report.pipelines.push((pipeline.name().to_owned(), Default::default()));
+        report
+            .pipelines
+            .push((pipeline.name().to_owned(), Default::default()));
         running.push((stats, tokio::spawn(pipeline.run(shutdown.clone()))));
     }
     for (index, (stats, task)) in running.into_iter().enumerate() {

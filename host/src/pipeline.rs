@@ -505,7 +505,10 @@ impl Pipeline {
                 "Weir-Plugin-Sha256".to_owned(),
                 self.plugin.sha256().to_owned(),
             ),
-            ("Weir-Input-Stream".to_owned(), self.input_stream.name.clone()),
+            (
+                "Weir-Input-Stream".to_owned(),
+                self.input_stream.name.clone(),
+            ),
             (
                 "Weir-Input-Sequence".to_owned(),
                 input.stream_sequence.to_string(),
@@ -547,9 +550,11 @@ fn transform_input(message: &InputMessage, key: &str) -> TransformInput {
 async fn blocking<T: Send + 'static>(
     call: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<T, crate::store::StoreError> {
-    tokio::task::spawn_blocking(call)
-        .await
-        .unwrap_or_else(|e| Err(crate::store::StoreError::Io(format!("store task failed: {e}"))))
+    tokio::task::spawn_blocking(call).await.unwrap_or_else(|e| {
+        Err(crate::store::StoreError::Io(format!(
+            "store task failed: {e}"
+        )))
+    })
 }
 
 /// Paces the retries of one transient operation: logs each failure, sends progress acks for

@@ -197,7 +197,7 @@ impl Sandbox {
         let component =
             Component::new(&self.engine, &bytes).map_err(|e| LoadError::NotAComponent {
                 path: path.to_owned(),
-                reason: format!("{e:#}"),
+                reason: one_line(&format!("{e:#}")),
             })?;
         let component_type = component.component_type();
         let imports: Vec<String> = component_type
@@ -231,7 +231,7 @@ impl Sandbox {
             .and_then(bindings::PluginPre::new)
             .map_err(|e| LoadError::Mismatch {
                 path: path.to_owned(),
-                reason: format!("{e:#}"),
+                reason: one_line(&format!("{e:#}")),
             })?;
         Ok(Plugin {
             engine: self.engine.clone(),
@@ -360,7 +360,10 @@ impl Plugin {
             .map(|o| {
                 o.subject.len()
                     + o.payload.len()
-                    + o.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>()
+                    + o.headers
+                        .iter()
+                        .map(|(n, v)| n.len() + v.len())
+                        .sum::<usize>()
             })
             .sum();
         if bytes > self.limits.max_output_bytes {

@@ -13,8 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch,
-    WriteOptions,
+    BlockBasedOptions, ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions,
 };
 
 use crate::record::DoneRecord;
@@ -131,7 +130,10 @@ impl Store {
     /// Every input committed but not yet known to be published, with its record.
     pub fn pending_outbox(&self) -> Result<Vec<(String, DoneRecord)>, StoreError> {
         let mut keys = Vec::new();
-        for entry in self.db.iterator_cf(self.family(OUTBOX), IteratorMode::Start) {
+        for entry in self
+            .db
+            .iterator_cf(self.family(OUTBOX), IteratorMode::Start)
+        {
             let (key, _) = entry.map_err(|e| StoreError::Io(e.to_string()))?;
             keys.push(String::from_utf8_lossy(&key).into_owned());
         }

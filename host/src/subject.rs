@@ -48,7 +48,9 @@ mod tests {
     fn literal_subjects() {
         assert!(is_literal("orders"));
         assert!(is_literal("orders.out.customer-1"));
-        for bad in ["", "orders.", ".orders", "a..b", "a.*", "a.>", "a b", "a\tb"] {
+        for bad in [
+            "", "orders.", ".orders", "a..b", "a.*", "a.>", "a b", "a\tb",
+        ] {
             assert!(!is_literal(bad), "{bad:?} is not a literal subject");
         }
     }

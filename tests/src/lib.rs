@@ -19,7 +19,9 @@ pub fn repo_root() -> PathBuf {
 
 /// A plugin component built by `scripts/build-plugins.sh`.
 pub fn plugin(name: &str) -> PathBuf {
-    let path = repo_root().join("plugins/dist").join(format!("{name}.wasm"));
+    let path = repo_root()
+        .join("plugins/dist")
+        .join(format!("{name}.wasm"));
     assert!(
         path.exists(),
         "{} is missing: build the plugins first with scripts/build-plugins.sh",
@@ -30,13 +32,14 @@ pub fn plugin(name: &str) -> PathBuf {
 
 /// The `weir` binary of this build.
 pub fn weir_binary() -> PathBuf {
-    // Test binaries live in <target>/<profile>/deps; the weir binary one level up.
-    let exe = std::env::current_exe().expect("the test binary has a path");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in <target>/<profile>/deps")
-        .join("weir");
+    // Test binaries live in <target>/<profile>/deps, other binaries (the demo) in
+    // <target>/<profile>, next to weir.
+    let exe = std::env::current_exe().expect("this binary has a path");
+    let mut dir = exe.parent().expect("a binary lives in a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("deps/ lives in the profile directory");
+    }
+    let path = dir.join("weir");
     assert!(
         path.exists(),
         "{} is missing: build it first with `cargo build --workspace`",

@@ -39,20 +39,29 @@ async fn main() {
     }
     .render();
     std::fs::write(&config, &toml).expect("write weir.toml");
-    println!("demo: configuration ({})\n{}", config.display(), toml.trim());
+    println!(
+        "demo: configuration ({})\n{}",
+        config.display(),
+        toml.trim()
+    );
 
     let mut weir = Command::new(weir_binary())
         .args(["run", "--config"])
         .arg(&config)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or("warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or("warn".into()),
+        )
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start weir");
     let js = server.jetstream().await;
-    wait_for("weir to create the input stream", Duration::from_secs(60), || async {
-        js.get_stream("ORDERS").await.is_ok()
-    })
+    wait_for(
+        "weir to create the input stream",
+        Duration::from_secs(60),
+        || async { js.get_stream("ORDERS").await.is_ok() },
+    )
     .await;
 
     let payloads = order_workload(count, 50);
@@ -62,10 +71,14 @@ async fn main() {
         publish_all(&js, "orders.in.new", chunk).await;
     }
     let expected_outputs = 2 * (count - malformed) as u64;
-    wait_for("every order processed", Duration::from_secs(600), || async {
-        stream_len(&js, "ORDERS_OUT").await >= expected_outputs
-            && stream_len(&js, "ORDERS_DLQ").await >= malformed as u64
-    })
+    wait_for(
+        "every order processed",
+        Duration::from_secs(600),
+        || async {
+            stream_len(&js, "ORDERS_OUT").await >= expected_outputs
+                && stream_len(&js, "ORDERS_DLQ").await >= malformed as u64
+        },
+    )
     .await;
     let elapsed = started.elapsed();
 
@@ -86,7 +99,11 @@ async fn main() {
     }
     if let Some(letter) = dead.first() {
         println!("demo: first dead letter:");
-        println!("  {} {}", letter.subject, String::from_utf8_lossy(&letter.payload));
+        println!(
+            "  {} {}",
+            letter.subject,
+            String::from_utf8_lossy(&letter.payload)
+        );
         for name in ["Weir-Dlq-Kind", "Weir-Dlq-Reason", "Weir-Input-Sequence"] {
             println!("    {name}: {}", letter.header(name).unwrap_or("-"));
         }
@@ -100,6 +117,10 @@ async fn main() {
     );
     println!("demo: weir stopped on SIGTERM with {status}");
     assert!(status.success(), "weir did not stop cleanly");
-    assert_eq!(outputs.len() as u64, expected_outputs, "every order, exactly once");
+    assert_eq!(
+        outputs.len() as u64,
+        expected_outputs,
+        "every order, exactly once"
+    );
     assert_eq!(dead.len(), malformed, "every malformed order in the DLQ");
 }

@@ -12,7 +12,7 @@ use weir_tests::*;
 
 const INPUTS: usize = 3000;
 const MALFORMED_EVERY: usize = 50;
-const KILLS: usize = 5;
+const KILLS: usize = 8;
 
 fn start_weir(config: &Path, log: &Path) -> Child {
     let log = std::fs::OpenOptions::new()
@@ -92,19 +92,27 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
         let js = js.clone();
         let payloads = payloads.clone();
         tokio::spawn(async move {
-            for chunk in payloads.chunks(200) {
+            // Spread over a few seconds, so that the kills land while weir works.
+            for chunk in payloads.chunks(50) {
                 publish_all(&js, "orders.in.new", chunk).await;
-                tokio::time::sleep(Duration::from_millis(30)).await;
+                tokio::time::sleep(Duration::from_millis(60)).await;
             }
         })
     };
+    // Each kill lands at a random moment after the restarted weir has made progress, so
+    // that it interrupts real work (fetching, running, committing, publishing or acking).
+    let mut outputs_before = 0;
     for kill in 0..KILLS {
-        let pause = 150 + rng.below(600);
+        wait_for("weir to make progress", Duration::from_secs(60), || async {
+            stream_len(&js, "ORDERS_OUT").await > outputs_before
+        })
+        .await;
+        let pause = rng.below(250);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         weir.kill().expect("SIGKILL weir");
         weir.wait().unwrap();
-        let outputs = stream_len(&js, "ORDERS_OUT").await;
-        println!("kill {kill} after {pause} ms: {outputs} outputs stored so far");
+        outputs_before = stream_len(&js, "ORDERS_OUT").await;
+        println!("kill {kill}, {pause} ms after progress: {outputs_before} outputs stored so far");
         weir = start_weir(&config, &log);
     }
     publisher.await.unwrap();
@@ -112,18 +120,22 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
     let malformed = INPUTS / MALFORMED_EVERY;
     let valid = INPUTS - malformed;
     let started = Instant::now();
-    wait_for("every input processed", Duration::from_secs(120), || async {
-        let Ok(mut stream) = js.get_stream("ORDERS").await else {
-            return false;
-        };
-        let drained = match stream.consumer_info("weir").await {
-            Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
-            Err(_) => false,
-        };
-        drained
-            && stream_len(&js, "ORDERS_OUT").await >= 2 * valid as u64
-            && stream_len(&js, "ORDERS_DLQ").await >= malformed as u64
-    })
+    wait_for(
+        "every input processed",
+        Duration::from_secs(120),
+        || async {
+            let Ok(stream) = js.get_stream("ORDERS").await else {
+                return false;
+            };
+            let drained = match stream.consumer_info("weir").await {
+                Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
+                Err(_) => false,
+            };
+            drained
+                && stream_len(&js, "ORDERS_OUT").await >= 2 * valid as u64
+                && stream_len(&js, "ORDERS_DLQ").await >= malformed as u64
+        },
+    )
     .await;
     println!("drained {:?} after the last restart", started.elapsed());
 
@@ -138,7 +150,10 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
     let mut ids = HashSet::new();
     let mut contents = HashSet::new();
     for output in &outputs {
-        let id = output.msg_id.clone().expect("every output has a Nats-Msg-Id");
+        let id = output
+            .msg_id
+            .clone()
+            .expect("every output has a Nats-Msg-Id");
         assert!(ids.insert(id.clone()), "duplicate output id {id}");
         assert!(
             contents.insert((output.subject.clone(), output.payload.clone())),
@@ -149,7 +164,12 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
     let mut totals: HashMap<(String, String), u64> = HashMap::new();
     for output in &outputs {
         let body: serde_json::Value = serde_json::from_slice(&output.payload).unwrap();
-        let order = body.get("id").or(body.get("order")).unwrap().as_str().unwrap();
+        let order = body
+            .get("id")
+            .or(body.get("order"))
+            .unwrap()
+            .as_str()
+            .unwrap();
         totals.insert(
             (output.subject.clone(), order.to_owned()),
             body["total_cents"].as_u64().unwrap(),
@@ -165,11 +185,19 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
             "orders.out.enriched".to_owned(),
             format!("orders.out.customer.{customer}"),
         ] {
-            assert_eq!(totals.get(&(subject.clone(), id.clone())), Some(&total), "{subject} for {id}");
+            assert_eq!(
+                totals.get(&(subject.clone(), id.clone())),
+                Some(&total),
+                "{subject} for {id}"
+            );
             expected += 1;
         }
     }
-    assert_eq!(outputs.len(), expected, "nothing extra in the output stream");
+    assert_eq!(
+        outputs.len(),
+        expected,
+        "nothing extra in the output stream"
+    );
 
     // Dead letters: exactly the malformed inputs, each once.
     let dead = read_stream(&js, "ORDERS_DLQ").await;

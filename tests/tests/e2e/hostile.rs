@@ -55,9 +55,11 @@ async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
     .map(|s| s.as_bytes().to_vec())
     .collect();
     publish_all(&js, "in.x", &inputs).await;
-    wait_for("echoes and dead letters", Duration::from_secs(60), || async {
-        stream_len(&js, "OUT").await >= 3 && stream_len(&js, "DLQ").await >= 6
-    })
+    wait_for(
+        "echoes and dead letters",
+        Duration::from_secs(60),
+        || async { stream_len(&js, "OUT").await >= 3 && stream_len(&js, "DLQ").await >= 6 },
+    )
     .await;
     shutdown.cancel();
     running.await.unwrap().unwrap();
@@ -70,7 +72,10 @@ async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
             m.payload
         })
         .collect();
-    assert_eq!(echoes, [b"ok-1".to_vec(), b"ok-2".to_vec(), b"ok-3".to_vec()]);
+    assert_eq!(
+        echoes,
+        [b"ok-1".to_vec(), b"ok-2".to_vec(), b"ok-3".to_vec()]
+    );
     let mut kinds: Vec<(String, String)> = read_stream(&js, "DLQ")
         .await
         .into_iter()
@@ -121,10 +126,20 @@ fn fuel_exhaustion_is_deterministic_and_the_deadline_is_a_backstop() {
     let hostile = sandbox.load(&plugin("hostile"), &limits).unwrap();
     let first = hostile.run(input("loop"));
     assert!(
-        matches!(first, Outcome::Failed { kind: FailureKind::FuelExhausted, .. }),
+        matches!(
+            first,
+            Outcome::Failed {
+                kind: FailureKind::FuelExhausted,
+                ..
+            }
+        ),
         "{first:?}"
     );
-    assert_eq!(hostile.run(input("loop")), first, "same input, same outcome");
+    assert_eq!(
+        hostile.run(input("loop")),
+        first,
+        "same input, same outcome"
+    );
     assert_eq!(
         hostile.run(input("fine")),
         Outcome::Outputs(vec![weir::sandbox::PluginOutput {
@@ -145,7 +160,13 @@ fn fuel_exhaustion_is_deterministic_and_the_deadline_is_a_backstop() {
     let hostile = sandbox.load(&plugin("hostile"), &limits).unwrap();
     let outcome = hostile.run(input("loop"));
     assert!(
-        matches!(outcome, Outcome::Failed { kind: FailureKind::Deadline, .. }),
+        matches!(
+            outcome,
+            Outcome::Failed {
+                kind: FailureKind::Deadline,
+                ..
+            }
+        ),
         "{outcome:?}"
     );
 }
@@ -161,7 +182,13 @@ fn deeply_nested_json_is_invalid_input_not_a_crash() {
     let deep = "[".repeat(100_000);
     let outcome = orders.run(input(&deep));
     assert!(
-        matches!(outcome, Outcome::Failed { kind: FailureKind::InvalidInput, .. }),
+        matches!(
+            outcome,
+            Outcome::Failed {
+                kind: FailureKind::InvalidInput,
+                ..
+            }
+        ),
         "{outcome:?}"
     );
 }

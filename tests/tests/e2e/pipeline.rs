@@ -56,10 +56,14 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
     })
     .await;
     publish_all(&js, "orders.in.new", &payloads).await;
-    wait_for("all outputs and dead letters", Duration::from_secs(60), || async {
-        stream_len(&js, "ORDERS_OUT").await >= 2 * valid as u64
-            && stream_len(&js, "ORDERS_DLQ").await >= (payloads.len() - valid) as u64
-    })
+    wait_for(
+        "all outputs and dead letters",
+        Duration::from_secs(60),
+        || async {
+            stream_len(&js, "ORDERS_OUT").await >= 2 * valid as u64
+                && stream_len(&js, "ORDERS_DLQ").await >= (payloads.len() - valid) as u64
+        },
+    )
     .await;
     shutdown.cancel();
     let report = running.await.unwrap().unwrap();
@@ -75,7 +79,12 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
     let mut events: HashMap<String, u64> = HashMap::new();
     for output in &outputs {
         let body: serde_json::Value = serde_json::from_slice(&output.payload).unwrap();
-        let order = body.get("id").or(body.get("order")).unwrap().as_str().unwrap();
+        let order = body
+            .get("id")
+            .or(body.get("order"))
+            .unwrap()
+            .as_str()
+            .unwrap();
         let total = body["total_cents"].as_u64().unwrap();
         let seen = if output.subject == "orders.out.enriched" {
             assert_eq!(
@@ -89,7 +98,10 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
             assert_eq!(output.subject, format!("orders.out.customer.{customer}"));
             events.insert(order.to_owned(), total)
         };
-        assert!(seen.is_none(), "order {order} has two outputs on one subject");
+        assert!(
+            seen.is_none(),
+            "order {order} has two outputs on one subject"
+        );
     }
     for payload in &payloads {
         let Ok(order) = serde_json::from_slice::<serde_json::Value>(payload) else {
@@ -108,11 +120,27 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
     let dead = read_stream(&js, "ORDERS_DLQ").await;
     assert_eq!(dead.len(), 30);
     for letter in &dead {
-        let sequence: usize = letter.header("Weir-Input-Sequence").unwrap().parse().unwrap();
-        assert_eq!(letter.payload, payloads[sequence - 1], "DLQ carries the input");
+        let sequence: usize = letter
+            .header("Weir-Input-Sequence")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            letter.payload,
+            payloads[sequence - 1],
+            "DLQ carries the input"
+        );
         assert_eq!(letter.header("Weir-Dlq-Kind"), Some("invalid-input"));
-        assert!(letter.header("Weir-Dlq-Reason").unwrap().contains("not an order"));
-        assert_eq!(letter.header("Weir-Plugin-Sha256"), Some(plugin_sha256.as_str()));
+        assert!(
+            letter
+                .header("Weir-Dlq-Reason")
+                .unwrap()
+                .contains("not an order")
+        );
+        assert_eq!(
+            letter.header("Weir-Plugin-Sha256"),
+            Some(plugin_sha256.as_str())
+        );
         assert_eq!(letter.header("Weir-Input-Stream"), Some("ORDERS"));
         assert_eq!(letter.header("Weir-Input-Subject"), Some("orders.in.new"));
     }
@@ -121,19 +149,26 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
     // already committed, so the plugin must not run, and nothing new is stored downstream.
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(weir::run(setup.config("weir-again"), shutdown.clone()));
-    wait_for("the second consumer to drain", Duration::from_secs(60), || async {
-        let Ok(mut stream) = js.get_stream("ORDERS").await else {
-            return false;
-        };
-        match stream.consumer_info("weir-again").await {
-            Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
-            Err(_) => false,
-        }
-    })
+    wait_for(
+        "the second consumer to drain",
+        Duration::from_secs(60),
+        || async {
+            let Ok(stream) = js.get_stream("ORDERS").await else {
+                return false;
+            };
+            match stream.consumer_info("weir-again").await {
+                Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
+                Err(_) => false,
+            }
+        },
+    )
     .await;
     shutdown.cancel();
     let stats = running.await.unwrap().unwrap().pipelines[0].1;
-    assert_eq!(stats.executed, 0, "committed inputs ran the plugin: {stats:?}");
+    assert_eq!(
+        stats.executed, 0,
+        "committed inputs ran the plugin: {stats:?}"
+    );
     assert_eq!(stats.deduplicated, 300, "{stats:?}");
     assert_eq!(stream_len(&js, "ORDERS_OUT").await, 2 * valid as u64);
     assert_eq!(stream_len(&js, "ORDERS_DLQ").await, 30);

@@ -40,7 +40,11 @@ fn weir_run(config: &Path) -> Output {
 /// The exit code and the one stderr line of a failed run.
 fn failure(output: &Output) -> (i32, String) {
     let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-    assert_eq!(stderr.lines().count(), 1, "one line of error, got:\n{stderr}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "one line of error, got:\n{stderr}"
+    );
     assert!(stderr.starts_with("weir: "), "{stderr}");
     (output.status.code().expect("exited, not killed"), stderr)
 }
@@ -52,7 +56,11 @@ fn config_errors_name_the_problem() {
     let config = write_config(dir.path(), &unreachable, &plugin("orders"), "");
     let text = std::fs::read_to_string(&config).unwrap();
 
-    std::fs::write(&config, text.replace("consumer = ", "consumr = 1\nconsumer = ")).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("consumer = ", "consumr = 1\nconsumer = "),
+    )
+    .unwrap();
     let (code, message) = failure(&weir_run(&config));
     assert_eq!(code, 2);
     assert!(message.contains("unknown field `consumr`"), "{message}");
@@ -60,7 +68,10 @@ fn config_errors_name_the_problem() {
     std::fs::write(&config, text.replace("orders.wasm", "missing.wasm")).unwrap();
     let (code, message) = failure(&weir_run(&config));
     assert_eq!(code, 2);
-    assert!(message.contains("cannot read plugin") && message.contains("missing.wasm"), "{message}");
+    assert!(
+        message.contains("cannot read plugin") && message.contains("missing.wasm"),
+        "{message}"
+    );
 
     let not_wasm = dir.path().join("not-wasm.wasm");
     std::fs::write(&not_wasm, "this is text").unwrap();
@@ -97,8 +108,11 @@ async fn a_mismatched_component_is_refused_and_nothing_is_consumed() {
             && message.contains("weir:transform/transformer@0.0.1"),
         "{message}"
     );
-    let mut stream = js.get_stream("ORDERS").await.unwrap();
-    assert!(stream.consumer_info("weir").await.is_err(), "no consumer was created");
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    assert!(
+        stream.consumer_info("weir").await.is_err(),
+        "no consumer was created"
+    );
     assert_eq!(stream_len(&js, "ORDERS").await, 5);
 }
 
@@ -110,13 +124,17 @@ async fn a_missing_stream_is_named_when_weir_may_not_create_it() {
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,
-        text.replace("ack_wait_ms = 2000", "ack_wait_ms = 2000\ncreate_stream = false"),
+        text.replace(
+            "ack_wait_ms = 2000",
+            "ack_wait_ms = 2000\ncreate_stream = false",
+        ),
     )
     .unwrap();
     let (code, message) = failure(&weir_run(&config));
     assert_eq!(code, 1);
     assert!(
-        message.contains("input stream \"ORDERS\" does not exist") && message.contains("nats stream add"),
+        message.contains("input stream \"ORDERS\" does not exist")
+            && message.contains("nats stream add"),
         "{message}"
     );
 }
@@ -133,16 +151,23 @@ async fn a_second_host_on_the_same_store_refuses_to_start() {
         .spawn()
         .unwrap();
     let js = server.jetstream().await;
-    wait_for("the first host to set up", Duration::from_secs(30), || async {
-        match js.get_stream("ORDERS").await {
-            Ok(mut stream) => stream.consumer_info("weir").await.is_ok(),
-            Err(_) => false,
-        }
-    })
+    wait_for(
+        "the first host to set up",
+        Duration::from_secs(30),
+        || async {
+            match js.get_stream("ORDERS").await {
+                Ok(stream) => stream.consumer_info("weir").await.is_ok(),
+                Err(_) => false,
+            }
+        },
+    )
     .await;
     let (code, message) = failure(&weir_run(&config));
     assert_eq!(code, 1);
-    assert!(message.contains("is in use by another weir process"), "{message}");
+    assert!(
+        message.contains("is in use by another weir process"),
+        "{message}"
+    );
     first.kill().unwrap();
     first.wait().unwrap();
 }
