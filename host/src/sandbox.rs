@@ -145,6 +145,13 @@ pub enum LoadError {
         exports: String,
     },
     #[error(
+        "plugin {path:?} cannot be instantiated within the limits: {reason} (raise limits.memory_bytes, or fix the plugin's start-up)"
+    )]
+    Instantiate {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error(
         "plugin {path:?} exports {CONTRACT_EXPORT} with a different shape than this host's contract: {reason}"
     )]
     Mismatch {
@@ -233,12 +240,23 @@ impl Sandbox {
                 path: path.to_owned(),
                 reason: one_line(&format!("{e:#}")),
             })?;
-        Ok(Plugin {
+        let plugin = Plugin {
             engine: self.engine.clone(),
             pre,
             sha256,
             limits: limits.clone(),
-        })
+        };
+        // Instantiate once now, so that a component that can never start (a memory larger
+        // than the limit, a start function that traps) is refused at load, not per message.
+        let mut store = plugin.new_store();
+        plugin
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| LoadError::Instantiate {
+                path: path.to_owned(),
+                reason: one_line(&format!("{e:#}")),
+            })?;
+        Ok(plugin)
     }
 }
 
@@ -260,25 +278,7 @@ impl Plugin {
     /// Runs one input in a fresh instance. Never panics on anything the plugin does: every
     /// misbehaviour becomes an `Outcome::Failed` with the reason.
     pub fn run(&self, input: TransformInput) -> Outcome {
-        let mut store = Store::new(
-            &self.engine,
-            CallState {
-                memory_limit: self.limits.memory_bytes,
-                memory_denied: false,
-            },
-        );
-        store.limiter(|state| state as &mut dyn ResourceLimiter);
-        // Fuel cannot fail to be set: fuel consumption is on for this engine.
-        store
-            .set_fuel(self.limits.fuel)
-            .expect("the engine consumes fuel");
-        let ticks = self
-            .limits
-            .deadline_ms
-            .div_ceil(EPOCH_TICK.as_millis() as u64);
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
-
+        let mut store = self.new_store();
         let message = Message {
             subject: input.subject,
             headers: input.headers,
@@ -342,6 +342,29 @@ impl Plugin {
                 Outcome::failed(kind, reason)
             }
         }
+    }
+
+    /// A store for one call, with this plugin's fuel, deadline and memory limit.
+    fn new_store(&self) -> Store<CallState> {
+        let mut store = Store::new(
+            &self.engine,
+            CallState {
+                memory_limit: self.limits.memory_bytes,
+                memory_denied: false,
+            },
+        );
+        store.limiter(|state| state as &mut dyn ResourceLimiter);
+        // Fuel cannot fail to be set: fuel consumption is on for this engine.
+        store
+            .set_fuel(self.limits.fuel)
+            .expect("the engine consumes fuel");
+        let ticks = self
+            .limits
+            .deadline_ms
+            .div_ceil(EPOCH_TICK.as_millis() as u64);
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        store
     }
 
     fn check_output_limits(&self, outputs: Vec<PluginOutput>) -> Outcome {

@@ -173,3 +173,52 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
     assert_eq!(stream_len(&js, "ORDERS_OUT").await, 2 * valid as u64);
     assert_eq!(stream_len(&js, "ORDERS_DLQ").await, 30);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_restart_mid_stream_loses_and_doubles_nothing() {
+    let mut setup = Setup {
+        server: NatsServer::start(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let payloads = order_workload(600, 0);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(weir::run(setup.config("weir"), shutdown.clone()));
+    {
+        let js = setup.server.jetstream().await;
+        wait_for("the input stream", Duration::from_secs(30), || async {
+            js.get_stream("ORDERS").await.is_ok()
+        })
+        .await;
+        publish_all(&js, "orders.in.new", &payloads[..300]).await;
+        wait_for("some outputs", Duration::from_secs(30), || async {
+            stream_len(&js, "ORDERS_OUT").await > 0
+        })
+        .await;
+    }
+    // SIGKILL the server while weir works, and bring it back on the same port and store.
+    setup.server.restart();
+    let js = setup.server.jetstream().await;
+    publish_all(&js, "orders.in.new", &payloads[300..]).await;
+    wait_for(
+        "every output after the restart",
+        Duration::from_secs(90),
+        || async { stream_len(&js, "ORDERS_OUT").await >= 1200 },
+    )
+    .await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    let outputs = read_stream(&js, "ORDERS_OUT").await;
+    let mut ids = std::collections::HashSet::new();
+    for output in &outputs {
+        assert!(
+            ids.insert(output.msg_id.clone().unwrap()),
+            "duplicate output"
+        );
+    }
+    assert_eq!(
+        outputs.len(),
+        1200,
+        "two outputs per order, none lost, none doubled"
+    );
+}
