@@ -27,13 +27,42 @@ impl Transform for Hostile {
                     hoard.push(core::hint::black_box(alloc::vec![7u8; 1 << 20]));
                 }
             }
+            b"grow-within" => {
+                // 4 MiB: well inside the tests' 16 MiB limit, so this one succeeds.
+                let block = core::hint::black_box(alloc::vec![7u8; 4 << 20]);
+                Ok(alloc::vec![Output::new("echo", alloc::vec![block[0]])])
+            }
+            b"recurse" => Ok(alloc::vec![Output::new(
+                "never",
+                dive(core::hint::black_box(0)).to_le_bytes().to_vec()
+            )]),
             b"trap" => panic!("the hostile plugin panics on purpose"),
+            b"partial" => {
+                let mut outputs = Vec::new();
+                for i in 0..10u8 {
+                    outputs.push(Output::new("partial", alloc::vec![i]));
+                }
+                // A trap after outputs were produced: none of them may be published.
+                core::hint::black_box(&outputs);
+                panic!("the hostile plugin panics half-way through its outputs")
+            }
+            b"bloat" => Ok(alloc::vec![Output::new("bloat", alloc::vec![b'x'; 8 << 20])]),
             b"flood" => Ok((0..10_000).map(|_| Output::new("flood", "x")).collect()),
             b"escape" => Ok(alloc::vec![Output::new("elsewhere.>", "x")]),
             b"fail" => Err(TransformError::plugin_failed("asked to fail")),
             _ => Ok(alloc::vec![Output::new("echo", msg.payload)]),
         }
     }
+}
+
+/// Recursion without end and without a base case the optimiser can see through: it overflows
+/// the wasm stack.
+#[inline(never)]
+fn dive(depth: u64) -> u64 {
+    if depth == u64::MAX {
+        return depth;
+    }
+    dive(depth + 1).rotate_left(7) ^ depth
 }
 
 weir_guest_sdk::export!(Hostile);

@@ -49,7 +49,19 @@ async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
     })
     .await;
     let inputs: Vec<Vec<u8>> = [
-        "ok-1", "loop", "ok-2", "grow", "trap", "flood", "escape", "fail", "ok-3",
+        "ok-1",
+        "loop",
+        "ok-2",
+        "grow",
+        "grow-within",
+        "recurse",
+        "trap",
+        "partial",
+        "flood",
+        "bloat",
+        "escape",
+        "fail",
+        "ok-3",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())
@@ -74,7 +86,13 @@ async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
         .collect();
     assert_eq!(
         echoes,
-        [b"ok-1".to_vec(), b"ok-2".to_vec(), b"ok-3".to_vec()]
+        [
+            b"ok-1".to_vec(),
+            b"ok-2".to_vec(),
+            vec![7],
+            b"ok-3".to_vec()
+        ],
+        "well-behaved inputs flow; nothing of `partial` is published"
     );
     let mut kinds: Vec<(String, String)> = read_stream(&js, "DLQ")
         .await
@@ -88,11 +106,14 @@ async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
         .collect();
     kinds.sort();
     let expected = [
+        ("bloat", "output-rejected"),
         ("escape", "output-rejected"),
         ("fail", "plugin-failed"),
         ("flood", "output-rejected"),
         ("grow", "memory-limit"),
         ("loop", "fuel-exhausted"),
+        ("partial", "trap"),
+        ("recurse", "stack-overflow"),
         ("trap", "trap"),
     ];
     let expected: Vec<(String, String)> = expected

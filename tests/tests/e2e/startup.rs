@@ -80,6 +80,23 @@ fn config_errors_name_the_problem() {
     assert_eq!(code, 2);
     assert!(message.contains("is not a wasm component"), "{message}");
 
+    let truncated = dir.path().join("truncated.wasm");
+    let whole = std::fs::read(plugin("orders")).unwrap();
+    std::fs::write(&truncated, &whole[..whole.len() / 2]).unwrap();
+    let config = write_config(dir.path(), &unreachable, &truncated, "");
+    let (code, message) = failure(&weir_run(&config));
+    assert_eq!(code, 2);
+    assert!(message.contains("is not a wasm component"), "{message}");
+
+    let config = write_config(dir.path(), &unreachable, &plugin("sneaky-import"), "");
+    let (code, message) = failure(&weir_run(&config));
+    assert_eq!(code, 2);
+    assert!(
+        message.contains("imports `acme:sneaky/clock`")
+            && message.contains("weir does not provide"),
+        "{message}"
+    );
+
     let config = write_config(dir.path(), &unreachable, &plugin("orders"), "");
     let (code, message) = failure(&weir_run(&config));
     assert_eq!(code, 1);
