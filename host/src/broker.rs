@@ -350,21 +350,9 @@ impl InputMessage {
             .map_err(|e| BrokerError::jetstream("message has no JetStream metadata", e))?;
         let stream_sequence = info.stream_sequence;
         let published_unix_ns = u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0);
-        let mut headers: Vec<(String, String)> = message
-            .headers
-            .iter()
-            .flat_map(|map| map.iter())
-            .flat_map(|(name, values)| {
-                values
-                    .iter()
-                    .map(move |value| (name.to_string(), value.as_str().to_owned()))
-            })
-            .collect();
-        // A stable sort: values of one name keep their order.
-        headers.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(InputMessage {
             subject: message.subject.to_string(),
-            headers,
+            headers: sorted_headers(message.headers.as_ref()),
             payload: message.payload.clone(),
             stream_sequence,
             published_unix_ns,
@@ -393,6 +381,135 @@ impl InputMessage {
         if let Err(error) = self.message.ack_with(AckKind::Progress).await {
             tracing::debug!(%error, "progress ack failed");
         }
+    }
+}
+
+/// Headers as pairs, sorted by name; a repeated name keeps its values in order.
+fn sorted_headers(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
+    let mut pairs: Vec<(String, String)> = headers
+        .iter()
+        .flat_map(|map| map.iter())
+        .flat_map(|(name, values)| {
+            values
+                .iter()
+                .map(move |value| (name.to_string(), value.as_str().to_owned()))
+        })
+        .collect();
+    // A stable sort: values of one name keep their order.
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    pairs
+}
+
+/// A message as stored in a stream, read back by the operator tools.
+pub struct StoredMessage {
+    pub stream_sequence: u64,
+    pub stored_unix_ns: u64,
+    pub subject: String,
+    /// Sorted by name; a repeated name keeps its values in order.
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+}
+
+impl Broker {
+    /// The stream that stores `subject`.
+    pub async fn stream_storing(&self, subject: &str) -> Result<String, BrokerError> {
+        self.jetstream
+            .stream_by_subject(subject)
+            .await
+            .map_err(|e| BrokerError::jetstream(format!("no stream stores {subject:?}"), e))
+    }
+
+    /// Every message of `stream` on `subject`, oldest first.
+    pub async fn read_subject(
+        &self,
+        stream: &str,
+        subject: &str,
+    ) -> Result<Vec<StoredMessage>, BrokerError> {
+        let action = || format!("cannot read {subject:?} from stream {stream:?}");
+        let handle = self
+            .jetstream
+            .get_stream(stream)
+            .await
+            .map_err(|e| BrokerError::jetstream(action(), e))?;
+        let reader: jetstream::consumer::PullConsumer = handle
+            .create_consumer(pull::Config {
+                filter_subject: subject.to_owned(),
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BrokerError::jetstream(action(), e))?;
+        let mut remaining = reader.cached_info().num_pending as usize;
+        let mut stored = Vec::with_capacity(remaining);
+        while remaining > 0 {
+            let mut batch = reader
+                .batch()
+                .max_messages(remaining.min(1000))
+                .expires(Duration::from_secs(5))
+                .messages()
+                .await
+                .map_err(|e| BrokerError::jetstream(action(), e))?;
+            let before = stored.len();
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|e| BrokerError::jetstream(action(), e))?;
+                let info = message
+                    .info()
+                    .map_err(|e| BrokerError::jetstream(action(), e))?;
+                stored.push(StoredMessage {
+                    stream_sequence: info.stream_sequence,
+                    stored_unix_ns: u64::try_from(info.published.unix_timestamp_nanos())
+                        .unwrap_or(0),
+                    subject: message.subject.to_string(),
+                    headers: sorted_headers(message.headers.as_ref()),
+                    payload: message.payload.clone(),
+                });
+            }
+            if stored.len() == before {
+                return Err(BrokerError::jetstream(action(), "the server sent nothing"));
+            }
+            remaining = remaining.saturating_sub(stored.len() - before);
+        }
+        let _ = handle.delete_consumer(&reader.cached_info().name).await;
+        Ok(stored)
+    }
+
+    /// One stored message, by sequence.
+    pub async fn stored_message(
+        &self,
+        stream: &str,
+        sequence: u64,
+    ) -> Result<StoredMessage, BrokerError> {
+        let action = || format!("cannot read message {sequence} of stream {stream:?}");
+        let message = self
+            .jetstream
+            .get_stream(stream)
+            .await
+            .map_err(|e| BrokerError::jetstream(action(), e))?
+            .get_raw_message(sequence)
+            .await
+            .map_err(|e| BrokerError::jetstream(action(), e))?;
+        Ok(StoredMessage {
+            stream_sequence: message.sequence,
+            stored_unix_ns: u64::try_from(message.time.unix_timestamp_nanos()).unwrap_or(0),
+            subject: message.subject.to_string(),
+            headers: sorted_headers(Some(&message.headers)),
+            payload: message.payload,
+        })
+    }
+
+    /// Removes one message from a stream.
+    pub async fn delete_message(&self, stream: &str, sequence: u64) -> Result<(), BrokerError> {
+        let action = || format!("cannot delete message {sequence} of stream {stream:?}");
+        self.jetstream
+            .get_stream(stream)
+            .await
+            .map_err(|e| BrokerError::jetstream(action(), e))?
+            .delete_message(sequence)
+            .await
+            .map_err(|e| BrokerError::jetstream(action(), e))?;
+        Ok(())
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod dlq;
 pub mod pipeline;
 pub mod record;
 mod retry;
@@ -25,6 +26,10 @@ pub enum Error {
     Config(#[from] config::ConfigError),
     #[error("{0}")]
     Engine(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Dlq(#[from] dlq::DlqError),
     #[error("pipeline {pipeline:?}: {source}")]
     Start {
         pipeline: String,
@@ -34,11 +39,11 @@ pub enum Error {
 }
 
 impl Error {
-    /// The process exit code for this error: 2 for a configuration that cannot work as
-    /// written, 1 for everything else. (0 is a clean stop.)
+    /// The process exit code for this error: 2 for a configuration or command line that
+    /// cannot work as written, 1 for everything else. (0 is a clean stop.)
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config(_) => 2,
+            Error::Config(_) | Error::Usage(_) => 2,
             Error::Start {
                 source: StartError::Plugin(_),
                 ..

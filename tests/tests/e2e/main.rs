@@ -3,6 +3,7 @@
 //! scripts/test.sh does both.
 
 mod crash;
+mod dlq;
 mod hostile;
 mod pipeline;
 mod startup;

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+mod dlq;
+
 /// A WebAssembly plugin host for JetStream stream transforms, with exactly-once effects.
 #[derive(Parser)]
 #[command(name = "weir", version)]
@@ -26,6 +28,50 @@ enum Command {
         /// The TOML configuration file.
         #[arg(short, long)]
         config: PathBuf,
+    },
+    /// List, show and replay a pipeline's dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+/// Selects one pipeline of a configuration file.
+#[derive(clap::Args)]
+struct PipelineArgs {
+    /// The TOML configuration file.
+    #[arg(short, long)]
+    config: PathBuf,
+    /// The pipeline's name; needed only when the file has more than one.
+    #[arg(short, long)]
+    pipeline: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List the dead letters: sequence, when, why, which input, which plugin.
+    List {
+        #[command(flatten)]
+        target: PipelineArgs,
+    },
+    /// Show one dead letter whole: reason, coordinates, headers and payload.
+    Show {
+        #[command(flatten)]
+        target: PipelineArgs,
+        /// The dead letter's sequence in the DLQ stream (from `weir dlq list`).
+        sequence: u64,
+    },
+    /// Re-inject dead letters into the pipeline's input (e.g. after a plugin fix), each once,
+    /// and remove them from the DLQ. The pipeline then processes them as new inputs.
+    Replay {
+        #[command(flatten)]
+        target: PipelineArgs,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "sequences")]
+        all: bool,
+        /// The sequences to replay (from `weir dlq list`).
+        #[arg(required_unless_present = "all")]
+        sequences: Vec<u64>,
     },
 }
 
@@ -47,6 +93,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run { config } => runtime.block_on(run(config)),
+        Command::Dlq { command } => runtime.block_on(dlq::run(command)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -75,6 +122,34 @@ async fn run(config_path: PathBuf) -> Result<(), weir::Error> {
         );
     }
     Ok(())
+}
+
+impl PipelineArgs {
+    /// The selected pipeline's configuration.
+    fn load(&self) -> Result<weir::config::PipelineConfig, weir::Error> {
+        let config = weir::Config::load(&self.config)?;
+        let names: Vec<&str> = config.pipelines.iter().map(|p| p.name.as_str()).collect();
+        let found = match &self.pipeline {
+            Some(name) => config.pipelines.iter().find(|p| &p.name == name),
+            None if config.pipelines.len() == 1 => config.pipelines.first(),
+            None => {
+                return Err(weir::Error::Usage(format!(
+                    "{:?} has {} pipelines: choose one with --pipeline ({})",
+                    self.config,
+                    names.len(),
+                    names.join(", ")
+                )));
+            }
+        };
+        found.cloned().ok_or_else(|| {
+            weir::Error::Usage(format!(
+                "{:?} has no pipeline {:?}; it has: {}",
+                self.config,
+                self.pipeline.as_deref().unwrap_or_default(),
+                names.join(", ")
+            ))
+        })
+    }
 }
 
 /// Fires `shutdown` on the first SIGINT or SIGTERM.

@@ -1,0 +1,173 @@
+//! Operator tools for dead letters: list them, show one, replay them into the input.
+//!
+//! # How a replay stays exactly-once and is not swallowed by the dedup store
+//!
+//! A replayed entry is published again on its original input subject, so JetStream stores
+//! it under a new stream sequence: with `dedup = "stream-sequence"` its dedup key is new, and
+//! the pipeline processes it afresh (with the fixed plugin). Its `Nats-Msg-Id` is
+//! `weir-replay:<pipeline>:<dlq stream>:<dlq sequence>`, which is also a fresh key with
+//! `dedup = "msg-id"`, and which makes the replay itself idempotent: only after JetStream
+//! acknowledges the re-published input is the entry deleted from the DLQ, and a replay
+//! interrupted between the two publishes again under the same id, which the input stream's
+//! duplicate window drops. A deleted entry cannot be replayed twice.
+
+use crate::broker::{Broker, Publisher, StoredMessage};
+use crate::config::PipelineConfig;
+use crate::record::OutboundMessage;
+
+/// Headers named `Weir-…` belong to weir; a replay drops the ones a dead letter carries.
+const WEIR_HEADER_PREFIX: &str = "Weir-";
+
+/// One dead letter, with what weir recorded about it.
+pub struct DeadLetter {
+    /// The entry's sequence in the DLQ stream: its handle for `show` and `replay`.
+    pub sequence: u64,
+    pub stored_unix_ns: u64,
+    pub kind: String,
+    pub reason: String,
+    pub plugin_sha256: String,
+    pub input_stream: String,
+    pub input_sequence: String,
+    pub input_subject: String,
+    /// The input's own headers (weir's `Weir-…` headers removed).
+    pub input_headers: Vec<(String, String)>,
+    pub payload: Vec<u8>,
+    /// The input was too large to carry its payload into the DLQ; replay it from the input
+    /// stream instead.
+    pub payload_omitted: bool,
+}
+
+impl DeadLetter {
+    fn from_stored(message: StoredMessage) -> DeadLetter {
+        let header = |name: &str| {
+            message
+                .headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        DeadLetter {
+            sequence: message.stream_sequence,
+            stored_unix_ns: message.stored_unix_ns,
+            kind: header("Weir-Dlq-Kind"),
+            reason: header("Weir-Dlq-Reason"),
+            plugin_sha256: header("Weir-Plugin-Sha256"),
+            input_stream: header("Weir-Input-Stream"),
+            input_sequence: header("Weir-Input-Sequence"),
+            input_subject: header("Weir-Input-Subject"),
+            payload_omitted: !header("Weir-Dlq-Payload-Omitted").is_empty(),
+            input_headers: message
+                .headers
+                .iter()
+                .filter(|(name, _)| !name.starts_with(WEIR_HEADER_PREFIX))
+                .cloned()
+                .collect(),
+            payload: message.payload.to_vec(),
+        }
+    }
+}
+
+/// A tool failure, with what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    #[error("dead letter {sequence} is not in stream {stream:?}: list them with `weir dlq list`")]
+    NotFound { stream: String, sequence: u64 },
+}
+
+/// The dead letters of one pipeline.
+pub struct DeadLetters {
+    broker: Broker,
+    publisher: Publisher,
+    stream: String,
+    pipeline: PipelineConfig,
+}
+
+impl DeadLetters {
+    /// Connects to the pipeline's server and finds the stream that stores its DLQ subject.
+    pub async fn open(pipeline: &PipelineConfig) -> Result<DeadLetters, DlqError> {
+        let broker =
+            Broker::connect(&pipeline.nats, &format!("weir-dlq-{}", pipeline.name)).await?;
+        let stream = broker.stream_storing(&pipeline.output.dlq_subject).await?;
+        Ok(DeadLetters {
+            publisher: broker.publisher(),
+            broker,
+            stream,
+            pipeline: pipeline.clone(),
+        })
+    }
+
+    /// The stream the dead letters live in.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Every dead letter, oldest first.
+    pub async fn list(&self) -> Result<Vec<DeadLetter>, DlqError> {
+        let stored = self
+            .broker
+            .read_subject(&self.stream, &self.pipeline.output.dlq_subject)
+            .await?;
+        Ok(stored.into_iter().map(DeadLetter::from_stored).collect())
+    }
+
+    /// One dead letter, by its DLQ sequence.
+    pub async fn get(&self, sequence: u64) -> Result<DeadLetter, DlqError> {
+        let not_found = || DlqError::NotFound {
+            stream: self.stream.clone(),
+            sequence,
+        };
+        let stored = self
+            .broker
+            .stored_message(&self.stream, sequence)
+            .await
+            .map_err(|_| not_found())?;
+        if stored.subject != self.pipeline.output.dlq_subject {
+            return Err(not_found());
+        }
+        Ok(DeadLetter::from_stored(stored))
+    }
+
+    /// Re-injects one dead letter into the pipeline's input and removes it from the DLQ.
+    /// Returns why it was skipped, if it was.
+    pub async fn replay(&self, letter: &DeadLetter) -> Result<Option<String>, DlqError> {
+        if letter.input_subject.is_empty() {
+            return Ok(Some(
+                "not a weir dead letter (no Weir-Input-Subject)".into(),
+            ));
+        }
+        if letter.payload_omitted {
+            return Ok(Some(format!(
+                "its payload was too large for the DLQ: re-publish message {} of stream {:?} instead",
+                letter.input_sequence, letter.input_stream
+            )));
+        }
+        if !crate::subject::matches(&self.pipeline.input.subject, &letter.input_subject) {
+            return Ok(Some(format!(
+                "its input subject {:?} is no longer matched by input.subject {:?}",
+                letter.input_subject, self.pipeline.input.subject
+            )));
+        }
+        let mut headers = letter.input_headers.clone();
+        headers.push((
+            "Weir-Replay-Of".into(),
+            format!("{}#{}", self.stream, letter.sequence),
+        ));
+        let message = OutboundMessage {
+            subject: letter.input_subject.clone(),
+            msg_id: format!(
+                "weir-replay:{}:{}:{}",
+                self.pipeline.name, self.stream, letter.sequence
+            ),
+            headers,
+            payload: letter.payload.clone(),
+        };
+        self.publisher.publish_all(&[&message]).await?;
+        self.broker
+            .delete_message(&self.stream, letter.sequence)
+            .await?;
+        Ok(None)
+    }
+}

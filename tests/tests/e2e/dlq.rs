@@ -1,0 +1,169 @@
+//! `weir dlq list/show/replay`: dead letters are listed with why, shown whole, and replayed
+//! after a plugin fix, each exactly once, without the dedup store swallowing them.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use weir_tests::*;
+
+fn config(dir: &Path, url: &str, plugin: &Path, file: &str) -> std::path::PathBuf {
+    let text = PipelineToml {
+        name: "orders",
+        nats_url: url,
+        plugin,
+        store_dir: &dir.join("store"),
+        stream: "ORDERS",
+        subject: "orders.in.>",
+        consumer: "weir",
+        output_prefix: "orders.out",
+        output_stream: "ORDERS_OUT",
+        dlq_subject: "orders.dlq",
+        dlq_stream: "ORDERS_DLQ",
+        extra: "",
+    }
+    .render();
+    let path = dir.join(file);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn weir(args: &[&str], config: &Path) -> (bool, String, String) {
+    let output = Command::new(weir_binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_shown_and_replayed_once_after_a_fix() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = server.jetstream().await;
+    let payloads = order_workload(40, 10);
+    let malformed: Vec<&Vec<u8>> = payloads
+        .iter()
+        .filter(|p| serde_json::from_slice::<serde_json::Value>(p).is_err())
+        .collect();
+    assert_eq!(malformed.len(), 4);
+
+    // The orders plugin dead-letters the malformed orders.
+    let orders_config = config(dir.path(), &server.url(), &plugin("orders"), "orders.toml");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(weir::run(
+        weir::Config::load(&orders_config).unwrap(),
+        shutdown.clone(),
+    ));
+    wait_for("the input stream", Duration::from_secs(30), || async {
+        js.get_stream("ORDERS").await.is_ok()
+    })
+    .await;
+    publish_all(&js, "orders.in.new", &payloads).await;
+    wait_for(
+        "outputs and dead letters",
+        Duration::from_secs(60),
+        || async {
+            stream_len(&js, "ORDERS_OUT").await >= 72 && stream_len(&js, "ORDERS_DLQ").await >= 4
+        },
+    )
+    .await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    let (ok, listing, stderr) = weir(&["dlq", "list"], &orders_config);
+    assert!(ok, "{stderr}");
+    assert!(
+        listing.starts_with("4 dead letters of pipeline \"orders\" in stream \"ORDERS_DLQ\""),
+        "{listing}"
+    );
+    let rows: Vec<&str> = listing.lines().skip(2).collect();
+    assert_eq!(rows.len(), 4, "{listing}");
+    for row in &rows {
+        assert!(
+            row.contains("invalid-input")
+                && row.contains("ORDERS#")
+                && row.contains("not an order"),
+            "{row}"
+        );
+    }
+    let first_sequence = rows[0].split_whitespace().next().unwrap();
+
+    let (ok, shown, stderr) = weir(&["dlq", "show", first_sequence], &orders_config);
+    assert!(ok, "{stderr}");
+    assert!(shown.contains("kind:          invalid-input"), "{shown}");
+    assert!(shown.contains("subject \"orders.in.new\""), "{shown}");
+    assert!(
+        shown.contains(std::str::from_utf8(malformed[0]).unwrap()),
+        "{shown}"
+    );
+
+    let (ok, _, stderr) = weir(&["dlq", "show", "999999"], &orders_config);
+    assert!(!ok && stderr.contains("is not in stream"), "{stderr}");
+
+    // "Fix" the plugin: the echo plugin accepts anything. Replay every dead letter.
+    let fixed_config = config(dir.path(), &server.url(), &plugin("hostile"), "fixed.toml");
+    let (ok, replayed, stderr) = weir(&["dlq", "replay", "--all"], &fixed_config);
+    assert!(ok, "{stderr}");
+    assert!(
+        replayed.contains("replayed 4 of 4 dead letters"),
+        "{replayed}"
+    );
+    assert_eq!(
+        stream_len(&js, "ORDERS_DLQ").await,
+        0,
+        "replayed entries leave the DLQ"
+    );
+    let (ok, replayed, _) = weir(&["dlq", "replay", "--all"], &fixed_config);
+    assert!(
+        ok && replayed.contains("replayed 0 of 0"),
+        "a second replay finds nothing: {replayed}"
+    );
+
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(weir::run(
+        weir::Config::load(&fixed_config).unwrap(),
+        shutdown.clone(),
+    ));
+    wait_for(
+        "the replayed inputs' outputs",
+        Duration::from_secs(60),
+        || async { stream_len(&js, "ORDERS_OUT").await >= 76 },
+    )
+    .await;
+    shutdown.cancel();
+    let stats = running.await.unwrap().unwrap().pipelines[0].1;
+    assert_eq!(
+        stats.executed, 4,
+        "only the replayed inputs are new: {stats:?}"
+    );
+
+    let echoed: Vec<Vec<u8>> = read_stream(&js, "ORDERS_OUT")
+        .await
+        .into_iter()
+        .filter(|m| m.subject == "orders.out.echo")
+        .map(|m| m.payload)
+        .collect();
+    let mut expected: Vec<Vec<u8>> = malformed.into_iter().cloned().collect();
+    let mut echoed_sorted = echoed.clone();
+    expected.sort();
+    echoed_sorted.sort();
+    assert_eq!(
+        echoed_sorted, expected,
+        "each replayed input processed exactly once"
+    );
+    let inputs = read_stream(&js, "ORDERS").await;
+    let replays = inputs
+        .iter()
+        .filter(|m| m.header("Weir-Replay-Of").is_some())
+        .count();
+    assert_eq!(replays, 4);
+}
