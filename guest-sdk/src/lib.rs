@@ -92,7 +92,8 @@ impl Message {
 }
 
 impl Output {
-    /// An output with no headers on `subject`, relative to the pipeline's output prefix.
+    /// An output with no headers on `subject` (non-empty, no wildcards), relative to the
+    /// pipeline's output prefix.
     pub fn new(subject: impl Into<String>, payload: impl Into<Vec<u8>>) -> Output {
         Output {
             subject: subject.into(),
@@ -101,7 +102,8 @@ impl Output {
         }
     }
 
-    /// Adds a header; `Nats-Msg-Id` is reserved for the host, which sets it.
+    /// Adds a header. Names starting `Nats-` belong to NATS: the host ignores `Nats-Msg-Id`
+    /// (it sets a deterministic one) and refuses an output with any other.
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Output {
         self.headers.push((name.into(), value.into()));
         self

@@ -33,6 +33,14 @@ pub enum BrokerError {
         "no stream stores subject {subject:?}, so publishes to it cannot be acknowledged: set {key} to have weir create one, or create a stream for it"
     )]
     Uncaptured { subject: String, key: &'static str },
+    #[error(
+        "consumer {consumer:?} exists with filter {filters:?} (or without explicit acks), not {subject:?}: delete it (`nats consumer rm`) or set input.consumer to a new name"
+    )]
+    ConsumerMismatch {
+        consumer: String,
+        filters: String,
+        subject: String,
+    },
     #[error("{action}: {message}")]
     JetStream { action: String, message: String },
 }
@@ -50,13 +58,6 @@ impl BrokerError {
 pub struct Broker {
     client: async_nats::Client,
     jetstream: jetstream::Context,
-}
-
-/// The input stream's identity: part of every dedup key, so that a stream deleted and
-/// re-created under the same name does not make new messages look processed.
-pub struct InputStream {
-    pub name: String,
-    pub created_unix_ns: u64,
 }
 
 impl Broker {
@@ -118,9 +119,9 @@ impl Broker {
     }
 
     /// Finds the input stream, creating it when configured to.
-    pub async fn input_stream(&self, input: &InputConfig) -> Result<InputStream, BrokerError> {
-        let stream = match self.jetstream.get_stream(&input.stream).await {
-            Ok(stream) => stream,
+    pub async fn ensure_input_stream(&self, input: &InputConfig) -> Result<(), BrokerError> {
+        match self.jetstream.get_stream(&input.stream).await {
+            Ok(_) => {}
             Err(error) if is_stream_not_found(&error) => {
                 if !input.create_stream {
                     return Err(BrokerError::MissingStream {
@@ -129,7 +130,7 @@ impl Broker {
                     });
                 }
                 self.create_stream(&input.stream, vec![input.subject.clone()])
-                    .await?
+                    .await?;
             }
             Err(error) => {
                 return Err(BrokerError::jetstream(
@@ -137,50 +138,62 @@ impl Broker {
                     error,
                 ));
             }
-        };
-        let created = stream.cached_info().created;
-        Ok(InputStream {
-            name: input.stream.clone(),
-            created_unix_ns: u64::try_from(created.unix_timestamp_nanos()).unwrap_or(0),
-        })
+        }
+        Ok(())
     }
 
-    /// Makes sure some stream stores the output prefix and the DLQ subject, creating the
-    /// configured streams when nothing does: without a stream, a publish is never
-    /// acknowledged and nothing could ever be acked.
+    /// Makes sure some stream stores the output subjects (`<prefix>.>`) and the DLQ subject,
+    /// creating the configured streams when nothing does: without a stream, a publish is
+    /// never acknowledged and nothing could ever be acked.
     pub async fn ensure_output_streams(&self, output: &OutputConfig) -> Result<(), BrokerError> {
         let probe = format!("{}.probe", output.prefix);
         let targets = [
             (
                 probe.as_str(),
                 output.stream.as_ref(),
-                vec![output.prefix.clone(), format!("{}.>", output.prefix)],
+                format!("{}.>", output.prefix),
                 "output.stream",
             ),
             (
                 output.dlq_subject.as_str(),
                 output.dlq_stream.as_ref(),
-                vec![output.dlq_subject.clone()],
+                output.dlq_subject.clone(),
                 "output.dlq_stream",
             ),
         ];
-        for (subject, stream, subjects, key) in targets {
-            if self.jetstream.stream_by_subject(subject).await.is_ok() {
+        for (subject, stream, stream_subject, key) in targets {
+            if self.stream_storing(subject).await?.is_some() {
                 continue;
             }
             match stream {
                 Some(stream) => {
-                    self.create_stream(stream, subjects).await?;
+                    self.create_stream(stream, vec![stream_subject]).await?;
                 }
                 None => {
                     return Err(BrokerError::Uncaptured {
-                        subject: subject.to_owned(),
+                        subject: stream_subject,
                         key,
                     });
                 }
             }
         }
         Ok(())
+    }
+
+    /// The stream that stores `subject`, if any.
+    pub async fn stream_storing(&self, subject: &str) -> Result<Option<String>, BrokerError> {
+        match self.jetstream.stream_by_subject(subject).await {
+            Ok(stream) => Ok(Some(stream)),
+            Err(error)
+                if error.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound =>
+            {
+                Ok(None)
+            }
+            Err(error) => Err(BrokerError::jetstream(
+                format!("cannot find the stream that stores {subject:?}"),
+                error,
+            )),
+        }
     }
 
     async fn create_stream(
@@ -200,20 +213,23 @@ impl Broker {
             .map_err(|e| BrokerError::jetstream(format!("cannot create stream {name:?}"), e))
     }
 
-    /// Creates (or finds) the durable pull consumer and starts pulling from it.
+    /// Creates (or finds and checks) the durable pull consumer. Pulling starts with the
+    /// first `next_message`, so that nothing is fetched (and left waiting) before the
+    /// pipeline is ready for it.
     pub async fn consume(
         &self,
         input: &InputConfig,
         batch: &BatchConfig,
     ) -> Result<MessageSource, BrokerError> {
-        let mut source = MessageSource {
+        let source = MessageSource {
             jetstream: self.jetstream.clone(),
             input: input.clone(),
             max_messages: batch.max_messages,
             max_wait: Duration::from_millis(batch.max_wait_ms),
             messages: None,
+            stream_created_unix_ns: 0,
         };
-        source.restart().await?;
+        source.consumer().await?;
         Ok(source)
     }
 
@@ -239,18 +255,26 @@ pub struct MessageSource {
     max_messages: usize,
     max_wait: Duration,
     messages: Option<pull::Stream>,
+    /// The input stream's creation time, read whenever pulling (re)starts: part of every
+    /// dedup key, so that a stream deleted and re-created under the same name does not make
+    /// its new messages look processed.
+    stream_created_unix_ns: u64,
 }
 
 impl MessageSource {
-    async fn restart(&mut self) -> Result<(), BrokerError> {
-        self.messages = None;
-        let consumer: jetstream::consumer::PullConsumer = self
+    /// The durable consumer, created if missing; refused if it exists with another filter.
+    /// Also returns the input stream's creation time.
+    async fn consumer(&self) -> Result<(jetstream::consumer::PullConsumer, u64), BrokerError> {
+        let stream = self
             .jetstream
             .get_stream(&self.input.stream)
             .await
             .map_err(|e| {
                 BrokerError::jetstream(format!("cannot look up stream {:?}", self.input.stream), e)
-            })?
+            })?;
+        let created =
+            u64::try_from(stream.cached_info().created.unix_timestamp_nanos()).unwrap_or(0);
+        let consumer: jetstream::consumer::PullConsumer = stream
             .get_or_create_consumer(
                 &self.input.consumer,
                 pull::Config {
@@ -268,6 +292,34 @@ impl MessageSource {
                     e,
                 )
             })?;
+        let existing = &consumer.cached_info().config;
+        let filters = if existing.filter_subjects.is_empty() {
+            vec![existing.filter_subject.clone()]
+        } else {
+            existing.filter_subjects.clone()
+        };
+        if filters != [self.input.subject.clone()]
+            || existing.ack_policy != jetstream::consumer::AckPolicy::Explicit
+        {
+            return Err(BrokerError::ConsumerMismatch {
+                consumer: self.input.consumer.clone(),
+                filters: filters.join(", "),
+                subject: self.input.subject.clone(),
+            });
+        }
+        Ok((consumer, created))
+    }
+
+    async fn restart(&mut self) -> Result<(), BrokerError> {
+        self.messages = None;
+        let (consumer, created) = self.consumer().await?;
+        if self.stream_created_unix_ns != 0 && created != self.stream_created_unix_ns {
+            tracing::warn!(
+                stream = %self.input.stream,
+                "the input stream was re-created: its messages get new dedup keys"
+            );
+        }
+        self.stream_created_unix_ns = created;
         let messages = consumer
             .stream()
             .max_messages_per_batch(self.max_messages)
@@ -288,7 +340,7 @@ impl MessageSource {
         // `restart` either set the stream or returned an error.
         let messages = self.messages.as_mut().expect("restart sets the stream");
         match messages.next().await {
-            Some(Ok(message)) => InputMessage::new(message),
+            Some(Ok(message)) => InputMessage::new(message, self.stream_created_unix_ns),
             Some(Err(error)) => {
                 // Pull the consumer afresh: this heals a deleted consumer as well as a
                 // missed heartbeat.
@@ -313,10 +365,12 @@ impl MessageSource {
                 return;
             };
             match tokio::time::timeout_at(deadline, messages.next()).await {
-                Ok(Some(Ok(message))) => match InputMessage::new(message) {
-                    Ok(message) => batch.push(message),
-                    Err(error) => tracing::warn!(%error, "skipping a message without metadata"),
-                },
+                Ok(Some(Ok(message))) => {
+                    match InputMessage::new(message, self.stream_created_unix_ns) {
+                        Ok(message) => batch.push(message),
+                        Err(error) => tracing::warn!(%error, "skipping a message without metadata"),
+                    }
+                }
                 Ok(Some(Err(error))) => {
                     tracing::warn!(%error, "pulling messages failed; will pull afresh");
                     self.messages = None;
@@ -339,12 +393,17 @@ pub struct InputMessage {
     pub headers: Vec<(String, String)>,
     pub payload: Bytes,
     pub stream_sequence: u64,
+    /// The creation time of the stream the message came from, in Unix nanoseconds.
+    pub stream_created_unix_ns: u64,
     pub published_unix_ns: u64,
     message: jetstream::Message,
 }
 
 impl InputMessage {
-    fn new(message: jetstream::Message) -> Result<InputMessage, BrokerError> {
+    fn new(
+        message: jetstream::Message,
+        stream_created_unix_ns: u64,
+    ) -> Result<InputMessage, BrokerError> {
         let info = message
             .info()
             .map_err(|e| BrokerError::jetstream("message has no JetStream metadata", e))?;
@@ -355,6 +414,7 @@ impl InputMessage {
             headers: sorted_headers(message.headers.as_ref()),
             payload: message.payload.clone(),
             stream_sequence,
+            stream_created_unix_ns,
             published_unix_ns,
             message,
         })
@@ -411,14 +471,6 @@ pub struct StoredMessage {
 }
 
 impl Broker {
-    /// The stream that stores `subject`.
-    pub async fn stream_storing(&self, subject: &str) -> Result<String, BrokerError> {
-        self.jetstream
-            .stream_by_subject(subject)
-            .await
-            .map_err(|e| BrokerError::jetstream(format!("no stream stores {subject:?}"), e))
-    }
-
     /// Every message of `stream` on `subject`, oldest first.
     pub async fn read_subject(
         &self,
@@ -521,6 +573,11 @@ pub fn is_publishable_header(name: &str, value: &str) -> bool {
 /// The header that carries a message's deduplication id.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
+/// How many publishes may await their acks at once. The JetStream context admits 5000
+/// (`max_ack_inflight`) and makes the next publish wait for a free slot: a window above that
+/// would wait for acks that are only awaited after it, forever.
+const PUBLISH_WINDOW: usize = 1000;
+
 /// Publishes outbound messages to JetStream.
 #[derive(Clone)]
 pub struct Publisher {
@@ -531,6 +588,13 @@ impl Publisher {
     /// Publishes every message, all in flight at once, and waits until JetStream has
     /// acknowledged each (a duplicate counts: the server already has it).
     pub async fn publish_all(&self, messages: &[&OutboundMessage]) -> Result<(), BrokerError> {
+        for window in messages.chunks(PUBLISH_WINDOW) {
+            self.publish_window(window).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_window(&self, messages: &[&OutboundMessage]) -> Result<(), BrokerError> {
         let mut acks = Vec::with_capacity(messages.len());
         for message in messages {
             let mut headers = HeaderMap::new();

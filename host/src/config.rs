@@ -27,8 +27,8 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SandboxConfig {
-    /// The most stack a plugin call may use, in bytes. By default 512 KiB; deep recursion
-    /// past it traps ("stack overflow") and the input goes to the DLQ.
+    /// The most stack a plugin call may use, in bytes. By default 512 KiB, at most 1 MiB;
+    /// deep recursion past it traps ("stack overflow") and the input goes to the DLQ.
     pub max_stack_bytes: usize,
 }
 
@@ -39,6 +39,10 @@ impl Default for SandboxConfig {
         }
     }
 }
+
+/// The largest wasm stack a plugin call may have: well inside the 2 MiB stacks of the
+/// threads that run plugins.
+pub const MAX_WASM_STACK: usize = 1024 * 1024;
 
 /// One pipeline: input stream → plugin → output subjects, exactly once.
 #[derive(Debug, Clone, Deserialize)]
@@ -124,7 +128,8 @@ pub struct InputConfig {
     #[serde(default = "default_true")]
     pub create_stream: bool,
     /// How long the server waits for an ack before redelivering, in milliseconds. By default
-    /// 30000. Must exceed the time one batch takes; a redelivery is harmless but wasteful.
+    /// 30000, at least 100. weir sends progress acks every half of it while a batch is in
+    /// hand, so a slow batch is not redelivered.
     #[serde(default = "default_ack_wait_ms")]
     pub ack_wait_ms: u64,
 }
@@ -266,8 +271,12 @@ impl Config {
         if self.pipelines.is_empty() {
             return Err("no pipelines: add a [[pipeline]] table".into());
         }
-        if self.sandbox.max_stack_bytes < 64 * 1024 {
-            return Err("sandbox.max_stack_bytes must be at least 65536".into());
+        // wasm runs on the host thread's stack: past the blocking pool's 2 MiB threads, a deep
+        // recursion would overflow the host instead of trapping.
+        if !(64 * 1024..=MAX_WASM_STACK).contains(&self.sandbox.max_stack_bytes) {
+            return Err(format!(
+                "sandbox.max_stack_bytes must be between 65536 and {MAX_WASM_STACK}"
+            ));
         }
         let mut names = HashSet::new();
         let mut store_dirs = HashSet::new();
@@ -338,11 +347,11 @@ impl PipelineConfig {
             }
         }
         // Any subject the pipeline publishes on must not flow back into its own input.
-        let probe = format!("{}.x", self.output.prefix);
-        for published in [&self.output.prefix, &probe, &self.output.dlq_subject] {
-            if subject::matches(&self.input.subject, published) {
+        let outputs = format!("{}.>", self.output.prefix);
+        for published in [&outputs, &self.output.dlq_subject] {
+            if subject::overlaps(&self.input.subject, published) {
                 return Err(format!(
-                    "input.subject {:?} matches {published:?}, which this pipeline publishes \
+                    "input.subject {:?} overlaps {published:?}, which this pipeline publishes \
                      on: its outputs would come back as inputs; choose disjoint subjects",
                     self.input.subject
                 ));
@@ -378,6 +387,9 @@ impl PipelineConfig {
             if value == 0 {
                 return Err(format!("{key} must be greater than 0"));
             }
+        }
+        if self.input.ack_wait_ms < 100 {
+            return Err("input.ack_wait_ms must be at least 100".into());
         }
         if limits.memory_bytes < 64 * 1024 {
             return Err("limits.memory_bytes must be at least 65536 (one wasm page)".into());
@@ -454,6 +466,10 @@ mod tests {
     #[test]
     fn output_prefix_matched_by_input_filter_is_refused() {
         let text = MINIMAL.replace("orders.in.>", "orders.>");
+        let error = parse(&text).unwrap_err();
+        assert!(error.contains("would come back as inputs"), "{error}");
+        // A prefix above the input: output `in.x` would land in `orders.in.x`.
+        let text = MINIMAL.replace("\"orders.out\"", "\"orders\"");
         let error = parse(&text).unwrap_err();
         assert!(error.contains("would come back as inputs"), "{error}");
     }

@@ -73,6 +73,8 @@ impl DeadLetter {
 pub enum DlqError {
     #[error(transparent)]
     Broker(#[from] crate::broker::BrokerError),
+    #[error("no stream stores the DLQ subject {subject:?}: there are no dead letters to see yet")]
+    NoStream { subject: String },
     #[error("dead letter {sequence} is not in stream {stream:?}: list them with `weir dlq list`")]
     NotFound { stream: String, sequence: u64 },
 }
@@ -90,7 +92,12 @@ impl DeadLetters {
     pub async fn open(pipeline: &PipelineConfig) -> Result<DeadLetters, DlqError> {
         let broker =
             Broker::connect(&pipeline.nats, &format!("weir-dlq-{}", pipeline.name)).await?;
-        let stream = broker.stream_storing(&pipeline.output.dlq_subject).await?;
+        let stream = broker
+            .stream_storing(&pipeline.output.dlq_subject)
+            .await?
+            .ok_or_else(|| DlqError::NoStream {
+                subject: pipeline.output.dlq_subject.clone(),
+            })?;
         Ok(DeadLetters {
             publisher: broker.publisher(),
             broker,

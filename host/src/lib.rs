@@ -30,6 +30,16 @@ pub enum Error {
     Usage(String),
     #[error(transparent)]
     Dlq(#[from] dlq::DlqError),
+    #[error(
+        "pipeline {pipeline:?} stopped: {source} (restore the store from a backup, or move it aside to start afresh with a new consumer)"
+    )]
+    Stopped {
+        pipeline: String,
+        #[source]
+        source: store::StoreError,
+    },
+    #[error("pipeline {pipeline:?} failed: {message}")]
+    Crashed { pipeline: String, message: String },
     #[error("pipeline {pipeline:?}: {source}")]
     Start {
         pipeline: String,
@@ -89,22 +99,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunRepor
     let mut report = RunReport {
         pipelines: Vec::new(),
     };
-    let mut running = Vec::new();
-    for pipeline in pipelines {
-        let stats = pipeline.stats();
-        report
-            .pipelines
-            .push((pipeline.name().to_owned(), Default::default()));
-        running.push((stats, tokio::spawn(pipeline.run(shutdown.clone()))));
+    let mut running = tokio::task::JoinSet::new();
+    let mut all_stats = Vec::new();
+    for (index, pipeline) in pipelines.into_iter().enumerate() {
+        let name = pipeline.name().to_owned();
+        all_stats.push(pipeline.stats());
+        report.pipelines.push((name.clone(), Default::default()));
+        let shutdown = shutdown.clone();
+        running.spawn(async move { (index, pipeline.run(shutdown).await) });
     }
-    for (index, (stats, task)) in running.into_iter().enumerate() {
-        if let Err(error) = task.await {
-            tracing::error!(%error, "a pipeline task failed");
-            shutdown.cancel();
-        }
-        report.pipelines[index].1 = stats.snapshot();
+    // The first pipeline to fail stops the others: a host that runs only some of its
+    // pipelines would look healthy while one of them made no progress.
+    let mut failure = None;
+    while let Some(joined) = running.join_next().await {
+        let error = match joined {
+            Ok((_, Ok(()))) => continue,
+            Ok((_, Err(error))) => error,
+            Err(join_error) => Error::Crashed {
+                pipeline: "?".into(),
+                message: join_error.to_string(),
+            },
+        };
+        tracing::error!(%error, "stopping every pipeline");
+        shutdown.cancel();
+        failure.get_or_insert(error);
+    }
+    for (entry, stats) in report.pipelines.iter_mut().zip(&all_stats) {
+        entry.1 = stats.snapshot();
     }
     // The sandbox (and its epoch thread) lives until every pipeline has stopped.
     drop(sandbox);
-    Ok(report)
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(report),
+    }
 }

@@ -25,23 +25,24 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{
-    Broker, InputMessage, InputStream, MSG_ID_HEADER, MessageSource, Publisher,
-    is_publishable_header,
+    Broker, InputMessage, MSG_ID_HEADER, MessageSource, Publisher, is_publishable_header,
 };
 use crate::config::{DedupMode, PipelineConfig};
 use crate::record::{Disposition, DoneRecord, OutboundMessage};
 use crate::retry::{Backoff, sleep_unless_shutdown};
 use crate::sandbox::{FailureKind, Outcome, Plugin, Sandbox, TransformInput};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::{Error, StartError};
 
-/// Room left in each message for the headers the host adds (`Nats-Msg-Id`, DLQ headers).
-const HEADER_ALLOWANCE: usize = 2048;
+/// The longest subject an output may have, prefix included: far below the server's
+/// control-line limit (4 KiB by default), which would drop the connection.
+const MAX_SUBJECT_LEN: usize = 1024;
 
 /// The longest DLQ reason kept in a header.
 const MAX_REASON_LEN: usize = 1024;
@@ -102,7 +103,6 @@ pub struct Pipeline {
     store: Arc<Store>,
     source: MessageSource,
     publisher: Publisher,
-    input_stream: InputStream,
     max_payload: usize,
     stats: Arc<Stats>,
 }
@@ -122,8 +122,8 @@ impl Pipeline {
         let broker = Broker::connect(&config.nats, &format!("weir-{}", config.name))
             .await
             .map_err(|e| fail(e.into()))?;
-        let input_stream = broker
-            .input_stream(&config.input)
+        broker
+            .ensure_input_stream(&config.input)
             .await
             .map_err(|e| fail(e.into()))?;
         broker
@@ -139,7 +139,7 @@ impl Pipeline {
             plugin = %config.plugin.display(),
             plugin_sha256 = plugin.sha256(),
             store = %store.path().display(),
-            stream = %input_stream.name,
+            stream = %config.input.stream,
             "pipeline ready"
         );
         Ok(Pipeline {
@@ -148,7 +148,6 @@ impl Pipeline {
             plugin,
             store: Arc::new(store),
             source,
-            input_stream,
             config,
             stats: Arc::default(),
         })
@@ -162,8 +161,9 @@ impl Pipeline {
         self.stats.clone()
     }
 
-    /// Runs until `shutdown` fires, then finishes the batch in hand and returns.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    /// Runs until `shutdown` fires, then finishes the batch in hand and returns. Returns an
+    /// error only for a fault that retrying cannot heal (a corrupt store).
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
         self.replay_outbox(&shutdown).await;
         let mut backoff = Backoff::new();
         loop {
@@ -188,14 +188,20 @@ impl Pipeline {
             };
             let mut batch = vec![first];
             self.source.fill_batch(&mut batch).await;
-            self.process_batch(batch, &shutdown).await;
+            self.process_batch(batch, &shutdown)
+                .await
+                .map_err(|source| Error::Stopped {
+                    pipeline: self.config.name.clone(),
+                    source,
+                })?;
         }
         tracing::info!(pipeline = %self.config.name, stats = ?self.stats.snapshot(), "pipeline stopped");
+        Ok(())
     }
 
     /// Re-publishes what was committed but not confirmed published before the last stop.
     async fn replay_outbox(&self, shutdown: &CancellationToken) {
-        let mut retrier = Retrier::new("read the outbox", &[], shutdown);
+        let mut retrier = Retrier::new("read the outbox", shutdown);
         let pending = loop {
             let store = self.store.clone();
             match blocking(move || store.pending_outbox()).await {
@@ -214,7 +220,7 @@ impl Pipeline {
         for chunk in pending.chunks(OUTBOX_REPLAY_CHUNK) {
             let messages: Vec<&OutboundMessage> =
                 chunk.iter().flat_map(|(_, r)| &r.messages).collect();
-            if !self.publish(&messages, &[], shutdown).await {
+            if !self.publish(&messages, shutdown).await {
                 return;
             }
             let keys: Vec<String> = chunk.iter().map(|(key, _)| key.clone()).collect();
@@ -223,13 +229,40 @@ impl Pipeline {
     }
 
     /// Takes one batch through the whole message path; see the module docs for the order
-    /// and why it is safe. Returns early, acking nothing more, only on shutdown.
-    async fn process_batch(&self, batch: Vec<InputMessage>, shutdown: &CancellationToken) {
+    /// and why it is safe. Returns early, acking nothing more, on shutdown, and with an error
+    /// on a corrupt store record.
+    async fn process_batch(
+        &self,
+        batch: Vec<InputMessage>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        // While the batch is in hand (a slow plugin, a long fan-out, retries), tell the server
+        // it is being worked on, so that it is not redelivered meanwhile.
+        let period = Duration::from_millis(self.config.input.ack_wait_ms / 2);
+        let keepalive = async {
+            let mut ticker = tokio::time::interval(period);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                futures::future::join_all(batch.iter().map(|message| message.progress())).await;
+            }
+        };
+        tokio::select! {
+            result = self.take_through_path(&batch, shutdown) => result,
+            _ = keepalive => Ok(()),
+        }
+    }
+
+    async fn take_through_path(
+        &self,
+        batch: &[InputMessage],
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreError> {
         Stats::add(&self.stats.received, batch.len());
         let keys: Vec<String> = batch.iter().map(|m| self.dedup_key(m)).collect();
 
         // 1. Which inputs are already committed?
-        let mut retrier = Retrier::new("look up the store", &batch, shutdown);
+        let mut retrier = Retrier::new("look up the store", shutdown);
         let committed = loop {
             let store = self.store.clone();
             let lookup_keys = keys.clone();
@@ -239,28 +272,41 @@ impl Pipeline {
             });
             match lookup.await {
                 Ok(committed) => break committed,
+                Err(corrupt @ StoreError::Corrupt { .. }) => return Err(corrupt),
                 Err(error) => {
                     if !retrier.failed(error).await {
-                        return;
+                        return Ok(());
                     }
                 }
             }
         };
 
         // 2. Execute the new ones: each key once, even if it appears twice in the batch.
-        let mut records: Vec<Option<Arc<DoneRecord>>> = committed
-            .into_iter()
-            .map(|record| record.map(Arc::new))
-            .collect();
+        // A committed input is re-published only while its outbox entry says JetStream has
+        // not acknowledged all of it: once it has, a re-publish after the duplicate window
+        // would be a real duplicate.
         Stats::add(
             &self.stats.deduplicated,
-            records.iter().filter(|r| r.is_some()).count(),
+            committed.iter().filter(|c| c.is_some()).count(),
         );
+        let mut needs_publish: Vec<bool> = committed
+            .iter()
+            .map(|c| c.as_ref().is_none_or(|c| !c.published))
+            .collect();
+        let mut records: Vec<Option<Arc<DoneRecord>>> = committed
+            .into_iter()
+            .map(|c| c.map(|c| Arc::new(c.record)))
+            .collect();
         let mut first_index_of_key: HashMap<&str, usize> = HashMap::new();
         let mut to_execute = Vec::new();
         for (index, key) in keys.iter().enumerate() {
-            if records[index].is_none() && first_index_of_key.insert(key, index).is_none() {
-                to_execute.push(index);
+            if records[index].is_none() {
+                if first_index_of_key.insert(key, index).is_none() {
+                    to_execute.push(index);
+                } else {
+                    // A repeat of a key first seen in this batch: published once, there.
+                    needs_publish[index] = false;
+                }
             }
         }
         let inputs: Vec<TransformInput> = to_execute
@@ -281,7 +327,7 @@ impl Pipeline {
                 // The sandbox turns every plugin misbehaviour into an outcome; a panic here
                 // is a host bug. Nothing was committed, so the batch will be redelivered.
                 tracing::error!(pipeline = %self.config.name, %error, "plugin execution panicked; batch not acked");
-                return;
+                return Ok(());
             }
         };
         Stats::add(&self.stats.executed, outcomes.len());
@@ -304,7 +350,7 @@ impl Pipeline {
         // 3. Commit the new records in one synced write.
         if !new_records.is_empty() {
             let new_records = Arc::new(new_records);
-            let mut retrier = Retrier::new("commit to the store", &batch, shutdown);
+            let mut retrier = Retrier::new("commit to the store", shutdown);
             loop {
                 let store = self.store.clone();
                 let new_records = new_records.clone();
@@ -319,7 +365,7 @@ impl Pipeline {
                     Ok(()) => break,
                     Err(error) => {
                         if !retrier.failed(error).await {
-                            return;
+                            return Ok(());
                         }
                     }
                 }
@@ -329,12 +375,14 @@ impl Pipeline {
         // 4. Publish everything the batch's inputs map to, and await the acks.
         let messages: Vec<&OutboundMessage> = records
             .iter()
-            .flatten()
+            .zip(&needs_publish)
+            .filter(|(_, needed)| **needed)
+            .filter_map(|(record, _)| record.as_deref())
             .flat_map(|record| &record.messages)
             .collect();
-        if !self.publish(&messages, &batch, shutdown).await {
+        if !self.publish(&messages, shutdown).await {
             // Committed and in the outbox: re-published on the next start.
-            return;
+            return Ok(());
         }
 
         // 5. Ack the inputs. A failed ack only means a redelivery, which step 1 absorbs.
@@ -345,17 +393,13 @@ impl Pipeline {
         }
         Stats::add(&self.stats.acked, acked);
         self.clear_outbox(keys).await;
+        Ok(())
     }
 
     /// Publishes `messages` until JetStream has acknowledged them all; false if shutdown came
     /// first.
-    async fn publish(
-        &self,
-        messages: &[&OutboundMessage],
-        held: &[InputMessage],
-        shutdown: &CancellationToken,
-    ) -> bool {
-        let mut retrier = Retrier::new("publish", held, shutdown);
+    async fn publish(&self, messages: &[&OutboundMessage], shutdown: &CancellationToken) -> bool {
+        let mut retrier = Retrier::new("publish", shutdown);
         loop {
             match self.publisher.publish_all(messages).await {
                 Ok(()) => {
@@ -388,12 +432,13 @@ impl Pipeline {
     fn dedup_key(&self, message: &InputMessage) -> String {
         if self.config.dedup == DedupMode::MsgId
             && let Some(id) = message.header(MSG_ID_HEADER)
+            && !id.is_empty()
         {
             return format!("msg-id:{id}");
         }
         format!(
             "{}@{}#{}",
-            self.input_stream.name, self.input_stream.created_unix_ns, message.stream_sequence
+            self.config.input.stream, message.stream_created_unix_ns, message.stream_sequence
         )
     }
 
@@ -431,20 +476,29 @@ impl Pipeline {
             .into_iter()
             .enumerate()
             .map(|(index, output)| {
-                let subject = if output.subject.is_empty() {
-                    prefix.clone()
-                } else if crate::subject::is_literal(&output.subject) {
-                    format!("{prefix}.{}", output.subject)
-                } else {
+                if !crate::subject::is_literal(&output.subject) {
                     return Err(format!(
-                        "output {index} has subject {:?}, which is not a literal subject",
+                        "output {index} has subject {:?}, which is not a non-empty subject without wildcards",
                         output.subject
                     ));
-                };
+                }
+                let subject = format!("{prefix}.{}", output.subject);
+                if subject.len() > MAX_SUBJECT_LEN {
+                    return Err(format!(
+                        "output {index} has a subject of {} bytes, more than {MAX_SUBJECT_LEN}",
+                        subject.len()
+                    ));
+                }
                 let mut headers = Vec::with_capacity(output.headers.len());
                 for (name, value) in output.headers {
                     if name.eq_ignore_ascii_case(MSG_ID_HEADER) {
+                        // Documented as reserved: the host sets its own, deterministic id.
                         continue;
+                    }
+                    if is_nats_header(&name) {
+                        return Err(format!(
+                            "output {index} sets header {name:?}: headers named Nats-* are reserved for NATS"
+                        ));
                     }
                     if !is_publishable_header(&name, &value) {
                         return Err(format!(
@@ -453,20 +507,20 @@ impl Pipeline {
                     }
                     headers.push((name, value));
                 }
-                let size = output.payload.len()
-                    + headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>();
-                if size + HEADER_ALLOWANCE > self.max_payload {
-                    return Err(format!(
-                        "output {index} is {size} bytes, more than the server's max_payload of {} allows",
-                        self.max_payload
-                    ));
-                }
-                Ok(OutboundMessage {
+                let message = OutboundMessage {
                     subject,
                     msg_id: format!("{}:{key}:{index}", self.config.name),
                     headers,
                     payload: output.payload,
-                })
+                };
+                if message.wire_size() > self.max_payload {
+                    return Err(format!(
+                        "output {index} is {} bytes with headers, more than the server's max_payload of {}",
+                        message.wire_size(),
+                        self.max_payload
+                    ));
+                }
+                Ok(message)
             })
             .collect()
     }
@@ -489,16 +543,7 @@ impl Pipeline {
             }
             reason.truncate(end);
         }
-        let mut headers: Vec<(String, String)> = input
-            .headers
-            .iter()
-            .filter(|(name, _)| !name.eq_ignore_ascii_case(MSG_ID_HEADER))
-            .cloned()
-            .collect();
-        if let Some(id) = input.header(MSG_ID_HEADER) {
-            headers.push(("Weir-Input-Msg-Id".into(), id.to_owned()));
-        }
-        headers.extend([
+        let mut weir_headers = vec![
             ("Weir-Dlq-Kind".to_owned(), kind.as_str().to_owned()),
             ("Weir-Dlq-Reason".to_owned(), reason),
             (
@@ -507,7 +552,7 @@ impl Pipeline {
             ),
             (
                 "Weir-Input-Stream".to_owned(),
-                self.input_stream.name.clone(),
+                self.config.input.stream.clone(),
             ),
             (
                 "Weir-Input-Sequence".to_owned(),
@@ -515,21 +560,44 @@ impl Pipeline {
             ),
             ("Weir-Input-Subject".to_owned(), input.subject.clone()),
             ("Weir-Dedup-Key".to_owned(), key.to_owned()),
-        ]);
-        let header_bytes: usize = headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
-        let mut payload = input.payload.to_vec();
-        if payload.len() + header_bytes + HEADER_ALLOWANCE > self.max_payload {
-            // The input stays in its stream; point at it rather than fail to publish.
-            payload.clear();
-            headers.push(("Weir-Dlq-Payload-Omitted".into(), "too large".into()));
+        ];
+        if let Some(id) = input.header(MSG_ID_HEADER) {
+            weir_headers.push(("Weir-Input-Msg-Id".into(), id.to_owned()));
         }
-        OutboundMessage {
+        // The input's own headers travel along, except NATS's: JetStream would act on them
+        // (expected-sequence checks, rollups, TTLs) when storing the dead letter.
+        let input_headers: Vec<(String, String)> = input
+            .headers
+            .iter()
+            .filter(|(name, _)| !is_nats_header(name))
+            .cloned()
+            .collect();
+        let mut letter = OutboundMessage {
             subject: self.config.output.dlq_subject.clone(),
             msg_id: format!("{}:{key}:dlq", self.config.name),
-            headers,
-            payload,
+            headers: [input_headers, weir_headers.clone()].concat(),
+            payload: input.payload.to_vec(),
+        };
+        // Too large with the added headers: the input stays in its stream, so point at it
+        // rather than fail to publish.
+        if letter.wire_size() > self.max_payload {
+            letter.payload.clear();
+            letter
+                .headers
+                .push(("Weir-Dlq-Payload-Omitted".into(), "too large".into()));
         }
+        if letter.wire_size() > self.max_payload {
+            weir_headers.push(("Weir-Dlq-Payload-Omitted".into(), "too large".into()));
+            letter.headers = weir_headers;
+        }
+        letter
     }
+}
+
+/// Headers in NATS's namespace, which JetStream interprets.
+fn is_nats_header(name: &str) -> bool {
+    name.get(..5)
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case("Nats-"))
 }
 
 fn transform_input(message: &InputMessage, key: &str) -> TransformInput {
@@ -548,33 +616,27 @@ fn transform_input(message: &InputMessage, key: &str) -> TransformInput {
 
 /// Runs a store call on the blocking pool.
 async fn blocking<T: Send + 'static>(
-    call: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
-) -> Result<T, crate::store::StoreError> {
+    call: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(call).await.unwrap_or_else(|e| {
-        Err(crate::store::StoreError::Io(format!(
-            "store task failed: {e}"
-        )))
+        Err(StoreError::Io {
+            operation: "task",
+            message: e.to_string(),
+        })
     })
 }
 
-/// Paces the retries of one transient operation: logs each failure, sends progress acks for
-/// the `held` inputs so the server does not redeliver them meanwhile, and waits with backoff.
+/// Paces the retries of one transient operation: logs each failure and waits with backoff.
 struct Retrier<'a> {
     what: &'static str,
-    held: &'a [InputMessage],
     shutdown: &'a CancellationToken,
     backoff: Backoff,
 }
 
 impl<'a> Retrier<'a> {
-    fn new(
-        what: &'static str,
-        held: &'a [InputMessage],
-        shutdown: &'a CancellationToken,
-    ) -> Retrier<'a> {
+    fn new(what: &'static str, shutdown: &'a CancellationToken) -> Retrier<'a> {
         Retrier {
             what,
-            held,
             shutdown,
             backoff: Backoff::new(),
         }
@@ -585,9 +647,6 @@ impl<'a> Retrier<'a> {
         let delay = self.backoff.next_delay();
         let what = self.what;
         tracing::warn!(%error, retry_in = ?delay, "{what} failed; retrying");
-        for message in self.held {
-            message.progress().await;
-        }
         if sleep_unless_shutdown(delay, self.shutdown).await {
             true
         } else {

@@ -18,6 +18,27 @@ pub struct OutboundMessage {
     pub payload: Vec<u8>,
 }
 
+impl OutboundMessage {
+    /// The bytes the server counts against its `max_payload`: the header block
+    /// (`NATS/1.0`, each header, `Nats-Msg-Id`, the blank line) and the payload.
+    pub fn wire_size(&self) -> usize {
+        const LINE_END: usize = 2;
+        const SEPARATOR: usize = 2; // ": "
+        let version_line = "NATS/1.0".len() + LINE_END;
+        let header_line = |name: &str, value: &str| name.len() + SEPARATOR + value.len() + LINE_END;
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| header_line(name, value))
+            .sum();
+        version_line
+            + headers
+            + header_line("Nats-Msg-Id", &self.msg_id)
+            + LINE_END
+            + self.payload.len()
+    }
+}
+
 /// How an input was disposed of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Disposition {

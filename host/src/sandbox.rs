@@ -145,7 +145,7 @@ pub enum LoadError {
         exports: String,
     },
     #[error(
-        "plugin {path:?} cannot be instantiated within the limits: {reason} (raise limits.memory_bytes, or fix the plugin's start-up)"
+        "plugin {path:?} cannot be instantiated within weir's limits: {reason} (a memory larger than limits.memory_bytes, too many tables or instances, or a start-up that traps)"
     )]
     Instantiate {
         path: std::path::PathBuf,

@@ -22,7 +22,7 @@ const DONE: &str = "done";
 const OUTBOX: &str = "outbox";
 
 /// A store failure. `Locked` and `Open` stop the host at start; `Io` at run time is
-/// retried: nothing is acked until a commit succeeds.
+/// retried (nothing is acked until a commit succeeds); `Corrupt` stops the pipeline.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
@@ -31,10 +31,21 @@ pub enum StoreError {
     Locked { path: PathBuf },
     #[error("cannot open store {path:?}: {message}")]
     Open { path: PathBuf, message: String },
-    #[error("store write failed: {0}")]
-    Io(String),
+    #[error("store {operation} failed: {message}")]
+    Io {
+        operation: &'static str,
+        message: String,
+    },
     #[error("store record for key {key:?} is corrupt: {message}")]
     Corrupt { key: String, message: String },
+}
+
+/// A committed input: its record, and whether JetStream has acknowledged every message of
+/// it (its outbox entry is gone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub record: DoneRecord,
+    pub published: bool,
 }
 
 pub struct Store {
@@ -63,7 +74,9 @@ impl Store {
         ];
         let db = DB::open_cf_descriptors(&options, path, families).map_err(|e| {
             let message = e.to_string();
-            if message.contains("LOCK") || message.contains("lock") {
+            // RocksDB names its lock file in both "held by another process" and "held by
+            // this process" errors.
+            if message.contains("/LOCK") {
                 StoreError::Locked {
                     path: path.to_owned(),
                 }
@@ -85,16 +98,30 @@ impl Store {
     }
 
     /// The committed records of `keys`, in order; `None` for keys never committed.
-    pub fn lookup(&self, keys: &[&str]) -> Result<Vec<Option<DoneRecord>>, StoreError> {
-        let done = self.family(DONE);
-        self.db
-            .multi_get_cf(keys.iter().map(|key| (done, key.as_bytes())))
+    pub fn lookup(&self, keys: &[&str]) -> Result<Vec<Option<Committed>>, StoreError> {
+        let (done, outbox) = (self.family(DONE), self.family(OUTBOX));
+        let records = self
+            .db
+            .multi_get_cf(keys.iter().map(|key| (done, key.as_bytes())));
+        let pending = self
+            .db
+            .multi_get_cf(keys.iter().map(|key| (outbox, key.as_bytes())));
+        records
             .into_iter()
+            .zip(pending)
             .zip(keys)
-            .map(|(value, key)| match value {
-                Ok(Some(bytes)) => decode(key, &bytes).map(Some),
-                Ok(None) => Ok(None),
-                Err(e) => Err(StoreError::Io(e.to_string())),
+            .map(|((record, pending), key)| {
+                let io = |e: rocksdb::Error| StoreError::Io {
+                    operation: "lookup",
+                    message: e.to_string(),
+                };
+                match record.map_err(io)? {
+                    Some(bytes) => Ok(Some(Committed {
+                        record: decode(key, &bytes)?,
+                        published: pending.map_err(io)?.is_none(),
+                    })),
+                    None => Ok(None),
+                }
             })
             .collect()
     }
@@ -103,8 +130,10 @@ impl Store {
     pub fn commit(&self, records: &[(&str, &DoneRecord)]) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         for (key, record) in records {
-            let value = postcard::to_allocvec(record)
-                .map_err(|e| StoreError::Io(format!("cannot encode record: {e}")))?;
+            let value = postcard::to_allocvec(record).map_err(|e| StoreError::Io {
+                operation: "encode",
+                message: e.to_string(),
+            })?;
             batch.put_cf(self.family(DONE), key.as_bytes(), value);
             batch.put_cf(self.family(OUTBOX), key.as_bytes(), b"");
         }
@@ -112,7 +141,10 @@ impl Store {
         options.set_sync(true);
         self.db
             .write_opt(batch, &options)
-            .map_err(|e| StoreError::Io(e.to_string()))
+            .map_err(|e| StoreError::Io {
+                operation: "commit",
+                message: e.to_string(),
+            })
     }
 
     /// Removes outbox entries whose messages JetStream has acknowledged. Not synced: an
@@ -122,9 +154,10 @@ impl Store {
         for key in keys {
             batch.delete_cf(self.family(OUTBOX), key.as_bytes());
         }
-        self.db
-            .write(batch)
-            .map_err(|e| StoreError::Io(e.to_string()))
+        self.db.write(batch).map_err(|e| StoreError::Io {
+            operation: "outbox clear",
+            message: e.to_string(),
+        })
     }
 
     /// Every input committed but not yet known to be published, with its record.
@@ -134,7 +167,10 @@ impl Store {
             .db
             .iterator_cf(self.family(OUTBOX), IteratorMode::Start)
         {
-            let (key, _) = entry.map_err(|e| StoreError::Io(e.to_string()))?;
+            let (key, _) = entry.map_err(|e| StoreError::Io {
+                operation: "outbox scan",
+                message: e.to_string(),
+            })?;
             keys.push(String::from_utf8_lossy(&key).into_owned());
         }
         let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
@@ -142,7 +178,7 @@ impl Store {
         Ok(keys
             .into_iter()
             .zip(records)
-            .filter_map(|(key, record)| record.map(|record| (key, record)))
+            .filter_map(|(key, committed)| committed.map(|c| (key, c.record)))
             .collect())
     }
 
@@ -189,8 +225,18 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         let found = store.lookup(&["k1", "k2", "k3"]).unwrap();
-        assert_eq!(found[0], Some(record(b"a")));
-        assert_eq!(found[1], Some(record(b"b")));
+        let committed = |payload: &[u8], published| {
+            Some(Committed {
+                record: record(payload),
+                published,
+            })
+        };
+        assert_eq!(found[0], committed(b"a", true));
+        assert_eq!(
+            found[1],
+            committed(b"b", false),
+            "k2 is still in the outbox"
+        );
         assert_eq!(found[2], None);
         let pending = store.pending_outbox().unwrap();
         assert_eq!(pending, vec![("k2".to_owned(), record(b"b"))]);

@@ -33,6 +33,19 @@ pub fn matches(filter: &str, subject: &str) -> bool {
     subject_tokens.next().is_none()
 }
 
+/// Whether some subject matches both filters.
+pub fn overlaps(a: &str, b: &str) -> bool {
+    let (mut a_tokens, mut b_tokens) = (a.split('.'), b.split('.'));
+    loop {
+        match (a_tokens.next(), b_tokens.next()) {
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(x), Some(y)) if x == "*" || y == "*" || x == y => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 fn is_literal_token(token: &str) -> bool {
     !token.is_empty()
         && token != "*"
@@ -63,6 +76,16 @@ mod tests {
         assert!(!is_filter("orders.>.x"));
         assert!(!is_filter("orders..x"));
         assert!(!is_filter(""));
+    }
+
+    #[test]
+    fn overlapping() {
+        assert!(overlaps("orders.in.>", "orders.>"));
+        assert!(overlaps("orders.*.x", "orders.in.*"));
+        assert!(overlaps("a.b", "a.b"));
+        assert!(!overlaps("orders.in.>", "orders.out.>"));
+        assert!(!overlaps("a.b", "a.b.c"));
+        assert!(!overlaps("a.*", "a.b.c"));
     }
 
     #[test]

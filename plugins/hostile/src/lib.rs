@@ -49,6 +49,9 @@ impl Transform for Hostile {
             b"bloat" => Ok(alloc::vec![Output::new("bloat", alloc::vec![b'x'; 8 << 20])]),
             b"flood" => Ok((0..10_000).map(|_| Output::new("flood", "x")).collect()),
             b"escape" => Ok(alloc::vec![Output::new("elsewhere.>", "x")]),
+            b"rollup" => Ok(alloc::vec![
+                Output::new("rollup", "x").with_header("Nats-Rollup", "all")
+            ]),
             b"fail" => Err(TransformError::plugin_failed("asked to fail")),
             _ => Ok(alloc::vec![Output::new("echo", msg.payload)]),
         }

@@ -222,3 +222,46 @@ async fn a_nats_server_restart_mid_stream_loses_and_doubles_nothing() {
         "two outputs per order, none lost, none doubled"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_input_stream_is_processed_afresh() {
+    let setup = Setup {
+        server: NatsServer::start(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let js = setup.server.jetstream().await;
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(weir::run(setup.config("weir"), shutdown.clone()));
+    wait_for("the input stream", Duration::from_secs(30), || async {
+        js.get_stream("ORDERS").await.is_ok()
+    })
+    .await;
+    let payloads = order_workload(10, 0);
+    publish_all(&js, "orders.in.new", &payloads).await;
+    wait_for("the first outputs", Duration::from_secs(30), || async {
+        stream_len(&js, "ORDERS_OUT").await >= 20
+    })
+    .await;
+
+    // Same name, same sequences 1..10, new messages: they must not look processed.
+    js.delete_stream("ORDERS").await.unwrap();
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.in.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let fresh = order_workload(20, 0).split_off(10);
+    publish_all(&js, "orders.in.new", &fresh).await;
+    wait_for(
+        "outputs of the re-created stream",
+        Duration::from_secs(60),
+        || async { stream_len(&js, "ORDERS_OUT").await >= 40 },
+    )
+    .await;
+    shutdown.cancel();
+    let stats = running.await.unwrap().unwrap().pipelines[0].1;
+    assert_eq!(stats.executed, 20, "{stats:?}");
+    assert_eq!(stats.deduplicated, 0, "{stats:?}");
+}

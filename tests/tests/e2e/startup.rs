@@ -188,3 +188,33 @@ async fn a_second_host_on_the_same_store_refuses_to_start() {
     first.kill().unwrap();
     first.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_consumer_with_another_filter_is_refused() {
+    let server = NatsServer::start();
+    let js = server.jetstream().await;
+    let stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.in.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("weir".into()),
+            filter_subject: "orders.in.other".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &server.url(), &plugin("orders"), "");
+    let (code, message) = failure(&weir_run(&config));
+    assert_eq!(code, 1);
+    assert!(
+        message.contains("consumer \"weir\" exists with filter \"orders.in.other\""),
+        "{message}"
+    );
+}

@@ -166,8 +166,18 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = interrupt.recv() => {}
         _ = terminate.recv() => {}
     }
-    tracing::info!("signal received: finishing the batch in hand, then stopping");
+    tracing::info!(
+        "signal received: finishing the batch in hand, then stopping (signal again to stop at once)"
+    );
     shutdown.cancel();
+    // A second signal means "now": nothing is lost (unacked inputs are redelivered, the
+    // outbox is re-published on start), only the batch in hand is abandoned.
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    eprintln!("weir: second signal: stopping at once");
+    std::process::exit(130);
 }
 
 fn init_logging(format: LogFormat) {
