@@ -367,6 +367,11 @@ impl Pipeline {
                         if !retrier.failed(error).await {
                             return Ok(());
                         }
+                        // RocksDB refuses writes after a failed one until it is reopened.
+                        let store = self.store.clone();
+                        if let Err(error) = blocking(move || store.reopen()).await {
+                            tracing::warn!(pipeline = %self.config.name, %error, "reopening the store failed");
+                        }
                     }
                 }
             }

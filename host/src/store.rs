@@ -11,6 +11,7 @@
 //! file keeps a second process from opening the same directory.
 
 use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
 
 use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions,
@@ -22,7 +23,8 @@ const DONE: &str = "done";
 const OUTBOX: &str = "outbox";
 
 /// A store failure. `Locked` and `Open` stop the host at start; `Io` at run time is
-/// retried (nothing is acked until a commit succeeds); `Corrupt` stops the pipeline.
+/// retried, after reopening the database (nothing is acked until a commit succeeds);
+/// `Corrupt` stops the pipeline.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
@@ -49,46 +51,16 @@ pub struct Committed {
 }
 
 pub struct Store {
-    db: DB,
+    /// `None` only between a failed reopen and the next successful one.
+    db: RwLock<Option<DB>>,
     path: PathBuf,
 }
 
 impl Store {
     /// Opens (creating if needed) the store in `path`, and takes its lock.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        let mut options = Options::default();
-        options.create_if_missing(true);
-        options.create_missing_column_families(true);
-        let mut done_options = Options::default();
-        let mut table = BlockBasedOptions::default();
-        // Most lookups are for new keys: a bloom filter answers "absent" without a disk read.
-        table.set_bloom_filter(10.0, false);
-        done_options.set_block_based_table_factory(&table);
-        let families = [
-            ColumnFamilyDescriptor::new(DONE, done_options),
-            ColumnFamilyDescriptor::new(OUTBOX, Options::default()),
-        ];
-        let db = DB::open_cf_descriptors(&options, path, families).map_err(|e| {
-            let message = e.to_string();
-            // RocksDB names its lock file in both "held by another process" and "held by
-            // this process" errors.
-            if message.contains("/LOCK") {
-                StoreError::Locked {
-                    path: path.to_owned(),
-                }
-            } else {
-                StoreError::Open {
-                    path: path.to_owned(),
-                    message,
-                }
-            }
-        })?;
         Ok(Store {
-            db,
+            db: RwLock::new(Some(open_db(path)?)),
             path: path.to_owned(),
         })
     }
@@ -97,82 +69,108 @@ impl Store {
         &self.path
     }
 
+    /// Closes and reopens the database. After a failed write (a full disk) RocksDB refuses
+    /// every later write until it is reopened; reopening recovers from its log exactly what
+    /// was committed, and the failed batch is simply committed again.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        // The old handle must be gone (and its lock released) before the new one opens.
+        db.take();
+        *db = Some(open_db(&self.path)?);
+        Ok(())
+    }
+
+    fn with_db<T>(
+        &self,
+        operation: &'static str,
+        work: impl FnOnce(&DB) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        match db.as_ref() {
+            Some(db) => work(db),
+            None => Err(StoreError::Io {
+                operation,
+                message: "the store is closed after a failed reopen".into(),
+            }),
+        }
+    }
+
     /// The committed records of `keys`, in order; `None` for keys never committed.
     pub fn lookup(&self, keys: &[&str]) -> Result<Vec<Option<Committed>>, StoreError> {
-        let (done, outbox) = (self.family(DONE), self.family(OUTBOX));
-        let records = self
-            .db
-            .multi_get_cf(keys.iter().map(|key| (done, key.as_bytes())));
-        let pending = self
-            .db
-            .multi_get_cf(keys.iter().map(|key| (outbox, key.as_bytes())));
-        records
-            .into_iter()
-            .zip(pending)
-            .zip(keys)
-            .map(|((record, pending), key)| {
-                let io = |e: rocksdb::Error| StoreError::Io {
-                    operation: "lookup",
-                    message: e.to_string(),
-                };
-                match record.map_err(io)? {
-                    Some(bytes) => Ok(Some(Committed {
-                        record: decode(key, &bytes)?,
-                        published: pending.map_err(io)?.is_none(),
-                    })),
-                    None => Ok(None),
-                }
-            })
-            .collect()
+        self.with_db("lookup", |db| {
+            let (done, outbox) = (family(db, DONE), family(db, OUTBOX));
+            let records = db.multi_get_cf(keys.iter().map(|key| (done, key.as_bytes())));
+            let pending = db.multi_get_cf(keys.iter().map(|key| (outbox, key.as_bytes())));
+            records
+                .into_iter()
+                .zip(pending)
+                .zip(keys)
+                .map(|((record, pending), key)| {
+                    let io = |e: rocksdb::Error| StoreError::Io {
+                        operation: "lookup",
+                        message: e.to_string(),
+                    };
+                    match record.map_err(io)? {
+                        Some(bytes) => Ok(Some(Committed {
+                            record: decode(key, &bytes)?,
+                            published: pending.map_err(io)?.is_none(),
+                        })),
+                        None => Ok(None),
+                    }
+                })
+                .collect()
+        })
     }
 
     /// Durably records a batch of done inputs and their outbox entries, in one synced write.
     pub fn commit(&self, records: &[(&str, &DoneRecord)]) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        for (key, record) in records {
-            let value = postcard::to_allocvec(record).map_err(|e| StoreError::Io {
-                operation: "encode",
-                message: e.to_string(),
-            })?;
-            batch.put_cf(self.family(DONE), key.as_bytes(), value);
-            batch.put_cf(self.family(OUTBOX), key.as_bytes(), b"");
-        }
-        let mut options = WriteOptions::default();
-        options.set_sync(true);
-        self.db
-            .write_opt(batch, &options)
-            .map_err(|e| StoreError::Io {
+        self.with_db("commit", |db| {
+            let mut batch = WriteBatch::default();
+            for (key, record) in records {
+                let value = postcard::to_allocvec(record).map_err(|e| StoreError::Io {
+                    operation: "encode",
+                    message: e.to_string(),
+                })?;
+                batch.put_cf(family(db, DONE), key.as_bytes(), value);
+                batch.put_cf(family(db, OUTBOX), key.as_bytes(), b"");
+            }
+            let mut options = WriteOptions::default();
+            options.set_sync(true);
+            db.write_opt(batch, &options).map_err(|e| StoreError::Io {
                 operation: "commit",
                 message: e.to_string(),
             })
+        })
     }
 
     /// Removes outbox entries whose messages JetStream has acknowledged. Not synced: an
     /// entry that survives a crash only causes a harmless re-publish.
     pub fn clear_outbox(&self, keys: &[&str]) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        for key in keys {
-            batch.delete_cf(self.family(OUTBOX), key.as_bytes());
-        }
-        self.db.write(batch).map_err(|e| StoreError::Io {
-            operation: "outbox clear",
-            message: e.to_string(),
+        self.with_db("outbox clear", |db| {
+            let mut batch = WriteBatch::default();
+            for key in keys {
+                batch.delete_cf(family(db, OUTBOX), key.as_bytes());
+            }
+            db.write(batch).map_err(|e| StoreError::Io {
+                operation: "outbox clear",
+                message: e.to_string(),
+            })
         })
     }
 
     /// Every input committed but not yet known to be published, with its record.
     pub fn pending_outbox(&self) -> Result<Vec<(String, DoneRecord)>, StoreError> {
-        let mut keys = Vec::new();
-        for entry in self
-            .db
-            .iterator_cf(self.family(OUTBOX), IteratorMode::Start)
-        {
-            let (key, _) = entry.map_err(|e| StoreError::Io {
-                operation: "outbox scan",
-                message: e.to_string(),
-            })?;
-            keys.push(String::from_utf8_lossy(&key).into_owned());
-        }
+        let keys = self.with_db("outbox scan", |db| {
+            let mut keys = Vec::new();
+            for entry in db.iterator_cf(family(db, OUTBOX), IteratorMode::Start) {
+                let (key, _) = entry.map_err(|e| StoreError::Io {
+                    operation: "outbox scan",
+                    message: e.to_string(),
+                })?;
+                keys.push(String::from_utf8_lossy(&key).into_owned());
+            }
+            Ok(keys)
+        })?;
         let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         let records = self.lookup(&key_refs)?;
         Ok(keys
@@ -181,13 +179,46 @@ impl Store {
             .filter_map(|(key, committed)| committed.map(|c| (key, c.record)))
             .collect())
     }
+}
 
-    fn family(&self, name: &str) -> &rocksdb::ColumnFamily {
-        // Both families are created by `open`; a missing one is a bug, not an input.
-        self.db
-            .cf_handle(name)
-            .expect("open creates every column family")
-    }
+fn open_db(path: &Path) -> Result<DB, StoreError> {
+    std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    let mut done_options = Options::default();
+    let mut table = BlockBasedOptions::default();
+    // Most lookups are for new keys: a bloom filter answers "absent" without a disk read.
+    table.set_bloom_filter(10.0, false);
+    done_options.set_block_based_table_factory(&table);
+    let families = [
+        ColumnFamilyDescriptor::new(DONE, done_options),
+        ColumnFamilyDescriptor::new(OUTBOX, Options::default()),
+    ];
+    DB::open_cf_descriptors(&options, path, families).map_err(|e| {
+        let message = e.to_string();
+        // RocksDB names its lock file in both "held by another process" and "held by this
+        // process" errors.
+        if message.contains("/LOCK") {
+            StoreError::Locked {
+                path: path.to_owned(),
+            }
+        } else {
+            StoreError::Open {
+                path: path.to_owned(),
+                message,
+            }
+        }
+    })
+}
+
+fn family<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    // Both families are created by `open_db`; a missing one is a bug, not an input.
+    db.cf_handle(name)
+        .expect("open_db creates every column family")
 }
 
 fn decode(key: &str, bytes: &[u8]) -> Result<DoneRecord, StoreError> {

@@ -3,6 +3,7 @@
 //! scripts/test.sh does both.
 
 mod crash;
+mod disk;
 mod dlq;
 mod hostile;
 mod pipeline;

@@ -1,0 +1,142 @@
+//! A full disk under the store: the host stops consuming, acks nothing it has not committed,
+//! says why, and resumes cleanly when the disk has room again. Uses a real size-limited
+//! filesystem (a 16 MiB tmpfs, mounted for the test; it needs root).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use weir_tests::*;
+
+/// A small tmpfs, unmounted on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "this test mounts a small tmpfs to fill it up, which needs root (CAP_SYS_ADMIN)"
+        );
+        SmallDisk { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a file until the filesystem is full.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.flush();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazily: a store still open after a failed assertion must not keep it mounted.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_acks_and_processing_resumes_when_space_returns() {
+    let server = NatsServer::start();
+    let disk = SmallDisk::mount("16m");
+    let dir = tempfile::tempdir().unwrap();
+    let js = server.jetstream().await;
+    // The echo plugin, with 48 KiB payloads: each committed record takes real room, more
+    // than RocksDB's preallocated log space can absorb.
+    let plugin = plugin("hostile");
+    let store_dir = disk.path().join("store");
+    let text = PipelineToml {
+        name: "orders",
+        nats_url: &server.url(),
+        plugin: &plugin,
+        store_dir: &store_dir,
+        stream: "ORDERS",
+        subject: "orders.in.>",
+        consumer: "weir",
+        output_prefix: "orders.out",
+        output_stream: "ORDERS_OUT",
+        dlq_subject: "orders.dlq",
+        dlq_stream: "ORDERS_DLQ",
+        extra: "",
+    }
+    .render();
+    let config_path = dir.path().join("weir.toml");
+    std::fs::write(&config_path, text).unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(weir::run(
+        weir::Config::load(&config_path).unwrap(),
+        shutdown.clone(),
+    ));
+    wait_for("the input stream", Duration::from_secs(30), || async {
+        js.get_stream("ORDERS").await.is_ok()
+    })
+    .await;
+    let payloads: Vec<Vec<u8>> = (0..200)
+        .map(|i| format!("{i:06}{}", "x".repeat(48 * 1024)).into_bytes())
+        .collect();
+    publish_all(&js, "orders.in.new", &payloads[..20]).await;
+    wait_for("the first outputs", Duration::from_secs(30), || async {
+        stream_len(&js, "ORDERS_OUT").await >= 20
+    })
+    .await;
+
+    let filler = disk.fill();
+    publish_all(&js, "orders.in.new", &payloads[20..]).await;
+    let progress = || async {
+        let stream = js.get_stream("ORDERS").await.unwrap();
+        let consumer = stream.consumer_info("weir").await.unwrap();
+        (
+            stream_len(&js, "ORDERS_OUT").await,
+            consumer.ack_floor.stream_sequence,
+        )
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (outputs_then, acked_then) = progress().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (outputs_now, acked_now) = progress().await;
+    println!("disk full: {outputs_now} outputs, inputs acked up to {acked_now}");
+    assert!(outputs_now < 200, "the full disk stopped processing");
+    assert_eq!(
+        (outputs_now, acked_now),
+        (outputs_then, acked_then),
+        "nothing is published or acked while the store cannot commit"
+    );
+    assert!(
+        acked_now <= outputs_now,
+        "no input is acked before its output is published"
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    wait_for("processing to resume", Duration::from_secs(60), || async {
+        stream_len(&js, "ORDERS_OUT").await >= 200
+    })
+    .await;
+    shutdown.cancel();
+    let stats = running.await.unwrap().unwrap().pipelines[0].1;
+    assert_eq!(
+        stream_len(&js, "ORDERS_OUT").await,
+        200,
+        "every output exactly once"
+    );
+    assert_eq!(stats.executed, 200, "{stats:?}");
+}
