@@ -113,6 +113,54 @@ impl Broker {
         Ok(Broker { client, jetstream })
     }
 
+    /// The server's name and version, for reports.
+    pub fn server_description(&self) -> String {
+        let info = self.client.server_info();
+        format!("nats-server {} ({})", info.version, info.server_name)
+    }
+
+    /// How many messages stream `name` holds, or `None` if there is no such stream.
+    pub async fn stream_len(&self, name: &str) -> Result<Option<u64>, BrokerError> {
+        match self.jetstream.get_stream(name).await {
+            Ok(stream) => Ok(Some(stream.cached_info().state.messages)),
+            Err(error) if is_stream_not_found(&error) => Ok(None),
+            Err(error) => Err(BrokerError::jetstream(
+                format!("cannot look up stream {name:?}"),
+                error,
+            )),
+        }
+    }
+
+    /// Whether the durable consumer exists (`Ok(false)`: it will be created), and refuses
+    /// one with another filter. Changes nothing.
+    pub async fn consumer_exists(&self, input: &InputConfig) -> Result<bool, BrokerError> {
+        let stream = match self.jetstream.get_stream(&input.stream).await {
+            Ok(stream) => stream,
+            Err(error) if is_stream_not_found(&error) => return Ok(false),
+            Err(error) => {
+                return Err(BrokerError::jetstream(
+                    format!("cannot look up stream {:?}", input.stream),
+                    error,
+                ));
+            }
+        };
+        match stream.consumer_info(&input.consumer).await {
+            Ok(info) => check_consumer(&info.config, input).map(|()| true),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    jetstream::context::ConsumerInfoErrorKind::NotFound
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(BrokerError::jetstream(
+                format!("cannot look up consumer {:?}", input.consumer),
+                error,
+            )),
+        }
+    }
+
     /// The largest message (payload and headers) the server accepts.
     pub fn max_payload(&self) -> usize {
         self.client.server_info().max_payload
@@ -240,6 +288,29 @@ impl Broker {
     }
 }
 
+/// Refuses an existing durable consumer that would deliver other subjects, or not wait for
+/// explicit acks.
+fn check_consumer(
+    existing: &jetstream::consumer::Config,
+    input: &InputConfig,
+) -> Result<(), BrokerError> {
+    let filters = if existing.filter_subjects.is_empty() {
+        vec![existing.filter_subject.clone()]
+    } else {
+        existing.filter_subjects.clone()
+    };
+    if filters != [input.subject.clone()]
+        || existing.ack_policy != jetstream::consumer::AckPolicy::Explicit
+    {
+        return Err(BrokerError::ConsumerMismatch {
+            consumer: input.consumer.clone(),
+            filters: filters.join(", "),
+            subject: input.subject.clone(),
+        });
+    }
+    Ok(())
+}
+
 fn is_stream_not_found(error: &jetstream::context::GetStreamError) -> bool {
     matches!(
         error.kind(),
@@ -292,21 +363,7 @@ impl MessageSource {
                     e,
                 )
             })?;
-        let existing = &consumer.cached_info().config;
-        let filters = if existing.filter_subjects.is_empty() {
-            vec![existing.filter_subject.clone()]
-        } else {
-            existing.filter_subjects.clone()
-        };
-        if filters != [self.input.subject.clone()]
-            || existing.ack_policy != jetstream::consumer::AckPolicy::Explicit
-        {
-            return Err(BrokerError::ConsumerMismatch {
-                consumer: self.input.consumer.clone(),
-                filters: filters.join(", "),
-                subject: self.input.subject.clone(),
-            });
-        }
+        check_consumer(&consumer.cached_info().config, &self.input)?;
         Ok((consumer, created))
     }
 

@@ -226,28 +226,37 @@ pub enum ConfigError {
 
 impl Config {
     /// Reads, parses and validates a configuration file. Relative paths in it are resolved
-    /// against the file's directory.
+    /// against the file's directory. Every problem is reported, in one line.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let (config, problems) = Config::load_with_problems(path)?;
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message: problems.join("; "),
+            });
+        }
+        Ok(config)
+    }
+
+    /// Reads and parses a configuration file, and lists what is wrong with its values
+    /// without refusing it (for `weir check`, which goes on to check what it can).
+    pub fn load_with_problems(path: &Path) -> Result<(Config, Vec<String>), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
         let base_dir = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, base_dir).map_err(|error| match error {
-            ParseError::Syntax(message) => ConfigError::Parse {
-                path: path.to_owned(),
-                message,
-            },
-            ParseError::Invalid(message) => ConfigError::Invalid {
-                path: path.to_owned(),
-                message,
-            },
-        })
+        let config = Config::parse(&text, base_dir).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        let problems = config.problems();
+        Ok((config, problems))
     }
 
-    fn parse(text: &str, base_dir: &Path) -> Result<Config, ParseError> {
-        let mut config: Config =
-            toml::from_str(text).map_err(|e| ParseError::Syntax(one_line(&e.to_string())))?;
+    /// Parses the TOML (unknown keys are errors) and resolves relative paths.
+    fn parse(text: &str, base_dir: &Path) -> Result<Config, String> {
+        let mut config: Config = toml::from_str(text).map_err(|e| one_line(&e.to_string()))?;
         for pipeline in &mut config.pipelines {
             pipeline.plugin = base_dir.join(&pipeline.plugin);
             pipeline.store_dir = base_dir.join(&pipeline.store_dir);
@@ -263,53 +272,58 @@ impl Config {
                 *file = base_dir.join(&*file);
             }
         }
-        config.validate().map_err(ParseError::Invalid)?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Every problem with the configuration, each naming the key and what to do.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         if self.pipelines.is_empty() {
-            return Err("no pipelines: add a [[pipeline]] table".into());
+            problems.push("no pipelines: add a [[pipeline]] table".into());
         }
         // wasm runs on the host thread's stack: past the blocking pool's 2 MiB threads, a deep
         // recursion would overflow the host instead of trapping.
         if !(64 * 1024..=MAX_WASM_STACK).contains(&self.sandbox.max_stack_bytes) {
-            return Err(format!(
+            problems.push(format!(
                 "sandbox.max_stack_bytes must be between 65536 and {MAX_WASM_STACK}"
             ));
         }
         let mut names = HashSet::new();
         let mut store_dirs = HashSet::new();
         for pipeline in &self.pipelines {
-            pipeline
-                .validate()
-                .map_err(|message| format!("pipeline {:?}: {message}", pipeline.name))?;
+            problems.extend(
+                pipeline
+                    .problems()
+                    .into_iter()
+                    .map(|problem| format!("pipeline {:?}: {problem}", pipeline.name)),
+            );
             if !names.insert(&pipeline.name) {
-                return Err(format!(
+                problems.push(format!(
                     "two pipelines are named {:?}: names must be unique",
                     pipeline.name
                 ));
             }
             if !store_dirs.insert(&pipeline.store_dir) {
-                return Err(format!(
+                problems.push(format!(
                     "pipelines share the store_dir {:?}: give each pipeline its own",
                     pipeline.store_dir
                 ));
             }
         }
-        Ok(())
+        problems
     }
 }
 
 impl PipelineConfig {
-    fn validate(&self) -> Result<(), String> {
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         let is_name = |s: &str| {
             !s.is_empty()
                 && s.chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         };
         if !is_name(&self.name) {
-            return Err("name must be letters, digits, '-' or '_'".into());
+            problems.push("name must be letters, digits, '-' or '_'".into());
         }
         for (key, stream) in [
             ("input.stream", Some(&self.input.stream)),
@@ -319,19 +333,19 @@ impl PipelineConfig {
             if let Some(stream) = stream
                 && !is_name(stream)
             {
-                return Err(format!(
+                problems.push(format!(
                     "{key} {stream:?} is not a stream name: use letters, digits, '-' or '_'"
                 ));
             }
         }
         if !is_name(&self.input.consumer) {
-            return Err(format!(
+            problems.push(format!(
                 "input.consumer {:?} is not a consumer name: use letters, digits, '-' or '_'",
                 self.input.consumer
             ));
         }
         if !subject::is_filter(&self.input.subject) {
-            return Err(format!(
+            problems.push(format!(
                 "input.subject {:?} is not a subject filter (e.g. \"orders.>\")",
                 self.input.subject
             ));
@@ -341,7 +355,7 @@ impl PipelineConfig {
             ("output.dlq_subject", &self.output.dlq_subject),
         ] {
             if !subject::is_literal(value) {
-                return Err(format!(
+                problems.push(format!(
                     "{key} {value:?} must be a subject without wildcards (e.g. \"orders.out\")"
                 ));
             }
@@ -350,7 +364,7 @@ impl PipelineConfig {
         let outputs = format!("{}.>", self.output.prefix);
         for published in [&outputs, &self.output.dlq_subject] {
             if subject::overlaps(&self.input.subject, published) {
-                return Err(format!(
+                problems.push(format!(
                     "input.subject {:?} overlaps {published:?}, which this pipeline publishes \
                      on: its outputs would come back as inputs; choose disjoint subjects",
                     self.input.subject
@@ -362,7 +376,7 @@ impl PipelineConfig {
             &self.output.dlq_subject,
         ) || self.output.prefix == self.output.dlq_subject
         {
-            return Err(format!(
+            problems.push(format!(
                 "output.dlq_subject {:?} is under output.prefix {:?}: a plugin could forge dead \
                  letters; choose a subject outside the prefix",
                 self.output.dlq_subject, self.output.prefix
@@ -370,10 +384,10 @@ impl PipelineConfig {
         }
         let nats = &self.nats;
         if nats.tls_cert_file.is_some() != nats.tls_key_file.is_some() {
-            return Err("nats.tls_cert_file and nats.tls_key_file go together: set both".into());
+            problems.push("nats.tls_cert_file and nats.tls_key_file go together: set both".into());
         }
         if nats.user.is_some() != nats.password.is_some() {
-            return Err("nats.user and nats.password go together: set both".into());
+            problems.push("nats.user and nats.password go together: set both".into());
         }
         let limits = &self.limits;
         for (key, value) in [
@@ -385,25 +399,20 @@ impl PipelineConfig {
             ("input.ack_wait_ms", self.input.ack_wait_ms),
         ] {
             if value == 0 {
-                return Err(format!("{key} must be greater than 0"));
+                problems.push(format!("{key} must be greater than 0"));
             }
         }
         if self.input.ack_wait_ms < 100 {
-            return Err("input.ack_wait_ms must be at least 100".into());
+            problems.push("input.ack_wait_ms must be at least 100".into());
         }
         if limits.memory_bytes < 64 * 1024 {
-            return Err("limits.memory_bytes must be at least 65536 (one wasm page)".into());
+            problems.push("limits.memory_bytes must be at least 65536 (one wasm page)".into());
         }
         if limits.memory_bytes > 4 << 30 {
-            return Err("limits.memory_bytes must be at most 4 GiB (wasm32's limit)".into());
+            problems.push("limits.memory_bytes must be at most 4 GiB (wasm32's limit)".into());
         }
-        Ok(())
+        problems
     }
-}
-
-enum ParseError {
-    Syntax(String),
-    Invalid(String),
 }
 
 /// toml's errors span several lines (a source excerpt); keep the first line and the
@@ -439,9 +448,11 @@ mod tests {
     "#;
 
     fn parse(text: &str) -> Result<Config, String> {
-        Config::parse(text, Path::new("/etc/weir")).map_err(|e| match e {
-            ParseError::Syntax(m) | ParseError::Invalid(m) => m,
-        })
+        let config = Config::parse(text, Path::new("/etc/weir"))?;
+        match config.problems() {
+            problems if problems.is_empty() => Ok(config),
+            problems => Err(problems.join("; ")),
+        }
     }
 
     #[test]
@@ -494,6 +505,16 @@ mod tests {
                 .unwrap_err()
                 .contains("limits.fuel must be greater than 0")
         );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = MINIMAL
+            .replace("\"orders.out\"", "\"orders.*\"")
+            .replace("consumer = \"weir\"", "consumer = \"we ir\"");
+        let error = parse(&text).unwrap_err();
+        assert!(error.contains("without wildcards"), "{error}");
+        assert!(error.contains("is not a consumer name"), "{error}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! each pipeline until the shutdown token fires.
 
 pub mod broker;
+pub mod check;
 pub mod config;
 pub mod dlq;
 pub mod pipeline;
@@ -28,6 +29,8 @@ pub enum Error {
     Engine(String),
     #[error("{0}")]
     Usage(String),
+    #[error("{0} problems found; each is marked FAIL above")]
+    Checked(usize),
     #[error(transparent)]
     Dlq(#[from] dlq::DlqError),
     #[error(

@@ -218,3 +218,63 @@ async fn an_existing_consumer_with_another_filter_is_refused() {
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_check_reports_every_problem_and_changes_nothing() {
+    let server = NatsServer::start();
+    let js = server.jetstream().await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // A configuration that would work: ready, and nothing created by the check.
+    let good = write_config(dir.path(), &server.url(), &plugin("orders"), "");
+    let output = Command::new(weir_binary())
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{report}");
+    assert!(report.contains("is ready to run"), "{report}");
+    assert!(report.contains("weir will create it"), "{report}");
+    assert!(
+        js.get_stream("ORDERS").await.is_err(),
+        "check created no stream"
+    );
+    assert!(!dir.path().join("store").exists(), "check created no store");
+
+    // Four things wrong at once: all four reported, each with what to do.
+    let bad = write_config(dir.path(), &server.url(), &plugin("wrong-contract"), "");
+    let text = std::fs::read_to_string(&bad)
+        .unwrap()
+        .replace(
+            "ack_wait_ms = 2000",
+            "ack_wait_ms = 2000\ncreate_stream = false",
+        )
+        .replace("stream = \"ORDERS_OUT\"\n", "")
+        .replace("consumer = \"weir\"", "consumer = \"we ir\"");
+    std::fs::write(&bad, text).unwrap();
+    let output = Command::new(weir_binary())
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{report}\n{stderr}");
+    let failures: Vec<&str> = report.lines().filter(|l| l.contains("FAIL")).collect();
+    assert_eq!(failures.len(), 4, "{report}");
+    assert!(report.contains("is not a consumer name"), "{report}");
+    assert!(
+        report.contains("does not export weir:transform/transformer@0.1.0"),
+        "{report}"
+    );
+    assert!(
+        report.contains("input stream \"ORDERS\" does not exist: create it"),
+        "{report}"
+    );
+    assert!(
+        report.contains("set output.stream to have weir create one"),
+        "{report}"
+    );
+    assert!(stderr.contains("weir: 4 problems found"), "{stderr}");
+}

@@ -29,6 +29,13 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Check a configuration without running it: the file, each plugin, store, server,
+    /// stream and consumer. Reports every problem, each with what to do; changes nothing.
+    Check {
+        /// The TOML configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
     /// List, show and replay a pipeline's dead letters.
     Dlq {
         #[command(subcommand)]
@@ -93,6 +100,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run { config } => runtime.block_on(run(config)),
+        Command::Check { config } => runtime.block_on(check(config)),
         Command::Dlq { command } => runtime.block_on(dlq::run(command)),
     };
     match result {
@@ -122,6 +130,35 @@ async fn run(config_path: PathBuf) -> Result<(), weir::Error> {
         );
     }
     Ok(())
+}
+
+async fn check(config_path: PathBuf) -> Result<(), weir::Error> {
+    let findings = weir::check::check(&config_path).await?;
+    let mut pipeline = None;
+    let mut problems = 0;
+    for finding in &findings {
+        if finding.pipeline != pipeline {
+            pipeline = finding.pipeline.clone();
+            if let Some(name) = &pipeline {
+                println!("pipeline {name:?}:");
+            }
+        }
+        let (status, text) = match &finding.outcome {
+            Ok(detail) => ("ok  ", detail),
+            Err(problem) => {
+                problems += 1;
+                ("FAIL", problem)
+            }
+        };
+        println!("  {status}  {:<14} {text}", finding.item);
+    }
+    match problems {
+        0 => {
+            println!("weir check: {config_path:?} is ready to run");
+            Ok(())
+        }
+        n => Err(weir::Error::Checked(n)),
+    }
 }
 
 impl PipelineArgs {

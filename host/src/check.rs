@@ -1,0 +1,201 @@
+//! `weir check`: everything `weir run` would check before consuming, reported all at once,
+//! without changing anything (no stream, consumer or store directory is created).
+
+use std::path::Path;
+
+use crate::broker::Broker;
+use crate::config::{Config, ConfigError, PipelineConfig};
+use crate::sandbox::Sandbox;
+use crate::store::{Store, StoreError};
+
+/// One checked item: what was looked at, and what was found.
+pub struct Finding {
+    /// The pipeline it belongs to; `None` for the file as a whole.
+    pub pipeline: Option<String>,
+    /// What was checked: "config", "plugin", "store", "server", "input stream", ….
+    pub item: &'static str,
+    /// `Ok(detail)` when usable, `Err(problem)` with what to do otherwise.
+    pub outcome: Result<String, String>,
+}
+
+/// Checks a configuration file. Fails only if the file cannot be read or parsed at all;
+/// everything else becomes a finding.
+pub async fn check(path: &Path) -> Result<Vec<Finding>, ConfigError> {
+    let (config, problems) = Config::load_with_problems(path)?;
+    let mut findings = Vec::new();
+    if problems.is_empty() {
+        findings.push(Finding {
+            pipeline: None,
+            item: "config",
+            outcome: Ok(format!("{} pipelines", config.pipelines.len())),
+        });
+    }
+    findings.extend(problems.into_iter().map(|problem| Finding {
+        pipeline: None,
+        item: "config",
+        outcome: Err(problem),
+    }));
+    let max_memory = config
+        .pipelines
+        .iter()
+        .map(|p| p.limits.memory_bytes)
+        .max()
+        .unwrap_or(0);
+    let sandbox = match Sandbox::new(&config.sandbox, max_memory) {
+        Ok(sandbox) => Some(sandbox),
+        Err(error) => {
+            findings.push(Finding {
+                pipeline: None,
+                item: "engine",
+                outcome: Err(format!("{error:#}")),
+            });
+            None
+        }
+    };
+    for pipeline in &config.pipelines {
+        check_pipeline(pipeline, sandbox.as_ref(), &mut findings).await;
+    }
+    Ok(findings)
+}
+
+async fn check_pipeline(
+    pipeline: &PipelineConfig,
+    sandbox: Option<&Sandbox>,
+    findings: &mut Vec<Finding>,
+) {
+    let mut found = |item: &'static str, outcome: Result<String, String>| {
+        findings.push(Finding {
+            pipeline: Some(pipeline.name.clone()),
+            item,
+            outcome,
+        })
+    };
+    if let Some(sandbox) = sandbox {
+        found(
+            "plugin",
+            sandbox
+                .load(&pipeline.plugin, &pipeline.limits)
+                .map(|plugin| {
+                    format!(
+                        "{} (sha256 {})",
+                        pipeline.plugin.display(),
+                        &plugin.sha256()[..12]
+                    )
+                })
+                .map_err(|e| e.to_string()),
+        );
+    }
+    found("store", check_store(&pipeline.store_dir));
+
+    let broker =
+        match Broker::connect(&pipeline.nats, &format!("weir-check-{}", pipeline.name)).await {
+            Ok(broker) => {
+                found(
+                    "server",
+                    Ok(format!(
+                        "{} at {}",
+                        broker.server_description(),
+                        pipeline.nats.url
+                    )),
+                );
+                broker
+            }
+            Err(error) => {
+                found("server", Err(error.to_string()));
+                return;
+            }
+        };
+    let input = &pipeline.input;
+    found(
+        "input stream",
+        match broker.stream_len(&input.stream).await {
+            Ok(Some(messages)) => Ok(format!("{:?} holds {messages} messages", input.stream)),
+            Ok(None) if input.create_stream => Ok(format!(
+                "{:?} does not exist yet; weir will create it",
+                input.stream
+            )),
+            Ok(None) => Err(format!(
+                "input stream {:?} does not exist: create it (e.g. `nats stream add {} --subjects '{}'`) or set input.create_stream = true",
+                input.stream, input.stream, input.subject
+            )),
+            Err(error) => Err(error.to_string()),
+        },
+    );
+    let output = &pipeline.output;
+    let probe = format!("{}.probe", output.prefix);
+    for (item, subject, shown, stream, key) in [
+        (
+            "output stream",
+            probe.as_str(),
+            format!("{}.>", output.prefix),
+            &output.stream,
+            "output.stream",
+        ),
+        (
+            "dlq stream",
+            output.dlq_subject.as_str(),
+            output.dlq_subject.clone(),
+            &output.dlq_stream,
+            "output.dlq_stream",
+        ),
+    ] {
+        found(
+            item,
+            match (broker.stream_storing(subject).await, stream) {
+                (Ok(Some(existing)), _) => Ok(format!("{existing:?} stores {shown:?}")),
+                (Ok(None), Some(stream)) => Ok(format!(
+                    "nothing stores {shown:?} yet; weir will create stream {stream:?}"
+                )),
+                (Ok(None), None) => Err(format!(
+                    "no stream stores {shown:?}: set {key} to have weir create one, or create a stream for it"
+                )),
+                (Err(error), _) => Err(error.to_string()),
+            },
+        );
+    }
+    found(
+        "consumer",
+        match broker.consumer_exists(input).await {
+            Ok(true) => Ok(format!("{:?} filters {:?}", input.consumer, input.subject)),
+            Ok(false) => Ok(format!(
+                "{:?} does not exist yet; weir will create it",
+                input.consumer
+            )),
+            Err(error) => Err(error.to_string()),
+        },
+    );
+}
+
+/// An existing store must open (and not be locked by a running host); a missing one must
+/// be creatable, which is checked on its nearest existing ancestor.
+fn check_store(dir: &Path) -> Result<String, String> {
+    if dir.exists() {
+        return match Store::open(dir) {
+            Ok(_) => Ok(format!("{} opens", dir.display())),
+            Err(StoreError::Locked { .. }) => Ok(format!(
+                "{} is in use by a running weir (that host must stop before another can use it)",
+                dir.display()
+            )),
+            Err(error) => Err(error.to_string()),
+        };
+    }
+    let ancestor = dir
+        .ancestors()
+        .find(|a| a.exists())
+        .unwrap_or(Path::new("/"));
+    let writable = std::fs::metadata(ancestor)
+        .map(|m| !m.permissions().readonly())
+        .unwrap_or(false);
+    if writable {
+        Ok(format!(
+            "{} does not exist yet; weir will create it",
+            dir.display()
+        ))
+    } else {
+        Err(format!(
+            "store_dir {} cannot be created: {} is not writable",
+            dir.display(),
+            ancestor.display()
+        ))
+    }
+}
