@@ -7,4 +7,5 @@ mod disk;
 mod dlq;
 mod hostile;
 mod pipeline;
+mod props;
 mod startup;
