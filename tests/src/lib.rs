@@ -60,6 +60,11 @@ impl NatsServer {
     /// Starts a server that fsyncs every JetStream write (`sync_interval: always`): the
     /// reliability tests must not lose acknowledged writes to the server's own buffering.
     pub fn start() -> NatsServer {
+        NatsServer::start_with_sync(true)
+    }
+
+    /// Starts a server; `sync_always` false keeps JetStream's default (fsync every 2 min).
+    pub fn start_with_sync(sync_always: bool) -> NatsServer {
         let dir = tempfile::tempdir().expect("a temp dir for nats-server");
         let port = free_port();
         let config_file = dir.path().join("nats.conf");
@@ -67,8 +72,9 @@ impl NatsServer {
         std::fs::write(
             &config_file,
             format!(
-                "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
-                store_dir.display().to_string()
+                "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n{}}}\n",
+                store_dir.display().to_string(),
+                if sync_always { "  sync_interval: always\n" } else { "" }
             ),
         )
         .expect("write nats.conf");

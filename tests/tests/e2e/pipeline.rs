@@ -265,3 +265,58 @@ async fn a_recreated_input_stream_is_processed_afresh() {
     assert_eq!(stats.executed, 20, "{stats:?}");
     assert_eq!(stats.deduplicated, 0, "{stats:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_keeps_failing_is_retried_and_nothing_is_acked_meanwhile() {
+    let setup = Setup {
+        server: NatsServer::start(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let js = setup.server.jetstream().await;
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(weir::run(setup.config("weir"), shutdown.clone()));
+    wait_for("the input stream", Duration::from_secs(30), || async {
+        js.get_stream("ORDERS").await.is_ok()
+    })
+    .await;
+    let payloads = order_workload(20, 0);
+    publish_all(&js, "orders.in.new", &payloads[..10]).await;
+    wait_for("the first outputs", Duration::from_secs(30), || async {
+        stream_len(&js, "ORDERS_OUT").await >= 20
+    })
+    .await;
+
+    // No stream stores the outputs any more: every publish fails ("no responders").
+    js.delete_stream("ORDERS_OUT").await.unwrap();
+    publish_all(&js, "orders.in.new", &payloads[10..]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let consumer = js
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .consumer_info("weir")
+        .await
+        .unwrap();
+    assert_eq!(
+        consumer.ack_floor.stream_sequence, 10,
+        "inputs whose outputs cannot be published are not acked"
+    );
+    assert_eq!(consumer.num_redelivered, 0, "progress acks hold the inputs meanwhile");
+
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ORDERS_OUT".into(),
+        subjects: vec!["orders.out.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    wait_for("the held outputs", Duration::from_secs(30), || async {
+        stream_len(&js, "ORDERS_OUT").await >= 20
+    })
+    .await;
+    shutdown.cancel();
+    let stats = running.await.unwrap().unwrap().pipelines[0].1;
+    assert_eq!(stats.executed, 20, "{stats:?}");
+    assert_eq!(stats.acked, 20, "{stats:?}");
+    assert_eq!(stream_len(&js, "ORDERS_OUT").await, 20);
+}
