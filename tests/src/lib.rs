@@ -74,7 +74,11 @@ impl NatsServer {
             format!(
                 "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n{}}}\n",
                 store_dir.display().to_string(),
-                if sync_always { "  sync_interval: always\n" } else { "" }
+                if sync_always {
+                    "  sync_interval: always\n"
+                } else {
+                    ""
+                }
             ),
         )
         .expect("write nats.conf");

@@ -32,7 +32,9 @@ async fn malformed(count: usize) {
     let server = NatsServer::start_with_sync(false);
     let js = server.jetstream().await;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("weir-bench malformed: {count} orders per run, {cores} cores, nats-server default sync");
+    println!(
+        "weir-bench malformed: {count} orders per run, {cores} cores, nats-server default sync"
+    );
     let clean = order_workload(count, 0);
     let one_percent = order_workload(count, 100);
     let mut rates = (Vec::new(), Vec::new());
@@ -106,10 +108,14 @@ async fn run_once(
     let started = Instant::now();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(weir::run(config, shutdown.clone()));
-    wait_for("every input processed", Duration::from_secs(1800), || async {
-        stream_len(js, &out_stream).await >= expected_outputs
-            && stream_len(js, &dlq_stream).await >= malformed
-    })
+    wait_for(
+        "every input processed",
+        Duration::from_secs(1800),
+        || async {
+            stream_len(js, &out_stream).await >= expected_outputs
+                && stream_len(js, &dlq_stream).await >= malformed
+        },
+    )
     .await;
     let elapsed = started.elapsed();
     shutdown.cancel();

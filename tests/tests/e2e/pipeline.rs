@@ -301,7 +301,10 @@ async fn a_publish_that_keeps_failing_is_retried_and_nothing_is_acked_meanwhile(
         consumer.ack_floor.stream_sequence, 10,
         "inputs whose outputs cannot be published are not acked"
     );
-    assert_eq!(consumer.num_redelivered, 0, "progress acks hold the inputs meanwhile");
+    assert_eq!(
+        consumer.num_redelivered, 0,
+        "progress acks hold the inputs meanwhile"
+    );
 
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "ORDERS_OUT".into(),
