@@ -35,13 +35,7 @@ pub async fn check(path: &Path) -> Result<Vec<Finding>, ConfigError> {
         item: "config",
         outcome: Err(problem),
     }));
-    let max_memory = config
-        .pipelines
-        .iter()
-        .map(|p| p.limits.memory_bytes)
-        .max()
-        .unwrap_or(0);
-    let sandbox = match Sandbox::new(&config.sandbox, max_memory) {
+    let sandbox = match Sandbox::new(&config.sandbox, config.largest_memory_limit()) {
         Ok(sandbox) => Some(sandbox),
         Err(error) => {
             findings.push(Finding {

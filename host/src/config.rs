@@ -275,6 +275,16 @@ impl Config {
         Ok(config)
     }
 
+    /// The largest `limits.memory_bytes` of any pipeline: what the engine's instance pool
+    /// must be able to hold.
+    pub fn largest_memory_limit(&self) -> usize {
+        self.pipelines
+            .iter()
+            .map(|p| p.limits.memory_bytes)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Every problem with the configuration, each naming the key and what to do.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();

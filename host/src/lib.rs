@@ -87,13 +87,7 @@ pub struct RunReport {
 /// them until `shutdown` fires, lets each finish the batch in hand, and returns what they
 /// did.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunReport, Error> {
-    let max_memory = config
-        .pipelines
-        .iter()
-        .map(|p| p.limits.memory_bytes)
-        .max()
-        .unwrap_or(0);
-    let sandbox = sandbox::Sandbox::new(&config.sandbox, max_memory)
+    let sandbox = sandbox::Sandbox::new(&config.sandbox, config.largest_memory_limit())
         .map_err(|e| Error::Engine(format!("{e:#}")))?;
     let mut pipelines = Vec::with_capacity(config.pipelines.len());
     for pipeline_config in config.pipelines {

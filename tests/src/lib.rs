@@ -268,7 +268,7 @@ pub async fn publish_all(js: &jetstream::Context, subject: &str, payloads: &[Vec
 }
 
 /// A weir configuration for one pipeline, as TOML. `extra` is appended verbatim (e.g. a
-/// `[pipeline.limits]` table).
+/// `[pipeline.limits]` table). Start from `orders` or `plain` and override what differs.
 pub struct PipelineToml<'a> {
     pub name: &'a str,
     pub nats_url: &'a str,
@@ -284,7 +284,47 @@ pub struct PipelineToml<'a> {
     pub extra: &'a str,
 }
 
-impl PipelineToml<'_> {
+impl<'a> PipelineToml<'a> {
+    /// The orders pipeline of the tests and the demo: `ORDERS` (`orders.in.>`) →
+    /// `orders.out.*` in `ORDERS_OUT`, dead letters on `orders.dlq` in `ORDERS_DLQ`.
+    pub fn orders(nats_url: &'a str, plugin: &'a Path, store_dir: &'a Path) -> Self {
+        PipelineToml {
+            name: "orders",
+            nats_url,
+            plugin,
+            store_dir,
+            stream: "ORDERS",
+            subject: "orders.in.>",
+            consumer: "weir",
+            output_prefix: "orders.out",
+            output_stream: "ORDERS_OUT",
+            dlq_subject: "orders.dlq",
+            dlq_stream: "ORDERS_DLQ",
+            extra: "",
+        }
+    }
+
+    /// A pipeline on `IN` (`in.>`) → `out.*` in `OUT`, dead letters on `dlq` in `DLQ`.
+    pub fn plain(name: &'a str, nats_url: &'a str, plugin: &'a Path, store_dir: &'a Path) -> Self {
+        PipelineToml {
+            name,
+            stream: "IN",
+            subject: "in.>",
+            output_prefix: "out",
+            output_stream: "OUT",
+            dlq_subject: "dlq",
+            dlq_stream: "DLQ",
+            ..PipelineToml::orders(nats_url, plugin, store_dir)
+        }
+    }
+
+    /// Writes the configuration to `dir/file` and returns its path.
+    pub fn write(&self, dir: &Path, file: &str) -> PathBuf {
+        let path = dir.join(file);
+        std::fs::write(&path, self.render()).expect("write the weir configuration");
+        path
+    }
+
     pub fn render(&self) -> String {
         format!(
             r#"
@@ -356,4 +396,38 @@ pub fn order_workload(count: usize, malformed_every: usize) -> Vec<Vec<u8>> {
             }
         })
         .collect()
+}
+
+/// A `weir::run` in this process, on a configuration file.
+pub struct InProcessWeir {
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<weir::RunReport, weir::Error>>,
+}
+
+impl InProcessWeir {
+    /// Starts weir on `config` and waits until its input stream exists.
+    pub async fn start(config: &Path, js: &jetstream::Context, input_stream: &str) -> Self {
+        let config = weir::Config::load(config).expect("a valid weir configuration");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(weir::run(config, shutdown.clone()));
+        wait_for("the input stream", Duration::from_secs(30), || async {
+            js.get_stream(input_stream).await.is_ok()
+        })
+        .await;
+        InProcessWeir { shutdown, task }
+    }
+
+    /// Stops weir the way SIGTERM does and returns what each pipeline did.
+    pub async fn stop(self) -> weir::RunReport {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("the weir task does not panic")
+            .expect("weir stops cleanly")
+    }
+
+    /// The first pipeline's counters, after a clean stop.
+    pub async fn stop_stats(self) -> weir::StatsSnapshot {
+        self.stop().await.pipelines[0].1
+    }
 }

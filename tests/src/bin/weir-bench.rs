@@ -82,17 +82,13 @@ async fn run_once(
     let (out_stream, dlq_stream) = (format!("OUT{tag}"), format!("DLQ{tag}"));
     let text = PipelineToml {
         name: "bench",
-        nats_url: &server.url(),
-        plugin: &plugin,
-        store_dir: &store_dir,
         stream: &stream,
         subject: &subject,
-        consumer: "weir",
         output_prefix: &format!("out{tag}"),
         output_stream: &out_stream,
         dlq_subject: &format!("dlq{tag}"),
         dlq_stream: &dlq_stream,
-        extra: "",
+        ..PipelineToml::orders(&server.url(), &plugin, &store_dir)
     }
     .render()
     .replace("ack_wait_ms = 2000", "ack_wait_ms = 30000");

@@ -24,18 +24,8 @@ async fn main() {
     let store_dir = dir.path().join("store");
     let config = dir.path().join("weir.toml");
     let toml = PipelineToml {
-        name: "orders",
-        nats_url: &server.url(),
-        plugin: &plugin,
-        store_dir: &store_dir,
-        stream: "ORDERS",
-        subject: "orders.in.>",
         consumer: "weir-orders",
-        output_prefix: "orders.out",
-        output_stream: "ORDERS_OUT",
-        dlq_subject: "orders.dlq",
-        dlq_stream: "ORDERS_DLQ",
-        extra: "",
+        ..PipelineToml::orders(&server.url(), &plugin, &store_dir)
     }
     .render();
     std::fs::write(&config, &toml).expect("write weir.toml");

@@ -61,23 +61,11 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
     let js = server.jetstream().await;
     let plugin = plugin("orders");
     let store_dir = dir.path().join("store");
-    let text = PipelineToml {
-        name: "orders",
-        nats_url: &server.url(),
-        plugin: &plugin,
-        store_dir: &store_dir,
-        stream: "ORDERS",
-        subject: "orders.in.>",
-        consumer: "weir",
-        output_prefix: "orders.out",
-        output_stream: "ORDERS_OUT",
-        dlq_subject: "orders.dlq",
-        dlq_stream: "ORDERS_DLQ",
+    let config = PipelineToml {
         extra: "[pipeline.batch]\nmax_messages = 64\n",
+        ..PipelineToml::orders(&server.url(), &plugin, &store_dir)
     }
-    .render();
-    let config = dir.path().join("weir.toml");
-    std::fs::write(&config, text).unwrap();
+    .write(dir.path(), "weir.toml");
     let log = dir.path().join("weir.log");
 
     let mut weir = start_weir(&config, &log);

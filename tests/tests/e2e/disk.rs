@@ -6,7 +6,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use weir_tests::*;
 
 /// A small tmpfs, unmounted on drop.
@@ -65,32 +64,9 @@ async fn a_full_disk_stops_acks_and_processing_resumes_when_space_returns() {
     // than RocksDB's preallocated log space can absorb.
     let plugin = plugin("hostile");
     let store_dir = disk.path().join("store");
-    let text = PipelineToml {
-        name: "orders",
-        nats_url: &server.url(),
-        plugin: &plugin,
-        store_dir: &store_dir,
-        stream: "ORDERS",
-        subject: "orders.in.>",
-        consumer: "weir",
-        output_prefix: "orders.out",
-        output_stream: "ORDERS_OUT",
-        dlq_subject: "orders.dlq",
-        dlq_stream: "ORDERS_DLQ",
-        extra: "",
-    }
-    .render();
-    let config_path = dir.path().join("weir.toml");
-    std::fs::write(&config_path, text).unwrap();
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(weir::run(
-        weir::Config::load(&config_path).unwrap(),
-        shutdown.clone(),
-    ));
-    wait_for("the input stream", Duration::from_secs(30), || async {
-        js.get_stream("ORDERS").await.is_ok()
-    })
-    .await;
+    let config_path =
+        PipelineToml::orders(&server.url(), &plugin, &store_dir).write(dir.path(), "weir.toml");
+    let weir = InProcessWeir::start(&config_path, &js, "ORDERS").await;
     let payloads: Vec<Vec<u8>> = (0..200)
         .map(|i| format!("{i:06}{}", "x".repeat(48 * 1024)).into_bytes())
         .collect();
@@ -131,8 +107,7 @@ async fn a_full_disk_stops_acks_and_processing_resumes_when_space_returns() {
         stream_len(&js, "ORDERS_OUT").await >= 200
     })
     .await;
-    shutdown.cancel();
-    let stats = running.await.unwrap().unwrap().pipelines[0].1;
+    let stats = weir.stop_stats().await;
     assert_eq!(
         stream_len(&js, "ORDERS_OUT").await,
         200,

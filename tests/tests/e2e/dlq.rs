@@ -5,31 +5,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use weir_tests::*;
 
 fn config(dir: &Path, url: &str, plugin: &Path, file: &str) -> std::path::PathBuf {
-    let text = PipelineToml {
-        name: "orders",
-        nats_url: url,
-        plugin,
-        store_dir: &dir.join("store"),
-        stream: "ORDERS",
-        subject: "orders.in.>",
-        consumer: "weir",
-        output_prefix: "orders.out",
-        output_stream: "ORDERS_OUT",
-        dlq_subject: "orders.dlq",
-        dlq_stream: "ORDERS_DLQ",
-        extra: "",
-    }
-    .render();
-    let path = dir.join(file);
-    std::fs::write(&path, text).unwrap();
-    path
+    PipelineToml::orders(url, plugin, &dir.join("store")).write(dir, file)
 }
 
-fn weir(args: &[&str], config: &Path) -> (bool, String, String) {
+fn weir_cli(args: &[&str], config: &Path) -> (bool, String, String) {
     let output = Command::new(weir_binary())
         .args(args)
         .arg("--config")
@@ -58,15 +40,7 @@ async fn dead_letters_are_listed_shown_and_replayed_once_after_a_fix() {
 
     // The orders plugin dead-letters the malformed orders.
     let orders_config = config(dir.path(), &server.url(), &plugin("orders"), "orders.toml");
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(weir::run(
-        weir::Config::load(&orders_config).unwrap(),
-        shutdown.clone(),
-    ));
-    wait_for("the input stream", Duration::from_secs(30), || async {
-        js.get_stream("ORDERS").await.is_ok()
-    })
-    .await;
+    let weir = InProcessWeir::start(&orders_config, &js, "ORDERS").await;
     publish_all(&js, "orders.in.new", &payloads).await;
     wait_for(
         "outputs and dead letters",
@@ -76,10 +50,9 @@ async fn dead_letters_are_listed_shown_and_replayed_once_after_a_fix() {
         },
     )
     .await;
-    shutdown.cancel();
-    running.await.unwrap().unwrap();
+    weir.stop().await;
 
-    let (ok, listing, stderr) = weir(&["dlq", "list"], &orders_config);
+    let (ok, listing, stderr) = weir_cli(&["dlq", "list"], &orders_config);
     assert!(ok, "{stderr}");
     assert!(
         listing.starts_with("4 dead letters of pipeline \"orders\" in stream \"ORDERS_DLQ\""),
@@ -97,7 +70,7 @@ async fn dead_letters_are_listed_shown_and_replayed_once_after_a_fix() {
     }
     let first_sequence = rows[0].split_whitespace().next().unwrap();
 
-    let (ok, shown, stderr) = weir(&["dlq", "show", first_sequence], &orders_config);
+    let (ok, shown, stderr) = weir_cli(&["dlq", "show", first_sequence], &orders_config);
     assert!(ok, "{stderr}");
     assert!(shown.contains("kind:          invalid-input"), "{shown}");
     assert!(shown.contains("subject \"orders.in.new\""), "{shown}");
@@ -106,12 +79,12 @@ async fn dead_letters_are_listed_shown_and_replayed_once_after_a_fix() {
         "{shown}"
     );
 
-    let (ok, _, stderr) = weir(&["dlq", "show", "999999"], &orders_config);
+    let (ok, _, stderr) = weir_cli(&["dlq", "show", "999999"], &orders_config);
     assert!(!ok && stderr.contains("is not in stream"), "{stderr}");
 
     // "Fix" the plugin: the echo plugin accepts anything. Replay every dead letter.
     let fixed_config = config(dir.path(), &server.url(), &plugin("hostile"), "fixed.toml");
-    let (ok, replayed, stderr) = weir(&["dlq", "replay", "--all"], &fixed_config);
+    let (ok, replayed, stderr) = weir_cli(&["dlq", "replay", "--all"], &fixed_config);
     assert!(ok, "{stderr}");
     assert!(
         replayed.contains("replayed 4 of 4 dead letters"),
@@ -122,25 +95,20 @@ async fn dead_letters_are_listed_shown_and_replayed_once_after_a_fix() {
         0,
         "replayed entries leave the DLQ"
     );
-    let (ok, replayed, _) = weir(&["dlq", "replay", "--all"], &fixed_config);
+    let (ok, replayed, _) = weir_cli(&["dlq", "replay", "--all"], &fixed_config);
     assert!(
         ok && replayed.contains("replayed 0 of 0"),
         "a second replay finds nothing: {replayed}"
     );
 
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(weir::run(
-        weir::Config::load(&fixed_config).unwrap(),
-        shutdown.clone(),
-    ));
+    let weir = InProcessWeir::start(&fixed_config, &js, "ORDERS").await;
     wait_for(
         "the replayed inputs' outputs",
         Duration::from_secs(60),
         || async { stream_len(&js, "ORDERS_OUT").await >= 76 },
     )
     .await;
-    shutdown.cancel();
-    let stats = running.await.unwrap().unwrap().pipelines[0].1;
+    let stats = weir.stop_stats().await;
     assert_eq!(
         stats.executed, 4,
         "only the replayed inputs are new: {stats:?}"

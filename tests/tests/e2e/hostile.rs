@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use weir::config::LimitsConfig;
 use weir::sandbox::{FailureKind, Outcome, Sandbox, TransformInput};
 use weir_tests::*;
@@ -23,31 +22,12 @@ async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
     let js = server.jetstream().await;
     let plugin = plugin("hostile");
     let store_dir = dir.path().join("store");
-    let text = PipelineToml {
-        name: "hostile",
-        nats_url: &server.url(),
-        plugin: &plugin,
-        store_dir: &store_dir,
-        stream: "IN",
-        subject: "in.>",
-        consumer: "weir",
-        output_prefix: "out",
-        output_stream: "OUT",
-        dlq_subject: "dlq",
-        dlq_stream: "DLQ",
+    let config_path = PipelineToml {
         extra: LIMITS,
+        ..PipelineToml::plain("hostile", &server.url(), &plugin, &store_dir)
     }
-    .render();
-    let config_path = dir.path().join("weir.toml");
-    std::fs::write(&config_path, text).unwrap();
-    let config = weir::Config::load(&config_path).unwrap();
-
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(weir::run(config, shutdown.clone()));
-    wait_for("the input stream", Duration::from_secs(30), || async {
-        js.get_stream("IN").await.is_ok()
-    })
-    .await;
+    .write(dir.path(), "weir.toml");
+    let weir = InProcessWeir::start(&config_path, &js, "IN").await;
     let inputs: Vec<Vec<u8>> = [
         "ok-1",
         "loop",
@@ -82,8 +62,7 @@ async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
         || async { stream_len(&js, "OUT").await >= 4 && stream_len(&js, "DLQ").await >= 10 },
     )
     .await;
-    shutdown.cancel();
-    running.await.unwrap().unwrap();
+    weir.stop().await;
 
     let echoes: Vec<Vec<u8>> = read_stream(&js, "OUT")
         .await
@@ -140,40 +119,19 @@ async fn a_fan_out_larger_than_the_publish_window_is_published_whole() {
     let js = server.jetstream().await;
     let plugin = plugin("hostile");
     let store_dir = dir.path().join("store");
-    let text = PipelineToml {
-        name: "fanout",
-        nats_url: &server.url(),
-        plugin: &plugin,
-        store_dir: &store_dir,
-        stream: "IN",
-        subject: "in.>",
-        consumer: "weir",
-        output_prefix: "out",
-        output_stream: "OUT",
-        dlq_subject: "dlq",
-        dlq_stream: "DLQ",
+    let config_path = PipelineToml {
         extra: "[pipeline.limits]\nmax_outputs = 20000\n",
+        ..PipelineToml::plain("fanout", &server.url(), &plugin, &store_dir)
     }
-    .render();
-    let config_path = dir.path().join("weir.toml");
-    std::fs::write(&config_path, text).unwrap();
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(weir::run(
-        weir::Config::load(&config_path).unwrap(),
-        shutdown.clone(),
-    ));
-    wait_for("the input stream", Duration::from_secs(30), || async {
-        js.get_stream("IN").await.is_ok()
-    })
-    .await;
+    .write(dir.path(), "weir.toml");
+    let weir = InProcessWeir::start(&config_path, &js, "IN").await;
     // 10 000 outputs of one input: more than the 5 000 publishes JetStream lets await acks.
     publish_all(&js, "in.x", &[b"flood".to_vec()]).await;
     wait_for("the whole fan-out", Duration::from_secs(60), || async {
         stream_len(&js, "OUT").await >= 10_000
     })
     .await;
-    shutdown.cancel();
-    let stats = running.await.unwrap().unwrap().pipelines[0].1;
+    let stats = weir.stop_stats().await;
     assert_eq!(stats.executed, 1, "{stats:?}");
     assert_eq!(stream_len(&js, "OUT").await, 10_000);
 }

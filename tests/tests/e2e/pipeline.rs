@@ -3,10 +3,10 @@
 //! the plugin.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use tokio_util::sync::CancellationToken;
 use weir_tests::*;
 
 struct Setup {
@@ -15,27 +15,15 @@ struct Setup {
 }
 
 impl Setup {
-    fn config(&self, consumer: &str) -> weir::Config {
+    /// The orders pipeline with `consumer`, written to `<consumer>.toml`.
+    fn config(&self, consumer: &str) -> PathBuf {
         let plugin = plugin("orders");
         let store_dir = self.dir.path().join("store");
-        let text = PipelineToml {
-            name: "orders",
-            nats_url: &self.server.url(),
-            plugin: &plugin,
-            store_dir: &store_dir,
-            stream: "ORDERS",
-            subject: "orders.in.>",
+        PipelineToml {
             consumer,
-            output_prefix: "orders.out",
-            output_stream: "ORDERS_OUT",
-            dlq_subject: "orders.dlq",
-            dlq_stream: "ORDERS_DLQ",
-            extra: "",
+            ..PipelineToml::orders(&self.server.url(), &plugin, &store_dir)
         }
-        .render();
-        let path = self.dir.path().join(format!("{consumer}.toml"));
-        std::fs::write(&path, text).unwrap();
-        weir::Config::load(&path).unwrap()
+        .write(self.dir.path(), &format!("{consumer}.toml"))
     }
 }
 
@@ -49,12 +37,7 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
     let payloads = order_workload(300, 10);
     let valid = payloads.len() - payloads.len() / 10;
 
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(weir::run(setup.config("weir"), shutdown.clone()));
-    wait_for("the input stream", Duration::from_secs(30), || async {
-        js.get_stream("ORDERS").await.is_ok()
-    })
-    .await;
+    let weir = InProcessWeir::start(&setup.config("weir"), &js, "ORDERS").await;
     publish_all(&js, "orders.in.new", &payloads).await;
     wait_for(
         "all outputs and dead letters",
@@ -65,9 +48,7 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
         },
     )
     .await;
-    shutdown.cancel();
-    let report = running.await.unwrap().unwrap();
-    let stats = report.pipelines[0].1;
+    let stats = weir.stop_stats().await;
     assert_eq!(stats.executed, 300, "{stats:?}");
     assert_eq!(stats.dead_lettered, 30, "{stats:?}");
     assert_eq!(stats.acked, 300, "{stats:?}");
@@ -147,8 +128,7 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
 
     // The same inputs again, through a second consumer on the same store: every one is
     // already committed, so the plugin must not run, and nothing new is stored downstream.
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(weir::run(setup.config("weir-again"), shutdown.clone()));
+    let weir = InProcessWeir::start(&setup.config("weir-again"), &js, "ORDERS").await;
     wait_for(
         "the second consumer to drain",
         Duration::from_secs(60),
@@ -163,8 +143,7 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
         },
     )
     .await;
-    shutdown.cancel();
-    let stats = running.await.unwrap().unwrap().pipelines[0].1;
+    let stats = weir.stop_stats().await;
     assert_eq!(
         stats.executed, 0,
         "committed inputs ran the plugin: {stats:?}"
@@ -181,20 +160,16 @@ async fn a_nats_server_restart_mid_stream_loses_and_doubles_nothing() {
         dir: tempfile::tempdir().unwrap(),
     };
     let payloads = order_workload(600, 0);
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(weir::run(setup.config("weir"), shutdown.clone()));
-    {
+    let weir = {
         let js = setup.server.jetstream().await;
-        wait_for("the input stream", Duration::from_secs(30), || async {
-            js.get_stream("ORDERS").await.is_ok()
-        })
-        .await;
+        let weir = InProcessWeir::start(&setup.config("weir"), &js, "ORDERS").await;
         publish_all(&js, "orders.in.new", &payloads[..300]).await;
         wait_for("some outputs", Duration::from_secs(30), || async {
             stream_len(&js, "ORDERS_OUT").await > 0
         })
         .await;
-    }
+        weir
+    };
     // SIGKILL the server while weir works, and bring it back on the same port and store.
     setup.server.restart();
     let js = setup.server.jetstream().await;
@@ -205,8 +180,7 @@ async fn a_nats_server_restart_mid_stream_loses_and_doubles_nothing() {
         || async { stream_len(&js, "ORDERS_OUT").await >= 1200 },
     )
     .await;
-    shutdown.cancel();
-    running.await.unwrap().unwrap();
+    weir.stop().await;
 
     let outputs = read_stream(&js, "ORDERS_OUT").await;
     let mut ids = std::collections::HashSet::new();
@@ -230,12 +204,7 @@ async fn a_recreated_input_stream_is_processed_afresh() {
         dir: tempfile::tempdir().unwrap(),
     };
     let js = setup.server.jetstream().await;
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(weir::run(setup.config("weir"), shutdown.clone()));
-    wait_for("the input stream", Duration::from_secs(30), || async {
-        js.get_stream("ORDERS").await.is_ok()
-    })
-    .await;
+    let weir = InProcessWeir::start(&setup.config("weir"), &js, "ORDERS").await;
     let payloads = order_workload(10, 0);
     publish_all(&js, "orders.in.new", &payloads).await;
     wait_for("the first outputs", Duration::from_secs(30), || async {
@@ -260,8 +229,7 @@ async fn a_recreated_input_stream_is_processed_afresh() {
         || async { stream_len(&js, "ORDERS_OUT").await >= 40 },
     )
     .await;
-    shutdown.cancel();
-    let stats = running.await.unwrap().unwrap().pipelines[0].1;
+    let stats = weir.stop_stats().await;
     assert_eq!(stats.executed, 20, "{stats:?}");
     assert_eq!(stats.deduplicated, 0, "{stats:?}");
 }
@@ -273,12 +241,7 @@ async fn a_publish_that_keeps_failing_is_retried_and_nothing_is_acked_meanwhile(
         dir: tempfile::tempdir().unwrap(),
     };
     let js = setup.server.jetstream().await;
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(weir::run(setup.config("weir"), shutdown.clone()));
-    wait_for("the input stream", Duration::from_secs(30), || async {
-        js.get_stream("ORDERS").await.is_ok()
-    })
-    .await;
+    let weir = InProcessWeir::start(&setup.config("weir"), &js, "ORDERS").await;
     let payloads = order_workload(20, 0);
     publish_all(&js, "orders.in.new", &payloads[..10]).await;
     wait_for("the first outputs", Duration::from_secs(30), || async {
@@ -317,8 +280,7 @@ async fn a_publish_that_keeps_failing_is_retried_and_nothing_is_acked_meanwhile(
         stream_len(&js, "ORDERS_OUT").await >= 20
     })
     .await;
-    shutdown.cancel();
-    let stats = running.await.unwrap().unwrap().pipelines[0].1;
+    let stats = weir.stop_stats().await;
     assert_eq!(stats.executed, 20, "{stats:?}");
     assert_eq!(stats.acked, 20, "{stats:?}");
     assert_eq!(stream_len(&js, "ORDERS_OUT").await, 20);

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
-use tokio_util::sync::CancellationToken;
 use weir_tests::*;
 
 #[derive(Debug, Clone)]
@@ -46,37 +45,14 @@ fn arbitrary_messages_never_crash_the_host_nor_get_lost() {
     let dir = tempfile::tempdir().unwrap();
     let plugin = plugin("hostile");
     let store_dir = dir.path().join("store");
-    let text = PipelineToml {
-        name: "prop",
-        nats_url: &server.url(),
-        plugin: &plugin,
-        store_dir: &store_dir,
-        stream: "IN",
-        subject: "in.>",
-        consumer: "weir",
-        output_prefix: "out",
-        output_stream: "OUT",
-        dlq_subject: "dlq",
-        dlq_stream: "DLQ",
-        extra: "",
-    }
-    .render();
-    let config_path = dir.path().join("weir.toml");
-    std::fs::write(&config_path, text).unwrap();
-    let shutdown = CancellationToken::new();
-    let (js, max_payload, running) = runtime.block_on(async {
+    let config_path = PipelineToml::plain("prop", &server.url(), &plugin, &store_dir)
+        .write(dir.path(), "weir.toml");
+    let (js, max_payload, weir) = runtime.block_on(async {
         let client = server.client().await;
         let max_payload = client.server_info().max_payload;
         let js = async_nats::jetstream::new(client);
-        let running = tokio::spawn(weir::run(
-            weir::Config::load(&config_path).unwrap(),
-            shutdown.clone(),
-        ));
-        wait_for("the input stream", Duration::from_secs(30), || async {
-            js.get_stream("IN").await.is_ok()
-        })
-        .await;
-        (js, max_payload, running)
+        let weir = InProcessWeir::start(&config_path, &js, "IN").await;
+        (js, max_payload, weir)
     });
 
     let published = std::cell::Cell::new(0u64);
@@ -119,8 +95,7 @@ fn arbitrary_messages_never_crash_the_host_nor_get_lost() {
         .unwrap();
 
     runtime.block_on(async {
-        shutdown.cancel();
-        running.await.unwrap().unwrap();
+        weir.stop().await;
         let inputs = read_stream(&js, "IN").await;
         let published = published.get();
         assert_eq!(inputs.len() as u64, published);

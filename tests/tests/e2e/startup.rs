@@ -8,24 +8,11 @@ use std::time::Duration;
 use weir_tests::*;
 
 fn write_config(dir: &Path, url: &str, plugin: &Path, extra: &str) -> std::path::PathBuf {
-    let text = PipelineToml {
-        name: "orders",
-        nats_url: url,
-        plugin,
-        store_dir: &dir.join("store"),
-        stream: "ORDERS",
-        subject: "orders.in.>",
-        consumer: "weir",
-        output_prefix: "orders.out",
-        output_stream: "ORDERS_OUT",
-        dlq_subject: "orders.dlq",
-        dlq_stream: "ORDERS_DLQ",
+    PipelineToml {
         extra,
+        ..PipelineToml::orders(url, plugin, &dir.join("store"))
     }
-    .render();
-    let path = dir.join("weir.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    .write(dir, "weir.toml")
 }
 
 fn weir_run(config: &Path) -> Output {
