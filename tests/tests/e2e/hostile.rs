@@ -20,14 +20,24 @@ async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let js = server.jetstream().await;
-    let plugin = plugin("hostile");
-    let store_dir = dir.path().join("store");
-    let config_path = PipelineToml {
+    let url = server.url();
+    let (hostile, orders) = (plugin("hostile"), plugin("orders"));
+    let (hostile_store, orders_store) = (dir.path().join("hostile"), dir.path().join("orders"));
+    // Two pipelines in one host: the hostile one must not disturb the other.
+    let hostile_pipeline = PipelineToml {
         extra: LIMITS,
-        ..PipelineToml::plain("hostile", &server.url(), &plugin, &store_dir)
-    }
-    .write(dir.path(), "weir.toml");
-    let weir = InProcessWeir::start(&config_path, &js, "IN").await;
+        ..PipelineToml::plain("hostile", &url, &hostile, &hostile_store)
+    };
+    let config_path = dir.path().join("weir.toml");
+    std::fs::write(
+        &config_path,
+        hostile_pipeline.render() + &PipelineToml::orders(&url, &orders, &orders_store).render(),
+    )
+    .unwrap();
+    // Pipelines start in order: once the second one's stream exists, so does the first's.
+    let weir = InProcessWeir::start(&config_path, &js, "ORDERS").await;
+    let orders = order_workload(100, 0);
+    publish_all(&js, "orders.in.new", &orders[..50]).await;
     let inputs: Vec<Vec<u8>> = [
         "ok-1",
         "loop",
@@ -56,6 +66,13 @@ async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
         .unwrap()
         .await
         .unwrap();
+    publish_all(&js, "orders.in.new", &orders[50..]).await;
+    wait_for(
+        "the other pipeline's outputs",
+        Duration::from_secs(60),
+        || async { stream_len(&js, "ORDERS_OUT").await >= 200 },
+    )
+    .await;
     wait_for(
         "echoes and dead letters",
         Duration::from_secs(60),
