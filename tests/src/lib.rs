@@ -163,6 +163,8 @@ pub fn free_port() -> u16 {
 #[derive(Debug, Clone)]
 pub struct StoredMessage {
     pub subject: String,
+    /// When the stream stored it, in Unix nanoseconds (the server's clock).
+    pub stored_unix_ns: i128,
     pub msg_id: Option<String>,
     pub headers: Vec<(String, String)>,
     pub payload: Vec<u8>,
@@ -218,8 +220,13 @@ pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<StoredMes
                     .map(move |v| (name.to_string(), v.as_str().to_owned()))
             })
             .collect();
+        let stored_unix_ns = message
+            .info()
+            .map(|info| info.published.unix_timestamp_nanos())
+            .unwrap_or(0);
         out.push(StoredMessage {
             subject: message.subject.to_string(),
+            stored_unix_ns,
             msg_id: headers
                 .iter()
                 .find(|(n, _)| n == "Nats-Msg-Id")

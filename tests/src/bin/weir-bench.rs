@@ -1,123 +1,477 @@
-//! Benchmarks that compare weir with itself in one run, on one server and machine, and
-//! print ratios (absolute rates depend on the machine; the ratios are the targets).
+//! Benchmarks that compare weir with a baseline measured in the same run, on the same server
+//! and machine, and print ratios (absolute rates depend on the machine; the ratios are the
+//! targets). Build the workspace and the plugins first (scripts/test.sh or scripts/demo.sh).
 //!
-//! `weir-bench malformed [COUNT]`: COUNT orders (default 50 000) through the orders
-//! pipeline, clean and with 1 % malformed (dead-lettered) inputs, alternating, twice each.
-//! Target: the malformed run within 10 % of the clean one.
+//! - `weir-bench throughput [COUNT] [--sync-always]`: COUNT messages (default 100 000) of
+//!   256 B through (a) a bare async-nats pass-through, (b) `weir run` with an identity
+//!   plugin, (c) `weir run` with the JSON orders plugin; then the same ids delivered again
+//!   (a redelivery storm), latency under a paced load, and the per-message sandbox cost.
+//! - `weir-bench malformed [COUNT]`: COUNT orders (default 50 000), clean and with 1 %
+//!   malformed inputs, alternating, twice each. Target: within 10 % of each other.
+//! - `weir-bench store [COUNT]`: COUNT committed ids (default 10 000 000) in a dedup store,
+//!   then the cost of looking ids up, and resident memory along the way.
 
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio_util::sync::CancellationToken;
+use async_nats::jetstream::{self, consumer::pull, message::PublishMessage};
+use futures::StreamExt;
 use weir_tests::*;
 
 #[tokio::main]
 async fn main() {
-    let mut args = std::env::args().skip(1);
-    let scenario = args.next().unwrap_or_else(|| "malformed".into());
-    let count: usize = args
-        .next()
-        .map(|n| n.parse().expect("COUNT must be a number"))
-        .unwrap_or(50_000);
-    match scenario.as_str() {
-        "malformed" => malformed(count).await,
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let scenario = args.first().map(String::as_str).unwrap_or("throughput");
+    let count = |default: usize| -> usize {
+        args.get(1)
+            .filter(|a| !a.starts_with("--"))
+            .map(|n| n.parse().expect("COUNT must be a number"))
+            .unwrap_or(default)
+    };
+    let sync_always = args.iter().any(|a| a == "--sync-always");
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("weir-bench {scenario}: {cores} cores");
+    match scenario {
+        "throughput" => throughput(count(100_000), sync_always).await,
+        "malformed" => malformed(count(50_000)).await,
+        "store" => store_scale(count(10_000_000)),
         other => {
-            eprintln!("weir-bench: unknown scenario {other:?}; scenarios: malformed");
+            eprintln!(
+                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store"
+            );
             std::process::exit(2);
         }
     }
+}
+
+/// 256-byte payloads the identity (echo) plugin passes through unchanged.
+fn identity_payloads(count: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| {
+            let mut payload = format!("message {i:010} ").into_bytes();
+            payload.resize(256, b'.');
+            payload
+        })
+        .collect()
+}
+
+async fn throughput(count: usize, sync_always: bool) {
+    let server = NatsServer::start_with_sync(sync_always);
+    let js = server.jetstream().await;
+    println!(
+        "{count} messages per run, nats-server {}",
+        if sync_always {
+            "sync_interval: always"
+        } else {
+            "default sync"
+        }
+    );
+    let identity = identity_payloads(count);
+    let orders = order_workload(count, 0);
+
+    let bare = passthrough(&js, "A", &identity).await;
+    println!("  (a) bare pass-through         {bare:>9.0} msgs/s");
+    let identity_run = WeirRun::new(&server, "B", "hostile");
+    let (weir_identity, rss_identity) = identity_run.process(&js, &identity, count, "weir").await;
+    println!(
+        "  (b) weir exactly-once, identity {weir_identity:>9.0} msgs/s  b/a = {:.2}  max RSS {} MiB",
+        weir_identity / bare,
+        rss_identity >> 20
+    );
+    let orders_run = WeirRun::new(&server, "C", "orders");
+    let (weir_json, rss_json) = orders_run.process(&js, &orders, 2 * count, "weir").await;
+    println!(
+        "  (c) weir exactly-once, JSON    {weir_json:>9.0} msgs/s  c/a = {:.2}  max RSS {} MiB",
+        weir_json / bare,
+        rss_json >> 20
+    );
+
+    // The same ids again, through a second consumer on the same store: every one is
+    // already committed, so nothing runs and nothing is re-published.
+    let (storm, _) = identity_run.process(&js, &[], count, "weir-storm").await;
+    println!(
+        "  redelivery storm (b's ids)     {storm:>9.0} msgs/s  storm/fresh = {:.2} (target >= 2)",
+        storm / weir_identity
+    );
+
+    latency(&server, &js).await;
+    sandbox_overhead();
+}
+
+/// The baseline: fetch → publish with Nats-Msg-Id → await PublishAcks → double ack, in
+/// batches like weir's, and nothing else.
+async fn passthrough(js: &jetstream::Context, tag: &str, payloads: &[Vec<u8>]) -> f64 {
+    let (input, output) = (format!("IN{tag}"), format!("OUT{tag}"));
+    for (stream, subject) in [
+        (&input, format!("in{tag}.>")),
+        (&output, format!("out{tag}.>")),
+    ] {
+        js.create_stream(jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![subject],
+            ..Default::default()
+        })
+        .await
+        .expect("create a stream");
+    }
+    for chunk in payloads.chunks(1000) {
+        publish_all(js, &format!("in{tag}.x"), chunk).await;
+    }
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(&input)
+        .await
+        .expect("the input stream")
+        .create_consumer(pull::Config {
+            durable_name: Some("bare".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .expect("a consumer");
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(256)
+        .messages()
+        .await
+        .expect("pull");
+    let started = Instant::now();
+    let mut done = 0;
+    while done < payloads.len() {
+        let first = messages.next().await.expect("more").expect("a message");
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(5);
+        while batch.len() < 256 {
+            match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(Some(Ok(message))) => batch.push(message),
+                _ => break,
+            }
+        }
+        let mut acks = Vec::with_capacity(batch.len());
+        for message in &batch {
+            let sequence = message.info().expect("metadata").stream_sequence;
+            let publish = PublishMessage::build()
+                .message_id(format!("bare:{sequence}"))
+                .payload(message.payload.clone());
+            acks.push(
+                js.send_publish(format!("out{tag}.x"), publish)
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
+            ack.expect("publish acknowledged");
+        }
+        for ack in futures::future::join_all(batch.iter().map(|m| m.double_ack())).await {
+            ack.expect("ack confirmed");
+        }
+        done += batch.len();
+    }
+    payloads.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A `weir run` process on its own streams and store.
+struct WeirRun<'a> {
+    server: &'a NatsServer,
+    tag: &'a str,
+    plugin: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl<'a> WeirRun<'a> {
+    fn new(server: &'a NatsServer, tag: &'a str, plugin_name: &str) -> Self {
+        WeirRun {
+            server,
+            tag,
+            plugin: plugin(plugin_name),
+            dir: tempfile::tempdir().expect("a temp dir"),
+        }
+    }
+
+    fn start(&self, consumer: &str) -> Child {
+        let tag = self.tag;
+        let url = self.server.url();
+        let store_dir = self.dir.path().join("store");
+        let (stream, subject) = (format!("IN{tag}"), format!("in{tag}.>"));
+        let (prefix, output_stream) = (format!("out{tag}"), format!("OUT{tag}"));
+        let (dlq, dlq_stream) = (format!("dlq{tag}"), format!("DLQ{tag}"));
+        let text = PipelineToml {
+            stream: &stream,
+            subject: &subject,
+            consumer,
+            output_prefix: &prefix,
+            output_stream: &output_stream,
+            dlq_subject: &dlq,
+            dlq_stream: &dlq_stream,
+            ..PipelineToml::orders(&url, &self.plugin, &store_dir)
+        }
+        .render()
+        .replace("ack_wait_ms = 2000", "ack_wait_ms = 30000");
+        let config = self.dir.path().join(format!("{consumer}.toml"));
+        std::fs::write(&config, text).expect("write weir.toml");
+        Command::new(weir_binary())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start weir")
+    }
+
+    /// Publishes `payloads` (untimed), then times a weir process with `consumer` from its
+    /// start until the input consumer has acked `payloads.len()` (or, for a run over
+    /// already-published inputs, every input). Returns inputs/s and peak RSS.
+    async fn process(
+        &self,
+        js: &jetstream::Context,
+        payloads: &[Vec<u8>],
+        expected_outputs: usize,
+        consumer: &str,
+    ) -> (f64, u64) {
+        let tag = self.tag;
+        let input = format!("IN{tag}");
+        if !payloads.is_empty() {
+            js.create_stream(jetstream::stream::Config {
+                name: input.clone(),
+                subjects: vec![format!("in{tag}.>")],
+                ..Default::default()
+            })
+            .await
+            .expect("create the input stream");
+            for chunk in payloads.chunks(1000) {
+                publish_all(js, &format!("in{tag}.x"), chunk).await;
+            }
+        }
+        let inputs = stream_len(js, &input).await;
+        let started = Instant::now();
+        let mut weir = self.start(consumer);
+        wait_for(
+            "weir to ack every input",
+            Duration::from_secs(3600),
+            || async {
+                let Ok(stream) = js.get_stream(&input).await else {
+                    return false;
+                };
+                match stream.consumer_info(consumer).await {
+                    Ok(info) => info.ack_floor.stream_sequence >= inputs,
+                    Err(_) => false,
+                }
+            },
+        )
+        .await;
+        let elapsed = started.elapsed();
+        let peak_rss = memory(weir.id(), "VmHWM");
+        stop(&mut weir);
+        assert!(
+            stream_len(js, &format!("OUT{tag}")).await >= expected_outputs as u64,
+            "every output stored"
+        );
+        (inputs as f64 / elapsed.as_secs_f64(), peak_rss)
+    }
+}
+
+/// A memory figure of a process from /proc (`VmHWM` peak, `VmRSS` current), in bytes.
+fn memory(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(field))
+                .and_then(|rest| {
+                    rest.trim_start_matches(':')
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn stop(weir: &mut Child) {
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe { libc::kill(weir.id() as i32, libc::SIGTERM) };
+    let status = weir.wait().expect("wait for weir");
+    assert!(status.success(), "weir stops cleanly on SIGTERM");
+}
+
+/// End-to-end latency (input stored → output stored, both by the server's clock) with
+/// inputs published at a steady 2 000/s for 5 s.
+async fn latency(server: &NatsServer, js: &jetstream::Context) {
+    let run = WeirRun::new(server, "L", "hostile");
+    js.create_stream(jetstream::stream::Config {
+        name: "INL".into(),
+        subjects: vec!["inL.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("create the input stream");
+    let mut weir = run.start("weir");
+    wait_for("weir to be ready", Duration::from_secs(60), || async {
+        match js.get_stream("INL").await {
+            Ok(stream) => stream.consumer_info("weir").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let payloads = identity_payloads(10_000);
+    let pace = Duration::from_millis(50);
+    let mut tick = tokio::time::interval(pace);
+    for chunk in payloads.chunks(100) {
+        tick.tick().await;
+        publish_all(js, "inL.x", chunk).await;
+    }
+    wait_for("every output", Duration::from_secs(120), || async {
+        stream_len(js, "OUTL").await >= payloads.len() as u64
+    })
+    .await;
+    stop(&mut weir);
+    let inputs = read_stream(js, "INL").await;
+    let mut latencies: Vec<i128> = read_stream(js, "OUTL")
+        .await
+        .iter()
+        .map(|output| {
+            let id = output.msg_id.as_deref().expect("an output id");
+            let sequence: usize = id
+                .rsplit('#')
+                .next()
+                .and_then(|rest| rest.split(':').next())
+                .and_then(|s| s.parse().ok())
+                .expect("the output id names the input sequence");
+            output.stored_unix_ns - inputs[sequence - 1].stored_unix_ns
+        })
+        .collect();
+    latencies.sort_unstable();
+    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize] as f64 / 1e6;
+    println!(
+        "  latency at 2 000 msgs/s (b)    p50 {:.1} ms  p99 {:.1} ms",
+        percentile(0.5),
+        percentile(0.99)
+    );
+}
+
+/// A fresh instance and one call of a trivial transform, in this process.
+fn sandbox_overhead() {
+    let sandbox = weir::sandbox::Sandbox::new(&weir::config::SandboxConfig::default(), 64 << 20)
+        .expect("an engine");
+    let echo = sandbox
+        .load(&plugin("hostile"), &weir::config::LimitsConfig::default())
+        .expect("the echo plugin");
+    let input = weir::sandbox::TransformInput {
+        subject: "in.x".into(),
+        headers: vec![],
+        payload: vec![b'.'; 256],
+        stream_sequence: 1,
+        data_time_unix_ns: 0,
+        dedup_key: "k".into(),
+        seed: 0,
+    };
+    let runs = 20_000;
+    for _ in 0..1000 {
+        echo.run(input.clone());
+    }
+    let started = Instant::now();
+    for _ in 0..runs {
+        echo.run(input.clone());
+    }
+    println!(
+        "  sandbox: fresh instance + call  {:.1} µs per message",
+        started.elapsed().as_secs_f64() * 1e6 / runs as f64
+    );
 }
 
 async fn malformed(count: usize) {
     // JetStream's default sync: this measures weir, not the server's fsyncs.
     let server = NatsServer::start_with_sync(false);
     let js = server.jetstream().await;
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
-        "weir-bench malformed: {count} orders per run, {cores} cores, nats-server default sync"
-    );
+    println!("{count} orders per run, nats-server default sync");
     let clean = order_workload(count, 0);
     let one_percent = order_workload(count, 100);
-    let mut rates = (Vec::new(), Vec::new());
+    let (mut clean_rates, mut malformed_rates) = (Vec::new(), Vec::new());
     for round in 0..2 {
         for (label, payloads) in [("clean", &clean), ("1% malformed", &one_percent)] {
-            let rate = run_once(&server, &js, &format!("R{round}{}", label.len()), payloads).await;
+            let tag = format!("R{round}{}", label.len());
+            let run = WeirRun::new(&server, &tag, "orders");
+            let valid = payloads
+                .iter()
+                .filter(|p| serde_json::from_slice::<serde_json::Value>(p).is_ok())
+                .count();
+            let (rate, _) = run.process(&js, payloads, 2 * valid, "weir").await;
             println!("  round {round}  {label:<13} {rate:>9.0} inputs/s");
             if label == "clean" {
-                rates.0.push(rate);
+                clean_rates.push(rate);
             } else {
-                rates.1.push(rate);
+                malformed_rates.push(rate);
             }
         }
     }
     let mean = |v: &Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
-    let ratio = mean(&rates.1) / mean(&rates.0);
+    let ratio = mean(&malformed_rates) / mean(&clean_rates);
     println!(
         "malformed/clean throughput: {ratio:.3} (target >= 0.90): {}",
         if ratio >= 0.9 { "met" } else { "NOT met" }
     );
 }
 
-/// Publishes every payload first, then times weir from start to the last output.
-async fn run_once(
-    server: &NatsServer,
-    js: &async_nats::jetstream::Context,
-    tag: &str,
-    payloads: &[Vec<u8>],
-) -> f64 {
+/// Commits `count` ids to a dedup store in batches, then times lookups of present and
+/// absent ids; prints resident memory as the store grows.
+fn store_scale(count: usize) {
+    use weir::record::{Disposition, DoneRecord, OutboundMessage};
     let dir = tempfile::tempdir().expect("a temp dir");
-    let stream = format!("IN{tag}");
-    let subject = format!("in{tag}.>");
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: stream.clone(),
-        subjects: vec![subject.clone()],
-        ..Default::default()
-    })
-    .await
-    .expect("create the input stream");
-    for chunk in payloads.chunks(1000) {
-        publish_all(js, &format!("in{tag}.new"), chunk).await;
-    }
-    let plugin = plugin("orders");
-    let store_dir = dir.path().join("store");
-    let (out_stream, dlq_stream) = (format!("OUT{tag}"), format!("DLQ{tag}"));
-    let text = PipelineToml {
-        name: "bench",
-        stream: &stream,
-        subject: &subject,
-        output_prefix: &format!("out{tag}"),
-        output_stream: &out_stream,
-        dlq_subject: &format!("dlq{tag}"),
-        dlq_stream: &dlq_stream,
-        ..PipelineToml::orders(&server.url(), &plugin, &store_dir)
-    }
-    .render()
-    .replace("ack_wait_ms = 2000", "ack_wait_ms = 30000");
-    let config_path = dir.path().join("weir.toml");
-    std::fs::write(&config_path, text).expect("write weir.toml");
-    let config = weir::Config::load(&config_path).expect("a valid config");
-
-    let malformed = payloads
-        .iter()
-        .filter(|p| serde_json::from_slice::<serde_json::Value>(p).is_err())
-        .count() as u64;
-    let expected_outputs = 2 * (payloads.len() as u64 - malformed);
+    let store = weir::store::Store::open(dir.path()).expect("a store");
+    let record = DoneRecord {
+        disposition: Disposition::Transformed,
+        messages: vec![OutboundMessage {
+            subject: "out.echo".into(),
+            msg_id: "bench:IN@0#0:0".into(),
+            headers: vec![],
+            payload: vec![b'.'; 64],
+        }],
+    };
+    let key = |i: usize| format!("IN@1795600000000000000#{i}");
+    let batch_size = 10_000;
     let started = Instant::now();
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(weir::run(config, shutdown.clone()));
-    wait_for(
-        "every input processed",
-        Duration::from_secs(1800),
-        || async {
-            stream_len(js, &out_stream).await >= expected_outputs
-                && stream_len(js, &dlq_stream).await >= malformed
-        },
-    )
-    .await;
-    let elapsed = started.elapsed();
-    shutdown.cancel();
-    running
-        .await
-        .expect("weir task")
-        .expect("weir runs cleanly");
-    payloads.len() as f64 / elapsed.as_secs_f64()
+    let mut next_report = count / 10;
+    for start in (0..count).step_by(batch_size) {
+        let keys: Vec<String> = (start..(start + batch_size).min(count)).map(key).collect();
+        let records: Vec<(&str, &DoneRecord)> =
+            keys.iter().map(|k| (k.as_str(), &record)).collect();
+        store.commit(&records).expect("commit");
+        store
+            .clear_outbox(&keys.iter().map(String::as_str).collect::<Vec<_>>())
+            .expect("clear the outbox");
+        if start + batch_size >= next_report {
+            println!(
+                "  {:>10} ids committed, {:>8.0} ids/s, RSS {} MiB",
+                start + batch_size,
+                (start + batch_size) as f64 / started.elapsed().as_secs_f64(),
+                memory(std::process::id(), "VmRSS") >> 20
+            );
+            next_report += count / 10;
+        }
+    }
+    let lookups = 100_000;
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut random = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for (label, offset) in [("present", 0usize), ("absent", count)] {
+        let keys: Vec<String> = (0..lookups)
+            .map(|_| key(offset + (random() as usize % count)))
+            .collect();
+        let started = Instant::now();
+        for chunk in keys.chunks(256) {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            store.lookup(&refs).expect("lookup");
+        }
+        println!(
+            "  lookup of {label} ids: {:.2} µs per id (batches of 256), RSS {} MiB",
+            started.elapsed().as_secs_f64() * 1e6 / lookups as f64,
+            memory(std::process::id(), "VmRSS") >> 20
+        );
+    }
 }
