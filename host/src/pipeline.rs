@@ -101,7 +101,8 @@ pub struct Pipeline {
     config: PipelineConfig,
     plugin: Plugin,
     store: Arc<Store>,
-    source: MessageSource,
+    /// Taken by `run`: fetching proceeds alongside publishing the previous batch.
+    source: Option<MessageSource>,
     publisher: Publisher,
     max_payload: usize,
     stats: Arc<Stats>,
@@ -147,7 +148,7 @@ impl Pipeline {
             publisher: broker.publisher(),
             plugin,
             store: Arc::new(store),
-            source,
+            source: Some(source),
             config,
             stats: Arc::default(),
         })
@@ -161,42 +162,101 @@ impl Pipeline {
         self.stats.clone()
     }
 
-    /// Runs until `shutdown` fires, then finishes the batch in hand and returns. Returns an
-    /// error only for a fault that retrying cannot heal (a corrupt store).
+    /// Runs until `shutdown` fires, then finishes the batches in hand and returns. Returns
+    /// an error only for a fault that retrying cannot heal (a corrupt store).
+    ///
+    /// Two batches are in flight at once: while one is being published and acked, the next
+    /// is fetched, executed and committed. Each batch still keeps the invariant on its own;
+    /// a later batch's lookup sees every earlier batch's commit, because commits happen one
+    /// batch after another.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        let mut source = self
+            .source
+            .take()
+            .expect("a pipeline runs once, with the source `start` gave it");
         self.replay_outbox(&shutdown).await;
+        let mut committed: Option<CommittedBatch> = None;
+        loop {
+            let next = async {
+                let batch = self.next_batch(&mut source, &shutdown).await?;
+                Some(
+                    with_keepalive(
+                        &batch,
+                        self.keepalive_period(),
+                        self.commit_stage(&batch, &shutdown),
+                    )
+                    .await
+                    .map(|records| (batch, records)),
+                )
+            };
+            let (_, next) = tokio::join!(self.finish(committed.take(), &shutdown), next);
+            match next {
+                None => break,
+                Some(Ok((batch, Some(records)))) => {
+                    committed = Some(CommittedBatch { batch, records })
+                }
+                // Shut down before the commit: nothing of this batch is acked.
+                Some(Ok((_, None))) => break,
+                Some(Err(source)) => {
+                    return Err(Error::Stopped {
+                        pipeline: self.config.name.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        self.finish(committed, &shutdown).await;
+        tracing::info!(pipeline = %self.config.name, stats = ?self.stats.snapshot(), "pipeline stopped");
+        Ok(())
+    }
+
+    /// The next batch: waits for a first message, then takes what arrives within the batch
+    /// wait. `None` on shutdown.
+    async fn next_batch(
+        &self,
+        source: &mut MessageSource,
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<InputMessage>> {
         let mut backoff = Backoff::new();
         loop {
             let next = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break,
-                next = self.source.next_message() => next,
+                _ = shutdown.cancelled() => return None,
+                next = source.next_message() => next,
             };
-            let first = match next {
-                Ok(message) => {
-                    backoff = Backoff::new();
-                    message
+            match next {
+                Ok(first) => {
+                    let mut batch = vec![first];
+                    source.fill_batch(&mut batch).await;
+                    return Some(batch);
                 }
                 Err(error) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(pipeline = %self.config.name, %error, retry_in = ?delay, "fetch failed");
-                    if !sleep_unless_shutdown(delay, &shutdown).await {
-                        break;
+                    if !sleep_unless_shutdown(delay, shutdown).await {
+                        return None;
                     }
-                    continue;
                 }
-            };
-            let mut batch = vec![first];
-            self.source.fill_batch(&mut batch).await;
-            self.process_batch(batch, &shutdown)
-                .await
-                .map_err(|source| Error::Stopped {
-                    pipeline: self.config.name.clone(),
-                    source,
-                })?;
+            }
         }
-        tracing::info!(pipeline = %self.config.name, stats = ?self.stats.snapshot(), "pipeline stopped");
-        Ok(())
+    }
+
+    /// While a batch is in hand (a slow plugin, a long fan-out, retries), weir tells the
+    /// server every half `ack_wait` that it is being worked on, so it is not redelivered.
+    fn keepalive_period(&self) -> Duration {
+        Duration::from_millis(self.config.input.ack_wait_ms / 2)
+    }
+
+    /// Publishes and acks a committed batch (steps 4 and 5 of the module docs).
+    async fn finish(&self, committed: Option<CommittedBatch>, shutdown: &CancellationToken) {
+        if let Some(CommittedBatch { batch, records }) = committed {
+            with_keepalive(
+                &batch,
+                self.keepalive_period(),
+                self.publish_stage(&batch, records, shutdown),
+            )
+            .await;
+        }
     }
 
     /// Re-publishes what was committed but not confirmed published before the last stop.
@@ -228,36 +288,14 @@ impl Pipeline {
         }
     }
 
-    /// Takes one batch through the whole message path; see the module docs for the order
-    /// and why it is safe. Returns early, acking nothing more, on shutdown, and with an error
-    /// on a corrupt store record.
-    async fn process_batch(
-        &self,
-        batch: Vec<InputMessage>,
-        shutdown: &CancellationToken,
-    ) -> Result<(), StoreError> {
-        // While the batch is in hand (a slow plugin, a long fan-out, retries), tell the server
-        // it is being worked on, so that it is not redelivered meanwhile.
-        let period = Duration::from_millis(self.config.input.ack_wait_ms / 2);
-        let keepalive = async {
-            let mut ticker = tokio::time::interval(period);
-            ticker.tick().await;
-            loop {
-                ticker.tick().await;
-                futures::future::join_all(batch.iter().map(|message| message.progress())).await;
-            }
-        };
-        tokio::select! {
-            result = self.take_through_path(&batch, shutdown) => result,
-            _ = keepalive => Ok(()),
-        }
-    }
-
-    async fn take_through_path(
+    /// Steps 1 to 3 of the module docs: look up, execute the new inputs, commit. Returns
+    /// what to publish for each input (`None` where nothing needs publishing), or `None` on
+    /// shutdown before the commit; an error on a corrupt store record.
+    async fn commit_stage(
         &self,
         batch: &[InputMessage],
         shutdown: &CancellationToken,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<Vec<Option<Arc<DoneRecord>>>>, StoreError> {
         Stats::add(&self.stats.received, batch.len());
         let keys: Vec<String> = batch.iter().map(|m| self.dedup_key(m)).collect();
 
@@ -275,7 +313,7 @@ impl Pipeline {
                 Err(corrupt @ StoreError::Corrupt { .. }) => return Err(corrupt),
                 Err(error) => {
                     if !retrier.failed(error).await {
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
             }
@@ -327,7 +365,7 @@ impl Pipeline {
                 // The sandbox turns every plugin misbehaviour into an outcome; a panic here
                 // is a host bug. Nothing was committed, so the batch will be redelivered.
                 tracing::error!(pipeline = %self.config.name, %error, "plugin execution panicked; batch not acked");
-                return Ok(());
+                return Ok(None);
             }
         };
         Stats::add(&self.stats.executed, outcomes.len());
@@ -365,7 +403,7 @@ impl Pipeline {
                     Ok(()) => break,
                     Err(error) => {
                         if !retrier.failed(error).await {
-                            return Ok(());
+                            return Ok(None);
                         }
                         // RocksDB refuses writes after a failed one until it is reopened.
                         let store = self.store.clone();
@@ -377,17 +415,32 @@ impl Pipeline {
             }
         }
 
+        Ok(Some(
+            records
+                .into_iter()
+                .zip(needs_publish)
+                .map(|(record, needed)| record.filter(|_| needed))
+                .collect(),
+        ))
+    }
+
+    /// Steps 4 and 5: publish what the batch's inputs map to, await JetStream's acks, ack
+    /// the inputs, clear their outbox entries. Returns early, acking nothing, on shutdown.
+    async fn publish_stage(
+        &self,
+        batch: &[InputMessage],
+        records: Vec<Option<Arc<DoneRecord>>>,
+        shutdown: &CancellationToken,
+    ) {
         // 4. Publish everything the batch's inputs map to, and await the acks.
         let messages: Vec<&OutboundMessage> = records
             .iter()
-            .zip(&needs_publish)
-            .filter(|(_, needed)| **needed)
-            .filter_map(|(record, _)| record.as_deref())
+            .flatten()
             .flat_map(|record| &record.messages)
             .collect();
         if !self.publish(&messages, shutdown).await {
             // Committed and in the outbox: re-published on the next start.
-            return Ok(());
+            return;
         }
 
         // 5. Ack the inputs. A failed ack only means a redelivery, which step 1 absorbs.
@@ -397,8 +450,8 @@ impl Pipeline {
             tracing::warn!(pipeline = %self.config.name, %error, failed = batch.len() - acked, "some acks failed; those inputs will be redelivered and deduplicated");
         }
         Stats::add(&self.stats.acked, acked);
+        let keys = batch.iter().map(|m| self.dedup_key(m)).collect();
         self.clear_outbox(keys).await;
-        Ok(())
     }
 
     /// Publishes `messages` until JetStream has acknowledged them all; false if shutdown came
@@ -629,6 +682,33 @@ async fn blocking<T: Send + 'static>(
             message: e.to_string(),
         })
     })
+}
+
+/// A batch whose results are committed, waiting to be published and acked.
+struct CommittedBatch {
+    batch: Vec<InputMessage>,
+    /// What to publish per input; `None` where nothing needs publishing.
+    records: Vec<Option<Arc<DoneRecord>>>,
+}
+
+/// Runs `work` while telling the server, every `period`, that `batch` is being worked on.
+async fn with_keepalive<T>(
+    batch: &[InputMessage],
+    period: Duration,
+    work: impl Future<Output = T>,
+) -> T {
+    let keepalive = async {
+        let mut ticker = tokio::time::interval(period);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            futures::future::join_all(batch.iter().map(|message| message.progress())).await;
+        }
+    };
+    tokio::select! {
+        result = work => result,
+        never = keepalive => never,
+    }
 }
 
 /// Paces the retries of one transient operation: logs each failure and waits with backoff.

@@ -8,6 +8,7 @@
 //!   (a redelivery storm), latency under a paced load, and the per-message sandbox cost.
 //! - `weir-bench malformed [COUNT]`: COUNT orders (default 50 000), clean and with 1 %
 //!   malformed inputs, alternating, twice each. Target: within 10 % of each other.
+//! - `weir-bench sandbox`: a fresh instance and one call of a trivial transform, in µs.
 //! - `weir-bench store [COUNT]`: COUNT committed ids (default 10 000 000) in a dedup store,
 //!   then the cost of looking ids up, and resident memory along the way.
 
@@ -35,6 +36,7 @@ async fn main() {
         "throughput" => throughput(count(100_000), sync_always).await,
         "malformed" => malformed(count(50_000)).await,
         "store" => store_scale(count(10_000_000)),
+        "sandbox" => sandbox_overhead(),
         other => {
             eprintln!(
                 "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store"
