@@ -179,15 +179,15 @@ impl Pipeline {
         loop {
             let next = async {
                 let batch = self.next_batch(&mut source, &shutdown).await?;
-                Some(
-                    with_keepalive(
-                        &batch,
-                        self.keepalive_period(),
-                        self.commit_stage(&batch, &shutdown),
-                    )
-                    .await
-                    .map(|records| (batch, records)),
+                let started = std::time::Instant::now();
+                let committed = with_keepalive(
+                    &batch,
+                    self.keepalive_period(),
+                    self.commit_stage(&batch, &shutdown),
                 )
+                .await;
+                tracing::debug!(pipeline = %self.config.name, inputs = batch.len(), took = ?started.elapsed(), "batch committed");
+                Some(committed.map(|records| (batch, records)))
             };
             let (_, next) = tokio::join!(self.finish(committed.take(), &shutdown), next);
             match next {
@@ -250,12 +250,14 @@ impl Pipeline {
     /// Publishes and acks a committed batch (steps 4 and 5 of the module docs).
     async fn finish(&self, committed: Option<CommittedBatch>, shutdown: &CancellationToken) {
         if let Some(CommittedBatch { batch, records }) = committed {
+            let started = std::time::Instant::now();
             with_keepalive(
                 &batch,
                 self.keepalive_period(),
                 self.publish_stage(&batch, records, shutdown),
             )
             .await;
+            tracing::debug!(pipeline = %self.config.name, inputs = batch.len(), took = ?started.elapsed(), "batch published and acked");
         }
     }
 
@@ -351,22 +353,11 @@ impl Pipeline {
             .iter()
             .map(|&index| transform_input(&batch[index], &keys[index]))
             .collect();
-        let plugin = self.plugin.clone();
-        let outcomes = match tokio::task::spawn_blocking(move || {
-            inputs
-                .into_iter()
-                .map(|input| plugin.run(input))
-                .collect::<Vec<Outcome>>()
-        })
-        .await
-        {
-            Ok(outcomes) => outcomes,
-            Err(error) => {
-                // The sandbox turns every plugin misbehaviour into an outcome; a panic here
-                // is a host bug. Nothing was committed, so the batch will be redelivered.
-                tracing::error!(pipeline = %self.config.name, %error, "plugin execution panicked; batch not acked");
-                return Ok(None);
-            }
+        let Some(outcomes) = execute(&self.plugin, inputs).await else {
+            // The sandbox turns every plugin misbehaviour into an outcome; a panic here is a
+            // host bug. Nothing was committed, so the batch will be redelivered.
+            tracing::error!(pipeline = %self.config.name, "plugin execution panicked; batch not acked");
+            return Ok(None);
         };
         Stats::add(&self.stats.executed, outcomes.len());
         let mut new_records = Vec::with_capacity(outcomes.len());
@@ -656,6 +647,20 @@ impl Pipeline {
 fn is_nats_header(name: &str) -> bool {
     name.get(..5)
         .is_some_and(|prefix| prefix.eq_ignore_ascii_case("Nats-"))
+}
+
+/// Runs the plugin on every input, on the blocking pool (wasm must not stall the async
+/// runtime); outcomes come back in input order. `None` if the thread panicked.
+async fn execute(plugin: &Plugin, inputs: Vec<TransformInput>) -> Option<Vec<Outcome>> {
+    let plugin = plugin.clone();
+    tokio::task::spawn_blocking(move || {
+        inputs
+            .into_iter()
+            .map(|input| plugin.run(input))
+            .collect::<Vec<Outcome>>()
+    })
+    .await
+    .ok()
 }
 
 fn transform_input(message: &InputMessage, key: &str) -> TransformInput {

@@ -213,7 +213,10 @@ impl<'a> WeirRun<'a> {
         Command::new(weir_binary())
             .args(["run", "--config"])
             .arg(&config)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_BENCH_LOG").unwrap_or("warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()
             .expect("start weir")
