@@ -79,7 +79,7 @@ async fn check_pipeline(
                 .map_err(|e| e.to_string()),
         );
     }
-    found("store", check_store(&pipeline.store_dir));
+    found("store", check_store(pipeline));
 
     let broker =
         match Broker::connect(&pipeline.nats, &format!("weir-check-{}", pipeline.name)).await {
@@ -162,9 +162,11 @@ async fn check_pipeline(
 
 /// An existing store must open (and not be locked by a running host); a missing one must
 /// be creatable, which is checked on its nearest existing ancestor.
-fn check_store(dir: &Path) -> Result<String, String> {
+fn check_store(pipeline: &PipelineConfig) -> Result<String, String> {
+    let dir = &pipeline.store_dir;
     if dir.exists() {
-        return match Store::open(dir) {
+        let retention = std::time::Duration::from_secs(pipeline.dedup_retention_secs);
+        return match Store::open(dir, retention) {
             Ok(_) => Ok(format!("{} opens", dir.display())),
             Err(StoreError::Locked { .. }) => Ok(format!(
                 "{} is in use by a running weir (that host must stop before another can use it)",

@@ -59,6 +59,11 @@ pub struct PipelineConfig {
     /// How an input's identity is derived. By default `stream-sequence`.
     #[serde(default)]
     pub dedup: DedupMode,
+    /// How long a processed input is remembered, in seconds; an input seen again after that
+    /// is processed again. By default 604800 (7 days). Must exceed the longest redelivery
+    /// horizon (ack_wait × max deliveries, plus downtime) and the input stream's max age.
+    #[serde(default = "default_dedup_retention_secs")]
+    pub dedup_retention_secs: u64,
     pub nats: NatsConfig,
     pub input: InputConfig,
     pub output: OutputConfig,
@@ -106,6 +111,10 @@ pub struct NatsConfig {
     /// How long the first connection may take, in milliseconds. By default 5000.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+}
+
+fn default_dedup_retention_secs() -> u64 {
+    7 * 24 * 3600
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -412,6 +421,13 @@ impl PipelineConfig {
                 problems.push(format!("{key} must be greater than 0"));
             }
         }
+        if self.dedup_retention_secs.saturating_mul(1000) < 2 * self.input.ack_wait_ms {
+            problems.push(format!(
+                "dedup_retention_secs {} is shorter than two ack waits: a redelivered input could \
+                 be processed twice; keep it above the longest redelivery horizon",
+                self.dedup_retention_secs
+            ));
+        }
         if self.input.ack_wait_ms < 100 {
             problems.push("input.ack_wait_ms must be at least 100".into());
         }
@@ -471,6 +487,7 @@ mod tests {
         let pipeline = &config.pipelines[0];
         assert_eq!(pipeline.plugin, Path::new("/etc/weir/orders.wasm"));
         assert_eq!(pipeline.dedup, DedupMode::StreamSequence);
+        assert_eq!(pipeline.dedup_retention_secs, 604_800);
         assert_eq!(pipeline.limits.fuel, 100_000_000);
         assert_eq!(pipeline.batch.max_messages, 256);
         assert!(pipeline.input.create_stream);

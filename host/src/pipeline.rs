@@ -119,7 +119,8 @@ impl Pipeline {
         let plugin = sandbox
             .load(&config.plugin, &config.limits)
             .map_err(|e| fail(e.into()))?;
-        let store = Store::open(&config.store_dir).map_err(|e| fail(e.into()))?;
+        let retention = Duration::from_secs(config.dedup_retention_secs);
+        let store = Store::open(&config.store_dir, retention).map_err(|e| fail(e.into()))?;
         let broker = Broker::connect(&config.nats, &format!("weir-{}", config.name))
             .await
             .map_err(|e| fail(e.into()))?;

@@ -1,8 +1,10 @@
 //! The dedup store: which inputs are done, and what to publish for them.
 //!
 //! This is the only module that imports rocksdb. Two column families:
-//! - `done`: dedup key → the input's `DoneRecord` (its outputs or its dead letter). An input
-//!   whose key is here is never executed again.
+//! - `done`: dedup key → commit time (8 bytes, big-endian Unix milliseconds) and the input's
+//!   `DoneRecord` (its outputs or its dead letter). An input whose key is here, and younger
+//!   than the retention, is never executed again. Older entries count as absent and are
+//!   dropped by a compaction filter as RocksDB compacts: expiry never scans the store.
 //! - `outbox`: dedup key → nothing. Present from the commit until every message of the
 //!   record is acknowledged by JetStream; on start, every key still here is re-published.
 //!
@@ -12,9 +14,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions,
+    BlockBasedOptions, CompactionDecision, ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions,
 };
 
 use crate::record::DoneRecord;
@@ -54,14 +57,18 @@ pub struct Store {
     /// `None` only between a failed reopen and the next successful one.
     db: RwLock<Option<DB>>,
     path: PathBuf,
+    /// How long a committed input is remembered.
+    retention: Duration,
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `path`, and takes its lock.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    /// Opens (creating if needed) the store in `path`, and takes its lock. Committed inputs
+    /// are remembered for `retention`.
+    pub fn open(path: &Path, retention: Duration) -> Result<Store, StoreError> {
         Ok(Store {
-            db: RwLock::new(Some(open_db(path)?)),
+            db: RwLock::new(Some(open_db(path, retention)?)),
             path: path.to_owned(),
+            retention,
         })
     }
 
@@ -76,7 +83,7 @@ impl Store {
         let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
         // The old handle must be gone (and its lock released) before the new one opens.
         db.take();
-        *db = Some(open_db(&self.path)?);
+        *db = Some(open_db(&self.path, self.retention)?);
         Ok(())
     }
 
@@ -95,8 +102,23 @@ impl Store {
         }
     }
 
-    /// The committed records of `keys`, in order; `None` for keys never committed.
+    /// The committed records of `keys`, in order; `None` for keys never committed or
+    /// committed longer ago than the retention.
     pub fn lookup(&self, keys: &[&str]) -> Result<Vec<Option<Committed>>, StoreError> {
+        self.lookup_records(keys, Some(unix_millis().saturating_sub(self.retention_ms())))
+    }
+
+    fn retention_ms(&self) -> u64 {
+        u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Like `lookup`, counting records committed before `oldest_ms` as absent (`None`:
+    /// every record counts).
+    fn lookup_records(
+        &self,
+        keys: &[&str],
+        oldest_ms: Option<u64>,
+    ) -> Result<Vec<Option<Committed>>, StoreError> {
         self.with_db("lookup", |db| {
             let (done, outbox) = (family(db, DONE), family(db, OUTBOX));
             let records = db.multi_get_cf(keys.iter().map(|key| (done, key.as_bytes())));
@@ -110,13 +132,17 @@ impl Store {
                         operation: "lookup",
                         message: e.to_string(),
                     };
-                    match record.map_err(io)? {
-                        Some(bytes) => Ok(Some(Committed {
-                            record: decode(key, &bytes)?,
-                            published: pending.map_err(io)?.is_none(),
-                        })),
-                        None => Ok(None),
+                    let Some(bytes) = record.map_err(io)? else {
+                        return Ok(None);
+                    };
+                    let (committed_ms, record) = decode(key, &bytes)?;
+                    if oldest_ms.is_some_and(|oldest| committed_ms < oldest) {
+                        return Ok(None);
                     }
+                    Ok(Some(Committed {
+                        record,
+                        published: pending.map_err(io)?.is_none(),
+                    }))
                 })
                 .collect()
         })
@@ -124,13 +150,15 @@ impl Store {
 
     /// Durably records a batch of done inputs and their outbox entries, in one synced write.
     pub fn commit(&self, records: &[(&str, &DoneRecord)]) -> Result<(), StoreError> {
+        let committed_ms = unix_millis().to_be_bytes();
         self.with_db("commit", |db| {
             let mut batch = WriteBatch::default();
             for (key, record) in records {
-                let value = postcard::to_allocvec(record).map_err(|e| StoreError::Io {
-                    operation: "encode",
-                    message: e.to_string(),
-                })?;
+                let value = postcard::to_extend(record, committed_ms.to_vec())
+                    .map_err(|e| StoreError::Io {
+                        operation: "encode",
+                        message: e.to_string(),
+                    })?;
                 batch.put_cf(family(db, DONE), key.as_bytes(), value);
                 batch.put_cf(family(db, OUTBOX), key.as_bytes(), b"");
             }
@@ -172,7 +200,8 @@ impl Store {
             Ok(keys)
         })?;
         let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let records = self.lookup(&key_refs)?;
+        // Whatever its age, a record still in the outbox must be published.
+        let records = self.lookup_records(&key_refs, None)?;
         Ok(keys
             .into_iter()
             .zip(records)
@@ -181,7 +210,7 @@ impl Store {
     }
 }
 
-fn open_db(path: &Path) -> Result<DB, StoreError> {
+fn open_db(path: &Path, retention: Duration) -> Result<DB, StoreError> {
     std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
         path: path.to_owned(),
         message: e.to_string(),
@@ -194,6 +223,15 @@ fn open_db(path: &Path) -> Result<DB, StoreError> {
     // Most lookups are for new keys: a bloom filter answers "absent" without a disk read.
     table.set_bloom_filter(10.0, false);
     done_options.set_block_based_table_factory(&table);
+    let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+    done_options.set_compaction_filter("weir-dedup-retention", move |_level, _key, value: &[u8]| {
+        match committed_millis(value) {
+            Some(committed) if committed < unix_millis().saturating_sub(retention_ms) => {
+                CompactionDecision::Remove
+            }
+            _ => CompactionDecision::Keep,
+        }
+    });
     let families = [
         ColumnFamilyDescriptor::new(DONE, done_options),
         ColumnFamilyDescriptor::new(OUTBOX, Options::default()),
@@ -221,11 +259,26 @@ fn family<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
         .expect("open_db creates every column family")
 }
 
-fn decode(key: &str, bytes: &[u8]) -> Result<DoneRecord, StoreError> {
-    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+/// The commit time at the front of a `done` value.
+fn committed_millis(value: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<(u64, DoneRecord), StoreError> {
+    let corrupt = |message: String| StoreError::Corrupt {
         key: key.to_owned(),
-        message: e.to_string(),
-    })
+        message,
+    };
+    let committed = committed_millis(bytes).ok_or_else(|| corrupt("shorter than its header".into()))?;
+    let record = postcard::from_bytes(&bytes[8..]).map_err(|e| corrupt(e.to_string()))?;
+    Ok((committed, record))
+}
+
+/// Now, in Unix milliseconds (0 if the clock is before 1970).
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -249,12 +302,12 @@ mod tests {
     fn committed_records_survive_reopen_and_outbox_clears() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
             let (a, b) = (record(b"a"), record(b"b"));
             store.commit(&[("k1", &a), ("k2", &b)]).unwrap();
             store.clear_outbox(&["k1"]).unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
         let found = store.lookup(&["k1", "k2", "k3"]).unwrap();
         let committed = |payload: &[u8], published| {
             Some(Committed {
@@ -274,10 +327,46 @@ mod tests {
     }
 
     #[test]
+    fn records_older_than_the_retention_count_as_absent_and_compact_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::from_millis(300)).unwrap();
+        let (old, published) = (record(b"old"), record(b"published"));
+        store.commit(&[("old", &old), ("published", &published)]).unwrap();
+        store.clear_outbox(&["published"]).unwrap();
+        assert!(store.lookup(&["old"]).unwrap()[0].is_some(), "live within the retention");
+        std::thread::sleep(Duration::from_millis(400));
+        let young = record(b"young");
+        store.commit(&[("young", &young)]).unwrap();
+        let found = store.lookup(&["old", "published", "young"]).unwrap();
+        assert_eq!(found[0], None, "expired");
+        assert_eq!(found[1], None, "expired");
+        assert!(found[2].is_some(), "committed within the retention");
+        // An expired record still in the outbox is still published.
+        let pending: Vec<String> = store
+            .pending_outbox()
+            .unwrap()
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        assert_eq!(pending, ["old", "young"]);
+        // Compaction drops expired records for good, without a scan by weir.
+        store
+            .with_db("compact", |db| {
+                db.compact_range_cf(family(db, DONE), None::<&[u8]>, None::<&[u8]>);
+                Ok(())
+            })
+            .unwrap();
+        let raw = store.lookup_records(&["old", "published", "young"], None).unwrap();
+        assert_eq!(raw[0], None);
+        assert_eq!(raw[1], None);
+        assert!(raw[2].is_some());
+    }
+
+    #[test]
     fn second_open_of_the_same_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Store::open(dir.path()).unwrap();
-        match Store::open(dir.path()) {
+        let _first = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        match Store::open(dir.path(), Duration::from_secs(3600)) {
             Err(StoreError::Locked { .. }) => {}
             Err(other) => panic!("expected Locked, got {other}"),
             Ok(_) => panic!("a second open of a locked store succeeded"),

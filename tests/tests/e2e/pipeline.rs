@@ -285,3 +285,55 @@ async fn a_publish_that_keeps_failing_is_retried_and_nothing_is_acked_meanwhile(
     assert_eq!(stats.acked, 20, "{stats:?}");
     assert_eq!(stream_len(&js, "ORDERS_OUT").await, 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_input_is_processed_again_and_a_live_one_is_not() {
+    let setup = Setup {
+        server: NatsServer::start(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let js = setup.server.jetstream().await;
+    // Remember processed inputs for 4 s (the shortest the 2 s ack wait allows).
+    let with_retention = |consumer: &str| {
+        let path = setup.config(consumer);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replace("store_dir = ", "dedup_retention_secs = 4\nstore_dir = "),
+        )
+        .unwrap();
+        path
+    };
+    let drained = |consumer: &'static str| {
+        let js = js.clone();
+        async move {
+            wait_for("the consumer to drain", Duration::from_secs(30), || async {
+                match js.get_stream("ORDERS").await {
+                    Ok(stream) => match stream.consumer_info(consumer).await {
+                        Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
+                        Err(_) => false,
+                    },
+                    Err(_) => false,
+                }
+            })
+            .await
+        }
+    };
+    let weir = InProcessWeir::start(&with_retention("first"), &js, "ORDERS").await;
+    publish_all(&js, "orders.in.new", &order_workload(5, 0)).await;
+    drained("first").await;
+    assert_eq!(weir.stop_stats().await.executed, 5);
+
+    // Seen again at once: remembered, not executed.
+    let weir = InProcessWeir::start(&with_retention("live"), &js, "ORDERS").await;
+    drained("live").await;
+    let stats = weir.stop_stats().await;
+    assert_eq!((stats.executed, stats.deduplicated), (0, 5), "{stats:?}");
+
+    // Seen again after the retention: forgotten, executed again.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let weir = InProcessWeir::start(&with_retention("expired"), &js, "ORDERS").await;
+    drained("expired").await;
+    let stats = weir.stop_stats().await;
+    assert_eq!((stats.executed, stats.deduplicated), (5, 0), "{stats:?}");
+}
