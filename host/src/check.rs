@@ -79,7 +79,12 @@ async fn check_pipeline(
                 .map_err(|e| e.to_string()),
         );
     }
-    found("store", check_store(pipeline));
+    if let Some(store_dir) = &pipeline.store_dir {
+        found(
+            "store",
+            check_store(store_dir, pipeline.dedup_retention_secs),
+        );
+    }
 
     let broker =
         match Broker::connect(&pipeline.nats, &format!("weir-check-{}", pipeline.name)).await {
@@ -162,10 +167,9 @@ async fn check_pipeline(
 
 /// An existing store must open (and not be locked by a running host); a missing one must
 /// be creatable, which is checked on its nearest existing ancestor.
-fn check_store(pipeline: &PipelineConfig) -> Result<String, String> {
-    let dir = &pipeline.store_dir;
+fn check_store(dir: &Path, retention_secs: u64) -> Result<String, String> {
     if dir.exists() {
-        let retention = std::time::Duration::from_secs(pipeline.dedup_retention_secs);
+        let retention = std::time::Duration::from_secs(retention_secs);
         return match Store::open(dir, retention) {
             Ok(_) => Ok(format!("{} opens", dir.display())),
             Err(StoreError::Locked { .. }) => Ok(format!(

@@ -54,8 +54,16 @@ pub struct PipelineConfig {
     /// The plugin component (`.wasm`), relative to the configuration file's directory.
     pub plugin: PathBuf,
     /// The RocksDB directory that records processed inputs; relative to the configuration
-    /// file's directory. One host at a time may use it.
-    pub store_dir: PathBuf,
+    /// file's directory. One host at a time may use it. Required in exactly-once mode,
+    /// unused in at-least-once mode.
+    pub store_dir: Option<PathBuf>,
+    /// `exactly-once` (default): every input's outputs are committed to the store before
+    /// they are published, and a committed input never runs again. `at-least-once`: no
+    /// store; outputs still carry deterministic `Nats-Msg-Id`s, so JetStream's duplicate
+    /// window drops re-publishes inside it, but a redelivery after it runs the plugin and
+    /// publishes again. Cheaper: no fsync per batch, no lookups.
+    #[serde(default)]
+    pub mode: Mode,
     /// How an input's identity is derived. By default `stream-sequence`.
     #[serde(default)]
     pub dedup: DedupMode,
@@ -71,6 +79,15 @@ pub struct PipelineConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub batch: BatchConfig,
+}
+
+/// The delivery guarantee of a pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    #[default]
+    ExactlyOnce,
+    AtLeastOnce,
 }
 
 /// How an input's dedup key is derived (design.md §2).
@@ -268,7 +285,9 @@ impl Config {
         let mut config: Config = toml::from_str(text).map_err(|e| one_line(&e.to_string()))?;
         for pipeline in &mut config.pipelines {
             pipeline.plugin = base_dir.join(&pipeline.plugin);
-            pipeline.store_dir = base_dir.join(&pipeline.store_dir);
+            if let Some(store_dir) = &mut pipeline.store_dir {
+                *store_dir = base_dir.join(&*store_dir);
+            }
             for file in [
                 &mut pipeline.nats.credentials_file,
                 &mut pipeline.nats.tls_ca_file,
@@ -322,10 +341,11 @@ impl Config {
                     pipeline.name
                 ));
             }
-            if !store_dirs.insert(&pipeline.store_dir) {
+            if let Some(store_dir) = &pipeline.store_dir
+                && !store_dirs.insert(store_dir)
+            {
                 problems.push(format!(
-                    "pipelines share the store_dir {:?}: give each pipeline its own",
-                    pipeline.store_dir
+                    "pipelines share the store_dir {store_dir:?}: give each pipeline its own"
                 ));
             }
         }
@@ -428,6 +448,17 @@ impl PipelineConfig {
                 self.dedup_retention_secs
             ));
         }
+        match (self.mode, &self.store_dir) {
+            (Mode::ExactlyOnce, None) => problems.push(
+                "store_dir is required in exactly-once mode: set it, or mode = \"at-least-once\""
+                    .into(),
+            ),
+            (Mode::AtLeastOnce, Some(_)) => problems.push(
+                "store_dir is not used in at-least-once mode: remove it, or mode = \"exactly-once\""
+                    .into(),
+            ),
+            _ => {}
+        }
         if self.input.ack_wait_ms < 100 {
             problems.push("input.ack_wait_ms must be at least 100".into());
         }
@@ -486,6 +517,11 @@ mod tests {
         let config = parse(MINIMAL).unwrap();
         let pipeline = &config.pipelines[0];
         assert_eq!(pipeline.plugin, Path::new("/etc/weir/orders.wasm"));
+        assert_eq!(
+            pipeline.store_dir.as_deref(),
+            Some(Path::new("/etc/weir/store"))
+        );
+        assert_eq!(pipeline.mode, Mode::ExactlyOnce);
         assert_eq!(pipeline.dedup, DedupMode::StreamSequence);
         assert_eq!(pipeline.dedup_retention_secs, 604_800);
         assert_eq!(pipeline.limits.fuel, 100_000_000);

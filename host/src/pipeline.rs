@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{
     Broker, InputMessage, MSG_ID_HEADER, MessageSource, Publisher, is_publishable_header,
 };
-use crate::config::{DedupMode, PipelineConfig};
+use crate::config::{DedupMode, Mode, PipelineConfig};
 use crate::record::{Disposition, DoneRecord, OutboundMessage};
 use crate::retry::{Backoff, sleep_unless_shutdown};
 use crate::sandbox::{FailureKind, Outcome, Plugin, Sandbox, TransformInput};
@@ -100,7 +100,8 @@ pub struct StatsSnapshot {
 pub struct Pipeline {
     config: PipelineConfig,
     plugin: Plugin,
-    store: Arc<Store>,
+    /// `None` in at-least-once mode, which records nothing.
+    store: Option<Arc<Store>>,
     /// Taken by `run`: fetching proceeds alongside publishing the previous batch.
     source: Option<MessageSource>,
     publisher: Publisher,
@@ -120,7 +121,13 @@ impl Pipeline {
             .load(&config.plugin, &config.limits)
             .map_err(|e| fail(e.into()))?;
         let retention = Duration::from_secs(config.dedup_retention_secs);
-        let store = Store::open(&config.store_dir, retention).map_err(|e| fail(e.into()))?;
+        let store = match (config.mode, &config.store_dir) {
+            (Mode::ExactlyOnce, Some(dir)) => Some(Arc::new(
+                Store::open(dir, retention).map_err(|e| fail(e.into()))?,
+            )),
+            // Validation requires a store for exactly-once; at-least-once keeps none.
+            _ => None,
+        };
         let broker = Broker::connect(&config.nats, &format!("weir-{}", config.name))
             .await
             .map_err(|e| fail(e.into()))?;
@@ -140,7 +147,7 @@ impl Pipeline {
             pipeline = %config.name,
             plugin = %config.plugin.display(),
             plugin_sha256 = plugin.sha256(),
-            store = %store.path().display(),
+            mode = ?config.mode,
             stream = %config.input.stream,
             "pipeline ready"
         );
@@ -148,7 +155,7 @@ impl Pipeline {
             max_payload: broker.max_payload(),
             publisher: broker.publisher(),
             plugin,
-            store: Arc::new(store),
+            store,
             source: Some(source),
             config,
             stats: Arc::default(),
@@ -264,9 +271,10 @@ impl Pipeline {
 
     /// Re-publishes what was committed but not confirmed published before the last stop.
     async fn replay_outbox(&self, shutdown: &CancellationToken) {
+        let Some(store) = &self.store else { return };
         let mut retrier = Retrier::new("read the outbox", shutdown);
         let pending = loop {
-            let store = self.store.clone();
+            let store = store.clone();
             match blocking(move || store.pending_outbox()).await {
                 Ok(pending) => break pending,
                 Err(error) => {
@@ -302,10 +310,12 @@ impl Pipeline {
         Stats::add(&self.stats.received, batch.len());
         let keys: Vec<String> = batch.iter().map(|m| self.dedup_key(m)).collect();
 
-        // 1. Which inputs are already committed?
+        // 1. Which inputs are already committed? (In at-least-once mode, none are known.)
         let mut retrier = Retrier::new("look up the store", shutdown);
         let committed = loop {
-            let store = self.store.clone();
+            let Some(store) = self.store.clone() else {
+                break vec![None; keys.len()];
+            };
             let lookup_keys = keys.clone();
             let lookup = blocking(move || {
                 let refs: Vec<&str> = lookup_keys.iter().map(String::as_str).collect();
@@ -378,18 +388,20 @@ impl Pipeline {
         }
 
         // 3. Commit the new records in one synced write.
-        if !new_records.is_empty() {
+        if let Some(store) = &self.store
+            && !new_records.is_empty()
+        {
             let new_records = Arc::new(new_records);
             let mut retrier = Retrier::new("commit to the store", shutdown);
             loop {
-                let store = self.store.clone();
+                let committing = store.clone();
                 let new_records = new_records.clone();
                 let commit = blocking(move || {
                     let refs: Vec<(&str, &DoneRecord)> = new_records
                         .iter()
                         .map(|(key, record)| (key.as_str(), &**record))
                         .collect();
-                    store.commit(&refs)
+                    committing.commit(&refs)
                 });
                 match commit.await {
                     Ok(()) => break,
@@ -398,8 +410,8 @@ impl Pipeline {
                             return Ok(None);
                         }
                         // RocksDB refuses writes after a failed one until it is reopened.
-                        let store = self.store.clone();
-                        if let Err(error) = blocking(move || store.reopen()).await {
+                        let reopening = store.clone();
+                        if let Err(error) = blocking(move || reopening.reopen()).await {
                             tracing::warn!(pipeline = %self.config.name, %error, "reopening the store failed");
                         }
                     }
@@ -466,7 +478,9 @@ impl Pipeline {
     }
 
     async fn clear_outbox(&self, keys: Vec<String>) {
-        let store = self.store.clone();
+        let Some(store) = self.store.clone() else {
+            return;
+        };
         let result = blocking(move || {
             let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
             store.clear_outbox(&refs)

@@ -17,7 +17,8 @@ use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rocksdb::{
-    BlockBasedOptions, CompactionDecision, ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions,
+    BlockBasedOptions, ColumnFamilyDescriptor, CompactionDecision, DB, IteratorMode, Options,
+    WriteBatch, WriteOptions,
 };
 
 use crate::record::DoneRecord;
@@ -105,7 +106,10 @@ impl Store {
     /// The committed records of `keys`, in order; `None` for keys never committed or
     /// committed longer ago than the retention.
     pub fn lookup(&self, keys: &[&str]) -> Result<Vec<Option<Committed>>, StoreError> {
-        self.lookup_records(keys, Some(unix_millis().saturating_sub(self.retention_ms())))
+        self.lookup_records(
+            keys,
+            Some(unix_millis().saturating_sub(self.retention_ms())),
+        )
     }
 
     fn retention_ms(&self) -> u64 {
@@ -154,11 +158,12 @@ impl Store {
         self.with_db("commit", |db| {
             let mut batch = WriteBatch::default();
             for (key, record) in records {
-                let value = postcard::to_extend(record, committed_ms.to_vec())
-                    .map_err(|e| StoreError::Io {
+                let value = postcard::to_extend(record, committed_ms.to_vec()).map_err(|e| {
+                    StoreError::Io {
                         operation: "encode",
                         message: e.to_string(),
-                    })?;
+                    }
+                })?;
                 batch.put_cf(family(db, DONE), key.as_bytes(), value);
                 batch.put_cf(family(db, OUTBOX), key.as_bytes(), b"");
             }
@@ -224,14 +229,15 @@ fn open_db(path: &Path, retention: Duration) -> Result<DB, StoreError> {
     table.set_bloom_filter(10.0, false);
     done_options.set_block_based_table_factory(&table);
     let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
-    done_options.set_compaction_filter("weir-dedup-retention", move |_level, _key, value: &[u8]| {
-        match committed_millis(value) {
+    done_options.set_compaction_filter(
+        "weir-dedup-retention",
+        move |_level, _key, value: &[u8]| match committed_millis(value) {
             Some(committed) if committed < unix_millis().saturating_sub(retention_ms) => {
                 CompactionDecision::Remove
             }
             _ => CompactionDecision::Keep,
-        }
-    });
+        },
+    );
     let families = [
         ColumnFamilyDescriptor::new(DONE, done_options),
         ColumnFamilyDescriptor::new(OUTBOX, Options::default()),
@@ -269,7 +275,8 @@ fn decode(key: &str, bytes: &[u8]) -> Result<(u64, DoneRecord), StoreError> {
         key: key.to_owned(),
         message,
     };
-    let committed = committed_millis(bytes).ok_or_else(|| corrupt("shorter than its header".into()))?;
+    let committed =
+        committed_millis(bytes).ok_or_else(|| corrupt("shorter than its header".into()))?;
     let record = postcard::from_bytes(&bytes[8..]).map_err(|e| corrupt(e.to_string()))?;
     Ok((committed, record))
 }
@@ -331,9 +338,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Duration::from_millis(300)).unwrap();
         let (old, published) = (record(b"old"), record(b"published"));
-        store.commit(&[("old", &old), ("published", &published)]).unwrap();
+        store
+            .commit(&[("old", &old), ("published", &published)])
+            .unwrap();
         store.clear_outbox(&["published"]).unwrap();
-        assert!(store.lookup(&["old"]).unwrap()[0].is_some(), "live within the retention");
+        assert!(
+            store.lookup(&["old"]).unwrap()[0].is_some(),
+            "live within the retention"
+        );
         std::thread::sleep(Duration::from_millis(400));
         let young = record(b"young");
         store.commit(&[("young", &young)]).unwrap();
@@ -356,7 +368,9 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        let raw = store.lookup_records(&["old", "published", "young"], None).unwrap();
+        let raw = store
+            .lookup_records(&["old", "published", "young"], None)
+            .unwrap();
         assert_eq!(raw[0], None);
         assert_eq!(raw[1], None);
         assert!(raw[2].is_some());

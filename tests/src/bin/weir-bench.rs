@@ -4,7 +4,8 @@
 //!
 //! - `weir-bench throughput [COUNT] [--sync-always]`: COUNT messages (default 100 000) of
 //!   256 B through (a) a bare async-nats pass-through, (b) `weir run` with an identity
-//!   plugin, (c) `weir run` with the JSON orders plugin; then the same ids delivered again
+//!   plugin, (c) `weir run` with the JSON orders plugin, (d) `weir run` in at-least-once
+//!   mode with the identity plugin; then the same ids delivered again
 //!   (a redelivery storm), latency under a paced load, and the per-message sandbox cost.
 //! - `weir-bench malformed [COUNT]`: COUNT orders (default 50 000), clean and with 1 %
 //!   malformed inputs, alternating, twice each. Target: within 10 % of each other.
@@ -86,6 +87,14 @@ async fn throughput(count: usize, sync_always: bool) {
         "  (c) weir exactly-once, JSON    {weir_json:>9.0} msgs/s  c/a = {:.2}  max RSS {} MiB",
         weir_json / bare,
         rss_json >> 20
+    );
+
+    let mut cheap_run = WeirRun::new(&server, "D", "hostile");
+    cheap_run.at_least_once = true;
+    let (weir_cheap, _) = cheap_run.process(&js, &identity, count, "weir").await;
+    println!(
+        "  (d) weir at-least-once, identity {weir_cheap:>9.0} msgs/s  d/a = {:.2}",
+        weir_cheap / bare
     );
 
     // The same ids again, through a second consumer on the same store: every one is
@@ -177,6 +186,8 @@ struct WeirRun<'a> {
     tag: &'a str,
     plugin: std::path::PathBuf,
     dir: tempfile::TempDir,
+    /// Run in `at-least-once` mode instead of the default exactly-once.
+    at_least_once: bool,
 }
 
 impl<'a> WeirRun<'a> {
@@ -186,6 +197,7 @@ impl<'a> WeirRun<'a> {
             tag,
             plugin: plugin(plugin_name),
             dir: tempfile::tempdir().expect("a temp dir"),
+            at_least_once: false,
         }
     }
 
@@ -208,6 +220,15 @@ impl<'a> WeirRun<'a> {
         }
         .render()
         .replace("ack_wait_ms = 2000", "ack_wait_ms = 30000");
+        let text = if self.at_least_once {
+            let store_line = text
+                .lines()
+                .find(|l| l.starts_with("store_dir"))
+                .expect("a store");
+            text.replace(store_line, "mode = \"at-least-once\"")
+        } else {
+            text
+        };
         let config = self.dir.path().join(format!("{consumer}.toml"));
         std::fs::write(&config, text).expect("write weir.toml");
         Command::new(weir_binary())
@@ -424,8 +445,8 @@ async fn malformed(count: usize) {
 fn store_scale(count: usize) {
     use weir::record::{Disposition, DoneRecord, OutboundMessage};
     let dir = tempfile::tempdir().expect("a temp dir");
-    let store = weir::store::Store::open(dir.path(), Duration::from_secs(7 * 24 * 3600))
-        .expect("a store");
+    let store =
+        weir::store::Store::open(dir.path(), Duration::from_secs(7 * 24 * 3600)).expect("a store");
     let record = DoneRecord {
         disposition: Disposition::Transformed,
         messages: vec![OutboundMessage {

@@ -337,3 +337,51 @@ async fn an_expired_input_is_processed_again_and_a_live_one_is_not() {
     let stats = weir.stop_stats().await;
     assert_eq!((stats.executed, stats.deduplicated), (5, 0), "{stats:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_mode_keeps_no_store_and_relies_on_the_duplicate_window() {
+    let setup = Setup {
+        server: NatsServer::start(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let js = setup.server.jetstream().await;
+    let at_least_once = |consumer: &str| {
+        let path = setup.config(consumer);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let store_line = text.lines().find(|l| l.starts_with("store_dir")).unwrap();
+        std::fs::write(&path, text.replace(store_line, "mode = \"at-least-once\"")).unwrap();
+        path
+    };
+    let weir = InProcessWeir::start(&at_least_once("first"), &js, "ORDERS").await;
+    publish_all(&js, "orders.in.new", &order_workload(20, 0)).await;
+    wait_for("the outputs", Duration::from_secs(30), || async {
+        stream_len(&js, "ORDERS_OUT").await >= 40
+    })
+    .await;
+    assert_eq!(weir.stop_stats().await.executed, 20);
+    assert!(!setup.dir.path().join("store").exists(), "no store is kept");
+
+    // The same inputs again: without a store the plugin runs again, but the outputs carry
+    // the same ids, so JetStream (inside its duplicate window) stores nothing new.
+    let weir = InProcessWeir::start(&at_least_once("again"), &js, "ORDERS").await;
+    wait_for(
+        "the second consumer to drain",
+        Duration::from_secs(30),
+        || async {
+            match js
+                .get_stream("ORDERS")
+                .await
+                .unwrap()
+                .consumer_info("again")
+                .await
+            {
+                Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+    let stats = weir.stop_stats().await;
+    assert_eq!((stats.executed, stats.deduplicated), (20, 0), "{stats:?}");
+    assert_eq!(stream_len(&js, "ORDERS_OUT").await, 40);
+}
