@@ -6,21 +6,24 @@
 //! **An input is acknowledged only after its outputs are durably committed and published;
 //! a committed input is never executed again.**
 //!
-//! `process_batch` keeps it, in this order:
-//! 1. look every input's dedup key up in the store; a committed key is not executed, its
-//!    stored messages are published again (JetStream drops them as duplicates by their
-//!    deterministic `Nats-Msg-Id`) and the input is acked;
-//! 2. execute the new inputs and commit all their records, and their outbox entries, in one
-//!    synced write; until that write returns, nothing of the batch is published or acked;
-//! 3. publish every message of the batch and await JetStream's acks; until then nothing is
+//! `commit_stage` and then `publish_stage` keep it, for each batch, in this order:
+//! 1. look every input's dedup key up in the store; a committed key is not executed. Its
+//!    stored messages are published again only if its outbox entry is still there (JetStream
+//!    drops the ones it has as duplicates by their deterministic `Nats-Msg-Id`);
+//! 2. execute the new inputs;
+//! 3. commit all their records, and their outbox entries, in one synced write; until that
+//!    write returns, nothing of the batch is published or acked;
+//! 4. publish every message of the batch and await JetStream's acks; until then nothing is
 //!    acked;
-//! 4. ack the inputs (double ack), then clear their outbox entries.
+//! 5. ack the inputs (double ack), then clear their outbox entries.
 //!
-//! A crash before 2 completes leaves the inputs unacked: they are redelivered and executed
-//! once. A crash after 2 leaves outbox entries, re-published on start, and unacked inputs,
+//! A crash before 3 completes leaves the inputs unacked: they are redelivered and executed
+//! once. A crash after 3 leaves outbox entries, re-published on start, and unacked inputs,
 //! which step 1 recognises. A lost ack only causes a redelivery, which step 1 absorbs. The
 //! store, not the ack, is the source of truth (nats-server may accept a late ack for a
-//! different delivery of the same message).
+//! different delivery of the same message). In at-least-once mode there is no store:
+//! steps 1 and 3 do nothing, and only the deterministic output ids stand between a
+//! redelivery and a duplicate.
 
 use std::collections::HashMap;
 use std::sync::Arc;
