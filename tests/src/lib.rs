@@ -259,6 +259,34 @@ where
     }
 }
 
+/// Whether durable `consumer` of `stream` has been delivered and has acked everything.
+pub async fn drained(js: &jetstream::Context, stream: &str, consumer: &str) -> bool {
+    let Ok(stream) = js.get_stream(stream).await else {
+        return false;
+    };
+    match stream.consumer_info(consumer).await {
+        Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
+        Err(_) => false,
+    }
+}
+
+/// Waits until durable `consumer` of `stream` has acked everything.
+pub async fn wait_until_drained(js: &jetstream::Context, stream: &str, consumer: &str) {
+    wait_for(
+        &format!("consumer {consumer:?} to drain"),
+        Duration::from_secs(60),
+        || drained(js, stream, consumer),
+    )
+    .await;
+}
+
+/// Stops a child process with SIGTERM, the way an operator does, and waits for it.
+pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().expect("wait for the child")
+}
+
 /// Publishes `payloads` to `subject` through JetStream, awaiting every ack.
 pub async fn publish_all(js: &jetstream::Context, subject: &str, payloads: &[Vec<u8>]) {
     let mut acks = Vec::with_capacity(payloads.len());

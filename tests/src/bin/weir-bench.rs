@@ -316,9 +316,7 @@ fn memory(pid: u32, field: &str) -> u64 {
 }
 
 fn stop(weir: &mut Child) {
-    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-    unsafe { libc::kill(weir.id() as i32, libc::SIGTERM) };
-    let status = weir.wait().expect("wait for weir");
+    let status = terminate(weir);
     assert!(status.success(), "weir stops cleanly on SIGTERM");
 }
 

@@ -71,10 +71,7 @@ async fn main() {
     )
     .await;
     let elapsed = started.elapsed();
-
-    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-    unsafe { libc::kill(weir.id() as i32, libc::SIGTERM) };
-    let status = weir.wait().expect("wait for weir");
+    let status = terminate(&mut weir);
 
     let outputs = read_stream(&js, "ORDERS_OUT").await;
     let dead = read_stream(&js, "ORDERS_DLQ").await;

@@ -112,14 +112,7 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
         "every input processed",
         Duration::from_secs(120),
         || async {
-            let Ok(stream) = js.get_stream("ORDERS").await else {
-                return false;
-            };
-            let drained = match stream.consumer_info("weir").await {
-                Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
-                Err(_) => false,
-            };
-            drained
+            drained(&js, "ORDERS", "weir").await
                 && stream_len(&js, "ORDERS_OUT").await >= 2 * valid as u64
                 && stream_len(&js, "ORDERS_DLQ").await >= malformed as u64
         },
@@ -128,9 +121,7 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
     println!("drained {:?} after the last restart", started.elapsed());
 
     // A clean stop: SIGTERM, exit 0.
-    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-    unsafe { libc::kill(weir.id() as i32, libc::SIGTERM) };
-    let status = weir.wait().unwrap();
+    let status = terminate(&mut weir);
     assert!(status.success(), "SIGTERM stops weir cleanly, got {status}");
 
     // Outputs: each exactly once by id and by content, exactly the expected set.

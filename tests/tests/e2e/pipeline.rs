@@ -129,20 +129,7 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
     // The same inputs again, through a second consumer on the same store: every one is
     // already committed, so the plugin must not run, and nothing new is stored downstream.
     let weir = InProcessWeir::start(&setup.config("weir-again"), &js, "ORDERS").await;
-    wait_for(
-        "the second consumer to drain",
-        Duration::from_secs(60),
-        || async {
-            let Ok(stream) = js.get_stream("ORDERS").await else {
-                return false;
-            };
-            match stream.consumer_info("weir-again").await {
-                Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
-                Err(_) => false,
-            }
-        },
-    )
-    .await;
+    wait_until_drained(&js, "ORDERS", "weir-again").await;
     let stats = weir.stop_stats().await;
     assert_eq!(
         stats.executed, 0,
@@ -304,36 +291,21 @@ async fn an_expired_input_is_processed_again_and_a_live_one_is_not() {
         .unwrap();
         path
     };
-    let drained = |consumer: &'static str| {
-        let js = js.clone();
-        async move {
-            wait_for("the consumer to drain", Duration::from_secs(30), || async {
-                match js.get_stream("ORDERS").await {
-                    Ok(stream) => match stream.consumer_info(consumer).await {
-                        Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
-                        Err(_) => false,
-                    },
-                    Err(_) => false,
-                }
-            })
-            .await
-        }
-    };
     let weir = InProcessWeir::start(&with_retention("first"), &js, "ORDERS").await;
     publish_all(&js, "orders.in.new", &order_workload(5, 0)).await;
-    drained("first").await;
+    wait_until_drained(&js, "ORDERS", "first").await;
     assert_eq!(weir.stop_stats().await.executed, 5);
 
     // Seen again at once: remembered, not executed.
     let weir = InProcessWeir::start(&with_retention("live"), &js, "ORDERS").await;
-    drained("live").await;
+    wait_until_drained(&js, "ORDERS", "live").await;
     let stats = weir.stop_stats().await;
     assert_eq!((stats.executed, stats.deduplicated), (0, 5), "{stats:?}");
 
     // Seen again after the retention: forgotten, executed again.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let weir = InProcessWeir::start(&with_retention("expired"), &js, "ORDERS").await;
-    drained("expired").await;
+    wait_until_drained(&js, "ORDERS", "expired").await;
     let stats = weir.stop_stats().await;
     assert_eq!((stats.executed, stats.deduplicated), (5, 0), "{stats:?}");
 }
@@ -364,23 +336,7 @@ async fn at_least_once_mode_keeps_no_store_and_relies_on_the_duplicate_window() 
     // The same inputs again: without a store the plugin runs again, but the outputs carry
     // the same ids, so JetStream (inside its duplicate window) stores nothing new.
     let weir = InProcessWeir::start(&at_least_once("again"), &js, "ORDERS").await;
-    wait_for(
-        "the second consumer to drain",
-        Duration::from_secs(30),
-        || async {
-            match js
-                .get_stream("ORDERS")
-                .await
-                .unwrap()
-                .consumer_info("again")
-                .await
-            {
-                Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
-                Err(_) => false,
-            }
-        },
-    )
-    .await;
+    wait_until_drained(&js, "ORDERS", "again").await;
     let stats = weir.stop_stats().await;
     assert_eq!((stats.executed, stats.deduplicated), (20, 0), "{stats:?}");
     assert_eq!(stream_len(&js, "ORDERS_OUT").await, 40);
