@@ -7,4 +7,8 @@ cd "$repo"
 source scripts/prerequisites.sh
 scripts/build-plugins.sh
 cargo build --workspace
+# Every plugin that weir can run has golden fixtures (plugins/*/fixtures).
+weir="${CARGO_TARGET_DIR:-$repo/target}/debug/weir"
+"$weir" plugin test plugins/dist/orders.wasm --fixtures plugins/orders/fixtures
+"$weir" plugin test plugins/dist/hostile.wasm --fixtures plugins/hostile/fixtures --fuel 10000000
 cargo test --workspace "$@"

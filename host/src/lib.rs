@@ -8,6 +8,7 @@ pub mod broker;
 pub mod check;
 pub mod config;
 pub mod dlq;
+pub mod harness;
 pub mod pipeline;
 pub mod record;
 mod retry;

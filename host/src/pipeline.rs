@@ -30,7 +30,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{
@@ -682,8 +681,6 @@ async fn execute(plugin: &Plugin, inputs: Vec<TransformInput>) -> Option<Vec<Out
 }
 
 fn transform_input(message: &InputMessage, key: &str) -> TransformInput {
-    let digest = Sha256::digest(key.as_bytes());
-    let seed = u64::from_le_bytes(digest[..8].try_into().expect("sha256 has 32 bytes"));
     TransformInput {
         subject: message.subject.clone(),
         headers: message.headers.clone(),
@@ -691,7 +688,7 @@ fn transform_input(message: &InputMessage, key: &str) -> TransformInput {
         stream_sequence: message.stream_sequence,
         data_time_unix_ns: message.published_unix_ns,
         dedup_key: key.to_owned(),
-        seed,
+        seed: TransformInput::seed_for(key),
     }
 }
 

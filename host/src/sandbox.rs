@@ -56,6 +56,24 @@ pub struct TransformInput {
     pub seed: u64,
 }
 
+impl TransformInput {
+    /// The plugin's seed for an input: the first 8 bytes of the dedup key's sha256, so the
+    /// same input always gets the same seed.
+    pub fn seed_for(dedup_key: &str) -> u64 {
+        let digest = Sha256::digest(dedup_key.as_bytes());
+        u64::from_le_bytes(digest[..8].try_into().expect("sha256 has 32 bytes"))
+    }
+}
+
+/// What one plugin call used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub fuel: u64,
+    /// The largest the instance's linear memory grew to, in bytes.
+    pub peak_memory_bytes: usize,
+    pub elapsed: Duration,
+}
+
 /// One output a plugin asked for, before the pipeline maps it onto a real subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginOutput {
@@ -164,6 +182,16 @@ pub enum LoadError {
     },
 }
 
+/// What `weir plugin inspect` reports about a component.
+pub struct Inspection {
+    pub size: usize,
+    pub sha256: String,
+    pub imports: Vec<String>,
+    pub exports: Vec<String>,
+    /// Whether weir can run it, and if not why.
+    pub verdict: Result<(), LoadError>,
+}
+
 /// The engine all plugins share, and the thread that advances its epoch.
 pub struct Sandbox {
     engine: Engine,
@@ -198,6 +226,33 @@ impl Sandbox {
         Ok(Sandbox {
             engine,
             _epoch_ticker: epoch_ticker,
+        })
+    }
+
+    /// What a component file is, and whether weir can run it (the verdict is `load`'s).
+    pub fn inspect(&self, path: &Path, limits: &LimitsConfig) -> Result<Inspection, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let component =
+            Component::new(&self.engine, &bytes).map_err(|e| LoadError::NotAComponent {
+                path: path.to_owned(),
+                reason: one_line(&format!("{e:#}")),
+            })?;
+        let component_type = component.component_type();
+        Ok(Inspection {
+            size: bytes.len(),
+            sha256: hex(&Sha256::digest(&bytes)),
+            imports: component_type
+                .imports(&self.engine)
+                .map(|(name, _)| name.to_owned())
+                .collect(),
+            exports: component_type
+                .exports(&self.engine)
+                .map(|(name, _)| name.to_owned())
+                .collect(),
+            verdict: self.load(path, limits).map(|_| ()),
         })
     }
 
@@ -282,10 +337,31 @@ impl Plugin {
         &self.sha256
     }
 
+    /// The limits this plugin runs under.
+    pub fn limits(&self) -> &LimitsConfig {
+        &self.limits
+    }
+
     /// Runs one input in a fresh instance. Never panics on anything the plugin does: every
     /// misbehaviour becomes an `Outcome::Failed` with the reason.
     pub fn run(&self, input: TransformInput) -> Outcome {
+        self.run_measured(input).0
+    }
+
+    /// Like `run`, also reporting the fuel, memory and time the call used.
+    pub fn run_measured(&self, input: TransformInput) -> (Outcome, Usage) {
+        let started = std::time::Instant::now();
         let mut store = self.new_store();
+        let outcome = self.call(&mut store, input);
+        let usage = Usage {
+            fuel: self.limits.fuel - store.get_fuel().unwrap_or(0),
+            peak_memory_bytes: store.data().peak_memory_bytes,
+            elapsed: started.elapsed(),
+        };
+        (outcome, usage)
+    }
+
+    fn call(&self, store: &mut Store<CallState>, input: TransformInput) -> Outcome {
         let message = Message {
             subject: input.subject,
             headers: input.headers,
@@ -295,10 +371,10 @@ impl Plugin {
             dedup_key: input.dedup_key,
             seed: input.seed,
         };
-        let result = self.pre.instantiate(&mut store).and_then(|plugin| {
+        let result = self.pre.instantiate(&mut *store).and_then(|plugin| {
             plugin
                 .weir_transform_transformer()
-                .call_transform(&mut store, &message)
+                .call_transform(&mut *store, &message)
         });
         match result {
             Ok(Ok(outputs)) => self.check_output_limits(
@@ -358,6 +434,7 @@ impl Plugin {
             CallState {
                 memory_limit: self.limits.memory_bytes,
                 memory_denied: false,
+                peak_memory_bytes: 0,
             },
         );
         store.limiter(|state| state as &mut dyn ResourceLimiter);
@@ -414,6 +491,7 @@ impl Plugin {
 struct CallState {
     memory_limit: usize,
     memory_denied: bool,
+    peak_memory_bytes: usize,
 }
 
 impl ResourceLimiter for CallState {
@@ -425,6 +503,9 @@ impl ResourceLimiter for CallState {
     ) -> wasmtime::Result<bool> {
         let allowed = desired <= self.memory_limit;
         self.memory_denied |= !allowed;
+        if allowed {
+            self.peak_memory_bytes = self.peak_memory_bytes.max(desired);
+        }
         Ok(allowed)
     }
 

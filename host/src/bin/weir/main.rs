@@ -6,8 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
+use weir::config::LimitsConfig;
 
 mod dlq;
+mod plugin;
 
 /// A WebAssembly plugin host for JetStream stream transforms, with exactly-once effects.
 #[derive(Parser)]
@@ -36,11 +38,60 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Inspect plugin components and run their golden fixtures.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// List, show and replay a pipeline's dead letters.
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Show a component's size, sha256, imports and exports, and whether weir can run it.
+    Inspect {
+        /// The component (`.wasm`).
+        file: PathBuf,
+    },
+    /// Run golden fixtures (one JSON file per case) against a component: each case twice,
+    /// in fresh instances, failing on a wrong or non-deterministic result.
+    Test {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// The directory of `*.json` fixtures.
+        #[arg(long)]
+        fixtures: PathBuf,
+        /// Write each case's actual result into its fixture instead of comparing.
+        #[arg(long)]
+        update: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+/// The limits a plugin is tested under; the defaults are `weir run`'s.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Fuel per case (limits.fuel).
+    #[arg(long, default_value_t = LimitsConfig::default().fuel)]
+    fuel: u64,
+    /// Linear memory per instance, in bytes (limits.memory_bytes).
+    #[arg(long, default_value_t = LimitsConfig::default().memory_bytes)]
+    memory_bytes: usize,
+}
+
+impl LimitArgs {
+    fn into_limits(self) -> LimitsConfig {
+        LimitsConfig {
+            fuel: self.fuel,
+            memory_bytes: self.memory_bytes,
+            ..LimitsConfig::default()
+        }
+    }
 }
 
 /// Selects one pipeline of a configuration file.
@@ -102,6 +153,7 @@ fn main() -> ExitCode {
         Command::Run { config } => runtime.block_on(run(config)),
         Command::Check { config } => runtime.block_on(check(config)),
         Command::Dlq { command } => runtime.block_on(dlq::run(command)),
+        Command::Plugin { command } => plugin::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

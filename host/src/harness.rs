@@ -1,0 +1,340 @@
+//! The plugin test harness behind `weir plugin test`: golden fixtures, a determinism check,
+//! and what each case costs.
+//!
+//! A fixture is one JSON file, one case: the input message and what the plugin must make of
+//! it. Payloads are written as `{"text": "…"}`, `{"json": …}` or `{"base64": "…"}`:
+//!
+//! ```json
+//! {
+//!   "subject": "orders.in.new",
+//!   "headers": [["Content-Type", "application/json"]],
+//!   "payload": {"json": {"id": "o-1", "customer": "c-1", "items": []}},
+//!   "expect": {"outputs": [{"subject": "enriched", "payload": {"json": {"id": "o-1"}}}]}
+//! }
+//! ```
+//!
+//! `expect` is either `{"outputs": [...]}` or `{"error": {"kind": "invalid-input", "reason":
+//! "…"}}` (kinds as in dead letters: `invalid-input`, `plugin-failed`, `trap`,
+//! `fuel-exhausted`, …). Each case runs twice, in fresh instances: different results fail the
+//! case as non-deterministic.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::sandbox::{Outcome, Plugin, TransformInput, Usage};
+
+/// One fixture file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Case {
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    pub payload: Payload,
+    /// The message's data time; by default 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub data_time_unix_ns: u64,
+    /// What the plugin must produce; missing until `--update` writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<Expectation>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A payload as written in a fixture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Payload {
+    Text(String),
+    Json(serde_json::Value),
+    Base64(String),
+}
+
+/// What a case must produce.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Expectation {
+    Outputs(Vec<ExpectedOutput>),
+    Error { kind: String, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectedOutput {
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    pub payload: Payload,
+}
+
+/// A fixture that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FixtureError {
+    #[error("cannot read fixtures from {path:?}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("fixture {path:?}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("no fixtures (*.json) in {0:?}: add one per case")]
+    Empty(PathBuf),
+}
+
+/// A fixture file and its case.
+pub struct Fixture {
+    pub name: String,
+    pub path: PathBuf,
+    pub case: Case,
+}
+
+/// Every `*.json` fixture in `dir`, by name.
+pub fn load_fixtures(dir: &Path) -> Result<Vec<Fixture>, FixtureError> {
+    let read = |source| FixtureError::Read {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut fixtures = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read)? {
+        let path = entry.map_err(read)?.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| FixtureError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let case: Case = serde_json::from_str(&text).map_err(|e| FixtureError::Invalid {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if let Payload::Base64(text) = &case.payload {
+            decode_base64(text).map_err(|message| FixtureError::Invalid {
+                path: path.clone(),
+                message,
+            })?;
+        }
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        fixtures.push(Fixture { name, path, case });
+    }
+    if fixtures.is_empty() {
+        return Err(FixtureError::Empty(dir.to_owned()));
+    }
+    fixtures.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(fixtures)
+}
+
+/// How a case went.
+#[derive(Debug)]
+pub enum Verdict {
+    Pass,
+    /// The result differs from the expectation: a readable diff, expected lines `-`,
+    /// actual lines `+`.
+    Fail(String),
+    /// Two runs of the same input gave different results.
+    NotDeterministic(String),
+    /// The fixture had no expectation, or `--update` was given: the actual result was
+    /// written into it.
+    Updated,
+}
+
+pub struct CaseReport {
+    pub verdict: Verdict,
+    pub usage: Usage,
+    /// Limits the case came within 20 % of.
+    pub near_limits: Vec<&'static str>,
+}
+
+/// Runs one case twice and judges it; with `update`, writes the actual result into the
+/// fixture file instead of comparing.
+pub fn run_case(plugin: &Plugin, fixture: &Fixture, update: bool) -> std::io::Result<CaseReport> {
+    let input = || TransformInput {
+        subject: fixture.case.subject.clone(),
+        headers: fixture.case.headers.clone(),
+        payload: payload_bytes(&fixture.case.payload),
+        stream_sequence: 1,
+        data_time_unix_ns: fixture.case.data_time_unix_ns,
+        dedup_key: format!("fixture:{}", fixture.name),
+        seed: TransformInput::seed_for(&format!("fixture:{}", fixture.name)),
+    };
+    let (first, usage) = plugin.run_measured(input());
+    let (second, _) = plugin.run_measured(input());
+    let limits = plugin.limits();
+    let mut near_limits = Vec::new();
+    if usage.fuel * 5 > limits.fuel * 4 {
+        near_limits.push("limits.fuel");
+    }
+    if usage.peak_memory_bytes * 5 > limits.memory_bytes * 4 {
+        near_limits.push("limits.memory_bytes");
+    }
+    let actual = expectation_of(&first, fixture.case.expect.as_ref());
+    let verdict = if first != second {
+        let second = expectation_of(&second, fixture.case.expect.as_ref());
+        Verdict::NotDeterministic(diff(&render(&actual), &render(&second)))
+    } else if update || fixture.case.expect.is_none() {
+        let case = Case {
+            expect: Some(actual),
+            ..fixture.case.clone()
+        };
+        let text = serde_json::to_string_pretty(&case).expect("a case serialises");
+        std::fs::write(&fixture.path, text + "\n")?;
+        Verdict::Updated
+    } else {
+        let expected = fixture.case.expect.as_ref().expect("checked above");
+        if *expected == actual {
+            Verdict::Pass
+        } else {
+            Verdict::Fail(diff(&render(expected), &render(&actual)))
+        }
+    };
+    Ok(CaseReport {
+        verdict,
+        usage,
+        near_limits,
+    })
+}
+
+/// The outcome as an expectation, payloads written the way `expected` writes them (so a
+/// JSON payload compares as JSON, whatever its key order), else as JSON if they parse,
+/// text if UTF-8, base64 otherwise.
+fn expectation_of(outcome: &Outcome, expected: Option<&Expectation>) -> Expectation {
+    match outcome {
+        Outcome::Outputs(outputs) => Expectation::Outputs(
+            outputs
+                .iter()
+                .enumerate()
+                .map(|(index, output)| {
+                    let like = match expected {
+                        Some(Expectation::Outputs(expected)) => {
+                            expected.get(index).map(|e| &e.payload)
+                        }
+                        _ => None,
+                    };
+                    ExpectedOutput {
+                        subject: output.subject.clone(),
+                        headers: output.headers.clone(),
+                        payload: payload_like(&output.payload, like),
+                    }
+                })
+                .collect(),
+        ),
+        Outcome::Failed { kind, reason } => Expectation::Error {
+            kind: kind.as_str().to_owned(),
+            reason: reason.clone(),
+        },
+    }
+}
+
+fn payload_like(bytes: &[u8], like: Option<&Payload>) -> Payload {
+    let as_json = || serde_json::from_slice(bytes).ok().map(Payload::Json);
+    let as_text = || {
+        std::str::from_utf8(bytes)
+            .ok()
+            .map(|t| Payload::Text(t.to_owned()))
+    };
+    let as_base64 = || Payload::Base64(base64::engine::general_purpose::STANDARD.encode(bytes));
+    match like {
+        Some(Payload::Json(_)) => as_json().or_else(as_text).unwrap_or_else(as_base64),
+        Some(Payload::Text(_)) => as_text().unwrap_or_else(as_base64),
+        Some(Payload::Base64(_)) => as_base64(),
+        None => as_json().or_else(as_text).unwrap_or_else(as_base64),
+    }
+}
+
+fn payload_bytes(payload: &Payload) -> Vec<u8> {
+    match payload {
+        Payload::Text(text) => text.as_bytes().to_vec(),
+        Payload::Json(value) => serde_json::to_vec(value).expect("a JSON value serialises"),
+        // Checked when the fixture was loaded.
+        Payload::Base64(text) => decode_base64(text).unwrap_or_default(),
+    }
+}
+
+fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| format!("payload is not base64: {e}"))
+}
+
+fn render(expectation: &Expectation) -> String {
+    serde_json::to_string_pretty(expectation).expect("an expectation serialises")
+}
+
+/// A line diff of two renderings: expected-only lines `-`, actual-only lines `+` (longest
+/// common subsequence), with three common lines of context around each change.
+fn diff(expected: &str, actual: &str) -> String {
+    const CONTEXT: usize = 3;
+    let (a, b): (Vec<&str>, Vec<&str>) = (expected.lines().collect(), actual.lines().collect());
+    let mut common = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            common[i][j] = if a[i] == b[j] {
+                common[i + 1][j + 1] + 1
+            } else {
+                common[i + 1][j].max(common[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j, mut lines) = (0, 0, Vec::new());
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            lines.push((' ', a[i]));
+            (i, j) = (i + 1, j + 1);
+        } else if i < a.len() && (j == b.len() || common[i + 1][j] >= common[i][j + 1]) {
+            lines.push(('-', a[i]));
+            i += 1;
+        } else {
+            lines.push(('+', b[j]));
+            j += 1;
+        }
+    }
+    let changed: Vec<usize> = (0..lines.len()).filter(|&n| lines[n].0 != ' ').collect();
+    let near_change = |n: usize| changed.iter().any(|&c| c.abs_diff(n) <= CONTEXT);
+    let mut out = String::new();
+    let mut elided = false;
+    for (n, (mark, line)) in lines.iter().enumerate() {
+        if near_change(n) {
+            out += &format!("{mark} {line}\n");
+            elided = false;
+        } else if !elided {
+            out += "  …\n";
+            elided = true;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_marks_changed_lines() {
+        let diff = diff("a\nb\nc", "a\nx\nc");
+        assert_eq!(diff, "  a\n- b\n+ x\n  c\n");
+        let long: String = (0..20).map(|n| format!("{n}\n")).collect();
+        let diff = super::diff(&long, &long.replace("10\n", "ten\n"));
+        assert_eq!(
+            diff,
+            "  …\n  7\n  8\n  9\n- 10\n+ ten\n  11\n  12\n  13\n  …\n"
+        );
+    }
+
+    #[test]
+    fn payloads_keep_the_fixture_s_form() {
+        let json = Payload::Json(serde_json::json!({"b": 1, "a": 2}));
+        assert_eq!(payload_like(br#"{"a":2,"b":1}"#, Some(&json)), json);
+        assert_eq!(
+            payload_like(b"\xff\x00", None),
+            Payload::Base64("/wA=".into())
+        );
+        assert_eq!(payload_like(b"hi", None), Payload::Text("hi".into()));
+    }
+}

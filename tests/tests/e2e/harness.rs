@@ -1,0 +1,103 @@
+//! `weir plugin test` and `weir plugin inspect`: golden fixtures pass, a wrong expectation
+//! fails with a readable diff, `--update` rewrites it, and inspect says what a file is.
+
+use std::process::{Command, Output};
+
+use weir_tests::*;
+
+fn weir(args: &[&str]) -> Output {
+    Command::new(weir_binary()).args(args).output().unwrap()
+}
+
+fn text(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn fixtures_pass_fail_with_a_diff_and_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = repo_root().join("plugins/orders/fixtures");
+    for entry in std::fs::read_dir(&fixtures).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let orders = plugin("orders");
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        let mut args = vec![
+            "plugin".to_owned(),
+            "test".into(),
+            orders.display().to_string(),
+            "--fixtures".into(),
+            dir.path().display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    let run = |extra: &[&'static str]| {
+        let args = args(extra);
+        weir(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+
+    let output = run(&[]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        text(&output).contains("4 passed, 0 failed"),
+        "{}",
+        text(&output)
+    );
+
+    // A wrong expectation: the total is 1299, the fixture now says 1300.
+    let case = dir.path().join("two-items.json");
+    let original = std::fs::read_to_string(&case).unwrap();
+    std::fs::write(
+        &case,
+        original.replace("\"total_cents\": 1299", "\"total_cents\": 1300"),
+    )
+    .unwrap();
+    let output = run(&[]);
+    let report = text(&output);
+    assert_eq!(output.status.code(), Some(2), "{report}");
+    assert!(report.contains("FAIL             two-items"), "{report}");
+    let marked = |mark: char, line: &str| {
+        report.lines().any(|l| {
+            l.trim_start()
+                .strip_prefix(mark)
+                .is_some_and(|rest| rest.trim() == line)
+        })
+    };
+    assert!(marked('-', "\"total_cents\": 1300"), "{report}");
+    assert!(marked('+', "\"total_cents\": 1299"), "{report}");
+    assert!(report.contains("3 passed, 1 failed"), "{report}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("1 of 4 fixtures failed"));
+
+    let output = run(&["--update"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(
+        std::fs::read_to_string(&case).unwrap(),
+        original,
+        "--update restores the truth"
+    );
+}
+
+#[test]
+fn inspect_tells_what_a_component_is_and_whether_weir_runs_it() {
+    let output = weir(&["plugin", "inspect", plugin("orders").to_str().unwrap()]);
+    let report = text(&output);
+    assert!(output.status.success(), "{report}");
+    assert!(report.contains("imports:  none"), "{report}");
+    assert!(
+        report.contains("exports:  weir:transform/transformer@0.1.0"),
+        "{report}"
+    );
+    assert!(report.contains("runnable: yes"), "{report}");
+
+    let output = weir(&[
+        "plugin",
+        "inspect",
+        plugin("sneaky-import").to_str().unwrap(),
+    ]);
+    let report = text(&output);
+    assert!(!output.status.success());
+    assert!(report.contains("imports:  acme:sneaky/clock"), "{report}");
+    assert!(report.contains("runnable: no"), "{report}");
+}
