@@ -168,7 +168,15 @@ async fn check_pipeline(
 /// An existing store must open (and not be locked by a running host); a missing one must
 /// be creatable, which is checked on its nearest existing ancestor.
 fn check_store(dir: &Path, retention_secs: u64) -> Result<String, String> {
-    if dir.exists() {
+    let is_empty_dir = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none());
+    if dir.exists() && !is_empty_dir && !dir.join("CURRENT").exists() {
+        // Opening it would write a new database into someone else's directory.
+        return Err(format!(
+            "store_dir {} exists but is not a weir store: point store_dir at an empty or new directory",
+            dir.display()
+        ));
+    }
+    if dir.exists() && !is_empty_dir {
         let retention = std::time::Duration::from_secs(retention_secs);
         return match Store::open(dir, retention) {
             Ok(_) => Ok(format!("{} opens", dir.display())),
@@ -188,7 +196,7 @@ fn check_store(dir: &Path, retention_secs: u64) -> Result<String, String> {
         .unwrap_or(false);
     if writable {
         Ok(format!(
-            "{} does not exist yet; weir will create it",
+            "{} is new or empty; weir will create the store there",
             dir.display()
         ))
     } else {

@@ -6,10 +6,12 @@
 //! it under a new stream sequence: with `dedup = "stream-sequence"` its dedup key is new, and
 //! the pipeline processes it afresh (with the fixed plugin). Its `Nats-Msg-Id` is
 //! `weir-replay:<pipeline>:<dlq stream>:<dlq sequence>`, which is also a fresh key with
-//! `dedup = "msg-id"`, and which makes the replay itself idempotent: only after JetStream
-//! acknowledges the re-published input is the entry deleted from the DLQ, and a replay
-//! interrupted between the two publishes again under the same id, which the input stream's
-//! duplicate window drops. A deleted entry cannot be replayed twice.
+//! `dedup = "msg-id"`, and which makes the replay itself idempotent within the input
+//! stream's duplicate window: only after JetStream acknowledges the re-published input is
+//! the entry deleted from the DLQ, and a replay interrupted between the two and run again
+//! publishes under the same id, which the window drops. A deleted entry cannot be replayed
+//! twice. The limit: an interrupted replay re-run after the window has passed injects that
+//! one entry a second time, so re-run an interrupted replay promptly.
 
 use crate::broker::{Broker, Publisher, StoredMessage};
 use crate::config::PipelineConfig;

@@ -32,6 +32,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use sha2::{Digest, Sha256};
+
 use crate::broker::{
     Broker, InputMessage, MSG_ID_HEADER, MessageSource, Publisher, is_publishable_header,
 };
@@ -45,6 +47,9 @@ use crate::{Error, StartError};
 /// The longest subject an output may have, prefix included: far below the server's
 /// control-line limit (4 KiB by default), which would drop the connection.
 const MAX_SUBJECT_LEN: usize = 1024;
+
+/// The longest producer `Nats-Msg-Id` used as a dedup key as is; longer ones are hashed.
+const MAX_INLINE_MSG_ID: usize = 256;
 
 /// The longest DLQ reason kept in a header.
 const MAX_REASON_LEN: usize = 1024;
@@ -184,26 +189,39 @@ impl Pipeline {
             .source
             .take()
             .expect("a pipeline runs once, with the source `start` gave it");
-        self.replay_outbox(&shutdown).await;
+        self.replay_outbox(&shutdown)
+            .await
+            .map_err(|source| Error::Stopped {
+                pipeline: self.config.name.clone(),
+                source,
+            })?;
         let mut committed: Option<CommittedBatch> = None;
         loop {
+            let (finished_tx, finished_rx) = tokio::sync::oneshot::channel::<()>();
+            let finishing = async {
+                self.finish(committed.take(), &shutdown).await;
+                let _ = finished_tx.send(());
+            };
             let next = async {
                 let batch = self.next_batch(&mut source, &shutdown).await?;
                 let started = std::time::Instant::now();
-                let committed = with_keepalive(
-                    &batch,
-                    self.keepalive_period(),
-                    self.commit_stage(&batch, &shutdown),
-                )
+                let keepalive = self.keepalive_period();
+                let staged = with_keepalive(&batch, keepalive, async {
+                    let staged = self.commit_stage(&batch, &shutdown).await;
+                    tracing::debug!(pipeline = %self.config.name, inputs = batch.len(), took = ?started.elapsed(), "batch committed");
+                    // Committed, it waits for the previous batch to be published: the
+                    // server must not redeliver it meanwhile either.
+                    let _ = finished_rx.await;
+                    staged
+                })
                 .await;
-                tracing::debug!(pipeline = %self.config.name, inputs = batch.len(), took = ?started.elapsed(), "batch committed");
-                Some(committed.map(|records| (batch, records)))
+                Some(staged.map(|staged| (batch, staged)))
             };
-            let (_, next) = tokio::join!(self.finish(committed.take(), &shutdown), next);
+            let (_, next) = tokio::join!(finishing, next);
             match next {
                 None => break,
-                Some(Ok((batch, Some(records)))) => {
-                    committed = Some(CommittedBatch { batch, records })
+                Some(Ok((batch, Some(staged)))) => {
+                    committed = Some(CommittedBatch { batch, staged })
                 }
                 // Shut down before the commit: nothing of this batch is acked.
                 Some(Ok((_, None))) => break,
@@ -259,12 +277,12 @@ impl Pipeline {
 
     /// Publishes and acks a committed batch (steps 4 and 5 of the module docs).
     async fn finish(&self, committed: Option<CommittedBatch>, shutdown: &CancellationToken) {
-        if let Some(CommittedBatch { batch, records }) = committed {
+        if let Some(CommittedBatch { batch, staged }) = committed {
             let started = std::time::Instant::now();
             with_keepalive(
                 &batch,
                 self.keepalive_period(),
-                self.publish_stage(&batch, records, shutdown),
+                self.publish_stage(&batch, staged, shutdown),
             )
             .await;
             tracing::debug!(pipeline = %self.config.name, inputs = batch.len(), took = ?started.elapsed(), "batch published and acked");
@@ -272,33 +290,38 @@ impl Pipeline {
     }
 
     /// Re-publishes what was committed but not confirmed published before the last stop.
-    async fn replay_outbox(&self, shutdown: &CancellationToken) {
-        let Some(store) = &self.store else { return };
+    /// Fails only on a corrupt record.
+    async fn replay_outbox(&self, shutdown: &CancellationToken) -> Result<(), StoreError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
         let mut retrier = Retrier::new("read the outbox", shutdown);
         let pending = loop {
             let store = store.clone();
             match blocking(move || store.pending_outbox()).await {
                 Ok(pending) => break pending,
+                Err(corrupt @ StoreError::Corrupt { .. }) => return Err(corrupt),
                 Err(error) => {
                     if !retrier.failed(error).await {
-                        return;
+                        return Ok(());
                     }
                 }
             }
         };
         if pending.is_empty() {
-            return;
+            return Ok(());
         }
         tracing::info!(pipeline = %self.config.name, inputs = pending.len(), "re-publishing the outbox");
         for chunk in pending.chunks(OUTBOX_REPLAY_CHUNK) {
             let messages: Vec<&OutboundMessage> =
                 chunk.iter().flat_map(|(_, r)| &r.messages).collect();
             if !self.publish(&messages, shutdown).await {
-                return;
+                return Ok(());
             }
             let keys: Vec<String> = chunk.iter().map(|(key, _)| key.clone()).collect();
             self.clear_outbox(keys).await;
         }
+        Ok(())
     }
 
     /// Steps 1 to 3 of the module docs: look up, execute the new inputs, commit. Returns
@@ -308,7 +331,7 @@ impl Pipeline {
         &self,
         batch: &[InputMessage],
         shutdown: &CancellationToken,
-    ) -> Result<Option<Vec<Option<Arc<DoneRecord>>>>, StoreError> {
+    ) -> Result<Option<Staged>, StoreError> {
         Stats::add(&self.stats.received, batch.len());
         let keys: Vec<String> = batch.iter().map(|m| self.dedup_key(m)).collect();
 
@@ -345,6 +368,9 @@ impl Pipeline {
         let mut needs_publish: Vec<bool> = committed
             .iter()
             .map(|c| c.as_ref().is_none_or(|c| !c.published))
+            .collect();
+        let committed_earlier: Vec<usize> = (0..committed.len())
+            .filter(|&index| committed[index].is_some())
             .collect();
         let mut records: Vec<Option<Arc<DoneRecord>>> = committed
             .into_iter()
@@ -421,13 +447,23 @@ impl Pipeline {
             }
         }
 
-        Ok(Some(
-            records
+        // Inputs committed earlier and still in the outbox: by the time this batch is
+        // published, the batch that committed them may have published them, and publishing
+        // them again after JetStream's duplicate window would double them.
+        let recheck = committed_earlier
+            .iter()
+            .copied()
+            .filter(|&index| needs_publish[index])
+            .map(|index| (index, keys[index].clone()))
+            .collect();
+        Ok(Some(Staged {
+            records: records
                 .into_iter()
                 .zip(needs_publish)
                 .map(|(record, needed)| record.filter(|_| needed))
                 .collect(),
-        ))
+            recheck,
+        }))
     }
 
     /// Steps 4 and 5: publish what the batch's inputs map to, await JetStream's acks, ack
@@ -435,9 +471,30 @@ impl Pipeline {
     async fn publish_stage(
         &self,
         batch: &[InputMessage],
-        records: Vec<Option<Arc<DoneRecord>>>,
+        staged: Staged,
         shutdown: &CancellationToken,
     ) {
+        let mut records = staged.records;
+        if let Some(store) = &self.store
+            && !staged.recheck.is_empty()
+        {
+            let store = store.clone();
+            let keys: Vec<String> = staged.recheck.iter().map(|(_, key)| key.clone()).collect();
+            let found = blocking(move || {
+                let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+                store.lookup(&refs)
+            })
+            .await;
+            // On a failed lookup, publish anyway: a duplicate inside the window is dropped.
+            if let Ok(found) = found {
+                for ((index, _), committed) in staged.recheck.iter().zip(found) {
+                    if committed.is_some_and(|c| c.published) {
+                        records[*index] = None;
+                    }
+                }
+            }
+        }
+
         // 4. Publish everything the batch's inputs map to, and await the acks.
         let messages: Vec<&OutboundMessage> = records
             .iter()
@@ -500,6 +557,15 @@ impl Pipeline {
             && let Some(id) = message.header(MSG_ID_HEADER)
             && !id.is_empty()
         {
+            // A long id would bloat every record and output id derived from it (and could
+            // push a dead letter past max_payload): long ones are keyed by their hash.
+            if id.len() > MAX_INLINE_MSG_ID {
+                let digest: String = Sha256::digest(id.as_bytes())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                return format!("msg-id:sha256:{digest}");
+            }
             return format!("msg-id:{id}");
         }
         format!(
@@ -602,13 +668,7 @@ impl Pipeline {
             .chars()
             .map(|c| if c.is_control() { ' ' } else { c })
             .collect();
-        if reason.len() > MAX_REASON_LEN {
-            let mut end = MAX_REASON_LEN;
-            while !reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            reason.truncate(end);
-        }
+        reason.truncate(truncated(&reason, MAX_REASON_LEN).len());
         let mut weir_headers = vec![
             ("Weir-Dlq-Kind".to_owned(), kind.as_str().to_owned()),
             ("Weir-Dlq-Reason".to_owned(), reason),
@@ -628,14 +688,18 @@ impl Pipeline {
             ("Weir-Dedup-Key".to_owned(), key.to_owned()),
         ];
         if let Some(id) = input.header(MSG_ID_HEADER) {
-            weir_headers.push(("Weir-Input-Msg-Id".into(), id.to_owned()));
+            weir_headers.push((
+                "Weir-Input-Msg-Id".into(),
+                truncated(id, MAX_INLINE_MSG_ID).to_owned(),
+            ));
         }
-        // The input's own headers travel along, except NATS's: JetStream would act on them
-        // (expected-sequence checks, rollups, TTLs) when storing the dead letter.
+        // The input's own headers travel along, except NATS's (JetStream would act on them:
+        // expected-sequence checks, rollups, TTLs) and weir's (a producer must not be able
+        // to forge a dead letter's reason or origin).
         let input_headers: Vec<(String, String)> = input
             .headers
             .iter()
-            .filter(|(name, _)| !is_nats_header(name))
+            .filter(|(name, _)| !is_nats_header(name) && !is_weir_header(name))
             .cloned()
             .collect();
         let mut letter = OutboundMessage {
@@ -664,6 +728,21 @@ impl Pipeline {
 fn is_nats_header(name: &str) -> bool {
     name.get(..5)
         .is_some_and(|prefix| prefix.eq_ignore_ascii_case("Nats-"))
+}
+
+/// Headers in weir's namespace, which dead letters and replays carry.
+fn is_weir_header(name: &str) -> bool {
+    name.get(..5)
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case("Weir-"))
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn truncated(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Runs the plugin on every input, on the blocking pool (wasm must not stall the async
@@ -707,8 +786,16 @@ async fn blocking<T: Send + 'static>(
 /// A batch whose results are committed, waiting to be published and acked.
 struct CommittedBatch {
     batch: Vec<InputMessage>,
+    staged: Staged,
+}
+
+/// What the commit stage leaves for the publish stage.
+struct Staged {
     /// What to publish per input; `None` where nothing needs publishing.
     records: Vec<Option<Arc<DoneRecord>>>,
+    /// Inputs (index, dedup key) committed by an earlier batch whose outbox entry was still
+    /// there at lookup: looked up again just before publishing.
+    recheck: Vec<(usize, String)>,
 }
 
 /// Runs `work` while telling the server, every `period`, that `batch` is being worked on.

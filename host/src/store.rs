@@ -5,8 +5,10 @@
 //!   `DoneRecord` (its outputs or its dead letter). An input whose key is here, and younger
 //!   than the retention, is never executed again. Older entries count as absent and are
 //!   dropped by a compaction filter as RocksDB compacts: expiry never scans the store.
-//! - `outbox`: dedup key → nothing. Present from the commit until every message of the
-//!   record is acknowledged by JetStream; on start, every key still here is re-published.
+//! - `outbox`: dedup key → the same value as in `done`. Present from the commit until every
+//!   message of the record is acknowledged by JetStream; on start, every record still here
+//!   is re-published. It holds its own copy so that retention, which drops old `done`
+//!   entries, can never drop an output that was not yet published.
 //!
 //! All of a batch's writes go into one `WriteBatch` written with sync on: one fsync per
 //! batch, and either every input of the batch is committed or none is. RocksDB's own LOCK
@@ -106,23 +108,8 @@ impl Store {
     /// The committed records of `keys`, in order; `None` for keys never committed or
     /// committed longer ago than the retention.
     pub fn lookup(&self, keys: &[&str]) -> Result<Vec<Option<Committed>>, StoreError> {
-        self.lookup_records(
-            keys,
-            Some(unix_millis().saturating_sub(self.retention_ms())),
-        )
-    }
-
-    fn retention_ms(&self) -> u64 {
-        u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// Like `lookup`, counting records committed before `oldest_ms` as absent (`None`:
-    /// every record counts).
-    fn lookup_records(
-        &self,
-        keys: &[&str],
-        oldest_ms: Option<u64>,
-    ) -> Result<Vec<Option<Committed>>, StoreError> {
+        let retention_ms = u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX);
+        let oldest_ms = unix_millis().saturating_sub(retention_ms);
         self.with_db("lookup", |db| {
             let (done, outbox) = (family(db, DONE), family(db, OUTBOX));
             let records = db.multi_get_cf(keys.iter().map(|key| (done, key.as_bytes())));
@@ -140,7 +127,7 @@ impl Store {
                         return Ok(None);
                     };
                     let (committed_ms, record) = decode(key, &bytes)?;
-                    if oldest_ms.is_some_and(|oldest| committed_ms < oldest) {
+                    if committed_ms < oldest_ms {
                         return Ok(None);
                     }
                     Ok(Some(Committed {
@@ -164,8 +151,8 @@ impl Store {
                         message: e.to_string(),
                     }
                 })?;
-                batch.put_cf(family(db, DONE), key.as_bytes(), value);
-                batch.put_cf(family(db, OUTBOX), key.as_bytes(), b"");
+                batch.put_cf(family(db, DONE), key.as_bytes(), &value);
+                batch.put_cf(family(db, OUTBOX), key.as_bytes(), value);
             }
             let mut options = WriteOptions::default();
             options.set_sync(true);
@@ -193,25 +180,20 @@ impl Store {
 
     /// Every input committed but not yet known to be published, with its record.
     pub fn pending_outbox(&self) -> Result<Vec<(String, DoneRecord)>, StoreError> {
-        let keys = self.with_db("outbox scan", |db| {
-            let mut keys = Vec::new();
+        self.with_db("outbox scan", |db| {
+            let mut pending = Vec::new();
             for entry in db.iterator_cf(family(db, OUTBOX), IteratorMode::Start) {
-                let (key, _) = entry.map_err(|e| StoreError::Io {
+                let (key, value) = entry.map_err(|e| StoreError::Io {
                     operation: "outbox scan",
                     message: e.to_string(),
                 })?;
-                keys.push(String::from_utf8_lossy(&key).into_owned());
+                let key = String::from_utf8_lossy(&key).into_owned();
+                // Whatever its age, a record still in the outbox must be published.
+                let (_, record) = decode(&key, &value)?;
+                pending.push((key, record));
             }
-            Ok(keys)
-        })?;
-        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        // Whatever its age, a record still in the outbox must be published.
-        let records = self.lookup_records(&key_refs, None)?;
-        Ok(keys
-            .into_iter()
-            .zip(records)
-            .filter_map(|(key, committed)| committed.map(|c| (key, c.record)))
-            .collect())
+            Ok(pending)
+        })
     }
 }
 
@@ -368,12 +350,14 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        let raw = store
-            .lookup_records(&["old", "published", "young"], None)
-            .unwrap();
-        assert_eq!(raw[0], None);
-        assert_eq!(raw[1], None);
-        assert!(raw[2].is_some());
+        let stored = |key: &str| {
+            store
+                .with_db("get", |db| Ok(db.get_cf(family(db, DONE), key).unwrap()))
+                .unwrap()
+                .is_some()
+        };
+        assert!(!stored("old") && !stored("published"));
+        assert!(stored("young"));
     }
 
     #[test]

@@ -440,8 +440,15 @@ pub struct InProcessWeir {
 }
 
 impl InProcessWeir {
-    /// Starts weir on `config` and waits until its input stream exists.
+    /// Starts weir on `config` and waits until its input stream exists. Its logs go to the
+    /// test's output when `WEIR_TEST_LOG` is set (e.g. `WEIR_TEST_LOG=weir=debug`).
     pub async fn start(config: &Path, js: &jetstream::Context, input_stream: &str) -> Self {
+        if let Ok(filter) = std::env::var("WEIR_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let config = weir::Config::load(config).expect("a valid weir configuration");
         let shutdown = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(weir::run(config, shutdown.clone()));

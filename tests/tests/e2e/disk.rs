@@ -1,6 +1,6 @@
 //! A full disk under the store: the host stops consuming, acks nothing it has not committed,
 //! says why, and resumes cleanly when the disk has room again. Uses a real size-limited
-//! filesystem (a 16 MiB tmpfs, mounted for the test; it needs root).
+//! filesystem (a 32 MiB tmpfs, mounted for the test; it needs root).
 
 use std::path::Path;
 use std::process::Command;
@@ -57,10 +57,10 @@ impl Drop for SmallDisk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_acks_and_processing_resumes_when_space_returns() {
     let server = NatsServer::start();
-    let disk = SmallDisk::mount("16m");
+    let disk = SmallDisk::mount("32m");
     let dir = tempfile::tempdir().unwrap();
     let js = server.jetstream().await;
-    // The echo plugin, with 48 KiB payloads: each committed record takes real room, more
+    // The echo plugin, with 16 KiB payloads: each committed record takes real room, more
     // than RocksDB's preallocated log space can absorb.
     let plugin = plugin("hostile");
     let store_dir = disk.path().join("store");
@@ -68,7 +68,7 @@ async fn a_full_disk_stops_acks_and_processing_resumes_when_space_returns() {
         PipelineToml::orders(&server.url(), &plugin, &store_dir).write(dir.path(), "weir.toml");
     let weir = InProcessWeir::start(&config_path, &js, "ORDERS").await;
     let payloads: Vec<Vec<u8>> = (0..200)
-        .map(|i| format!("{i:06}{}", "x".repeat(48 * 1024)).into_bytes())
+        .map(|i| format!("{i:06}{}", "x".repeat(16 * 1024)).into_bytes())
         .collect();
     publish_all(&js, "orders.in.new", &payloads[..20]).await;
     wait_for("the first outputs", Duration::from_secs(30), || async {
@@ -86,8 +86,17 @@ async fn a_full_disk_stops_acks_and_processing_resumes_when_space_returns() {
             consumer.ack_floor.stream_sequence,
         )
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (outputs_then, acked_then) = progress().await;
+    // Let weir fill whatever room is left, until nothing moves for two seconds.
+    let mut settled = progress().await;
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = progress().await;
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    let (outputs_then, acked_then) = settled;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (outputs_now, acked_now) = progress().await;
     println!("disk full: {outputs_now} outputs, inputs acked up to {acked_now}");
