@@ -8,6 +8,7 @@ pub mod broker;
 pub mod check;
 pub mod config;
 pub mod dlq;
+mod fault;
 pub mod harness;
 pub mod pipeline;
 pub mod record;

@@ -332,6 +332,7 @@ impl Pipeline {
         batch: &[InputMessage],
         shutdown: &CancellationToken,
     ) -> Result<Option<Staged>, StoreError> {
+        crate::fault::point("fetched");
         Stats::add(&self.stats.received, batch.len());
         let keys: Vec<String> = batch.iter().map(|m| self.dedup_key(m)).collect();
 
@@ -398,6 +399,7 @@ impl Pipeline {
             tracing::error!(pipeline = %self.config.name, "plugin execution panicked; batch not acked");
             return Ok(None);
         };
+        crate::fault::point("executed");
         Stats::add(&self.stats.executed, outcomes.len());
         let mut new_records = Vec::with_capacity(outcomes.len());
         for (&index, outcome) in to_execute.iter().zip(outcomes) {
@@ -447,6 +449,7 @@ impl Pipeline {
             }
         }
 
+        crate::fault::point("committed");
         // Inputs committed earlier and still in the outbox: by the time this batch is
         // published, the batch that committed them may have published them, and publishing
         // them again after JetStream's duplicate window would double them.
@@ -506,6 +509,7 @@ impl Pipeline {
             return;
         }
 
+        crate::fault::point("published");
         // 5. Ack the inputs. A failed ack only means a redelivery, which step 1 absorbs.
         let acks = futures::future::join_all(batch.iter().map(|message| message.ack())).await;
         let acked = acks.iter().filter(|result| result.is_ok()).count();
@@ -513,6 +517,7 @@ impl Pipeline {
             tracing::warn!(pipeline = %self.config.name, %error, failed = batch.len() - acked, "some acks failed; those inputs will be redelivered and deduplicated");
         }
         Stats::add(&self.stats.acked, acked);
+        crate::fault::point("acked");
         let keys = batch.iter().map(|m| self.dedup_key(m)).collect();
         self.clear_outbox(keys).await;
     }

@@ -473,3 +473,70 @@ impl InProcessWeir {
         self.stop().await.pipelines[0].1
     }
 }
+
+/// The verifier of the orders workload, independent of weir's code: recomputes what every
+/// input must produce and checks the whole output stream and DLQ against it. Every output
+/// exactly once (by `Nats-Msg-Id` and by content), nothing missing, nothing extra, and the
+/// DLQ exactly the malformed inputs, each once.
+pub async fn verify_orders_exactly_once(js: &jetstream::Context, payloads: &[Vec<u8>]) {
+    use std::collections::{HashMap, HashSet};
+    let outputs = read_stream(js, "ORDERS_OUT").await;
+    let mut ids = HashSet::new();
+    let mut contents = HashSet::new();
+    let mut totals: HashMap<(String, String), u64> = HashMap::new();
+    for output in &outputs {
+        let id = output
+            .msg_id
+            .clone()
+            .expect("every output has a Nats-Msg-Id");
+        assert!(ids.insert(id.clone()), "duplicate output id {id}");
+        assert!(
+            contents.insert((output.subject.clone(), output.payload.clone())),
+            "duplicate output content on {}",
+            output.subject
+        );
+        let body: serde_json::Value = serde_json::from_slice(&output.payload).expect("JSON");
+        let order = body
+            .get("id")
+            .or(body.get("order"))
+            .and_then(|o| o.as_str())
+            .expect("an order id");
+        totals.insert(
+            (output.subject.clone(), order.to_owned()),
+            body["total_cents"].as_u64().expect("a total"),
+        );
+    }
+    let mut expected = 0;
+    let mut malformed = HashSet::new();
+    for payload in payloads {
+        let Ok(order) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            malformed.insert(payload.clone());
+            continue;
+        };
+        let (customer, id, total) = expected_order_total(&order).expect("a valid order");
+        for subject in [
+            "orders.out.enriched".to_owned(),
+            format!("orders.out.customer.{customer}"),
+        ] {
+            assert_eq!(
+                totals.get(&(subject.clone(), id.clone())),
+                Some(&total),
+                "{subject} for {id}"
+            );
+            expected += 1;
+        }
+    }
+    assert_eq!(
+        outputs.len(),
+        expected,
+        "nothing extra in the output stream"
+    );
+    let dead = read_stream(js, "ORDERS_DLQ").await;
+    let dead_payloads: HashSet<Vec<u8>> = dead.iter().map(|m| m.payload.clone()).collect();
+    assert_eq!(
+        dead.len(),
+        malformed.len(),
+        "each malformed input dead-lettered once"
+    );
+    assert_eq!(dead_payloads, malformed);
+}

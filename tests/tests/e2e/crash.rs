@@ -3,7 +3,6 @@
 //! once (by Nats-Msg-Id and by content), nothing is missing, and the DLQ holds exactly the
 //! malformed inputs.
 
-use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -124,68 +123,5 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
     let status = terminate(&mut weir);
     assert!(status.success(), "SIGTERM stops weir cleanly, got {status}");
 
-    // Outputs: each exactly once by id and by content, exactly the expected set.
-    let outputs = read_stream(&js, "ORDERS_OUT").await;
-    let mut ids = HashSet::new();
-    let mut contents = HashSet::new();
-    for output in &outputs {
-        let id = output
-            .msg_id
-            .clone()
-            .expect("every output has a Nats-Msg-Id");
-        assert!(ids.insert(id.clone()), "duplicate output id {id}");
-        assert!(
-            contents.insert((output.subject.clone(), output.payload.clone())),
-            "duplicate output content on {}",
-            output.subject
-        );
-    }
-    let mut totals: HashMap<(String, String), u64> = HashMap::new();
-    for output in &outputs {
-        let body: serde_json::Value = serde_json::from_slice(&output.payload).unwrap();
-        let order = body
-            .get("id")
-            .or(body.get("order"))
-            .unwrap()
-            .as_str()
-            .unwrap();
-        totals.insert(
-            (output.subject.clone(), order.to_owned()),
-            body["total_cents"].as_u64().unwrap(),
-        );
-    }
-    let mut expected = 0;
-    for payload in &payloads {
-        let Ok(order) = serde_json::from_slice::<serde_json::Value>(payload) else {
-            continue;
-        };
-        let (customer, id, total) = expected_order_total(&order).unwrap();
-        for subject in [
-            "orders.out.enriched".to_owned(),
-            format!("orders.out.customer.{customer}"),
-        ] {
-            assert_eq!(
-                totals.get(&(subject.clone(), id.clone())),
-                Some(&total),
-                "{subject} for {id}"
-            );
-            expected += 1;
-        }
-    }
-    assert_eq!(
-        outputs.len(),
-        expected,
-        "nothing extra in the output stream"
-    );
-
-    // Dead letters: exactly the malformed inputs, each once.
-    let dead = read_stream(&js, "ORDERS_DLQ").await;
-    let dead_payloads: HashSet<Vec<u8>> = dead.iter().map(|m| m.payload.clone()).collect();
-    let malformed_payloads: HashSet<Vec<u8>> = payloads
-        .iter()
-        .filter(|p| serde_json::from_slice::<serde_json::Value>(p).is_err())
-        .cloned()
-        .collect();
-    assert_eq!(dead.len(), malformed);
-    assert_eq!(dead_payloads, malformed_payloads);
+    verify_orders_exactly_once(&js, &payloads).await;
 }

@@ -5,6 +5,7 @@
 mod crash;
 mod disk;
 mod dlq;
+mod faults;
 mod harness;
 mod hostile;
 mod pipeline;

@@ -1,0 +1,99 @@
+//! Exactly-once at each exact window of the message path: weir aborts (no cleanup, like
+//! `kill -9`) at a named point through the test-only `WEIR_FAULT` hook, is restarted, and
+//! the verifier finds every output exactly once and the DLQ exactly the malformed inputs.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weir_tests::*;
+
+fn start_weir(config: &Path, fault: Option<&str>) -> Child {
+    let mut command = Command::new(weir_binary());
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(fault) = fault {
+        command.env("WEIR_FAULT", fault);
+    }
+    command.spawn().expect("start weir")
+}
+
+/// Aborts weir at the third time it reaches `point`, restarts it, and verifies.
+async fn abort_at(point: &str) {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = server.jetstream().await;
+    let plugin = plugin("orders");
+    let store_dir = dir.path().join("store");
+    let config = PipelineToml {
+        // Small batches: the third one is mid-stream.
+        extra: "[pipeline.batch]\nmax_messages = 32\n",
+        ..PipelineToml::orders(&server.url(), &plugin, &store_dir)
+    }
+    .write(dir.path(), "weir.toml");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.in.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let payloads = order_workload(300, 20);
+    publish_all(&js, "orders.in.new", &payloads).await;
+
+    let mut weir = start_weir(&config, Some(&format!("{point}:3")));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = weir.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "weir never reached {point}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGABRT),
+        "weir aborted at {point}, got {status}"
+    );
+
+    let mut weir = start_weir(&config, None);
+    let (valid, malformed) = (300 - 15, 15);
+    wait_for("every input processed", Duration::from_secs(60), || async {
+        drained(&js, "ORDERS", "weir").await
+            && stream_len(&js, "ORDERS_OUT").await >= 2 * valid
+            && stream_len(&js, "ORDERS_DLQ").await >= malformed
+    })
+    .await;
+    assert!(terminate(&mut weir).success());
+    verify_orders_exactly_once(&js, &payloads).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_after_fetch() {
+    abort_at("fetched").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_after_execution_before_commit() {
+    abort_at("executed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_between_commit_and_publish() {
+    abort_at("committed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_between_publish_and_ack() {
+    abort_at("published").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_between_ack_and_outbox_clear() {
+    abort_at("acked").await;
+}
