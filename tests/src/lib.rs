@@ -540,3 +540,71 @@ pub async fn verify_orders_exactly_once(js: &jetstream::Context, payloads: &[Vec
     );
     assert_eq!(dead_payloads, malformed);
 }
+
+/// A loopback TCP proxy in front of a server, whose connections the test can cut at will:
+/// the network fault between host and server, without touching either.
+pub struct FaultyProxy {
+    port: u16,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl FaultyProxy {
+    /// Forwards a new loopback port to `upstream_port`.
+    pub async fn start(upstream_port: u16) -> FaultyProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("a local address").port();
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tracked = connections.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let Ok(mut server) =
+                    tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await
+                else {
+                    continue;
+                };
+                let task = tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+                tracked
+                    .lock()
+                    .expect("not poisoned")
+                    .push(task.abort_handle());
+            }
+        });
+        FaultyProxy {
+            port,
+            connections,
+            accept,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Drops every open connection at once (both ends see them close mid-stream).
+    pub fn cut_connections(&self) -> usize {
+        let mut connections = self.connections.lock().expect("not poisoned");
+        let cut = connections.len();
+        for connection in connections.drain(..) {
+            connection.abort();
+        }
+        cut
+    }
+}
+
+impl Drop for FaultyProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut_connections();
+    }
+}
+
+impl NatsServer {
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}

@@ -125,3 +125,55 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
 
     verify_orders_exactly_once(&js, &payloads).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_are_exactly_once_across_cut_connections() {
+    let server = NatsServer::start();
+    let proxy = FaultyProxy::start(server.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let js = server.jetstream().await;
+    let plugin = plugin("orders");
+    let store_dir = dir.path().join("store");
+    let proxy_url = proxy.url();
+    let config = PipelineToml {
+        extra: "[pipeline.batch]\nmax_messages = 64\n",
+        ..PipelineToml::orders(&proxy_url, &plugin, &store_dir)
+    }
+    .write(dir.path(), "weir.toml");
+    let mut weir = start_weir(&config, &dir.path().join("weir.log"));
+    wait_for("the input stream", Duration::from_secs(30), || async {
+        js.get_stream("ORDERS").await.is_ok()
+    })
+    .await;
+    let payloads = order_workload(2000, 40);
+    let publisher = {
+        let js = js.clone();
+        let payloads = payloads.clone();
+        tokio::spawn(async move {
+            for chunk in payloads.chunks(50) {
+                publish_all(&js, "orders.in.new", chunk).await;
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        })
+    };
+    // Cut weir's connection to the server five times while it works.
+    for cut in 0..5 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let connections = proxy.cut_connections();
+        println!("cut {cut}: {connections} connections dropped");
+    }
+    publisher.await.unwrap();
+    let (valid, malformed) = (2000 - 50, 50);
+    wait_for(
+        "every input processed",
+        Duration::from_secs(120),
+        || async {
+            drained(&js, "ORDERS", "weir").await
+                && stream_len(&js, "ORDERS_OUT").await >= 2 * valid
+                && stream_len(&js, "ORDERS_DLQ").await >= malformed
+        },
+    )
+    .await;
+    assert!(terminate(&mut weir).success());
+    verify_orders_exactly_once(&js, &payloads).await;
+}
