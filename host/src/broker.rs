@@ -380,8 +380,10 @@ impl MessageSource {
         let messages = consumer
             .stream()
             .max_messages_per_batch(self.max_messages)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
+            // A missed heartbeat is how a pull notices a server that went away without
+            // closing the connection: short, so that weir resumes within seconds.
+            .heartbeat(Duration::from_secs(1))
+            .expires(Duration::from_secs(10))
             .messages()
             .await
             .map_err(|e| BrokerError::jetstream("cannot start pulling messages", e))?;

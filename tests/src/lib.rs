@@ -1,6 +1,8 @@
 //! Shared helpers for weir's end-to-end tests: a real nats-server on a free loopback port,
 //! the plugins built from `plugins/`, the `weir` binary, and readers for whole streams.
 
+pub mod chaos;
+
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -474,71 +476,100 @@ impl InProcessWeir {
     }
 }
 
+/// What the verifier found, counted rather than asserted so a long chaos run can report it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OrdersVerdict {
+    /// Outputs in the output stream.
+    pub outputs: usize,
+    /// Outputs the workload must produce.
+    pub expected_outputs: usize,
+    /// Outputs stored more than once (by id or by content).
+    pub duplicates: usize,
+    /// Expected outputs missing or with the wrong content.
+    pub missing: usize,
+    /// Outputs no input accounts for.
+    pub extra: usize,
+    pub dead_letters: usize,
+    pub expected_dead_letters: usize,
+}
+
+impl OrdersVerdict {
+    pub fn is_exact(&self) -> bool {
+        self.duplicates == 0
+            && self.missing == 0
+            && self.extra == 0
+            && self.outputs == self.expected_outputs
+            && self.dead_letters == self.expected_dead_letters
+    }
+}
+
 /// The verifier of the orders workload, independent of weir's code: recomputes what every
-/// input must produce and checks the whole output stream and DLQ against it. Every output
-/// exactly once (by `Nats-Msg-Id` and by content), nothing missing, nothing extra, and the
-/// DLQ exactly the malformed inputs, each once.
-pub async fn verify_orders_exactly_once(js: &jetstream::Context, payloads: &[Vec<u8>]) {
+/// distinct input must produce and checks the whole output stream and DLQ against it.
+/// Inputs are told apart by payload (a producer retry repeats its payload).
+pub async fn check_orders(js: &jetstream::Context, payloads: &[Vec<u8>]) -> OrdersVerdict {
     use std::collections::{HashMap, HashSet};
+    let mut verdict = OrdersVerdict::default();
     let outputs = read_stream(js, "ORDERS_OUT").await;
-    let mut ids = HashSet::new();
-    let mut contents = HashSet::new();
+    verdict.outputs = outputs.len();
+    let (mut ids, mut contents) = (HashSet::new(), HashSet::new());
     let mut totals: HashMap<(String, String), u64> = HashMap::new();
     for output in &outputs {
-        let id = output
-            .msg_id
-            .clone()
-            .expect("every output has a Nats-Msg-Id");
-        assert!(ids.insert(id.clone()), "duplicate output id {id}");
-        assert!(
-            contents.insert((output.subject.clone(), output.payload.clone())),
-            "duplicate output content on {}",
-            output.subject
-        );
-        let body: serde_json::Value = serde_json::from_slice(&output.payload).expect("JSON");
+        let fresh_id = ids.insert(output.msg_id.clone());
+        let fresh_content = contents.insert((output.subject.clone(), output.payload.clone()));
+        if !fresh_id || !fresh_content {
+            verdict.duplicates += 1;
+            continue;
+        }
+        let body: Option<serde_json::Value> = serde_json::from_slice(&output.payload).ok();
         let order = body
-            .get("id")
-            .or(body.get("order"))
-            .and_then(|o| o.as_str())
-            .expect("an order id");
-        totals.insert(
-            (output.subject.clone(), order.to_owned()),
-            body["total_cents"].as_u64().expect("a total"),
-        );
+            .as_ref()
+            .and_then(|b| b.get("id").or(b.get("order"))?.as_str());
+        let total = body.as_ref().and_then(|b| b["total_cents"].as_u64());
+        match (order, total) {
+            (Some(order), Some(total)) => {
+                totals.insert((output.subject.clone(), order.to_owned()), total);
+            }
+            _ => verdict.extra += 1,
+        }
     }
-    let mut expected = 0;
     let mut malformed = HashSet::new();
-    for payload in payloads {
-        let Ok(order) = serde_json::from_slice::<serde_json::Value>(payload) else {
+    let mut accounted = 0;
+    let distinct: HashSet<&Vec<u8>> = payloads.iter().collect();
+    for payload in distinct {
+        let Some((customer, id, total)) = serde_json::from_slice::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|order| expected_order_total(&order))
+        else {
             malformed.insert(payload.clone());
             continue;
         };
-        let (customer, id, total) = expected_order_total(&order).expect("a valid order");
         for subject in [
             "orders.out.enriched".to_owned(),
             format!("orders.out.customer.{customer}"),
         ] {
-            assert_eq!(
-                totals.get(&(subject.clone(), id.clone())),
-                Some(&total),
-                "{subject} for {id}"
-            );
-            expected += 1;
+            verdict.expected_outputs += 1;
+            if totals.get(&(subject, id.clone())) == Some(&total) {
+                accounted += 1;
+            } else {
+                verdict.missing += 1;
+            }
         }
     }
-    assert_eq!(
-        outputs.len(),
-        expected,
-        "nothing extra in the output stream"
-    );
+    verdict.extra += totals.len().saturating_sub(accounted);
     let dead = read_stream(js, "ORDERS_DLQ").await;
+    verdict.dead_letters = dead.len();
+    verdict.expected_dead_letters = malformed.len();
     let dead_payloads: HashSet<Vec<u8>> = dead.iter().map(|m| m.payload.clone()).collect();
-    assert_eq!(
-        dead.len(),
-        malformed.len(),
-        "each malformed input dead-lettered once"
-    );
-    assert_eq!(dead_payloads, malformed);
+    verdict.duplicates += dead.len() - dead_payloads.len();
+    verdict.missing += malformed.difference(&dead_payloads).count();
+    verdict
+}
+
+/// Asserts that every output of the orders workload is stored exactly once, nothing is
+/// missing or extra, and the DLQ holds exactly the malformed inputs, each once.
+pub async fn verify_orders_exactly_once(js: &jetstream::Context, payloads: &[Vec<u8>]) {
+    let verdict = check_orders(js, payloads).await;
+    assert!(verdict.is_exact(), "not exactly once: {verdict:?}");
 }
 
 /// A loopback TCP proxy in front of a server, whose connections the test can cut at will:

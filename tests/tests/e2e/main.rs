@@ -2,6 +2,7 @@
 //! Build the plugins (scripts/build-plugins.sh) and the workspace before running them;
 //! scripts/test.sh does both.
 
+mod chaos;
 mod crash;
 mod disk;
 mod dlq;
