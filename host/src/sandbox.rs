@@ -229,8 +229,8 @@ impl Sandbox {
         })
     }
 
-    /// What a component file is, and whether weir can run it (the verdict is `load`'s).
-    pub fn inspect(&self, path: &Path, limits: &LimitsConfig) -> Result<Inspection, LoadError> {
+    /// Reads and compiles a component file.
+    fn read_component(&self, path: &Path) -> Result<(Vec<u8>, Component), LoadError> {
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
             path: path.to_owned(),
             source,
@@ -240,6 +240,12 @@ impl Sandbox {
                 path: path.to_owned(),
                 reason: one_line(&format!("{e:#}")),
             })?;
+        Ok((bytes, component))
+    }
+
+    /// What a component file is, and whether weir can run it (the verdict is `load`'s).
+    pub fn inspect(&self, path: &Path, limits: &LimitsConfig) -> Result<Inspection, LoadError> {
+        let (bytes, component) = self.read_component(path)?;
         let component_type = component.component_type();
         Ok(Inspection {
             size: bytes.len(),
@@ -258,16 +264,8 @@ impl Sandbox {
 
     /// Loads, checks and pre-instantiates a plugin component.
     pub fn load(&self, path: &Path, limits: &LimitsConfig) -> Result<Plugin, LoadError> {
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let (bytes, component) = self.read_component(path)?;
         let sha256 = hex(&Sha256::digest(&bytes));
-        let component =
-            Component::new(&self.engine, &bytes).map_err(|e| LoadError::NotAComponent {
-                path: path.to_owned(),
-                reason: one_line(&format!("{e:#}")),
-            })?;
         let component_type = component.component_type();
         let imports: Vec<String> = component_type
             .imports(&self.engine)

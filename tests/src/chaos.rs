@@ -3,7 +3,7 @@
 //! verifier at the end. `weir-chaos` runs it at any size; the test suite at a small one.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -58,37 +58,10 @@ impl ChaosReport {
     }
 }
 
-/// A small deterministic generator, so that a run can be replayed with its seed.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % bound.max(1)
-    }
-}
-
 /// Starts weir; its log is appended to the file `WEIR_CHAOS_LOG` names, if set.
 fn start_weir(config: &Path) -> Child {
-    let log = match std::env::var("WEIR_CHAOS_LOG") {
-        Ok(path) => std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_or(Stdio::null(), Stdio::from),
-        Err(_) => Stdio::null(),
-    };
-    Command::new(weir_binary())
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start weir")
+    let log = std::env::var("WEIR_CHAOS_LOG").ok();
+    spawn_weir(config, log.as_deref().map(Path::new), None)
 }
 
 /// Publishes `(msg id, payload)` pairs, re-sending any chunk that fails (the server may be
@@ -129,7 +102,7 @@ async fn publish_with_ids(js: &jetstream::Context, messages: &[(String, Vec<u8>)
 
 pub async fn run(plan: ChaosPlan) -> ChaosReport {
     let started = Instant::now();
-    let mut rng = Lcg(plan.seed);
+    let mut rng = SeededRng(plan.seed);
     let mut server = NatsServer::start();
     let dir = tempfile::tempdir().expect("a temp dir");
     let js = server.jetstream().await;

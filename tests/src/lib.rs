@@ -153,6 +153,60 @@ fn spawn_nats_server(config_file: &Path) -> Child {
     }
 }
 
+/// A small deterministic generator, so that a failing run can be replayed with its seed.
+pub struct SeededRng(pub u64);
+
+impl SeededRng {
+    /// A number in `0..bound`.
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % bound.max(1)
+    }
+}
+
+/// The seed in environment variable `var`, else one from the clock.
+pub fn seed_from_env(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        })
+}
+
+/// Starts `weir run` on `config` as its own process, its log appended to `log` (or
+/// discarded), with `WEIR_FAULT` set to `fault` if given.
+pub fn spawn_weir(config: &Path, log: Option<&Path>, fault: Option<&str>) -> Child {
+    let log = log
+        .and_then(|path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok()
+        })
+        .map_or(Stdio::null(), Stdio::from);
+    let mut command = Command::new(weir_binary());
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or("info".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(log);
+    if let Some(fault) = fault {
+        command.env("WEIR_FAULT", fault);
+    }
+    command.spawn().expect("start weir")
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

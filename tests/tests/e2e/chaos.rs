@@ -2,21 +2,11 @@
 //! moments, producer retries past JetStream's duplicate window, malformed inputs; the
 //! independent verifier must find every output exactly once.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use weir_tests::chaos::{self, ChaosPlan};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_under_host_kills_server_restarts_and_producer_retries() {
-    let seed = std::env::var("WEIR_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = weir_tests::seed_from_env("WEIR_CHAOS_SEED");
     let report = chaos::run(ChaosPlan {
         messages: 2000,
         host_kills: 4,

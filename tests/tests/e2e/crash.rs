@@ -4,8 +4,8 @@
 //! malformed inputs.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Child;
+use std::time::{Duration, Instant};
 
 use weir_tests::*;
 
@@ -14,46 +14,14 @@ const MALFORMED_EVERY: usize = 50;
 const KILLS: usize = 8;
 
 fn start_weir(config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(weir_binary())
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start weir")
-}
-
-/// A small deterministic generator, so a failing run can be replayed with its seed.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % bound
-    }
+    spawn_weir(config, Some(log), None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_are_exactly_once_across_repeated_sigkills() {
-    let seed = std::env::var("WEIR_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = seed_from_env("WEIR_CRASH_SEED");
     println!("crash test seed: {seed} (rerun with WEIR_CRASH_SEED={seed})");
-    let mut rng = Lcg(seed);
+    let mut rng = SeededRng(seed);
 
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();

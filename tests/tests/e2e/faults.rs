@@ -3,25 +3,9 @@
 //! the verifier finds every output exactly once and the DLQ exactly the malformed inputs.
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use weir_tests::*;
-
-fn start_weir(config: &Path, fault: Option<&str>) -> Child {
-    let mut command = Command::new(weir_binary());
-    command
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if let Some(fault) = fault {
-        command.env("WEIR_FAULT", fault);
-    }
-    command.spawn().expect("start weir")
-}
 
 /// Aborts weir at the third time it reaches `point`, restarts it, and verifies.
 async fn abort_at(point: &str) {
@@ -46,7 +30,7 @@ async fn abort_at(point: &str) {
     let payloads = order_workload(300, 20);
     publish_all(&js, "orders.in.new", &payloads).await;
 
-    let mut weir = start_weir(&config, Some(&format!("{point}:3")));
+    let mut weir = spawn_weir(&config, None, Some(&format!("{point}:3")));
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(status) = weir.try_wait().unwrap() {
@@ -61,7 +45,7 @@ async fn abort_at(point: &str) {
         "weir aborted at {point}, got {status}"
     );
 
-    let mut weir = start_weir(&config, None);
+    let mut weir = spawn_weir(&config, None, None);
     let (valid, malformed) = (300 - 15, 15);
     wait_for("every input processed", Duration::from_secs(60), || async {
         drained(&js, "ORDERS", "weir").await
