@@ -60,14 +60,13 @@ async fn a_full_disk_stops_acks_and_processing_resumes_when_space_returns() {
     let disk = SmallDisk::mount("32m");
     let dir = tempfile::tempdir().unwrap();
     let js = server.jetstream().await;
-    // The echo plugin, with 16 KiB payloads: each committed record takes real room, more
-    // than RocksDB's preallocated log space can absorb.
+    // The echo plugin, with 16 KiB payloads: each committed record takes real room.
     let plugin = plugin("hostile");
     let store_dir = disk.path().join("store");
     let config_path =
         PipelineToml::orders(&server.url(), &plugin, &store_dir).write(dir.path(), "weir.toml");
     let weir = InProcessWeir::start(&config_path, &js, "ORDERS").await;
-    let payloads: Vec<Vec<u8>> = (0..200)
+    let payloads: Vec<Vec<u8>> = (0..1000)
         .map(|i| format!("{i:06}{}", "x".repeat(16 * 1024)).into_bytes())
         .collect();
     publish_all(&js, "orders.in.new", &payloads[..20]).await;
@@ -77,7 +76,6 @@ async fn a_full_disk_stops_acks_and_processing_resumes_when_space_returns() {
     .await;
 
     let filler = disk.fill();
-    publish_all(&js, "orders.in.new", &payloads[20..]).await;
     let progress = || async {
         let stream = js.get_stream("ORDERS").await.unwrap();
         let consumer = stream.consumer_info("weir").await.unwrap();
@@ -86,21 +84,30 @@ async fn a_full_disk_stops_acks_and_processing_resumes_when_space_returns() {
             consumer.ack_floor.stream_sequence,
         )
     };
-    // Let weir fill whatever room is left, until nothing moves for two seconds.
+    // Keep inputs coming until weir stops making progress: however much room RocksDB had
+    // set aside for its log, 16 MiB more of records runs out of it.
+    let mut published = 20;
     let mut settled = progress().await;
-    for _ in 0..15 {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut quiet_rounds = 0;
+    while quiet_rounds < 3 && published < payloads.len() {
+        publish_all(&js, "orders.in.new", &payloads[published..published + 20]).await;
+        published += 20;
+        tokio::time::sleep(Duration::from_millis(700)).await;
         let now = progress().await;
         if now == settled {
-            break;
+            quiet_rounds += 1;
+        } else {
+            (settled, quiet_rounds) = (now, 0);
         }
-        settled = now;
     }
     let (outputs_then, acked_then) = settled;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (outputs_now, acked_now) = progress().await;
-    println!("disk full: {outputs_now} outputs, inputs acked up to {acked_now}");
-    assert!(outputs_now < 200, "the full disk stopped processing");
+    println!("disk full: {outputs_now} of {published} outputs, inputs acked up to {acked_now}");
+    assert!(
+        (outputs_now as usize) < published,
+        "the full disk stopped processing"
+    );
     assert_eq!(
         (outputs_now, acked_now),
         (outputs_then, acked_then),
@@ -113,14 +120,14 @@ async fn a_full_disk_stops_acks_and_processing_resumes_when_space_returns() {
 
     std::fs::remove_file(filler).unwrap();
     wait_for("processing to resume", Duration::from_secs(60), || async {
-        stream_len(&js, "ORDERS_OUT").await >= 200
+        stream_len(&js, "ORDERS_OUT").await >= published as u64
     })
     .await;
     let stats = weir.stop_stats().await;
     assert_eq!(
         stream_len(&js, "ORDERS_OUT").await,
-        200,
+        published as u64,
         "every output exactly once"
     );
-    assert_eq!(stats.executed, 200, "{stats:?}");
+    assert_eq!(stats.executed, published as u64, "{stats:?}");
 }
