@@ -108,14 +108,7 @@ pub async fn run(plan: ChaosPlan) -> ChaosReport {
     let js = server.jetstream().await;
     // A 1 s duplicate window on the input, so that producer retries published later reach
     // weir, whose msg-id dedup must absorb them.
-    js.create_stream(jetstream::stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.in.>".into()],
-        duplicate_window: Duration::from_secs(1),
-        ..Default::default()
-    })
-    .await
-    .expect("create the input stream");
+    create_orders_stream(&js, Some(Duration::from_secs(1))).await;
     let plugin = plugin("orders");
     let store_dir = dir.path().join("store");
     let config = dir.path().join("weir.toml");

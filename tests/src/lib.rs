@@ -343,6 +343,35 @@ pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
     child.wait().expect("wait for the child")
 }
 
+/// Creates the orders workload's input stream `ORDERS` (`orders.in.>`) the way an operator
+/// would before starting weir, with a given duplicate window (`None`: JetStream's default).
+pub async fn create_orders_stream(
+    js: &jetstream::Context,
+    duplicate_window: Option<Duration>,
+) -> jetstream::stream::Stream {
+    let mut config = jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.in.>".into()],
+        ..Default::default()
+    };
+    if let Some(window) = duplicate_window {
+        config.duplicate_window = window;
+    }
+    js.create_stream(config)
+        .await
+        .expect("create the ORDERS stream")
+}
+
+/// Waits until `stream` exists (weir creates its input stream at start).
+pub async fn wait_for_stream(js: &jetstream::Context, stream: &str) {
+    wait_for(
+        &format!("stream {stream:?}"),
+        Duration::from_secs(30),
+        || async { js.get_stream(stream).await.is_ok() },
+    )
+    .await;
+}
+
 /// Publishes `payloads` to `subject` through JetStream, awaiting every ack.
 pub async fn publish_all(js: &jetstream::Context, subject: &str, payloads: &[Vec<u8>]) {
     let mut acks = Vec::with_capacity(payloads.len());
@@ -508,10 +537,7 @@ impl InProcessWeir {
         let config = weir::Config::load(config).expect("a valid weir configuration");
         let shutdown = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(weir::run(config, shutdown.clone()));
-        wait_for("the input stream", Duration::from_secs(30), || async {
-            js.get_stream(input_stream).await.is_ok()
-        })
-        .await;
+        wait_for_stream(js, input_stream).await;
         InProcessWeir { shutdown, task }
     }
 

@@ -36,10 +36,7 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
     let log = dir.path().join("weir.log");
 
     let mut weir = start_weir(&config, &log);
-    wait_for("the input stream", Duration::from_secs(30), || async {
-        js.get_stream("ORDERS").await.is_ok()
-    })
-    .await;
+    wait_for_stream(&js, "ORDERS").await;
 
     // Publish while weir is being killed and restarted.
     let payloads = order_workload(INPUTS, MALFORMED_EVERY);
@@ -109,10 +106,7 @@ async fn outputs_are_exactly_once_across_cut_connections() {
     }
     .write(dir.path(), "weir.toml");
     let mut weir = start_weir(&config, &dir.path().join("weir.log"));
-    wait_for("the input stream", Duration::from_secs(30), || async {
-        js.get_stream("ORDERS").await.is_ok()
-    })
-    .await;
+    wait_for_stream(&js, "ORDERS").await;
     let payloads = order_workload(2000, 40);
     let publisher = {
         let js = js.clone();

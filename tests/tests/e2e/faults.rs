@@ -20,13 +20,7 @@ async fn abort_at(point: &str) {
         ..PipelineToml::orders(&server.url(), &plugin, &store_dir)
     }
     .write(dir.path(), "weir.toml");
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.in.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_orders_stream(&js, None).await;
     let payloads = order_workload(300, 20);
     publish_all(&js, "orders.in.new", &payloads).await;
 

@@ -201,13 +201,7 @@ async fn a_recreated_input_stream_is_processed_afresh() {
 
     // Same name, same sequences 1..10, new messages: they must not look processed.
     js.delete_stream("ORDERS").await.unwrap();
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.in.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_orders_stream(&js, None).await;
     let fresh = order_workload(20, 0).split_off(10);
     publish_all(&js, "orders.in.new", &fresh).await;
     wait_for(

@@ -94,13 +94,7 @@ fn config_errors_name_the_problem() {
 async fn a_mismatched_component_is_refused_and_nothing_is_consumed() {
     let server = NatsServer::start();
     let js = server.jetstream().await;
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.in.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_orders_stream(&js, None).await;
     publish_all(&js, "orders.in.x", &order_workload(5, 0)).await;
 
     let dir = tempfile::tempdir().unwrap();
@@ -180,14 +174,7 @@ async fn a_second_host_on_the_same_store_refuses_to_start() {
 async fn an_existing_consumer_with_another_filter_is_refused() {
     let server = NatsServer::start();
     let js = server.jetstream().await;
-    let stream = js
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: "ORDERS".into(),
-            subjects: vec!["orders.in.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stream = create_orders_stream(&js, None).await;
     stream
         .create_consumer(async_nats::jetstream::consumer::pull::Config {
             durable_name: Some("weir".into()),
