@@ -64,8 +64,8 @@ pub struct Stats {
     pub received: AtomicU64,
     /// Inputs the plugin ran on.
     pub executed: AtomicU64,
-    /// Inputs already committed, whose stored outputs were re-published without running the
-    /// plugin.
+    /// Inputs already committed: the plugin did not run; their stored outputs were
+    /// re-published only if not yet confirmed published.
     pub deduplicated: AtomicU64,
     /// Inputs committed as dead letters.
     pub dead_lettered: AtomicU64,
@@ -454,10 +454,8 @@ impl Pipeline {
         // published, the batch that committed them may have published them, and publishing
         // them again after JetStream's duplicate window would double them.
         let recheck = committed_earlier
-            .iter()
-            .copied()
+            .into_iter()
             .filter(|&index| needs_publish[index])
-            .map(|index| (index, keys[index].clone()))
             .collect();
         Ok(Some(Staged {
             records: records
@@ -466,6 +464,7 @@ impl Pipeline {
                 .map(|(record, needed)| record.filter(|_| needed))
                 .collect(),
             recheck,
+            keys,
         }))
     }
 
@@ -482,7 +481,11 @@ impl Pipeline {
             && !staged.recheck.is_empty()
         {
             let store = store.clone();
-            let keys: Vec<String> = staged.recheck.iter().map(|(_, key)| key.clone()).collect();
+            let keys: Vec<String> = staged
+                .recheck
+                .iter()
+                .map(|&index| staged.keys[index].clone())
+                .collect();
             let found = blocking(move || {
                 let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
                 store.lookup(&refs)
@@ -490,9 +493,9 @@ impl Pipeline {
             .await;
             // On a failed lookup, publish anyway: a duplicate inside the window is dropped.
             if let Ok(found) = found {
-                for ((index, _), committed) in staged.recheck.iter().zip(found) {
+                for (&index, committed) in staged.recheck.iter().zip(found) {
                     if committed.is_some_and(|c| c.published) {
-                        records[*index] = None;
+                        records[index] = None;
                     }
                 }
             }
@@ -518,8 +521,7 @@ impl Pipeline {
         }
         Stats::add(&self.stats.acked, acked);
         crate::fault::point("acked");
-        let keys = batch.iter().map(|m| self.dedup_key(m)).collect();
-        self.clear_outbox(keys).await;
+        self.clear_outbox(staged.keys).await;
     }
 
     /// Publishes `messages` until JetStream has acknowledged them all; false if shutdown came
@@ -798,9 +800,11 @@ struct CommittedBatch {
 struct Staged {
     /// What to publish per input; `None` where nothing needs publishing.
     records: Vec<Option<Arc<DoneRecord>>>,
-    /// Inputs (index, dedup key) committed by an earlier batch whose outbox entry was still
-    /// there at lookup: looked up again just before publishing.
-    recheck: Vec<(usize, String)>,
+    /// Indexes of inputs committed by an earlier batch whose outbox entry was still there
+    /// at lookup: looked up again just before publishing.
+    recheck: Vec<usize>,
+    /// Every input's dedup key, in batch order.
+    keys: Vec<String>,
 }
 
 /// Runs `work` while telling the server, every `period`, that `batch` is being worked on.
