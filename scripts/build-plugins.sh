@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds every plugin in plugins/ to a wasm component in plugins/dist/.
 #
-# Uses the installed wasm32-wasip2 Rust target when there is one; otherwise the no_std sysroot
-# named by WEIR_WASM_SYSROOT (made by ../shared/toolchain/build-wasm-sysroot.sh); otherwise
-# stops and says how to get one of them.
+# Rust plugins: uses the installed wasm32-wasip2 Rust target when there is one; otherwise the
+# no_std sysroot named by WEIR_WASM_SYSROOT (made by ../shared/toolchain/build-wasm-sysroot.sh);
+# otherwise stops and says how to get one of them.
+# Python plugins (plugins/*-py): componentize-py, from WEIR_COMPONENTIZE_PY or PATH.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 target=wasm32-wasip2
@@ -35,5 +36,20 @@ mkdir -p "$out"
 for manifest in "$repo"/plugins/*/Cargo.toml; do
   name=$(basename "$(dirname "$manifest")")
   cp "$target_dir/$target/release/${name//-/_}.wasm" "$out/$name.wasm"
-  printf 'build-plugins: %-28s %7d bytes\n' "plugins/dist/$name.wasm" "$(stat -c %s "$out/$name.wasm")"
+  printf 'build-plugins: %-28s %9d bytes\n' "plugins/dist/$name.wasm" "$(stat -c %s "$out/$name.wasm")"
+done
+
+componentize=${WEIR_COMPONENTIZE_PY:-$(command -v componentize-py || true)}
+if [ -z "$componentize" ]; then
+  echo "build-plugins: componentize-py is missing, so the Python plugins cannot be built" >&2
+  echo "  hint: pip install componentize-py==0.25.1 (or source scripts/prerequisites.sh, which installs it)" >&2
+  exit 1
+fi
+for app in "$repo"/plugins/*-py/app.py; do
+  dir=$(dirname "$app")
+  name=$(basename "$dir")
+  # componentize-py reads the module from the working directory; keep its caches out of the tree.
+  (cd "$dir" && PYTHONDONTWRITEBYTECODE=1 "$componentize" --wit-path "$repo/wit" --world plugin \
+    componentize app --output "$out/$name.wasm" >/dev/null)
+  printf 'build-plugins: %-28s %9d bytes\n' "plugins/dist/$name.wasm" "$(stat -c %s "$out/$name.wasm")"
 done

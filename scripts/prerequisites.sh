@@ -42,3 +42,18 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 && [ -z
   fi
   # Otherwise build-plugins.sh explains how to get the target.
 fi
+
+# componentize-py builds the Python plugin (plugins/stamp-py) into a component. It is pinned:
+# the component's size and start-up cost are measured against this version.
+componentize_version=0.25.1
+if [ -z "${WEIR_COMPONENTIZE_PY:-}" ]; then
+  venv="${XDG_CACHE_HOME:-$HOME/.cache}/weir-componentize-py-$componentize_version"
+  if [ ! -x "$venv/bin/componentize-py" ]; then
+    echo "prerequisites: installing componentize-py $componentize_version from PyPI into $venv"
+    { python3 -m venv "$venv" && "$venv/bin/pip" install --quiet "componentize-py==$componentize_version"; } || {
+      echo "prerequisites: could not install componentize-py; install it with 'pip install componentize-py==$componentize_version' and set WEIR_COMPONENTIZE_PY to its path" >&2
+      exit 1
+    }
+  fi
+  export WEIR_COMPONENTIZE_PY="$venv/bin/componentize-py"
+fi

@@ -11,4 +11,6 @@ cargo build --workspace
 weir="${CARGO_TARGET_DIR:-$repo/target}/debug/weir"
 "$weir" plugin test plugins/dist/orders.wasm --fixtures plugins/orders/fixtures
 "$weir" plugin test plugins/dist/hostile.wasm --fixtures plugins/hostile/fixtures --fuel 10000000
+"$weir" plugin test plugins/dist/stamp-py.wasm --fixtures plugins/stamp-py/fixtures
+# plugins/stateful has fixtures too, and must fail them: the e2e harness test checks that.
 cargo test --workspace "$@"

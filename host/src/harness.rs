@@ -15,8 +15,13 @@
 //!
 //! `expect` is either `{"outputs": [...]}` or `{"error": {"kind": "invalid-input", "reason":
 //! "…"}}` (kinds as in dead letters: `invalid-input`, `plugin-failed`, `trap`,
-//! `fuel-exhausted`, …). Each case runs twice, in fresh instances: different results fail the
-//! case as non-deterministic.
+//! `fuel-exhausted`, …). Each case runs three times: twice in fresh instances, as the pipeline
+//! runs it, and once more as the second call in an instance that has just run it. A result
+//! that differs fails the case as non-deterministic: the plugin depends on something other
+//! than its input, or keeps state between calls (which weir would silently drop, since each
+//! message gets a fresh instance). The third run is skipped when the plugin draws random
+//! bytes: a runtime that initialises itself lazily (CPython) draws them at another point of
+//! the seeded stream in a used instance, so a difference there would prove nothing.
 
 use std::path::{Path, PathBuf};
 
@@ -138,8 +143,12 @@ pub enum Verdict {
     /// The result differs from the expectation: a readable diff, expected lines `-`,
     /// actual lines `+`.
     Fail(String),
-    /// Two runs of the same input gave different results.
-    NotDeterministic(String),
+    /// Runs of the same input gave different results: a diff of the first run's result
+    /// against the other's, and which run that was.
+    NotDeterministic {
+        diff: String,
+        other_run: &'static str,
+    },
     /// The fixture had no expectation, or `--update` was given: the actual result was
     /// written into it.
     Updated,
@@ -166,6 +175,17 @@ pub fn run_case(plugin: &Plugin, fixture: &Fixture, update: bool) -> std::io::Re
     };
     let (first, usage) = plugin.run_measured(input());
     let (second, _) = plugin.run_measured(input());
+    let other = if first != second {
+        Some(("a second fresh instance", second))
+    } else {
+        match plugin.run_in_used_instance(input()) {
+            Some(outcome) if outcome != first => Some((
+                "a second call in the same instance (the plugin keeps state between calls)",
+                outcome,
+            )),
+            _ => None,
+        }
+    };
     let limits = plugin.limits();
     let mut near_limits = Vec::new();
     if usage.fuel * 5 > limits.fuel * 4 {
@@ -175,23 +195,29 @@ pub fn run_case(plugin: &Plugin, fixture: &Fixture, update: bool) -> std::io::Re
         near_limits.push("limits.memory_bytes");
     }
     let actual = expectation_of(&first, fixture.case.expect.as_ref());
-    let verdict = if first != second {
-        let second = expectation_of(&second, fixture.case.expect.as_ref());
-        Verdict::NotDeterministic(diff(&render(&actual), &render(&second)))
-    } else if update || fixture.case.expect.is_none() {
-        let case = Case {
-            expect: Some(actual),
-            ..fixture.case.clone()
-        };
-        let text = serde_json::to_string_pretty(&case).expect("a case serialises");
-        std::fs::write(&fixture.path, text + "\n")?;
-        Verdict::Updated
-    } else {
-        let expected = fixture.case.expect.as_ref().expect("checked above");
-        if *expected == actual {
-            Verdict::Pass
-        } else {
-            Verdict::Fail(diff(&render(expected), &render(&actual)))
+    let verdict = match (other, &fixture.case.expect) {
+        (Some((other_run, other)), _) => {
+            let other = expectation_of(&other, fixture.case.expect.as_ref());
+            Verdict::NotDeterministic {
+                diff: diff(&render(&actual), &render(&other)),
+                other_run,
+            }
+        }
+        (None, Some(expected)) if !update => {
+            if *expected == actual {
+                Verdict::Pass
+            } else {
+                Verdict::Fail(diff(&render(expected), &render(&actual)))
+            }
+        }
+        (None, _) => {
+            let case = Case {
+                expect: Some(actual),
+                ..fixture.case.clone()
+            };
+            let text = serde_json::to_string_pretty(&case).expect("a case serialises");
+            std::fs::write(&fixture.path, text + "\n")?;
+            Verdict::Updated
         }
     };
     Ok(CaseReport {

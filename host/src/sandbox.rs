@@ -1,13 +1,16 @@
 //! The wasm sandbox: loads plugin components and runs one message in a fresh instance.
 //!
-//! This is the only module that imports wasmtime. A plugin gets no imports at all (the
-//! linker is empty), so it has no clock, randomness, files or network: everything it sees
-//! arrives in the message, which keeps transforms deterministic. Each call runs in a new
-//! `Store` with a fuel budget (deterministic), an epoch deadline (wall-clock backstop), a
-//! memory limit and output limits; a trap poisons only that store.
+//! This is the only module that imports wasmtime. A plugin has no clock, randomness, files or
+//! network of its own: everything it sees arrives in the message, which keeps transforms
+//! deterministic. A plugin that imports WASI 0.2 (one built with `std`, or by another
+//! language's toolchain) gets the deterministic WASI of `wasi.rs`; any other import is refused
+//! at load. Each call runs in a new `Store` with a fuel budget (deterministic), an epoch
+//! deadline (wall-clock backstop), a memory limit and output limits; a trap poisons only that
+//! store.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -20,6 +23,8 @@ use wasmtime::{
 
 use crate::config::{LimitsConfig, SandboxConfig};
 
+mod wasi;
+
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
@@ -27,7 +32,7 @@ mod bindings {
     });
 }
 
-use bindings::exports::weir::transform::transformer::{Message, TransformError};
+use bindings::exports::weir::transform::transformer::{Message, Output, TransformError};
 
 /// The contract version this host speaks, as it appears in a plugin's export name.
 pub const CONTRACT_EXPORT: &str = "weir:transform/transformer@0.1.0";
@@ -153,7 +158,7 @@ pub enum LoadError {
         reason: String,
     },
     #[error(
-        "plugin {path:?} imports {imports}, which weir does not provide: weir plugins may import nothing (no WASI); remove the dependency that needs it"
+        "plugin {path:?} imports {imports}, which weir does not provide: weir plugins may import only WASI 0.2 (`wasi:*`), which weir makes deterministic; remove the dependency that needs it"
     )]
     Imports {
         path: std::path::PathBuf,
@@ -195,6 +200,9 @@ pub struct Inspection {
 /// The engine all plugins share, and the thread that advances its epoch.
 pub struct Sandbox {
     engine: Engine,
+    /// Components compiled so far, by the sha256 of their file: pipelines that run the same
+    /// plugin compile it once (a Python component takes seconds).
+    compiled: Mutex<HashMap<String, Component>>,
     _epoch_ticker: EpochTicker,
 }
 
@@ -225,21 +233,31 @@ impl Sandbox {
         let epoch_ticker = EpochTicker::start(engine.clone());
         Ok(Sandbox {
             engine,
+            compiled: Mutex::default(),
             _epoch_ticker: epoch_ticker,
         })
     }
 
-    /// Reads and compiles a component file.
+    /// Reads and compiles a component file (once per distinct content).
     fn read_component(&self, path: &Path) -> Result<(Vec<u8>, Component), LoadError> {
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
             path: path.to_owned(),
             source,
         })?;
+        let sha256 = hex(&Sha256::digest(&bytes));
+        let mut compiled = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(component) = compiled.get(&sha256) {
+            return Ok((bytes, component.clone()));
+        }
         let component =
             Component::new(&self.engine, &bytes).map_err(|e| LoadError::NotAComponent {
                 path: path.to_owned(),
                 reason: one_line(&format!("{e:#}")),
             })?;
+        compiled.insert(sha256, component.clone());
         Ok((bytes, component))
     }
 
@@ -258,23 +276,39 @@ impl Sandbox {
                 .exports(&self.engine)
                 .map(|(name, _)| name.to_owned())
                 .collect(),
-            verdict: self.load(path, limits).map(|_| ()),
+            verdict: self.check(path, &bytes, component, limits).map(|_| ()),
         })
     }
 
     /// Loads, checks and pre-instantiates a plugin component.
     pub fn load(&self, path: &Path, limits: &LimitsConfig) -> Result<Plugin, LoadError> {
         let (bytes, component) = self.read_component(path)?;
-        let sha256 = hex(&Sha256::digest(&bytes));
+        self.check(path, &bytes, component, limits)
+    }
+
+    /// Checks a compiled component against the contract and limits, and pre-instantiates it.
+    fn check(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        component: Component,
+        limits: &LimitsConfig,
+    ) -> Result<Plugin, LoadError> {
+        let sha256 = hex(&Sha256::digest(bytes));
         let component_type = component.component_type();
         let imports: Vec<String> = component_type
             .imports(&self.engine)
-            .map(|(name, _)| format!("`{name}`"))
+            .map(|(name, _)| name.to_owned())
             .collect();
-        if !imports.is_empty() {
+        let foreign: Vec<String> = imports
+            .iter()
+            .filter(|name| !wasi::provides(name))
+            .map(|name| format!("`{name}`"))
+            .collect();
+        if !foreign.is_empty() {
             return Err(LoadError::Imports {
                 path: path.to_owned(),
-                imports: imports.join(", "),
+                imports: foreign.join(", "),
             });
         }
         let exports: Vec<String> = component_type
@@ -292,7 +326,13 @@ impl Sandbox {
                 exports,
             });
         }
-        let linker: Linker<CallState> = Linker::new(&self.engine);
+        let mut linker: Linker<CallState> = Linker::new(&self.engine);
+        if !imports.is_empty() {
+            wasi::add_to_linker(&mut linker).map_err(|e| LoadError::Mismatch {
+                path: path.to_owned(),
+                reason: one_line(&format!("{e:#}")),
+            })?;
+        }
         let pre = linker
             .instantiate_pre(&component)
             .and_then(bindings::PluginPre::new)
@@ -308,7 +348,7 @@ impl Sandbox {
         };
         // Instantiate once now, so that a component that can never start (a memory larger
         // than the limit, a start function that traps) is refused at load, not per message.
-        let mut store = plugin.new_store();
+        let mut store = plugin.new_store(wasi::Inputs::default());
         plugin
             .pre
             .instantiate(&mut store)
@@ -349,8 +389,14 @@ impl Plugin {
     /// Like `run`, also reporting the fuel, memory and time the call used.
     pub fn run_measured(&self, input: TransformInput) -> (Outcome, Usage) {
         let started = std::time::Instant::now();
-        let mut store = self.new_store();
+        let wasi_inputs = wasi::Inputs {
+            data_time_unix_ns: input.data_time_unix_ns,
+            seed: input.seed,
+        };
+        let dedup_key = input.dedup_key.clone();
+        let mut store = self.new_store(wasi_inputs);
         let outcome = self.call(&mut store, input);
+        store.data().wasi.log_output(&dedup_key);
         let usage = Usage {
             fuel: self.limits.fuel - store.get_fuel().unwrap_or(0),
             peak_memory_bytes: store.data().peak_memory_bytes,
@@ -359,21 +405,57 @@ impl Plugin {
         (outcome, usage)
     }
 
-    fn call(&self, store: &mut Store<CallState>, input: TransformInput) -> Outcome {
-        let message = Message {
-            subject: input.subject,
-            headers: input.headers,
-            payload: input.payload,
-            stream_sequence: input.stream_sequence,
+    /// Runs an input twice in one instance and returns the second call's outcome. WASI's
+    /// clocks and generators are rewound in between, and the fuel and deadline renewed, so a
+    /// plugin that keeps no state between calls gives what it gives in a fresh instance. The
+    /// harness's determinism check uses it to catch plugins whose results depend on earlier
+    /// calls; the pipeline itself never reuses an instance.
+    ///
+    /// `None` when the comparison would prove nothing: the second call drew random bytes,
+    /// and a runtime that lazily initialises itself in its first call (CPython does) draws
+    /// them at a different point of the stream than a fresh instance would.
+    pub fn run_in_used_instance(&self, input: TransformInput) -> Option<Outcome> {
+        let mut store = self.new_store(wasi::Inputs {
             data_time_unix_ns: input.data_time_unix_ns,
-            dedup_key: input.dedup_key,
             seed: input.seed,
+        });
+        let message = message_of(input);
+        let plugin = match self.pre.instantiate(&mut store) {
+            Ok(plugin) => plugin,
+            Err(error) => return Some(self.outcome(&store, Err(error))),
         };
+        let transformer = plugin.weir_transform_transformer();
+        store.data_mut().wasi.checkpoint();
+        let first = transformer.call_transform(&mut store, &message);
+        if first.is_err() {
+            // A trap leaves the instance unusable; the fresh run saw the same trap.
+            return Some(self.outcome(&store, first));
+        }
+        store.data_mut().wasi.rewind();
+        self.renew_budget(&mut store);
+        let second = transformer.call_transform(&mut store, &message);
+        if store.data().wasi.drew_randomness() {
+            return None;
+        }
+        Some(self.outcome(&store, second))
+    }
+
+    fn call(&self, store: &mut Store<CallState>, input: TransformInput) -> Outcome {
+        let message = message_of(input);
         let result = self.pre.instantiate(&mut *store).and_then(|plugin| {
             plugin
                 .weir_transform_transformer()
                 .call_transform(&mut *store, &message)
         });
+        self.outcome(store, result)
+    }
+
+    /// What a call's result means, in weir's terms.
+    fn outcome(
+        &self,
+        store: &Store<CallState>,
+        result: wasmtime::Result<Result<Vec<Output>, TransformError>>,
+    ) -> Outcome {
         match result {
             Ok(Ok(outputs)) => self.check_output_limits(
                 outputs
@@ -417,7 +499,8 @@ impl Plugin {
                     // A trap's own description; the wasm backtrace adds nothing for the DLQ.
                     _ => match error.downcast_ref::<Trap>() {
                         Some(trap) => trap.to_string(),
-                        None => one_line(&format!("{error:#}")),
+                        // A host function's refusal: its own words, without the backtrace.
+                        None => one_line(&error.root_cause().to_string()),
                     },
                 };
                 Outcome::failed(kind, reason)
@@ -426,16 +509,24 @@ impl Plugin {
     }
 
     /// A store for one call, with this plugin's fuel, deadline and memory limit.
-    fn new_store(&self) -> Store<CallState> {
+    fn new_store(&self, wasi_inputs: wasi::Inputs) -> Store<CallState> {
         let mut store = Store::new(
             &self.engine,
             CallState {
                 memory_limit: self.limits.memory_bytes,
                 memory_denied: false,
                 peak_memory_bytes: 0,
+                wasi: wasi::State::new(wasi_inputs),
             },
         );
         store.limiter(|state| state as &mut dyn ResourceLimiter);
+        store.epoch_deadline_trap();
+        self.renew_budget(&mut store);
+        store
+    }
+
+    /// Gives a store this plugin's whole fuel budget and deadline.
+    fn renew_budget(&self, store: &mut Store<CallState>) {
         // Fuel cannot fail to be set: fuel consumption is on for this engine.
         store
             .set_fuel(self.limits.fuel)
@@ -445,8 +536,6 @@ impl Plugin {
             .deadline_ms
             .div_ceil(EPOCH_TICK.as_millis() as u64);
         store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
-        store
     }
 
     fn check_output_limits(&self, outputs: Vec<PluginOutput>) -> Outcome {
@@ -484,12 +573,26 @@ impl Plugin {
     }
 }
 
+fn message_of(input: TransformInput) -> Message {
+    Message {
+        subject: input.subject,
+        headers: input.headers,
+        payload: input.payload,
+        stream_sequence: input.stream_sequence,
+        data_time_unix_ns: input.data_time_unix_ns,
+        dedup_key: input.dedup_key,
+        seed: input.seed,
+    }
+}
+
 /// Per-call store data: the memory limit, and whether the plugin ran into it (so a trap
 /// that follows can be reported as what it is).
 struct CallState {
     memory_limit: usize,
     memory_denied: bool,
     peak_memory_bytes: usize,
+    /// What a plugin that imports WASI sees; built on its first WASI call only.
+    wasi: wasi::State,
 }
 
 impl ResourceLimiter for CallState {

@@ -366,7 +366,7 @@ pub async fn create_orders_stream(
 pub async fn wait_for_stream(js: &jetstream::Context, stream: &str) {
     wait_for(
         &format!("stream {stream:?}"),
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async { js.get_stream(stream).await.is_ok() },
     )
     .await;

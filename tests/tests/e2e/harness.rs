@@ -101,3 +101,48 @@ fn inspect_tells_what_a_component_is_and_whether_weir_runs_it() {
     assert!(report.contains("imports:  acme:sneaky/clock"), "{report}");
     assert!(report.contains("runnable: no"), "{report}");
 }
+
+#[test]
+fn a_plugin_that_keeps_state_between_calls_is_caught() {
+    let fixtures = repo_root().join("plugins/stateful/fixtures");
+    let output = weir(&[
+        "plugin",
+        "test",
+        plugin("stateful").to_str().unwrap(),
+        "--fixtures",
+        fixtures.to_str().unwrap(),
+    ]);
+    let report = text(&output);
+    assert_eq!(output.status.code(), Some(2), "{report}");
+    assert!(report.contains("NONDETERMINISTIC counts"), "{report}");
+    assert!(
+        report
+            .contains("a second call in the same instance (the plugin keeps state between calls)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("-         \"text\": \"message number 1\""),
+        "{report}"
+    );
+    assert!(
+        report.contains("+         \"text\": \"message number 2\""),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_python_plugin_passes_its_fixtures_on_deterministic_wasi() {
+    // Its fixtures pin the clock (data time) and the random id (seeded by the case's name):
+    // three runs per case, two of them in fresh instances, must agree with them.
+    let fixtures = repo_root().join("plugins/stamp-py/fixtures");
+    let output = weir(&[
+        "plugin",
+        "test",
+        plugin("stamp-py").to_str().unwrap(),
+        "--fixtures",
+        fixtures.to_str().unwrap(),
+    ]);
+    let report = text(&output);
+    assert!(output.status.success(), "{report}");
+    assert!(report.contains("4 passed, 0 failed"), "{report}");
+}

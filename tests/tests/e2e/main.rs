@@ -11,4 +11,5 @@ mod harness;
 mod hostile;
 mod pipeline;
 mod props;
+mod python;
 mod startup;

@@ -87,7 +87,7 @@ fn test(
                 failed += 1;
                 "FAIL"
             }
-            Verdict::NotDeterministic(_) => {
+            Verdict::NotDeterministic { .. } => {
                 failed += 1;
                 "NONDETERMINISTIC"
             }
@@ -112,8 +112,8 @@ fn test(
                     println!("    {line}");
                 }
             }
-            Verdict::NotDeterministic(diff) => {
-                println!("    first run (-) vs second run (+), same input:");
+            Verdict::NotDeterministic { diff, other_run } => {
+                println!("    a fresh instance (-) vs {other_run} (+), same input:");
                 for line in diff.lines() {
                     println!("    {line}");
                 }
