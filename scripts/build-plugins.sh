@@ -48,8 +48,8 @@ fi
 for app in "$repo"/plugins/*-py/app.py; do
   dir=$(dirname "$app")
   name=$(basename "$dir")
-  # componentize-py reads the module from the working directory; keep its caches out of the tree.
-  (cd "$dir" && PYTHONDONTWRITEBYTECODE=1 "$componentize" --wit-path "$repo/wit" --world plugin \
+  # componentize-py reads the module from the working directory (its __pycache__ is ignored).
+  (cd "$dir" && "$componentize" --wit-path "$repo/wit" --world plugin \
     componentize app --output "$out/$name.wasm" >/dev/null)
   printf 'build-plugins: %-28s %9d bytes\n' "plugins/dist/$name.wasm" "$(stat -c %s "$out/$name.wasm")"
 done
