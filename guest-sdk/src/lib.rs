@@ -3,27 +3,52 @@
 //! A plugin implements [`Transform`] for a type and exports it with [`export!`]. The crate
 //! is `no_std` + `alloc` at its core so that plugins build on any wasm32 target; the
 //! `runtime` feature supplies the global allocator and panic handler a `no_std` plugin needs,
-//! and the `std` feature is for plugins built with the standard library.
+//! the `std` feature is for plugins built with the standard library, and the `json` feature
+//! (on by default) adds serde-based JSON helpers.
 //!
 //! ```
-//! use weir_guest_sdk::{Message, Output, Transform, TransformError};
+//! use serde::{Deserialize, Serialize};
+//! use weir_guest_sdk::{Message, Output, Transform, TransformError, subject_token};
 //!
-//! struct Upper;
+//! #[derive(Deserialize)]
+//! struct Signup {
+//!     user: String,
+//!     country: String,
+//! }
 //!
-//! impl Transform for Upper {
+//! #[derive(Serialize)]
+//! struct Welcome<'a> {
+//!     user: &'a str,
+//!     signed_up_at_ns: u64,
+//! }
+//!
+//! struct Welcomer;
+//!
+//! impl Transform for Welcomer {
 //!     fn transform(msg: Message) -> Result<Vec<Output>, TransformError> {
-//!         let text = core::str::from_utf8(&msg.payload)
-//!             .map_err(|_| TransformError::invalid_input("payload is not UTF-8"))?;
-//!         Ok(vec![Output::new("upper", text.to_uppercase())])
+//!         // A payload that is not a signup is invalid input: it goes to the dead letters.
+//!         let signup: Signup = msg.json()?;
+//!         // Route by a value from the payload: `welcome.<country>` under the output prefix.
+//!         let country = subject_token(&signup.country)?;
+//!         let welcome = Welcome {
+//!             user: &signup.user,
+//!             signed_up_at_ns: msg.data_time_unix_ns,
+//!         };
+//!         Ok(vec![Output::json(format!("welcome.{country}"), &welcome)?])
 //!     }
 //! }
 //!
-//! // In the plugin crate (a `cdylib` built for wasm32): `weir_guest_sdk::export!(Upper);`
-//! # let msg = Message {
-//! #     subject: "in".into(), headers: vec![], payload: b"hi".to_vec(),
-//! #     stream_sequence: 1, data_time_unix_ns: 0, dedup_key: "k".into(), seed: 0,
-//! # };
-//! # assert_eq!(Upper::transform(msg).unwrap()[0].payload, b"HI");
+//! // In the plugin crate (a `cdylib` built for wasm32): `weir_guest_sdk::export!(Welcomer);`
+//!
+//! // The same code runs natively, so `cargo test` checks the logic without wasm:
+//! let msg = Message::for_test("signups.new", r#"{"user":"ada","country":"uk"}"#);
+//! let outputs = Welcomer::transform(msg).unwrap();
+//! assert_eq!(outputs[0].subject, "welcome.uk");
+//! assert_eq!(outputs[0].header("Content-Type"), Some("application/json"));
+//! assert_eq!(outputs[0].payload, br#"{"user":"ada","signed_up_at_ns":0}"#);
+//!
+//! let bad = Message::for_test("signups.new", "user=ada");
+//! assert!(matches!(Welcomer::transform(bad), Err(TransformError::InvalidInput(_))));
 //! ```
 //!
 //! The contract these types come from is `wit/transform.wit` (`weir:transform@0.1.0`).
@@ -82,12 +107,54 @@ macro_rules! export {
 }
 
 impl Message {
+    /// A message for unit tests of transform logic, run natively with `cargo test`: the
+    /// given subject and payload, no headers, sequence 1, data time 0, dedup key `"test"`
+    /// and seed 0. Set the other fields directly when a test needs them.
+    pub fn for_test(subject: impl Into<String>, payload: impl Into<Vec<u8>>) -> Message {
+        Message {
+            subject: subject.into(),
+            headers: Vec::new(),
+            payload: payload.into(),
+            stream_sequence: 1,
+            data_time_unix_ns: 0,
+            dedup_key: "test".into(),
+            seed: 0,
+        }
+    }
+
     /// The value of the first header named `name` (compared case-sensitively, as NATS does).
     pub fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
+    }
+
+    /// The values of every header named `name`, in the order they were sent.
+    pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> {
         self.headers
             .iter()
-            .find(|(header_name, _)| header_name == name)
+            .filter(move |(header_name, _)| header_name == name)
             .map(|(_, value)| value.as_str())
+    }
+
+    /// The subject's tokens: `"orders.eu.new"` gives `"orders"`, `"eu"`, `"new"`.
+    pub fn subject_tokens(&self) -> impl Iterator<Item = &str> {
+        self.subject.split('.')
+    }
+
+    /// A pseudo-random generator seeded with the message's [`seed`](Message::seed): the same
+    /// message always draws the same numbers, so a replay gives the same outputs.
+    pub fn rng(&self) -> SeededRng {
+        SeededRng::new(self.seed)
+    }
+
+    /// The payload parsed as JSON into `T`. A payload that does not parse, or does not fit
+    /// `T`, is [invalid input](TransformError::InvalidInput), with serde's reason.
+    #[cfg(feature = "json")]
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, TransformError> {
+        serde_json::from_slice(&self.payload).map_err(|error| {
+            TransformError::invalid_input(alloc::format!(
+                "payload is not the expected JSON: {error}"
+            ))
+        })
     }
 }
 
@@ -102,11 +169,90 @@ impl Output {
         }
     }
 
+    /// An output whose payload is `value` as compact JSON, with the header
+    /// `Content-Type: application/json`. A value serde cannot serialise (a map with
+    /// non-string keys) is a [plugin failure](TransformError::PluginFailed).
+    #[cfg(feature = "json")]
+    pub fn json<T: serde::Serialize + ?Sized>(
+        subject: impl Into<String>,
+        value: &T,
+    ) -> Result<Output, TransformError> {
+        let payload = serde_json::to_vec(value).map_err(|error| {
+            TransformError::plugin_failed(alloc::format!(
+                "cannot write the output as JSON: {error}"
+            ))
+        })?;
+        Ok(Output::new(subject, payload).with_header("Content-Type", "application/json"))
+    }
+
     /// Adds a header. Names starting `Nats-` belong to NATS: the host ignores `Nats-Msg-Id`
     /// (it sets a deterministic one) and refuses an output with any other.
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Output {
         self.headers.push((name.into(), value.into()));
         self
+    }
+
+    /// The value of the first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(header_name, _)| header_name == name)
+        .map(|(_, value)| value.as_str())
+}
+
+/// Checks that `value` can be one token of an output subject, for routing by a value from
+/// the payload (`format!("customer.{id}")`): non-empty, and no `.`, `*`, `>` or whitespace,
+/// which would change the subject's shape. Anything else is
+/// [invalid input](TransformError::InvalidInput) naming the value.
+pub fn subject_token(value: &str) -> Result<&str, TransformError> {
+    let bad = |c: char| c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control();
+    if value.is_empty() || value.chars().any(bad) {
+        return Err(TransformError::invalid_input(alloc::format!(
+            "{value:?} cannot be a subject token: it must be non-empty, without '.', '*', '>' or whitespace"
+        )));
+    }
+    Ok(value)
+}
+
+/// A small, fast pseudo-random generator (SplitMix64) for transforms that sample, shuffle or
+/// make ids. Seed it from the message ([`Message::rng`]) so that replays agree. Not for
+/// secrets.
+#[derive(Debug, Clone)]
+pub struct SeededRng {
+    state: u64,
+}
+
+impl SeededRng {
+    /// A generator that starts from `seed`.
+    pub fn new(seed: u64) -> SeededRng {
+        SeededRng { state: seed }
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..bound` (`bound` must be greater than 0), without modulo bias.
+    pub fn below(&mut self, bound: u64) -> u64 {
+        assert!(bound > 0, "SeededRng::below needs a bound greater than 0");
+        // Lemire's method: multiply, and redraw in the rare biased zone.
+        let threshold = bound.wrapping_neg() % bound;
+        loop {
+            let product = u128::from(self.next_u64()) * u128::from(bound);
+            if (product as u64) >= threshold {
+                return (product >> 64) as u64;
+            }
+        }
     }
 }
 
@@ -120,6 +266,46 @@ impl TransformError {
     /// a plugin failure.
     pub fn plugin_failed(reason: impl Into<String>) -> TransformError {
         TransformError::PluginFailed(reason.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    #[test]
+    fn subject_tokens_refuse_what_would_change_the_subject() {
+        assert_eq!(subject_token("c-7").ok(), Some("c-7"));
+        for bad in ["", "a.b", "*", ">", "a b", "tab\t"] {
+            assert!(
+                matches!(subject_token(bad), Err(TransformError::InvalidInput(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_seeded_rng_is_reproducible_and_in_range() {
+        let mut a = Message::for_test("s", "").rng();
+        let mut b = SeededRng::new(0);
+        let draws: Vec<u64> = (0..100).map(|_| a.below(6)).collect();
+        assert_eq!(draws, (0..100).map(|_| b.below(6)).collect::<Vec<_>>());
+        assert!(draws.iter().all(|&d| d < 6));
+        assert!((0..6).all(|face| draws.contains(&face)));
+    }
+
+    #[test]
+    fn headers_keep_every_value_in_order() {
+        let mut msg = Message::for_test("s", "");
+        msg.headers = vec![
+            ("A".into(), "1".into()),
+            ("B".into(), "x".into()),
+            ("A".into(), "2".into()),
+        ];
+        assert_eq!(msg.header("A"), Some("1"));
+        assert_eq!(msg.header_values("A").collect::<Vec<_>>(), ["1", "2"]);
+        assert_eq!(msg.header("a"), None);
     }
 }
 
