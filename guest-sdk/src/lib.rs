@@ -99,9 +99,12 @@ pub use bindings::exports::weir::transform::transformer::Guest as Transform;
 /// Exports a [`Transform`] implementation as the plugin's `transform` function.
 ///
 /// Call it once, at the top level of the plugin crate: `weir_guest_sdk::export!(MyPlugin);`.
+/// It exports only on wasm32: natively (`cargo test` of the transform's logic) there is no
+/// component to export from, and a native library could not carry the export's name.
 #[macro_export]
 macro_rules! export {
     ($plugin:ident) => {
+        #[cfg(target_arch = "wasm32")]
         $crate::bindings::__export_plugin!($plugin with_types_in $crate::bindings);
     };
 }

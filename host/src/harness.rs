@@ -28,7 +28,8 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::sandbox::{Outcome, Plugin, TransformInput, Usage};
+use crate::config::{LimitsConfig, SandboxConfig};
+use crate::sandbox::{FailureKind, Outcome, Plugin, Sandbox, TransformInput, Usage};
 
 /// One fixture file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -225,6 +226,243 @@ pub fn run_case(plugin: &Plugin, fixture: &Fixture, update: bool) -> std::io::Re
         usage,
         near_limits,
     })
+}
+
+/// The result of running a directory of fixtures.
+pub struct SuiteReport {
+    pub cases: Vec<(Fixture, CaseReport)>,
+}
+
+impl SuiteReport {
+    pub fn passed(&self) -> usize {
+        self.count(|verdict| matches!(verdict, Verdict::Pass))
+    }
+
+    pub fn failed(&self) -> usize {
+        self.count(|verdict| matches!(verdict, Verdict::Fail(_) | Verdict::NotDeterministic { .. }))
+    }
+
+    pub fn updated(&self) -> usize {
+        self.count(|verdict| matches!(verdict, Verdict::Updated))
+    }
+
+    fn count(&self, which: impl Fn(&Verdict) -> bool) -> usize {
+        self.cases
+            .iter()
+            .filter(|(_, report)| which(&report.verdict))
+            .count()
+    }
+
+    /// The report `weir plugin test` prints: a line per case with its cost, a diff under each
+    /// failing case, and the totals.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        for (fixture, report) in &self.cases {
+            let status = match &report.verdict {
+                Verdict::Pass => "PASS",
+                Verdict::Updated => "UPDATED",
+                Verdict::Fail(_) => "FAIL",
+                Verdict::NotDeterministic { .. } => "NONDETERMINISTIC",
+            };
+            let usage = report.usage;
+            let near = if report.near_limits.is_empty() {
+                String::new()
+            } else {
+                format!("  near {}", report.near_limits.join(", "))
+            };
+            text += &format!(
+                "{status:<16} {:<28} fuel {:>11}  memory {:>6.1} MiB  {:>8.2} ms{near}\n",
+                fixture.name,
+                usage.fuel,
+                usage.peak_memory_bytes as f64 / (1 << 20) as f64,
+                usage.elapsed.as_secs_f64() * 1e3,
+            );
+            let (heading, diff) = match &report.verdict {
+                Verdict::Fail(diff) => ("expected (-) vs actual (+):".to_owned(), diff),
+                Verdict::NotDeterministic { diff, other_run } => (
+                    format!("a fresh instance (-) vs {other_run} (+), same input:"),
+                    diff,
+                ),
+                _ => continue,
+            };
+            text += &format!("    {heading}\n");
+            for line in diff.lines() {
+                text += &format!("    {line}\n");
+            }
+        }
+        text += &format!(
+            "{} passed, {} failed, {} updated\n",
+            self.passed(),
+            self.failed(),
+            self.updated()
+        );
+        text
+    }
+}
+
+/// Runs every fixture in `dir` against a loaded plugin (`update` rewrites expectations).
+pub fn run_fixtures(plugin: &Plugin, dir: &Path, update: bool) -> Result<SuiteReport, String> {
+    let fixtures = load_fixtures(dir).map_err(|e| e.to_string())?;
+    let mut cases = Vec::with_capacity(fixtures.len());
+    for fixture in fixtures {
+        let report = run_case(plugin, &fixture, update)
+            .map_err(|e| format!("cannot write {}: {e}", fixture.path.display()))?;
+        cases.push((fixture, report));
+    }
+    Ok(SuiteReport { cases })
+}
+
+/// The harness for `cargo test` in a plugin crate: loads `component` under weir's default
+/// limits and runs the fixtures in `fixtures_dir`, exactly as `weir plugin test` does. `Err`
+/// carries the whole report, diffs included, when a case fails or the component cannot run.
+///
+/// ```no_run
+/// #[test]
+/// fn golden_fixtures() {
+///     // After building the component (`weir plugin build`).
+///     let component = "target/wasm32-wasip2/release/my_plugin.wasm";
+///     if let Err(report) = weir::harness::check(component.as_ref(), "fixtures".as_ref()) {
+///         panic!("{report}");
+///     }
+/// }
+/// ```
+pub fn check(component: &Path, fixtures_dir: &Path) -> Result<SuiteReport, String> {
+    let limits = LimitsConfig::default();
+    let sandbox = Sandbox::new(&SandboxConfig::default(), limits.memory_bytes)
+        .map_err(|e| format!("{e:#}"))?;
+    let plugin = sandbox
+        .load(component, &limits)
+        .map_err(|e| e.to_string())?;
+    let report = run_fixtures(&plugin, fixtures_dir, false)?;
+    if report.failed() > 0 {
+        return Err(report.render());
+    }
+    Ok(report)
+}
+
+/// An input the fuzzer found that makes the plugin misbehave (anything but outputs or an
+/// error it returned).
+pub struct FuzzFinding {
+    pub payload: Vec<u8>,
+    pub kind: FailureKind,
+    pub reason: String,
+}
+
+impl FuzzFinding {
+    /// The finding as a fixture file's text, ready to save next to the others.
+    pub fn as_fixture(&self, subject: &str) -> String {
+        let case = Case {
+            subject: subject.to_owned(),
+            headers: Vec::new(),
+            payload: payload_like(&self.payload, None),
+            data_time_unix_ns: 0,
+            expect: None,
+        };
+        serde_json::to_string_pretty(&case).expect("a case serialises")
+    }
+}
+
+/// Runs `count` generated inputs through the plugin, each in a fresh instance: mutations
+/// of the fixtures' payloads (bit flips, cuts, splices, repeats, stray bytes) and some
+/// random bytes, all from `seed`. An error the plugin returns is fine; a trap, running out
+/// of fuel, memory or time, or outputs weir would refuse are findings.
+pub fn fuzz(plugin: &Plugin, fixtures: &[Fixture], count: usize, seed: u64) -> Vec<FuzzFinding> {
+    let corpus: Vec<Vec<u8>> = fixtures
+        .iter()
+        .map(|fixture| payload_bytes(&fixture.case.payload))
+        .collect();
+    let subject = fixtures
+        .first()
+        .map_or("fuzz", |fixture| fixture.case.subject.as_str());
+    let mut mutator = Mutator::new(seed);
+    let mut findings = Vec::new();
+    for index in 0..count {
+        let payload = mutator.input(&corpus);
+        let dedup_key = format!("fuzz:{seed}:{index}");
+        let outcome = plugin.run(TransformInput {
+            subject: subject.to_owned(),
+            headers: Vec::new(),
+            payload: payload.clone(),
+            stream_sequence: index as u64 + 1,
+            data_time_unix_ns: 0,
+            seed: TransformInput::seed_for(&dedup_key),
+            dedup_key,
+        });
+        if let Outcome::Failed { kind, reason } = outcome
+            && !matches!(kind, FailureKind::InvalidInput | FailureKind::PluginFailed)
+            && !findings.iter().any(|f: &FuzzFinding| f.payload == payload)
+        {
+            findings.push(FuzzFinding {
+                payload,
+                kind,
+                reason,
+            });
+        }
+    }
+    findings
+}
+
+/// Makes fuzz inputs from a corpus, deterministically from a seed (SplitMix64).
+struct Mutator {
+    state: u64,
+}
+
+impl Mutator {
+    fn new(seed: u64) -> Mutator {
+        Mutator { state: seed }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, bound: usize) -> usize {
+        (self.next() % bound.max(1) as u64) as usize
+    }
+
+    fn input(&mut self, corpus: &[Vec<u8>]) -> Vec<u8> {
+        if corpus.is_empty() || self.below(10) == 0 {
+            let len = self.below(256);
+            return (0..len).map(|_| self.next() as u8).collect();
+        }
+        let mut bytes = corpus[self.below(corpus.len())].clone();
+        for _ in 0..=self.below(4) {
+            let at = self.below(bytes.len() + 1);
+            match self.below(6) {
+                0 if !bytes.is_empty() => {
+                    let i = self.below(bytes.len());
+                    bytes[i] ^= 1 << self.below(8);
+                }
+                1 => bytes.truncate(at),
+                2 => {
+                    let other = &corpus[self.below(corpus.len())];
+                    let from = self.below(other.len() + 1);
+                    bytes.splice(at..at, other[from..].iter().copied());
+                }
+                3 if at < bytes.len() => {
+                    let end = at + self.below(bytes.len() - at) + 1;
+                    let piece = bytes[at..end].to_vec();
+                    for _ in 0..self.below(8) + 1 {
+                        bytes.splice(at..at, piece.iter().copied());
+                    }
+                }
+                4 => {
+                    const STRAY: &[u8] = b"{}[]\",:0-9eE.\\\0\xff";
+                    let stray = STRAY[self.below(STRAY.len())];
+                    bytes.insert(at, stray);
+                }
+                _ => {
+                    let number = b"18446744073709551615";
+                    bytes.splice(at..at, number.iter().copied());
+                }
+            }
+        }
+        bytes
+    }
 }
 
 /// The outcome as an expectation, payloads written the way `expected` writes them (so a

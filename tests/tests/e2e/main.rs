@@ -12,4 +12,5 @@ mod hostile;
 mod pipeline;
 mod props;
 mod python;
+mod scaffold;
 mod startup;

@@ -10,6 +10,7 @@ use weir::config::LimitsConfig;
 
 mod dlq;
 mod plugin;
+mod scaffold;
 
 /// A WebAssembly plugin host for JetStream stream transforms, with exactly-once effects.
 #[derive(Parser)]
@@ -38,7 +39,7 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Inspect plugin components and run their golden fixtures.
+    /// Make, build, inspect and test plugin components.
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
@@ -57,8 +58,9 @@ enum PluginCommand {
         /// The component (`.wasm`).
         file: PathBuf,
     },
-    /// Run golden fixtures (one JSON file per case) against a component: each case twice,
-    /// in fresh instances, failing on a wrong or non-deterministic result.
+    /// Run golden fixtures (one JSON file per case) against a component: each case in two
+    /// fresh instances and once more in a used one, failing on a wrong or non-deterministic
+    /// result.
     Test {
         /// The component (`.wasm`).
         file: PathBuf,
@@ -68,8 +70,35 @@ enum PluginCommand {
         /// Write each case's actual result into its fixture instead of comparing.
         #[arg(long)]
         update: bool,
+        /// Then run this many generated inputs (mutated fixture payloads), failing on any
+        /// trap or exhausted limit; an error the plugin returns is fine.
+        #[arg(long, value_name = "N")]
+        fuzz: Option<usize>,
+        /// The seed of the generated inputs: the same seed makes the same inputs.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
         #[command(flatten)]
         limits: LimitArgs,
+    },
+    /// Create a plugin crate that builds and passes its own tests: a JSON transform, native
+    /// unit tests (`cargo test`) and golden fixtures (`weir plugin test`).
+    New {
+        /// The crate's name (lowercase letters, digits, `-` and `_`).
+        name: String,
+        /// Where to create it (a new directory NAME inside).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The weir guest SDK (`guest-sdk/` of the weir repository); by default the one this
+        /// weir was built from.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a plugin crate to a component for wasm32-wasip2 (the installed target, else the
+    /// sysroot in WEIR_WASM_SYSROOT), then show what `inspect` shows.
+    Build {
+        /// The plugin crate's directory.
+        #[arg(default_value = ".")]
+        path: PathBuf,
     },
 }
 

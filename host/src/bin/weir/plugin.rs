@@ -1,9 +1,9 @@
-//! `weir plugin …`: inspect a component, run its golden fixtures.
+//! `weir plugin inspect|test`: what a component is, and its golden fixtures and fuzzing.
 
 use std::path::PathBuf;
 
 use weir::config::{LimitsConfig, SandboxConfig};
-use weir::harness::{self, Verdict};
+use weir::harness;
 use weir::sandbox::Sandbox;
 
 use crate::PluginCommand;
@@ -15,8 +15,18 @@ pub fn run(command: PluginCommand) -> Result<(), weir::Error> {
             file,
             fixtures,
             update,
+            fuzz,
+            seed,
             limits,
-        } => test(file, fixtures, update, limits.into_limits()),
+        } => test(
+            file,
+            fixtures,
+            update,
+            fuzz.map(|count| (count, seed)),
+            limits.into_limits(),
+        ),
+        PluginCommand::New { name, dir, sdk } => crate::scaffold::new(&name, &dir, sdk),
+        PluginCommand::Build { path } => crate::scaffold::build(&path),
     }
 }
 
@@ -25,7 +35,7 @@ fn sandbox(limits: &LimitsConfig) -> Result<Sandbox, weir::Error> {
         .map_err(|e| weir::Error::Engine(format!("{e:#}")))
 }
 
-fn inspect(file: PathBuf) -> Result<(), weir::Error> {
+pub fn inspect(file: PathBuf) -> Result<(), weir::Error> {
     let limits = LimitsConfig::default();
     let inspection = sandbox(&limits)?
         .inspect(&file, &limits)
@@ -62,70 +72,52 @@ fn test(
     file: PathBuf,
     fixtures: PathBuf,
     update: bool,
+    fuzz: Option<(usize, u64)>,
     limits: LimitsConfig,
 ) -> Result<(), weir::Error> {
     let plugin = sandbox(&limits)?
         .load(&file, &limits)
         .map_err(|e| weir::Error::Usage(e.to_string()))?;
-    let fixtures =
-        harness::load_fixtures(&fixtures).map_err(|e| weir::Error::Usage(e.to_string()))?;
-    let (mut passed, mut failed, mut updated) = (0, 0, 0);
-    for fixture in &fixtures {
-        let report = harness::run_case(&plugin, fixture, update).map_err(|e| {
-            weir::Error::Usage(format!("cannot write {}: {e}", fixture.path.display()))
-        })?;
-        let status = match &report.verdict {
-            Verdict::Pass => {
-                passed += 1;
-                "PASS"
-            }
-            Verdict::Updated => {
-                updated += 1;
-                "UPDATED"
-            }
-            Verdict::Fail(_) => {
-                failed += 1;
-                "FAIL"
-            }
-            Verdict::NotDeterministic { .. } => {
-                failed += 1;
-                "NONDETERMINISTIC"
-            }
-        };
-        let usage = report.usage;
-        println!(
-            "{status:<16} {:<28} fuel {:>11}  memory {:>6.1} MiB  {:>8.2} ms{}",
-            fixture.name,
-            usage.fuel,
-            usage.peak_memory_bytes as f64 / (1 << 20) as f64,
-            usage.elapsed.as_secs_f64() * 1e3,
-            if report.near_limits.is_empty() {
-                String::new()
-            } else {
-                format!("  near {}", report.near_limits.join(", "))
-            }
-        );
-        match &report.verdict {
-            Verdict::Fail(diff) => {
-                println!("    expected (-) vs actual (+):");
-                for line in diff.lines() {
-                    println!("    {line}");
-                }
-            }
-            Verdict::NotDeterministic { diff, other_run } => {
-                println!("    a fresh instance (-) vs {other_run} (+), same input:");
-                for line in diff.lines() {
-                    println!("    {line}");
-                }
-            }
-            _ => {}
+    let report = harness::run_fixtures(&plugin, &fixtures, update).map_err(weir::Error::Usage)?;
+    print!("{}", report.render());
+    if report.failed() > 0 {
+        return Err(weir::Error::Usage(format!(
+            "{} of {} fixtures failed",
+            report.failed(),
+            report.cases.len()
+        )));
+    }
+    let Some((count, seed)) = fuzz else {
+        return Ok(());
+    };
+    let fixtures: Vec<_> = report
+        .cases
+        .into_iter()
+        .map(|(fixture, _)| fixture)
+        .collect();
+    let findings = harness::fuzz(&plugin, &fixtures, count, seed);
+    println!(
+        "fuzz: {count} generated inputs (--seed {seed}), {} misbehaved",
+        findings.len()
+    );
+    const SHOWN: usize = 5;
+    for finding in findings.iter().take(SHOWN) {
+        println!("    {}: {}", finding.kind.as_str(), finding.reason);
+        println!("    as a fixture:");
+        let subject = fixtures
+            .first()
+            .map_or("fuzz", |fixture| fixture.case.subject.as_str());
+        for line in finding.as_fixture(subject).lines() {
+            println!("      {line}");
         }
     }
-    println!("{passed} passed, {failed} failed, {updated} updated");
-    if failed > 0 {
+    if findings.len() > SHOWN {
+        println!("    … and {} more", findings.len() - SHOWN);
+    }
+    if !findings.is_empty() {
         return Err(weir::Error::Usage(format!(
-            "{failed} of {} fixtures failed",
-            fixtures.len()
+            "{} of {count} generated inputs made the plugin trap or exhaust a limit",
+            findings.len()
         )));
     }
     Ok(())
