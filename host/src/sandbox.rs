@@ -382,6 +382,10 @@ impl Plugin {
 
     /// Runs one input in a fresh instance. Never panics on anything the plugin does: every
     /// misbehaviour becomes an `Outcome::Failed` with the reason.
+    ///
+    /// It blocks for as long as the plugin runs: call it from a blocking thread
+    /// (`tokio::task::spawn_blocking`) or outside any async runtime, never from an async
+    /// task, where a WASI plugin's output would make wasmtime-wasi's runtime panic.
     pub fn run(&self, input: TransformInput) -> Outcome {
         self.run_measured(input).0
     }

@@ -9,7 +9,8 @@
 //!   (a redelivery storm), latency under a paced load, and the per-message sandbox cost.
 //! - `weir-bench malformed [COUNT]`: COUNT orders (default 50 000), clean and with 1 %
 //!   malformed inputs, alternating, twice each. Target: within 10 % of each other.
-//! - `weir-bench sandbox`: a fresh instance and one call of a trivial transform, in µs.
+//! - `weir-bench sandbox`: a fresh instance and one call, in µs, for a trivial Rust
+//!   transform, a JSON one and the Python plugin, with each component's size and compile time.
 //! - `weir-bench store [COUNT]`: COUNT committed ids (default 10 000 000) in a dedup store,
 //!   then the cost of looking ids up, and resident memory along the way.
 
@@ -37,10 +38,13 @@ async fn main() {
         "throughput" => throughput(count(100_000), sync_always).await,
         "malformed" => malformed(count(50_000)).await,
         "store" => store_scale(count(10_000_000)),
-        "sandbox" => sandbox_overhead(),
+        // Plugin calls block: off the async workers, as in the pipeline.
+        "sandbox" => tokio::task::spawn_blocking(sandbox_overhead)
+            .await
+            .expect("the sandbox benchmark"),
         other => {
             eprintln!(
-                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store"
+                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox"
             );
             std::process::exit(2);
         }
@@ -375,34 +379,61 @@ async fn latency(server: &NatsServer, js: &jetstream::Context) {
     );
 }
 
-/// A fresh instance and one call of a trivial transform, in this process.
+/// A fresh instance and one call per message, in this process: a trivial Rust transform,
+/// a JSON one, and the Python plugin (CPython in the component) with its deterministic WASI.
 fn sandbox_overhead() {
     let sandbox = weir::sandbox::Sandbox::new(&weir::config::SandboxConfig::default(), 64 << 20)
         .expect("an engine");
-    let echo = sandbox
-        .load(&plugin("hostile"), &weir::config::LimitsConfig::default())
-        .expect("the echo plugin");
-    let input = weir::sandbox::TransformInput {
-        subject: "in.x".into(),
-        headers: vec![],
-        payload: vec![b'.'; 256],
-        stream_sequence: 1,
-        data_time_unix_ns: 0,
-        dedup_key: "k".into(),
-        seed: 0,
-    };
-    let runs = 20_000;
-    for _ in 0..1000 {
-        echo.run(input.clone());
+    let cases: [(&str, &str, &[u8], usize); 3] = [
+        ("Rust, echo", "hostile", &[b'.'; 256], 20_000),
+        (
+            "Rust, JSON orders",
+            "orders",
+            br#"{"id":"o-1","customer":"c-7","items":[{"sku":"A","qty":2,"price_cents":150}]}"#,
+            20_000,
+        ),
+        (
+            "Python, JSON stamp",
+            "stamp-py",
+            br#"{"user":"ada","plan":"pro"}"#,
+            1_000,
+        ),
+    ];
+    let mut echo_us = None;
+    for (label, name, payload, runs) in cases {
+        let path = plugin(name);
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let started = Instant::now();
+        let loaded = sandbox
+            .load(&path, &weir::config::LimitsConfig::default())
+            .expect("a plugin weir runs");
+        let load_s = started.elapsed().as_secs_f64();
+        let input = weir::sandbox::TransformInput {
+            subject: "in.x".into(),
+            headers: vec![],
+            payload: payload.to_vec(),
+            stream_sequence: 1,
+            data_time_unix_ns: 0,
+            dedup_key: "k".into(),
+            seed: 0,
+        };
+        for _ in 0..runs / 20 {
+            loaded.run(input.clone());
+        }
+        let started = Instant::now();
+        for _ in 0..runs {
+            loaded.run(input.clone());
+        }
+        let per_message_us = started.elapsed().as_secs_f64() * 1e6 / runs as f64;
+        let versus = echo_us.map_or(String::new(), |echo: f64| {
+            format!("  ({:.0}x the echo)", per_message_us / echo)
+        });
+        echo_us.get_or_insert(per_message_us);
+        println!(
+            "  sandbox: {label:<19} {:>9.1} KiB  compile {load_s:>6.2} s  fresh instance + call {per_message_us:>9.1} µs{versus}",
+            size as f64 / 1024.0
+        );
     }
-    let started = Instant::now();
-    for _ in 0..runs {
-        echo.run(input.clone());
-    }
-    println!(
-        "  sandbox: fresh instance + call  {:.1} µs per message",
-        started.elapsed().as_secs_f64() * 1e6 / runs as f64
-    );
 }
 
 async fn malformed(count: usize) {

@@ -146,3 +146,17 @@ fn a_python_plugin_passes_its_fixtures_on_deterministic_wasi() {
     assert!(output.status.success(), "{report}");
     assert!(report.contains("4 passed, 0 failed"), "{report}");
 }
+
+#[test]
+fn the_harness_is_a_library_for_cargo_test() {
+    let orders = repo_root().join("plugins/orders/fixtures");
+    let report = weir::harness::check(&plugin("orders"), &orders).expect("orders passes");
+    assert_eq!((report.passed(), report.failed()), (4, 0));
+
+    let stateful = repo_root().join("plugins/stateful/fixtures");
+    let failure = weir::harness::check(&plugin("stateful"), &stateful)
+        .err()
+        .expect("a stateful plugin fails");
+    assert!(failure.contains("NONDETERMINISTIC counts"), "{failure}");
+    assert!(failure.contains("0 passed, 1 failed"), "{failure}");
+}
