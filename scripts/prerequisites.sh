@@ -28,12 +28,14 @@ fi
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 && [ -z "${WEIR_WASM_SYSROOT:-}" ]; then
   builder="$repo/../shared/toolchain/build-wasm-sysroot.sh"
   cache="${XDG_CACHE_HOME:-$HOME/.cache}/weir-wasm-sysroot"
-  if [ -d "$cache/sysroot/lib/rustlib/wasm32-wasip2" ] && [ "$(cat "$cache/rustc-version" 2>/dev/null)" = "$(rustc -vV)" ]; then
+  # Both targets weir plugin build knows; the tests build the scaffolded plugin for each.
+  if [ -d "$cache/sysroot/lib/rustlib/wasm32-wasip2" ] && [ -d "$cache/sysroot/lib/rustlib/wasm32-unknown-unknown" ] \
+     && [ "$(cat "$cache/rustc-version" 2>/dev/null)" = "$(rustc -vV)" ]; then
     export WEIR_WASM_SYSROOT="$cache/sysroot"
   elif [ -x "$builder" ]; then
     mkdir -p "$(dirname "$cache")"
     echo "prerequisites: no wasm32-wasip2 target; building a no_std sysroot with $builder (1-3 minutes)"
-    "$builder" "$cache" wasm32-wasip2 >"$cache.log" 2>&1 || {
+    "$builder" "$cache" wasm32-wasip2 wasm32-unknown-unknown >"$cache.log" 2>&1 || {
       echo "prerequisites: building the wasm sysroot failed; see $cache.log" >&2
       exit 1
     }

@@ -1,6 +1,6 @@
 //! `weir plugin new` makes a crate that passes its own native tests, `weir plugin build`
-//! turns it into a component weir runs, and the component passes its golden fixtures and a
-//! fuzz run.
+//! turns it into a component weir runs (for wasm32-wasip2 and for wasm32-unknown-unknown),
+//! and the component passes its golden fixtures and a fuzz run.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -43,27 +43,33 @@ fn a_new_plugin_builds_and_passes_its_tests() {
         "the native unit tests: {report}"
     );
 
-    let output = run(Command::new(&weir)
-        .args(["plugin", "build"])
-        .arg(&crate_dir)
-        .env("CARGO_TARGET_DIR", &target_dir));
-    let report = String::from_utf8_lossy(&output.stdout);
-    assert!(report.contains("imports:  none"), "{report}");
-    assert!(report.contains("runnable: yes"), "{report}");
-    let component = target_dir.join("wasm32-wasip2/release/greeter.wasm");
+    // The standard target, and wasm32-unknown-unknown linked into a component.
+    for target in ["wasm32-wasip2", "wasm32-unknown-unknown"] {
+        let output = run(Command::new(&weir)
+            .args(["plugin", "build", "--target", target])
+            .arg(&crate_dir)
+            .env("CARGO_TARGET_DIR", &target_dir));
+        let report = String::from_utf8_lossy(&output.stdout);
+        assert!(report.contains("imports:  none"), "{target}: {report}");
+        assert!(report.contains("runnable: yes"), "{target}: {report}");
+        let component = target_dir.join(target).join("release/greeter.wasm");
 
-    let output = run(Command::new(&weir)
-        .args(["plugin", "test"])
-        .arg(&component)
-        .arg("--fixtures")
-        .arg(crate_dir.join("fixtures"))
-        .args(["--fuzz", "500"]));
-    let report = String::from_utf8_lossy(&output.stdout);
-    assert!(report.contains("2 passed, 0 failed, 0 updated"), "{report}");
-    assert!(
-        report.contains("fuzz: 500 generated inputs (--seed 1), 0 misbehaved"),
-        "{report}"
-    );
+        let output = run(Command::new(&weir)
+            .args(["plugin", "test"])
+            .arg(&component)
+            .arg("--fixtures")
+            .arg(crate_dir.join("fixtures"))
+            .args(["--fuzz", "500"]));
+        let report = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            report.contains("2 passed, 0 failed, 0 updated"),
+            "{target}: {report}"
+        );
+        assert!(
+            report.contains("fuzz: 500 generated inputs (--seed 1), 0 misbehaved"),
+            "{target}: {report}"
+        );
+    }
 }
 
 #[test]

@@ -93,12 +93,16 @@ enum PluginCommand {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
-    /// Build a plugin crate to a component for wasm32-wasip2 (the installed target, else the
-    /// sysroot in WEIR_WASM_SYSROOT), then show what `inspect` shows.
+    /// Build a plugin crate to a component (with the installed target, else the sysroot in
+    /// WEIR_WASM_SYSROOT), then show what `inspect` shows.
     Build {
         /// The plugin crate's directory.
         #[arg(default_value = ".")]
         path: PathBuf,
+        /// The wasm target: wasm32-wasip2, or wasm32-unknown-unknown (linked into a
+        /// component by the toolchain's wasm-component-ld).
+        #[arg(long, default_value = scaffold::DEFAULT_TARGET, value_parser = scaffold::TARGETS)]
+        target: String,
     },
 }
 

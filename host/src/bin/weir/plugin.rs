@@ -26,7 +26,7 @@ pub fn run(command: PluginCommand) -> Result<(), weir::Error> {
             limits.into_limits(),
         ),
         PluginCommand::New { name, dir, sdk } => crate::scaffold::new(&name, &dir, sdk),
-        PluginCommand::Build { path } => crate::scaffold::build(&path),
+        PluginCommand::Build { path, target } => crate::scaffold::build(&path, &target),
     }
 }
 

@@ -3,8 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The target plugins are built for, as on a plugin author's machine.
-const TARGET: &str = "wasm32-wasip2";
+/// The target plugins are built for by default, as on a plugin author's machine.
+pub const DEFAULT_TARGET: &str = "wasm32-wasip2";
+
+/// The targets `weir plugin build` knows how to make a component for.
+pub const TARGETS: [&str; 2] = ["wasm32-wasip2", "wasm32-unknown-unknown"];
 
 /// The guest SDK of the source tree this weir was built from.
 const BUILT_WITH_SDK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-sdk");
@@ -44,7 +47,7 @@ pub fn new(name: &str, parent: &Path, sdk: Option<PathBuf>) -> Result<(), weir::
             .replace("@SDK@", &sdk.display().to_string())
             .replace(
                 "@COMPONENT@",
-                &format!("target/{TARGET}/release/{lib_name}.wasm"),
+                &format!("target/{DEFAULT_TARGET}/release/{lib_name}.wasm"),
             )
     };
     let files = [
@@ -78,11 +81,13 @@ pub fn new(name: &str, parent: &Path, sdk: Option<PathBuf>) -> Result<(), weir::
     println!("    cd {}", dir.display());
     println!("    cargo test                      # the transform's logic, natively");
     println!("    weir plugin build               # the component");
-    println!("    weir plugin test target/{TARGET}/release/{lib_name}.wasm --fixtures fixtures");
+    println!(
+        "    weir plugin test target/{DEFAULT_TARGET}/release/{lib_name}.wasm --fixtures fixtures"
+    );
     Ok(())
 }
 
-pub fn build(path: &Path) -> Result<(), weir::Error> {
+pub fn build(path: &Path, target: &str) -> Result<(), weir::Error> {
     let usage = weir::Error::Usage;
     let manifest = path.join("Cargo.toml");
     if !manifest.is_file() {
@@ -93,33 +98,38 @@ pub fn build(path: &Path) -> Result<(), weir::Error> {
     }
     let (lib_name, target_dir) = library_and_target_dir(&manifest)?;
     let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
-    cargo.args(["build", "--release", "--target", TARGET, "--manifest-path"]);
+    cargo.args(["build", "--release", "--target", target, "--manifest-path"]);
     cargo.arg(&manifest);
-    if !target_installed() {
+    let mut flags = std::env::var("RUSTFLAGS").unwrap_or_default();
+    if target == "wasm32-unknown-unknown" {
+        // This target links a core module; the toolchain's component linker makes it a
+        // component (wasm32-wasip2 uses that linker already).
+        flags += " -Clinker=wasm-component-ld";
+    }
+    if !target_installed(target) {
         let sysroot = std::env::var_os("WEIR_WASM_SYSROOT")
             .map(PathBuf::from)
-            .filter(|sysroot| sysroot.join("lib/rustlib").join(TARGET).is_dir())
+            .filter(|sysroot| sysroot.join("lib/rustlib").join(target).is_dir())
             .ok_or_else(|| {
                 usage(format!(
-                    "the {TARGET} Rust target is not installed: run `rustup target add {TARGET}`, or set WEIR_WASM_SYSROOT to a no_std sysroot for it (weir's scripts/prerequisites.sh builds one)"
+                    "the {target} Rust target is not installed: run `rustup target add {target}`, or set WEIR_WASM_SYSROOT to a no_std sysroot for it (weir's scripts/prerequisites.sh builds one)"
                 ))
             })?;
-        let mut flags = std::env::var("RUSTFLAGS").unwrap_or_default();
-        flags = format!("{flags} --sysroot {}", sysroot.display());
-        cargo.env("RUSTFLAGS", flags.trim());
+        flags += &format!(" --sysroot {}", sysroot.display());
         println!("building with the sysroot {}", sysroot.display());
     }
+    cargo.env("RUSTFLAGS", flags.trim());
     let status = cargo
         .status()
         .map_err(|e| usage(format!("cannot run cargo: {e}: is Rust installed?")))?;
     if !status.success() {
         return Err(usage(format!(
-            "cargo could not build {} for {TARGET} (its errors are above)",
+            "cargo could not build {} for {target} (its errors are above)",
             path.display()
         )));
     }
     let component = target_dir
-        .join(TARGET)
+        .join(target)
         .join("release")
         .join(format!("{lib_name}.wasm"));
     println!("component: {}", component.display());
@@ -180,10 +190,10 @@ fn library_and_target_dir(manifest: &Path) -> Result<(String, PathBuf), weir::Er
     Ok((library, target_dir))
 }
 
-/// Whether the active Rust toolchain has the standard library for `TARGET`.
-fn target_installed() -> bool {
+/// Whether the active Rust toolchain has the standard library for `target`.
+fn target_installed(target: &str) -> bool {
     Command::new("rustc")
-        .args(["--print", "target-libdir", "--target", TARGET])
+        .args(["--print", "target-libdir", "--target", target])
         .output()
         .ok()
         .filter(|output| output.status.success())
