@@ -53,6 +53,7 @@
 //!
 //! The contract these types come from is `wit/transform.wit` (`weir:transform@0.1.0`).
 #![no_std]
+#![warn(missing_docs)]
 
 extern crate alloc;
 #[cfg(feature = "std")]
