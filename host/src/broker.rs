@@ -92,6 +92,7 @@ impl Broker {
         let client = options
             .require_tls(config.tls_required)
             .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
+            .ping_interval(Duration::from_millis(config.ping_interval_ms))
             .name(client_name)
             .event_callback(move |event| async move {
                 match event {

@@ -128,6 +128,11 @@ pub struct NatsConfig {
     /// How long the first connection may take, in milliseconds. By default 5000.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// How often the client pings the server, in milliseconds. Two unanswered pings mark the
+    /// connection dead and start a reconnect: this bounds how long a link that dies without
+    /// a reset (a silent route, a frozen server) can hold the pipeline. By default 2000.
+    #[serde(default = "default_ping_interval_ms")]
+    pub ping_interval_ms: u64,
 }
 
 fn default_dedup_retention_secs() -> u64 {
@@ -136,6 +141,10 @@ fn default_dedup_retention_secs() -> u64 {
 
 fn default_connect_timeout_ms() -> u64 {
     5000
+}
+
+fn default_ping_interval_ms() -> u64 {
+    2000
 }
 
 /// Where inputs come from.
@@ -436,6 +445,8 @@ impl PipelineConfig {
             ("limits.max_output_bytes", limits.max_output_bytes as u64),
             ("batch.max_messages", self.batch.max_messages as u64),
             ("input.ack_wait_ms", self.input.ack_wait_ms),
+            ("nats.connect_timeout_ms", nats.connect_timeout_ms),
+            ("nats.ping_interval_ms", nats.ping_interval_ms),
         ] {
             if value == 0 {
                 problems.push(format!("{key} must be greater than 0"));

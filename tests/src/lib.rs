@@ -652,12 +652,23 @@ pub async fn verify_orders_exactly_once(js: &jetstream::Context, payloads: &[Vec
     assert!(verdict.is_exact(), "not exactly once: {verdict:?}");
 }
 
-/// A loopback TCP proxy in front of a server, whose connections the test can cut at will:
-/// the network fault between host and server, without touching either.
+/// A loopback TCP proxy in front of a server, whose connections the test can break at will:
+/// the network faults between host and server, without touching either. A connection can be
+/// reset (`cut_connections`), stalled for a while (`stall`: bytes wait, then flow again), or
+/// black-holed (`blackhole`: the sockets stay open and nothing passes any more, as when a
+/// route dies without a reset).
 pub struct FaultyProxy {
     port: u16,
-    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<ProxiedConnection>>>,
+    /// Black-holed connections: kept open, never forwarded again, closed on drop.
+    silenced: std::sync::Mutex<Vec<ProxiedConnection>>,
     accept: tokio::task::JoinHandle<()>,
+}
+
+struct ProxiedConnection {
+    task: tokio::task::AbortHandle,
+    /// While true, neither direction forwards a byte.
+    paused: tokio::sync::watch::Sender<bool>,
 }
 
 impl FaultyProxy {
@@ -670,24 +681,33 @@ impl FaultyProxy {
         let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let tracked = connections.clone();
         let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let Ok(mut server) =
-                    tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await
                 else {
                     continue;
                 };
+                let (paused, paused_rx) = tokio::sync::watch::channel(false);
                 let task = tokio::spawn(async move {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::select! {
+                        _ = pump(client_read, server_write, paused_rx.clone()) => {}
+                        _ = pump(server_read, client_write, paused_rx) => {}
+                    }
                 });
                 tracked
                     .lock()
                     .expect("not poisoned")
-                    .push(task.abort_handle());
+                    .push(ProxiedConnection {
+                        task: task.abort_handle(),
+                        paused,
+                    });
             }
         });
         FaultyProxy {
             port,
             connections,
+            silenced: std::sync::Mutex::default(),
             accept,
         }
     }
@@ -701,9 +721,64 @@ impl FaultyProxy {
         let mut connections = self.connections.lock().expect("not poisoned");
         let cut = connections.len();
         for connection in connections.drain(..) {
-            connection.abort();
+            connection.task.abort();
         }
         cut
+    }
+
+    /// Holds every byte on the open connections for `duration`, then lets them flow again:
+    /// a congested or flapping link. Returns how many connections it stalled.
+    pub fn stall(&self, duration: Duration) -> usize {
+        let connections = self.connections.lock().expect("not poisoned");
+        let pauses: Vec<_> = connections.iter().map(|c| c.paused.clone()).collect();
+        for pause in &pauses {
+            pause.send_replace(true);
+        }
+        tokio::spawn(async move {
+            tokio::time::sleep(duration).await;
+            for pause in pauses {
+                pause.send_replace(false);
+            }
+        });
+        connections.len()
+    }
+
+    /// Stops forwarding on every open connection for good, without closing it: only the
+    /// peers' own liveness checks can tell. New connections work. Returns how many it
+    /// silenced.
+    pub fn blackhole(&self) -> usize {
+        let mut connections = self.connections.lock().expect("not poisoned");
+        let mut silenced = self.silenced.lock().expect("not poisoned");
+        let count = connections.len();
+        for connection in connections.drain(..) {
+            connection.paused.send_replace(true);
+            silenced.push(connection);
+        }
+        count
+    }
+}
+
+/// Copies bytes one way, holding them while the connection is paused.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut paused: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        if paused.wait_for(|paused| !paused).await.is_err() {
+            return;
+        }
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if paused.wait_for(|paused| !paused).await.is_err()
+            || to.write_all(&buffer[..read]).await.is_err()
+        {
+            return;
+        }
     }
 }
 
@@ -711,6 +786,9 @@ impl Drop for FaultyProxy {
     fn drop(&mut self) {
         self.accept.abort();
         self.cut_connections();
+        for connection in self.silenced.lock().expect("not poisoned").drain(..) {
+            connection.task.abort();
+        }
     }
 }
 

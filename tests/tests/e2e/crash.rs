@@ -1,7 +1,8 @@
 //! Exactly-once under `kill -9`: a weir process is killed at random moments while it works
 //! and restarted each time; in the end every expected output is in the output stream exactly
 //! once (by Nats-Msg-Id and by content), nothing is missing, and the DLQ holds exactly the
-//! malformed inputs.
+//! malformed inputs. The same holds when the network misbehaves instead: connections reset,
+//! stalled, or silently dead (`FaultyProxy`).
 
 use std::path::Path;
 use std::process::Child;
@@ -123,6 +124,73 @@ async fn outputs_are_exactly_once_across_cut_connections() {
         tokio::time::sleep(Duration::from_millis(400)).await;
         let connections = proxy.cut_connections();
         println!("cut {cut}: {connections} connections dropped");
+    }
+    publisher.await.unwrap();
+    let (valid, malformed) = (2000 - 50, 50);
+    wait_for(
+        "every input processed",
+        Duration::from_secs(120),
+        || async {
+            drained(&js, "ORDERS", "weir").await
+                && stream_len(&js, "ORDERS_OUT").await >= 2 * valid
+                && stream_len(&js, "ORDERS_DLQ").await >= malformed
+        },
+    )
+    .await;
+    assert!(terminate(&mut weir).success());
+    verify_orders_exactly_once(&js, &payloads).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_are_exactly_once_across_stalled_and_silent_connections() {
+    let server = NatsServer::start();
+    let proxy = FaultyProxy::start(server.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let js = server.jetstream().await;
+    let plugin = plugin("orders");
+    let store_dir = dir.path().join("store");
+    let proxy_url = proxy.url();
+    let config = PipelineToml {
+        extra: "[pipeline.batch]\nmax_messages = 64\n",
+        ..PipelineToml::orders(&proxy_url, &plugin, &store_dir)
+    }
+    .write(dir.path(), "weir.toml");
+    let log = dir.path().join("weir.log");
+    let mut weir = start_weir(&config, &log);
+    wait_for_stream(&js, "ORDERS").await;
+    let payloads = order_workload(2000, 40);
+    let publisher = {
+        let js = js.clone();
+        let payloads = payloads.clone();
+        tokio::spawn(async move {
+            for chunk in payloads.chunks(50) {
+                publish_all(&js, "orders.in.new", chunk).await;
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        })
+    };
+    // Stalls longer than a pull request's heartbeat, then links that die without a reset:
+    // weir must notice on its own, reconnect and go on.
+    let started = Instant::now();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        println!(
+            "stalled {} connections for 3 s",
+            proxy.stall(Duration::from_secs(3))
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = stream_len(&js, "ORDERS_OUT").await;
+        println!("black-holed {} connections", proxy.blackhole());
+        wait_for(
+            "weir to recover from a silent connection",
+            Duration::from_secs(60),
+            || async { stream_len(&js, "ORDERS_OUT").await > before },
+        )
+        .await;
+        println!("recovered after {:?}", started.elapsed());
     }
     publisher.await.unwrap();
     let (valid, malformed) = (2000 - 50, 50);
