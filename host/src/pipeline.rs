@@ -332,7 +332,7 @@ impl Pipeline {
         batch: &[InputMessage],
         shutdown: &CancellationToken,
     ) -> Result<Option<Staged>, StoreError> {
-        crate::fault::point("fetched");
+        crate::fault::point("fetched").await;
         Stats::add(&self.stats.received, batch.len());
         let keys: Vec<String> = batch.iter().map(|m| self.dedup_key(m)).collect();
 
@@ -399,7 +399,7 @@ impl Pipeline {
             tracing::error!(pipeline = %self.config.name, "plugin execution panicked; batch not acked");
             return Ok(None);
         };
-        crate::fault::point("executed");
+        crate::fault::point("executed").await;
         Stats::add(&self.stats.executed, outcomes.len());
         let mut new_records = Vec::with_capacity(outcomes.len());
         for (&index, outcome) in to_execute.iter().zip(outcomes) {
@@ -449,7 +449,7 @@ impl Pipeline {
             }
         }
 
-        crate::fault::point("committed");
+        crate::fault::point("committed").await;
         // Inputs committed earlier and still in the outbox: by the time this batch is
         // published, the batch that committed them may have published them, and publishing
         // them again after JetStream's duplicate window would double them.
@@ -512,7 +512,7 @@ impl Pipeline {
             return;
         }
 
-        crate::fault::point("published");
+        crate::fault::point("published").await;
         // 5. Ack the inputs. A failed ack only means a redelivery, which step 1 absorbs.
         let acks = futures::future::join_all(batch.iter().map(|message| message.ack())).await;
         let acked = acks.iter().filter(|result| result.is_ok()).count();
@@ -520,7 +520,7 @@ impl Pipeline {
             tracing::warn!(pipeline = %self.config.name, %error, failed = batch.len() - acked, "some acks failed; those inputs will be redelivered and deduplicated");
         }
         Stats::add(&self.stats.acked, acked);
-        crate::fault::point("acked");
+        crate::fault::point("acked").await;
         self.clear_outbox(staged.keys).await;
     }
 

@@ -2,6 +2,7 @@
 //! the plugins built from `plugins/`, the `weir` binary, and readers for whole streams.
 
 pub mod chaos;
+pub mod matrix;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -113,6 +114,19 @@ impl NatsServer {
     pub fn restart(&mut self) {
         let _ = self.process.kill();
         let _ = self.process.wait();
+        self.start_again();
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM` for a clean shutdown) and waits for the server
+    /// to exit; `start_again` brings it back.
+    pub fn stop_with(&mut self, signal: i32) {
+        // SAFETY: kill(2) on the pid of a child this struct owns and has not reaped.
+        unsafe { libc::kill(self.process.id() as libc::pid_t, signal) };
+        let _ = self.process.wait();
+    }
+
+    /// Starts the server again on the same port and store, after `stop_with`.
+    pub fn start_again(&mut self) {
         self.process = spawn_nats_server(&self.config_file);
         self.wait_until_listening();
     }
@@ -182,6 +196,15 @@ pub fn seed_from_env(var: &str) -> u64 {
 /// Starts `weir run` on `config` as its own process, its log appended to `log` (or
 /// discarded), with `WEIR_FAULT` set to `fault` if given.
 pub fn spawn_weir(config: &Path, log: Option<&Path>, fault: Option<&str>) -> Child {
+    let env: Vec<(&str, &str)> = fault
+        .map(|fault| ("WEIR_FAULT", fault))
+        .into_iter()
+        .collect();
+    spawn_weir_with_env(config, log, &env)
+}
+
+/// Like `spawn_weir`, with extra environment variables (e.g. `WEIR_FAULT_MARKER`).
+pub fn spawn_weir_with_env(config: &Path, log: Option<&Path>, env: &[(&str, &str)]) -> Child {
     let log = log
         .and_then(|path| {
             std::fs::OpenOptions::new()
@@ -201,9 +224,7 @@ pub fn spawn_weir(config: &Path, log: Option<&Path>, fault: Option<&str>) -> Chi
         )
         .stdout(Stdio::null())
         .stderr(log);
-    if let Some(fault) = fault {
-        command.env("WEIR_FAULT", fault);
-    }
+    command.envs(env.iter().copied());
     command.spawn().expect("start weir")
 }
 

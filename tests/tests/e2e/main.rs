@@ -9,6 +9,7 @@ mod dlq;
 mod faults;
 mod harness;
 mod hostile;
+mod matrix;
 mod pipeline;
 mod props;
 mod python;
