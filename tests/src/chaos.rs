@@ -79,7 +79,8 @@ async fn publish_with_ids(js: &jetstream::Context, messages: &[(String, Vec<u8>)
                     .await
                 {
                     Ok(ack) => acks.push(ack),
-                    Err(_) => {
+                    Err(error) => {
+                        eprintln!("publisher: {error}");
                         failed = true;
                         break;
                     }
