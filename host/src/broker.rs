@@ -61,9 +61,49 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connects once, failing fast if the server is unreachable; later disconnections are
-    /// healed by the client's own reconnect loop.
+    /// Connects, retrying a server that refuses or does not answer (one that is restarting)
+    /// until `connect_timeout_ms` has passed, and failing at once on anything else (bad
+    /// credentials, TLS, an unparsable URL). Later disconnections are healed by the client's
+    /// own reconnect loop.
     pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Broker, BrokerError> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(config.connect_timeout_ms);
+        let mut pause = Duration::from_millis(100);
+        let client = loop {
+            let attempt = Broker::options(config, client_name)
+                .await?
+                .connect(config.url.as_str())
+                .await;
+            match attempt {
+                Ok(client) => break client,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        async_nats::ConnectErrorKind::Io | async_nats::ConnectErrorKind::TimedOut
+                    ) && tokio::time::Instant::now() + pause < deadline =>
+                {
+                    tracing::info!(%error, url = %config.url, "NATS not reachable yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(error) => {
+                    return Err(BrokerError::Connect {
+                        url: config.url.clone(),
+                        message: error.to_string(),
+                    });
+                }
+            }
+        };
+        let jetstream = jetstream::new(client.clone());
+        Ok(Broker { client, jetstream })
+    }
+
+    /// The client options for `config`: credentials, TLS, timeouts, and the connection
+    /// events weir logs.
+    async fn options(
+        config: &NatsConfig,
+        client_name: &str,
+    ) -> Result<ConnectOptions, BrokerError> {
         let mut options = match &config.credentials_file {
             Some(path) => ConnectOptions::with_credentials_file(path)
                 .await
@@ -88,8 +128,7 @@ impl Broker {
         if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
-        let url = config.url.clone();
-        let client = options
+        Ok(options
             .require_tls(config.tls_required)
             .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
             .ping_interval(Duration::from_millis(config.ping_interval_ms))
@@ -103,15 +142,7 @@ impl Broker {
                     async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
                     other => tracing::warn!(event = %other, "NATS connection event"),
                 }
-            })
-            .connect(config.url.as_str())
-            .await
-            .map_err(|e| BrokerError::Connect {
-                url,
-                message: e.to_string(),
-            })?;
-        let jetstream = jetstream::new(client.clone());
-        Ok(Broker { client, jetstream })
+            }))
     }
 
     /// The server's name and version, for reports.

@@ -125,7 +125,9 @@ pub struct NatsConfig {
     /// A client certificate and its key (PEM), for mutual TLS; set both or neither.
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
-    /// How long the first connection may take, in milliseconds. By default 5000.
+    /// How long weir keeps trying to make its first connection, in milliseconds: a server
+    /// that refuses or does not answer (one that is restarting) is retried until then; any
+    /// other failure stops weir at once. By default 10000.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// How often the client pings the server, in milliseconds. Two unanswered pings mark the
@@ -140,7 +142,7 @@ fn default_dedup_retention_secs() -> u64 {
 }
 
 fn default_connect_timeout_ms() -> u64 {
-    5000
+    10_000
 }
 
 fn default_ping_interval_ms() -> u64 {

@@ -3,7 +3,6 @@
 //! verifier at the end. `weir-chaos` runs it at any size; the test suite at a small one.
 
 use std::path::Path;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -59,15 +58,32 @@ impl ChaosReport {
 }
 
 /// Starts weir; its log is appended to the file `WEIR_CHAOS_LOG` names, if set.
-fn start_weir(config: &Path) -> Child {
+fn start_weir(config: &Path) -> WeirProcess {
     let log = std::env::var("WEIR_CHAOS_LOG").ok();
     spawn_weir(config, log.as_deref().map(Path::new), None)
 }
 
 /// Publishes `(msg id, payload)` pairs, re-sending any chunk that fails (the server may be
-/// restarting): the producer retries a real application makes, with the same ids.
-async fn publish_with_ids(js: &jetstream::Context, messages: &[(String, Vec<u8>)]) {
+/// restarting): the producer retries a real application makes, with the same ids. A chunk
+/// that fails twice is re-sent on a fresh connection: after a server restart, an
+/// async-nats 0.51 client sometimes stops writing publishes on its new connection (pings
+/// still flow, so it never reconnects), and only a new client gets them through.
+async fn publish_with_ids(url: &str, messages: &[(String, Vec<u8>)]) {
+    let connect = || async {
+        loop {
+            match async_nats::ConnectOptions::new()
+                .ping_interval(Duration::from_secs(2))
+                .connect(url)
+                .await
+            {
+                Ok(client) => return jetstream::new(client),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    };
+    let mut js = connect().await;
     for chunk in messages.chunks(100) {
+        let mut failures = 0;
         loop {
             let mut acks = Vec::with_capacity(chunk.len());
             let mut failed = false;
@@ -78,7 +94,7 @@ async fn publish_with_ids(js: &jetstream::Context, messages: &[(String, Vec<u8>)
                     .publish_with_headers("orders.in.new", headers, payload.clone().into())
                     .await
                 {
-                    Ok(ack) => acks.push(ack),
+                    Ok(ack) => acks.push(ack.into_future()),
                     Err(error) => {
                         eprintln!("publisher: {error}");
                         failed = true;
@@ -86,14 +102,20 @@ async fn publish_with_ids(js: &jetstream::Context, messages: &[(String, Vec<u8>)
                     }
                 }
             }
-            for ack in acks {
-                if let Err(error) = ack.await {
+            // Awaited together: each ack's timeout runs from the same start.
+            for result in futures::future::join_all(acks).await {
+                if let Err(error) = result {
                     eprintln!("publisher: {error}");
                     failed = true;
                 }
             }
             if !failed {
                 break;
+            }
+            failures += 1;
+            if failures >= 2 {
+                eprintln!("publisher: reconnecting");
+                js = connect().await;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -132,11 +154,11 @@ pub async fn run(plan: ChaosPlan) -> ChaosReport {
 
     let mut weir = start_weir(&config);
     let publisher = {
-        let js = js.clone();
+        let url = server.url();
         tokio::spawn(async move {
-            publish_with_ids(&js, &messages).await;
+            publish_with_ids(&url, &messages).await;
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            publish_with_ids(&js, &retries).await;
+            publish_with_ids(&url, &retries).await;
         })
     };
 

@@ -100,8 +100,13 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// A client that pings every 2 s, as weir does: after a server restart, async-nats
+    /// 0.51 sometimes stops writing on the new connection until a stale-ping check
+    /// reconnects it, which with the default 60 s interval takes three minutes.
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url())
+        async_nats::ConnectOptions::new()
+            .ping_interval(Duration::from_secs(2))
+            .connect(self.url())
             .await
             .expect("connect to the test nats-server")
     }
@@ -195,7 +200,7 @@ pub fn seed_from_env(var: &str) -> u64 {
 
 /// Starts `weir run` on `config` as its own process, its log appended to `log` (or
 /// discarded), with `WEIR_FAULT` set to `fault` if given.
-pub fn spawn_weir(config: &Path, log: Option<&Path>, fault: Option<&str>) -> Child {
+pub fn spawn_weir(config: &Path, log: Option<&Path>, fault: Option<&str>) -> WeirProcess {
     let env: Vec<(&str, &str)> = fault
         .map(|fault| ("WEIR_FAULT", fault))
         .into_iter()
@@ -204,7 +209,7 @@ pub fn spawn_weir(config: &Path, log: Option<&Path>, fault: Option<&str>) -> Chi
 }
 
 /// Like `spawn_weir`, with extra environment variables (e.g. `WEIR_FAULT_MARKER`).
-pub fn spawn_weir_with_env(config: &Path, log: Option<&Path>, env: &[(&str, &str)]) -> Child {
+pub fn spawn_weir_with_env(config: &Path, log: Option<&Path>, env: &[(&str, &str)]) -> WeirProcess {
     let log = log
         .and_then(|path| {
             std::fs::OpenOptions::new()
@@ -225,7 +230,34 @@ pub fn spawn_weir_with_env(config: &Path, log: Option<&Path>, env: &[(&str, &str
         .stdout(Stdio::null())
         .stderr(log);
     command.envs(env.iter().copied());
-    command.spawn().expect("start weir")
+    WeirProcess(command.spawn().expect("start weir"))
+}
+
+/// A `weir run` process, killed when dropped: a test that fails half-way leaves no weir
+/// behind to hold its store or disturb the next test.
+pub struct WeirProcess(Child);
+
+impl std::ops::Deref for WeirProcess {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for WeirProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for WeirProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// A port nobody listens on right now.

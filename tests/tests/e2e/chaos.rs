@@ -1,6 +1,6 @@
-//! The chaos run at a size CI affords: host SIGKILLs at random moments, producer retries
-//! past JetStream's duplicate window, malformed inputs; the independent verifier must find
-//! every output exactly once.
+//! The chaos run at a size CI affords: host and server SIGKILLs at random moments, producer
+//! retries past JetStream's duplicate window, malformed inputs; the independent verifier must
+//! find every output exactly once.
 
 use weir_tests::chaos::{self, ChaosPlan};
 
@@ -10,10 +10,7 @@ async fn exactly_once_under_host_kills_server_restarts_and_producer_retries() {
     let report = chaos::run(ChaosPlan {
         messages: 2000,
         host_kills: 4,
-        // nats-server restarts are left to `weir-chaos` and to the pipeline test of one:
-        // after a restart a run sometimes stalls for minutes before publishing resumes (see
-        // the README), which would make this test's duration a lottery.
-        server_restarts: 0,
+        server_restarts: 2,
         seed,
     })
     .await;

@@ -5,7 +5,6 @@
 //! stalled, or silently dead (`FaultyProxy`).
 
 use std::path::Path;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use weir_tests::*;
@@ -14,7 +13,7 @@ const INPUTS: usize = 3000;
 const MALFORMED_EVERY: usize = 50;
 const KILLS: usize = 8;
 
-fn start_weir(config: &Path, log: &Path) -> Child {
+fn start_weir(config: &Path, log: &Path) -> WeirProcess {
     spawn_weir(config, Some(log), None)
 }
 
