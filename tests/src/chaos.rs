@@ -34,7 +34,7 @@ impl ChaosReport {
     pub fn line(&self) -> String {
         let v = &self.verdict;
         format!(
-            "verdict: {} messages={} producer_retries={} host_kills={} server_restarts={} outputs={}/{} dead_letters={}/{} duplicates={} missing={} extra={} seed={} elapsed={:.1}s",
+            "verdict: {} messages={} producer_retries={} host_kills={} server_restarts={} {} seed={} elapsed={:.1}s",
             if v.is_exact() {
                 "EXACTLY-ONCE"
             } else {
@@ -44,13 +44,7 @@ impl ChaosReport {
             self.producer_retries,
             self.plan.host_kills,
             self.plan.server_restarts,
-            v.outputs,
-            v.expected_outputs,
-            v.dead_letters,
-            v.expected_dead_letters,
-            v.duplicates,
-            v.missing,
-            v.extra,
+            v.counts(),
             self.plan.seed,
             self.elapsed.as_secs_f64()
         )

@@ -425,6 +425,23 @@ pub async fn wait_for_stream(js: &jetstream::Context, stream: &str) {
     .await;
 }
 
+/// Publishes `payloads` on `orders.in.new` in the background, in chunks of 50 with `pause`
+/// between them, so that faults land while weir works.
+pub fn publish_orders_spread(
+    js: &jetstream::Context,
+    payloads: &[Vec<u8>],
+    pause: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let js = js.clone();
+    let payloads = payloads.to_vec();
+    tokio::spawn(async move {
+        for chunk in payloads.chunks(50) {
+            publish_all(&js, "orders.in.new", chunk).await;
+            tokio::time::sleep(pause).await;
+        }
+    })
+}
+
 /// Publishes `payloads` to `subject` through JetStream, awaiting every ack.
 pub async fn publish_all(js: &jetstream::Context, subject: &str, payloads: &[Vec<u8>]) {
     let mut acks = Vec::with_capacity(payloads.len());
@@ -627,6 +644,20 @@ pub struct OrdersVerdict {
 }
 
 impl OrdersVerdict {
+    /// The counts, as the verdict lines print them.
+    pub fn counts(&self) -> String {
+        format!(
+            "outputs={}/{} dead_letters={}/{} duplicates={} missing={} extra={}",
+            self.outputs,
+            self.expected_outputs,
+            self.dead_letters,
+            self.expected_dead_letters,
+            self.duplicates,
+            self.missing,
+            self.extra
+        )
+    }
+
     pub fn is_exact(&self) -> bool {
         self.duplicates == 0
             && self.missing == 0
@@ -634,6 +665,62 @@ impl OrdersVerdict {
             && self.outputs == self.expected_outputs
             && self.dead_letters == self.expected_dead_letters
     }
+}
+
+/// The orders pipeline the fault tests strike: a server (`sync_interval: always`) whose
+/// `ORDERS` stream already holds `messages` orders (one in 20 malformed), and a weir
+/// configuration for it with batches of 32, so that the third batch is mid-stream.
+pub struct FaultRig {
+    pub server: NatsServer,
+    pub js: jetstream::Context,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub payloads: Vec<Vec<u8>>,
+}
+
+impl FaultRig {
+    pub async fn start(messages: usize) -> FaultRig {
+        let server = NatsServer::start();
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let js = server.jetstream().await;
+        let plugin = plugin("orders");
+        let store_dir = dir.path().join("store");
+        let config = PipelineToml {
+            extra: "[pipeline.batch]\nmax_messages = 32\n",
+            ..PipelineToml::orders(&server.url(), &plugin, &store_dir)
+        }
+        .write(dir.path(), "weir.toml");
+        create_orders_stream(&js, None).await;
+        let payloads = order_workload(messages, 20);
+        publish_all(&js, "orders.in.new", &payloads).await;
+        FaultRig {
+            server,
+            js,
+            dir,
+            config,
+            payloads,
+        }
+    }
+}
+
+/// Waits until weir has drained the `ORDERS` input and stored as many outputs (two per valid
+/// order) and dead letters (one per malformed order) as the workload `payloads` makes.
+pub async fn wait_until_orders_processed(
+    js: &jetstream::Context,
+    payloads: &[Vec<u8>],
+    timeout: Duration,
+) {
+    let malformed = payloads
+        .iter()
+        .filter(|p| serde_json::from_slice::<serde_json::Value>(p).is_err())
+        .count() as u64;
+    let valid = payloads.len() as u64 - malformed;
+    wait_for("every input processed", timeout, || async {
+        drained(js, "ORDERS", "weir").await
+            && stream_len(js, "ORDERS_OUT").await >= 2 * valid
+            && stream_len(js, "ORDERS_DLQ").await >= malformed
+    })
+    .await;
 }
 
 /// The verifier of the orders workload, independent of weir's code: recomputes what every

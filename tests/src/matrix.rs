@@ -98,22 +98,15 @@ impl CellReport {
     }
 
     pub fn line(&self) -> String {
-        let v = &self.verdict;
         format!(
-            "cell: {:<34} {} outputs={}/{} dead_letters={}/{} duplicates={} missing={} extra={}{} elapsed={:.1}s",
+            "cell: {:<34} {} {}{} elapsed={:.1}s",
             self.cell.name(),
             if self.passed() {
                 "EXACTLY-ONCE"
             } else {
                 "FAILED"
             },
-            v.outputs,
-            v.expected_outputs,
-            v.dead_letters,
-            v.expected_dead_letters,
-            v.duplicates,
-            v.missing,
-            v.extra,
+            self.verdict.counts(),
             match self.clean_exit {
                 Some(true) => " exit=clean",
                 Some(false) => " exit=UNCLEAN",
@@ -127,21 +120,13 @@ impl CellReport {
 /// Runs one cell with `messages` orders (one in 20 malformed).
 pub async fn run_cell(cell: Cell, messages: usize) -> CellReport {
     let started = Instant::now();
-    let mut server = NatsServer::start();
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let js = server.jetstream().await;
-    let plugin = plugin("orders");
-    let store_dir = dir.path().join("store");
-    let config = PipelineToml {
-        // Small batches: the third one is mid-stream.
-        extra: "[pipeline.batch]\nmax_messages = 32\n",
-        ..PipelineToml::orders(&server.url(), &plugin, &store_dir)
-    }
-    .write(dir.path(), "weir.toml");
-    create_orders_stream(&js, None).await;
-    let payloads = order_workload(messages, 20);
-    publish_all(&js, "orders.in.new", &payloads).await;
-
+    let FaultRig {
+        mut server,
+        js: _,
+        dir,
+        config,
+        payloads,
+    } = FaultRig::start(messages).await;
     let log = std::env::var("WEIR_CHAOS_LOG").ok();
     let log = log.as_deref().map(Path::new);
     let marker = dir.path().join("paused");
@@ -183,21 +168,7 @@ pub async fn run_cell(cell: Cell, messages: usize) -> CellReport {
     }
 
     let js = server.jetstream().await;
-    let malformed = payloads
-        .iter()
-        .filter(|p| serde_json::from_slice::<serde_json::Value>(p).is_err())
-        .count() as u64;
-    let valid = payloads.len() as u64 - malformed;
-    wait_for(
-        "every input processed",
-        Duration::from_secs(120),
-        || async {
-            drained(&js, "ORDERS", "weir").await
-                && stream_len(&js, "ORDERS_OUT").await >= 2 * valid
-                && stream_len(&js, "ORDERS_DLQ").await >= malformed
-        },
-    )
-    .await;
+    wait_until_orders_processed(&js, &payloads, Duration::from_secs(120)).await;
     let status = terminate(&mut weir);
     if cell.target == Target::Server && !status.success() {
         clean_exit = Some(false);

@@ -40,17 +40,7 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
 
     // Publish while weir is being killed and restarted.
     let payloads = order_workload(INPUTS, MALFORMED_EVERY);
-    let publisher = {
-        let js = js.clone();
-        let payloads = payloads.clone();
-        tokio::spawn(async move {
-            // Spread over a few seconds, so that the kills land while weir works.
-            for chunk in payloads.chunks(50) {
-                publish_all(&js, "orders.in.new", chunk).await;
-                tokio::time::sleep(Duration::from_millis(60)).await;
-            }
-        })
-    };
+    let publisher = publish_orders_spread(&js, &payloads, Duration::from_millis(60));
     // Each kill lands at a random moment after the restarted weir has made progress, so
     // that it interrupts real work (fetching, running, committing, publishing or acking).
     let mut outputs_before = 0;
@@ -69,19 +59,8 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
     }
     publisher.await.unwrap();
 
-    let malformed = INPUTS / MALFORMED_EVERY;
-    let valid = INPUTS - malformed;
     let started = Instant::now();
-    wait_for(
-        "every input processed",
-        Duration::from_secs(120),
-        || async {
-            drained(&js, "ORDERS", "weir").await
-                && stream_len(&js, "ORDERS_OUT").await >= 2 * valid as u64
-                && stream_len(&js, "ORDERS_DLQ").await >= malformed as u64
-        },
-    )
-    .await;
+    wait_until_orders_processed(&js, &payloads, Duration::from_secs(120)).await;
     println!("drained {:?} after the last restart", started.elapsed());
 
     // A clean stop: SIGTERM, exit 0.
@@ -91,118 +70,91 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
     verify_orders_exactly_once(&js, &payloads).await;
 }
 
+/// weir working through a `FaultyProxy` while 2 000 orders arrive in chunks.
+struct ProxiedPipeline {
+    _server: NatsServer,
+    proxy: FaultyProxy,
+    _dir: tempfile::TempDir,
+    js: async_nats::jetstream::Context,
+    weir: WeirProcess,
+    payloads: Vec<Vec<u8>>,
+    publisher: tokio::task::JoinHandle<()>,
+}
+
+impl ProxiedPipeline {
+    /// Starts it; the producer sleeps `publish_pause` between chunks of 50.
+    async fn start(publish_pause: Duration) -> ProxiedPipeline {
+        let server = NatsServer::start();
+        let proxy = FaultyProxy::start(server.port()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let js = server.jetstream().await;
+        let plugin = plugin("orders");
+        let store_dir = dir.path().join("store");
+        let proxy_url = proxy.url();
+        let config = PipelineToml {
+            extra: "[pipeline.batch]\nmax_messages = 64\n",
+            ..PipelineToml::orders(&proxy_url, &plugin, &store_dir)
+        }
+        .write(dir.path(), "weir.toml");
+        let weir = start_weir(&config, &dir.path().join("weir.log"));
+        wait_for_stream(&js, "ORDERS").await;
+        let payloads = order_workload(2000, 40);
+        let publisher = publish_orders_spread(&js, &payloads, publish_pause);
+        ProxiedPipeline {
+            _server: server,
+            proxy,
+            _dir: dir,
+            js,
+            weir,
+            payloads,
+            publisher,
+        }
+    }
+
+    /// Waits for every input, stops weir cleanly and runs the verifier.
+    async fn finish(mut self) {
+        self.publisher.await.unwrap();
+        wait_until_orders_processed(&self.js, &self.payloads, Duration::from_secs(120)).await;
+        assert!(terminate(&mut self.weir).success());
+        verify_orders_exactly_once(&self.js, &self.payloads).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_are_exactly_once_across_cut_connections() {
-    let server = NatsServer::start();
-    let proxy = FaultyProxy::start(server.port()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let js = server.jetstream().await;
-    let plugin = plugin("orders");
-    let store_dir = dir.path().join("store");
-    let proxy_url = proxy.url();
-    let config = PipelineToml {
-        extra: "[pipeline.batch]\nmax_messages = 64\n",
-        ..PipelineToml::orders(&proxy_url, &plugin, &store_dir)
-    }
-    .write(dir.path(), "weir.toml");
-    let mut weir = start_weir(&config, &dir.path().join("weir.log"));
-    wait_for_stream(&js, "ORDERS").await;
-    let payloads = order_workload(2000, 40);
-    let publisher = {
-        let js = js.clone();
-        let payloads = payloads.clone();
-        tokio::spawn(async move {
-            for chunk in payloads.chunks(50) {
-                publish_all(&js, "orders.in.new", chunk).await;
-                tokio::time::sleep(Duration::from_millis(40)).await;
-            }
-        })
-    };
+    let run = ProxiedPipeline::start(Duration::from_millis(40)).await;
     // Cut weir's connection to the server five times while it works.
     for cut in 0..5 {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let connections = proxy.cut_connections();
+        let connections = run.proxy.cut_connections();
         println!("cut {cut}: {connections} connections dropped");
     }
-    publisher.await.unwrap();
-    let (valid, malformed) = (2000 - 50, 50);
-    wait_for(
-        "every input processed",
-        Duration::from_secs(120),
-        || async {
-            drained(&js, "ORDERS", "weir").await
-                && stream_len(&js, "ORDERS_OUT").await >= 2 * valid
-                && stream_len(&js, "ORDERS_DLQ").await >= malformed
-        },
-    )
-    .await;
-    assert!(terminate(&mut weir).success());
-    verify_orders_exactly_once(&js, &payloads).await;
+    run.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_are_exactly_once_across_stalled_and_silent_connections() {
-    let server = NatsServer::start();
-    let proxy = FaultyProxy::start(server.port()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let js = server.jetstream().await;
-    let plugin = plugin("orders");
-    let store_dir = dir.path().join("store");
-    let proxy_url = proxy.url();
-    let config = PipelineToml {
-        extra: "[pipeline.batch]\nmax_messages = 64\n",
-        ..PipelineToml::orders(&proxy_url, &plugin, &store_dir)
-    }
-    .write(dir.path(), "weir.toml");
-    let log = dir.path().join("weir.log");
-    let mut weir = start_weir(&config, &log);
-    wait_for_stream(&js, "ORDERS").await;
-    let payloads = order_workload(2000, 40);
-    let publisher = {
-        let js = js.clone();
-        let payloads = payloads.clone();
-        tokio::spawn(async move {
-            for chunk in payloads.chunks(50) {
-                publish_all(&js, "orders.in.new", chunk).await;
-                tokio::time::sleep(Duration::from_millis(60)).await;
-            }
-        })
-    };
+    let run = ProxiedPipeline::start(Duration::from_millis(60)).await;
     // Stalls longer than a pull request's heartbeat, then links that die without a reset:
     // weir must notice on its own, reconnect and go on.
     let started = Instant::now();
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        println!(
-            "stalled {} connections for 3 s",
-            proxy.stall(Duration::from_secs(3))
-        );
+        let stalled = run.proxy.stall(Duration::from_secs(3));
+        println!("stalled {stalled} connections for 3 s");
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let before = stream_len(&js, "ORDERS_OUT").await;
-        println!("black-holed {} connections", proxy.blackhole());
+        let before = stream_len(&run.js, "ORDERS_OUT").await;
+        println!("black-holed {} connections", run.proxy.blackhole());
         wait_for(
             "weir to recover from a silent connection",
             Duration::from_secs(60),
-            || async { stream_len(&js, "ORDERS_OUT").await > before },
+            || async { stream_len(&run.js, "ORDERS_OUT").await > before },
         )
         .await;
         println!("recovered after {:?}", started.elapsed());
     }
-    publisher.await.unwrap();
-    let (valid, malformed) = (2000 - 50, 50);
-    wait_for(
-        "every input processed",
-        Duration::from_secs(120),
-        || async {
-            drained(&js, "ORDERS", "weir").await
-                && stream_len(&js, "ORDERS_OUT").await >= 2 * valid
-                && stream_len(&js, "ORDERS_DLQ").await >= malformed
-        },
-    )
-    .await;
-    assert!(terminate(&mut weir).success());
-    verify_orders_exactly_once(&js, &payloads).await;
+    run.finish().await;
 }

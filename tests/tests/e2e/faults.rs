@@ -9,21 +9,14 @@ use weir_tests::*;
 
 /// Aborts weir at the third time it reaches `point`, restarts it, and verifies.
 async fn abort_at(point: &str) {
-    let server = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let js = server.jetstream().await;
-    let plugin = plugin("orders");
-    let store_dir = dir.path().join("store");
-    let config = PipelineToml {
-        // Small batches: the third one is mid-stream.
-        extra: "[pipeline.batch]\nmax_messages = 32\n",
-        ..PipelineToml::orders(&server.url(), &plugin, &store_dir)
-    }
-    .write(dir.path(), "weir.toml");
-    create_orders_stream(&js, None).await;
-    let payloads = order_workload(300, 20);
-    publish_all(&js, "orders.in.new", &payloads).await;
-
+    // Bound, not `..`: the server and the directory must live until the end.
+    let FaultRig {
+        server: _server,
+        js,
+        dir: _dir,
+        config,
+        payloads,
+    } = FaultRig::start(300).await;
     let mut weir = spawn_weir(&config, None, Some(&format!("{point}:3")));
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
@@ -40,13 +33,7 @@ async fn abort_at(point: &str) {
     );
 
     let mut weir = spawn_weir(&config, None, None);
-    let (valid, malformed) = (300 - 15, 15);
-    wait_for("every input processed", Duration::from_secs(60), || async {
-        drained(&js, "ORDERS", "weir").await
-            && stream_len(&js, "ORDERS_OUT").await >= 2 * valid
-            && stream_len(&js, "ORDERS_DLQ").await >= malformed
-    })
-    .await;
+    wait_until_orders_processed(&js, &payloads, Duration::from_secs(60)).await;
     assert!(terminate(&mut weir).success());
     verify_orders_exactly_once(&js, &payloads).await;
 }
