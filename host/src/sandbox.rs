@@ -41,6 +41,11 @@ pub const CONTRACT_EXPORT: &str = "weir:transform/transformer@0.1.0";
 /// `POOLED_INSTANCES` of each kind, so this leaves room for the instances that run).
 const DECOMMIT_BATCH: usize = 16;
 
+/// How much of each used memory and table slot stays resident between instances: enough
+/// for what a typical Rust plugin touches (about 1 MiB), so that a fresh instance is reset
+/// in place. It costs up to this much resident memory per warm slot.
+const KEEP_RESIDENT: usize = 2 << 20;
+
 /// How often the epoch advances: the granularity of the wall-clock deadline.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 
@@ -218,7 +223,13 @@ impl Sandbox {
             .max_memory_size(max_memory_bytes)
             // Return used memory to the OS in batches: each decommit costs a TLB shootdown
             // across cores, which dominated the cost of a fresh instance.
-            .decommit_batch_size(DECOMMIT_BATCH);
+            .decommit_batch_size(DECOMMIT_BATCH)
+            // Reset the low part of a used slot in place instead of returning it to the OS:
+            // with PAGEMAP_SCAN (Linux 6.7+) only the pages the plugin dirtied are restored
+            // to the initial image, with no page faults and no TLB shootdowns next time.
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         let mut config = Config::new();
         config
             .wasm_component_model(true)

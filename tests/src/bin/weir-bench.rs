@@ -110,7 +110,9 @@ async fn throughput(count: usize, sync_always: bool) {
     );
 
     latency(&server, &js).await;
-    sandbox_overhead();
+    tokio::task::spawn_blocking(sandbox_overhead)
+        .await
+        .expect("the sandbox benchmark");
 }
 
 /// The baseline: fetch → publish with Nats-Msg-Id → await PublishAcks → double ack, in
