@@ -252,3 +252,29 @@ async fn weir_check_reports_every_problem_and_changes_nothing() {
     );
     assert!(stderr.contains("weir: 4 problems found"), "{stderr}");
 }
+
+/// The regression test for a chaos finding: a weir started while nats-server restarts used to
+/// exit at once ("cannot connect"), and the pipeline stayed down until something restarted
+/// weir. It now retries a refused first connection for `nats.connect_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_started_while_the_server_restarts_waits_for_it() {
+    let FaultRig {
+        mut server,
+        js: _,
+        dir: _dir,
+        config,
+        payloads,
+    } = FaultRig::start(100).await;
+    server.stop_with(libc::SIGTERM);
+    let mut weir = spawn_weir(&config, None, None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        weir.try_wait().unwrap().is_none(),
+        "weir gave up on a server that was down for 2 s"
+    );
+    server.start_again();
+    let js = server.jetstream().await;
+    wait_until_orders_processed(&js, &payloads, Duration::from_secs(60)).await;
+    assert!(terminate(&mut weir).success());
+    verify_orders_exactly_once(&js, &payloads).await;
+}
