@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::broker::Broker;
 use crate::config::{Config, ConfigError, PipelineConfig};
 use crate::sandbox::Sandbox;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreSettings};
 
 /// One checked item: what was looked at, and what was found.
 pub struct Finding {
@@ -80,10 +80,7 @@ async fn check_pipeline(
         );
     }
     if let Some(store_dir) = &pipeline.store_dir {
-        found(
-            "store",
-            check_store(store_dir, pipeline.dedup_retention_secs),
-        );
+        found("store", check_store(store_dir, pipeline.store_settings()));
     }
 
     let broker =
@@ -167,7 +164,7 @@ async fn check_pipeline(
 
 /// An existing store must open (and not be locked by a running host); a missing one must
 /// be creatable, which is checked on its nearest existing ancestor.
-fn check_store(dir: &Path, retention_secs: u64) -> Result<String, String> {
+fn check_store(dir: &Path, settings: StoreSettings) -> Result<String, String> {
     let is_empty_dir = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none());
     if dir.exists() && !is_empty_dir && !dir.join("CURRENT").exists() {
         // Opening it would write a new database into someone else's directory.
@@ -177,8 +174,7 @@ fn check_store(dir: &Path, retention_secs: u64) -> Result<String, String> {
         ));
     }
     if dir.exists() && !is_empty_dir {
-        let retention = std::time::Duration::from_secs(retention_secs);
-        return match Store::open(dir, retention) {
+        return match Store::open(dir, settings) {
             Ok(_) => Ok(format!("{} opens", dir.display())),
             Err(StoreError::Locked { .. }) => Ok(format!(
                 "{} is in use by a running weir (that host must stop before another can use it)",

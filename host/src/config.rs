@@ -72,6 +72,10 @@ pub struct PipelineConfig {
     /// horizon (ack_wait × max deliveries, plus downtime) and the input stream's max age.
     #[serde(default = "default_dedup_retention_secs")]
     pub dedup_retention_secs: u64,
+    /// The dedup store's block cache, in MiB: with its memtables (4 × 16 MiB at most), what
+    /// bounds the store's memory however many ids it holds. By default 64.
+    #[serde(default = "default_store_cache_mb")]
+    pub store_cache_mb: u64,
     pub nats: NatsConfig,
     pub input: InputConfig,
     pub output: OutputConfig,
@@ -135,6 +139,10 @@ pub struct NatsConfig {
     /// a reset (a silent route, a frozen server) can hold the pipeline. By default 2000.
     #[serde(default = "default_ping_interval_ms")]
     pub ping_interval_ms: u64,
+}
+
+fn default_store_cache_mb() -> u64 {
+    64
 }
 
 fn default_dedup_retention_secs() -> u64 {
@@ -365,6 +373,16 @@ impl Config {
 }
 
 impl PipelineConfig {
+    /// What the dedup store of this pipeline is opened with.
+    pub fn store_settings(&self) -> crate::store::StoreSettings {
+        crate::store::StoreSettings {
+            retention: std::time::Duration::from_secs(self.dedup_retention_secs),
+            cache_bytes: usize::try_from(self.store_cache_mb)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(1 << 20),
+        }
+    }
+
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let is_name = |s: &str| {
@@ -449,6 +467,7 @@ impl PipelineConfig {
             ("input.ack_wait_ms", self.input.ack_wait_ms),
             ("nats.connect_timeout_ms", nats.connect_timeout_ms),
             ("nats.ping_interval_ms", nats.ping_interval_ms),
+            ("store_cache_mb", self.store_cache_mb),
         ] {
             if value == 0 {
                 problems.push(format!("{key} must be greater than 0"));

@@ -127,10 +127,9 @@ impl Pipeline {
         let plugin = sandbox
             .load(&config.plugin, &config.limits)
             .map_err(|e| fail(e.into()))?;
-        let retention = Duration::from_secs(config.dedup_retention_secs);
         let store = match (config.mode, &config.store_dir) {
             (Mode::ExactlyOnce, Some(dir)) => Some(Arc::new(
-                Store::open(dir, retention).map_err(|e| fail(e.into()))?,
+                Store::open(dir, config.store_settings()).map_err(|e| fail(e.into()))?,
             )),
             // Validation requires a store for exactly-once; at-least-once keeps none.
             _ => None,

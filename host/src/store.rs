@@ -19,8 +19,8 @@ use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, CompactionDecision, DB, IteratorMode, Options,
-    WriteBatch, WriteOptions,
+    BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamilyDescriptor, CompactionDecision, DB,
+    IteratorMode, Options, WriteBatch, WriteOptions,
 };
 
 use crate::record::DoneRecord;
@@ -61,17 +61,26 @@ pub struct Store {
     db: RwLock<Option<DB>>,
     path: PathBuf,
     /// How long a committed input is remembered.
-    retention: Duration,
+    settings: StoreSettings,
+}
+
+/// How a store keeps its records and how much memory it may use.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreSettings {
+    /// How long a committed input is remembered.
+    pub retention: Duration,
+    /// The block cache (data, index and filter blocks of both column families): with the
+    /// memtables, what bounds the store's memory however many ids it holds.
+    pub cache_bytes: usize,
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `path`, and takes its lock. Committed inputs
-    /// are remembered for `retention`.
-    pub fn open(path: &Path, retention: Duration) -> Result<Store, StoreError> {
+    /// Opens (creating if needed) the store in `path`, and takes its lock.
+    pub fn open(path: &Path, settings: StoreSettings) -> Result<Store, StoreError> {
         Ok(Store {
-            db: RwLock::new(Some(open_db(path, retention)?)),
+            db: RwLock::new(Some(open_db(path, settings)?)),
             path: path.to_owned(),
-            retention,
+            settings,
         })
     }
 
@@ -86,7 +95,7 @@ impl Store {
         let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
         // The old handle must be gone (and its lock released) before the new one opens.
         db.take();
-        *db = Some(open_db(&self.path, self.retention)?);
+        *db = Some(open_db(&self.path, self.settings)?);
         Ok(())
     }
 
@@ -108,7 +117,7 @@ impl Store {
     /// The committed records of `keys`, in order; `None` for keys never committed or
     /// committed longer ago than the retention.
     pub fn lookup(&self, keys: &[&str]) -> Result<Vec<Option<Committed>>, StoreError> {
-        let retention_ms = u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX);
+        let retention_ms = u64::try_from(self.settings.retention.as_millis()).unwrap_or(u64::MAX);
         let oldest_ms = unix_millis().saturating_sub(retention_ms);
         self.with_db("lookup", |db| {
             let (done, outbox) = (family(db, DONE), family(db, OUTBOX));
@@ -197,7 +206,20 @@ impl Store {
     }
 }
 
-fn open_db(path: &Path, retention: Duration) -> Result<DB, StoreError> {
+/// Each memtable of each column family (RocksDB keeps up to two per family).
+const MEMTABLE_BYTES: usize = 16 << 20;
+
+/// The outbox holds a batch or two at a time: small memtables, the shared cache.
+fn outbox_options(cache: &Cache) -> Options {
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    let mut options = Options::default();
+    options.set_block_based_table_factory(&table);
+    options.set_write_buffer_size(MEMTABLE_BYTES);
+    options
+}
+
+fn open_db(path: &Path, settings: StoreSettings) -> Result<DB, StoreError> {
     std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
         path: path.to_owned(),
         message: e.to_string(),
@@ -209,8 +231,20 @@ fn open_db(path: &Path, retention: Duration) -> Result<DB, StoreError> {
     let mut table = BlockBasedOptions::default();
     // Most lookups are for new keys: a bloom filter answers "absent" without a disk read.
     table.set_bloom_filter(10.0, false);
+    // Memory stays bounded however many ids the store holds: index and filter blocks are
+    // partitioned and live in the block cache with the data blocks (only their small top
+    // levels are pinned), instead of growing with every table file.
+    let cache = Cache::new_lru_cache(settings.cache_bytes);
+    table.set_block_cache(&cache);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_cache_index_and_filter_blocks_with_high_priority(true);
+    table.set_pin_top_level_index_and_filter(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    table.set_partition_filters(true);
+    table.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
     done_options.set_block_based_table_factory(&table);
-    let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+    done_options.set_write_buffer_size(MEMTABLE_BYTES);
+    let retention_ms = u64::try_from(settings.retention.as_millis()).unwrap_or(u64::MAX);
     done_options.set_compaction_filter(
         "weir-dedup-retention",
         move |_level, _key, value: &[u8]| match committed_millis(value) {
@@ -222,7 +256,7 @@ fn open_db(path: &Path, retention: Duration) -> Result<DB, StoreError> {
     );
     let families = [
         ColumnFamilyDescriptor::new(DONE, done_options),
-        ColumnFamilyDescriptor::new(OUTBOX, Options::default()),
+        ColumnFamilyDescriptor::new(OUTBOX, outbox_options(&cache)),
     ];
     DB::open_cf_descriptors(&options, path, families).map_err(|e| {
         let message = e.to_string();
@@ -273,6 +307,13 @@ fn unix_millis() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings(retention: Duration) -> StoreSettings {
+        StoreSettings {
+            retention,
+            cache_bytes: 8 << 20,
+        }
+    }
     use crate::record::{Disposition, OutboundMessage};
 
     fn record(payload: &[u8]) -> DoneRecord {
@@ -291,12 +332,12 @@ mod tests {
     fn committed_records_survive_reopen_and_outbox_clears() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+            let store = Store::open(dir.path(), settings(Duration::from_secs(3600))).unwrap();
             let (a, b) = (record(b"a"), record(b"b"));
             store.commit(&[("k1", &a), ("k2", &b)]).unwrap();
             store.clear_outbox(&["k1"]).unwrap();
         }
-        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let store = Store::open(dir.path(), settings(Duration::from_secs(3600))).unwrap();
         let found = store.lookup(&["k1", "k2", "k3"]).unwrap();
         let committed = |payload: &[u8], published| {
             Some(Committed {
@@ -318,7 +359,7 @@ mod tests {
     #[test]
     fn records_older_than_the_retention_count_as_absent_and_compact_away() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Duration::from_millis(300)).unwrap();
+        let store = Store::open(dir.path(), settings(Duration::from_millis(300))).unwrap();
         let (old, published) = (record(b"old"), record(b"published"));
         store
             .commit(&[("old", &old), ("published", &published)])
@@ -363,8 +404,8 @@ mod tests {
     #[test]
     fn second_open_of_the_same_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        match Store::open(dir.path(), Duration::from_secs(3600)) {
+        let _first = Store::open(dir.path(), settings(Duration::from_secs(3600))).unwrap();
+        match Store::open(dir.path(), settings(Duration::from_secs(3600))) {
             Err(StoreError::Locked { .. }) => {}
             Err(other) => panic!("expected Locked, got {other}"),
             Ok(_) => panic!("a second open of a locked store succeeded"),

@@ -476,8 +476,14 @@ async fn malformed(count: usize) {
 fn store_scale(count: usize) {
     use weir::record::{Disposition, DoneRecord, OutboundMessage};
     let dir = tempfile::tempdir().expect("a temp dir");
-    let store =
-        weir::store::Store::open(dir.path(), Duration::from_secs(7 * 24 * 3600)).expect("a store");
+    let store = weir::store::Store::open(
+        dir.path(),
+        weir::store::StoreSettings {
+            retention: Duration::from_secs(7 * 24 * 3600),
+            cache_bytes: 64 << 20,
+        },
+    )
+    .expect("a store");
     let record = DoneRecord {
         disposition: Disposition::Transformed,
         messages: vec![OutboundMessage {
