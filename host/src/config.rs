@@ -30,13 +30,38 @@ pub struct SandboxConfig {
     /// The most stack a plugin call may use, in bytes. By default 512 KiB, at most 1 MiB;
     /// deep recursion past it traps ("stack overflow") and the input goes to the DLQ.
     pub max_stack_bytes: usize,
+    /// Keep compiled plugins on disk, so that a restart does not compile them again (a
+    /// Python component takes seconds). By default true.
+    pub compile_cache: bool,
+    /// Where; by default `$XDG_CACHE_HOME/weir/compiled` (or `~/.cache/weir/compiled`).
+    /// Relative to the configuration file. weir creates it private to its user, and will
+    /// not use one that others may write to.
+    pub compile_cache_dir: Option<PathBuf>,
 }
 
 impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
             max_stack_bytes: 512 * 1024,
+            compile_cache: true,
+            compile_cache_dir: None,
         }
+    }
+}
+
+impl SandboxConfig {
+    /// The directory of compiled plugins, if the cache is on and a place for it is known.
+    pub fn compile_cache_dir(&self) -> Option<PathBuf> {
+        if !self.compile_cache {
+            return None;
+        }
+        if let Some(dir) = &self.compile_cache_dir {
+            return Some(dir.clone());
+        }
+        let cache_home = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+        Some(cache_home.join("weir").join("compiled"))
     }
 }
 
@@ -302,6 +327,9 @@ impl Config {
     /// Parses the TOML (unknown keys are errors) and resolves relative paths.
     fn parse(text: &str, base_dir: &Path) -> Result<Config, String> {
         let mut config: Config = toml::from_str(text).map_err(|e| one_line(&e.to_string()))?;
+        if let Some(dir) = &mut config.sandbox.compile_cache_dir {
+            *dir = base_dir.join(&*dir);
+        }
         for pipeline in &mut config.pipelines {
             pipeline.plugin = base_dir.join(&pipeline.plugin);
             if let Some(store_dir) = &mut pipeline.store_dir {

@@ -23,6 +23,7 @@ use wasmtime::{
 
 use crate::config::{LimitsConfig, SandboxConfig};
 
+mod compile_cache;
 mod wasi;
 
 mod bindings {
@@ -205,6 +206,8 @@ pub struct Inspection {
 /// The engine all plugins share, and the thread that advances its epoch.
 pub struct Sandbox {
     engine: Engine,
+    /// Where compiled components are kept between runs, if anywhere.
+    compile_cache: Option<std::path::PathBuf>,
     /// Components compiled so far, by the sha256 of their file: pipelines that run the same
     /// plugin compile it once (a Python component takes seconds).
     compiled: Mutex<HashMap<String, Component>>,
@@ -244,6 +247,7 @@ impl Sandbox {
         let epoch_ticker = EpochTicker::start(engine.clone());
         Ok(Sandbox {
             engine,
+            compile_cache: settings.compile_cache_dir(),
             compiled: Mutex::default(),
             _epoch_ticker: epoch_ticker,
         })
@@ -263,11 +267,14 @@ impl Sandbox {
         if let Some(component) = compiled.get(&sha256) {
             return Ok((bytes, component.clone()));
         }
-        let component =
-            Component::new(&self.engine, &bytes).map_err(|e| LoadError::NotAComponent {
-                path: path.to_owned(),
-                reason: one_line(&format!("{e:#}")),
-            })?;
+        let component = match &self.compile_cache {
+            Some(dir) => compile_cache::load_or_compile(&self.engine, dir, &sha256, &bytes),
+            None => Component::new(&self.engine, &bytes),
+        }
+        .map_err(|e| LoadError::NotAComponent {
+            path: path.to_owned(),
+            reason: one_line(&format!("{e:#}")),
+        })?;
         compiled.insert(sha256, component.clone());
         Ok((bytes, component))
     }

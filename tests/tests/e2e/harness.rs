@@ -160,3 +160,67 @@ fn the_harness_is_a_library_for_cargo_test() {
     assert!(failure.contains("NONDETERMINISTIC counts"), "{failure}");
     assert!(failure.contains("0 passed, 1 failed"), "{failure}");
 }
+
+#[test]
+fn compiled_plugins_are_cached_on_disk_and_a_bad_entry_is_compiled_again() {
+    use std::os::unix::fs::PermissionsExt;
+    use weir::config::{LimitsConfig, SandboxConfig};
+    use weir::sandbox::{Outcome, Sandbox, TransformInput};
+
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("compiled");
+    let settings = SandboxConfig {
+        compile_cache_dir: Some(cache.clone()),
+        ..SandboxConfig::default()
+    };
+    let limits = LimitsConfig::default();
+    let load = || {
+        // A new sandbox each time: a restarted weir.
+        let sandbox = Sandbox::new(&settings, limits.memory_bytes).unwrap();
+        let plugin = sandbox.load(&plugin("orders"), &limits).unwrap();
+        let input = TransformInput {
+            subject: "orders.in.new".into(),
+            headers: vec![],
+            payload: br#"{"id":"o-1","customer":"c-1","items":[]}"#.to_vec(),
+            stream_sequence: 1,
+            data_time_unix_ns: 0,
+            dedup_key: "k".into(),
+            seed: 0,
+        };
+        assert!(matches!(plugin.run(input), Outcome::Outputs(outputs) if outputs.len() == 2));
+    };
+    let entry = || {
+        let entries: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        entries[0].clone()
+    };
+
+    load();
+    let entry = entry();
+    assert_eq!(
+        std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let written = std::fs::metadata(&entry).unwrap().modified().unwrap();
+    load();
+    assert_eq!(
+        std::fs::metadata(&entry).unwrap().modified().unwrap(),
+        written,
+        "a restart loads the entry, it does not compile again"
+    );
+
+    std::fs::write(&entry, b"not a compiled component").unwrap();
+    load();
+    assert!(
+        std::fs::metadata(&entry).unwrap().len() > 1000,
+        "a bad entry is compiled again and replaced"
+    );
+
+    // A cache others may write to is not trusted: weir compiles instead.
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::write(&entry, b"planted by someone else").unwrap();
+    load();
+}
