@@ -12,7 +12,8 @@
 //!
 //! All of a batch's writes go into one `WriteBatch` written with sync on: one fsync per
 //! batch, and either every input of the batch is committed or none is. RocksDB's own LOCK
-//! file keeps a second process from opening the same directory.
+//! file keeps a second process from opening the same directory. The default column family
+//! holds one key, the store's format: a store in another format is refused at open.
 
 use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock};
@@ -60,7 +61,6 @@ pub struct Store {
     /// `None` only between a failed reopen and the next successful one.
     db: RwLock<Option<DB>>,
     path: PathBuf,
-    /// How long a committed input is remembered.
     settings: StoreSettings,
 }
 
@@ -258,7 +258,7 @@ fn open_db(path: &Path, settings: StoreSettings) -> Result<DB, StoreError> {
         ColumnFamilyDescriptor::new(DONE, done_options),
         ColumnFamilyDescriptor::new(OUTBOX, outbox_options(&cache)),
     ];
-    DB::open_cf_descriptors(&options, path, families).map_err(|e| {
+    let db = DB::open_cf_descriptors(&options, path, families).map_err(|e| {
         let message = e.to_string();
         // RocksDB names its lock file in both "held by another process" and "held by this
         // process" errors.
@@ -272,7 +272,37 @@ fn open_db(path: &Path, settings: StoreSettings) -> Result<DB, StoreError> {
                 message,
             }
         }
-    })
+    })?;
+    check_format(&db, path)?;
+    Ok(db)
+}
+
+/// The layout of keys and values this weir reads and writes, recorded in every store.
+const FORMAT: &[u8] = b"1";
+const FORMAT_KEY: &[u8] = b"weir-store-format";
+
+/// Refuses a store written in another format; marks a new one (or one from before the mark,
+/// which has this format) with this one.
+fn check_format(db: &DB, path: &Path) -> Result<(), StoreError> {
+    let open_error = |message: String| StoreError::Open {
+        path: path.to_owned(),
+        message,
+    };
+    match db.get(FORMAT_KEY) {
+        Ok(Some(found)) if found == FORMAT => Ok(()),
+        Ok(Some(found)) => Err(open_error(format!(
+            "it is in store format {:?} and this weir reads format {:?}: run the weir that wrote it, or point store_dir at a new directory",
+            String::from_utf8_lossy(&found),
+            String::from_utf8_lossy(FORMAT)
+        ))),
+        Ok(None) => {
+            let mut options = WriteOptions::default();
+            options.set_sync(true);
+            db.put_opt(FORMAT_KEY, FORMAT, &options)
+                .map_err(|e| open_error(format!("cannot record its format: {e}")))
+        }
+        Err(e) => Err(open_error(format!("cannot read its format: {e}"))),
+    }
 }
 
 fn family<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
@@ -325,6 +355,23 @@ mod tests {
                 headers: vec![("h".into(), "v".into())],
                 payload: payload.to_vec(),
             }],
+        }
+    }
+
+    #[test]
+    fn a_store_in_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), settings(Duration::from_secs(3600))).unwrap());
+        {
+            let db = open_db(dir.path(), settings(Duration::from_secs(3600))).unwrap();
+            db.put(FORMAT_KEY, b"2").unwrap();
+        }
+        match Store::open(dir.path(), settings(Duration::from_secs(3600))) {
+            Err(StoreError::Open { message, .. }) => {
+                assert!(message.contains("store format \"2\""), "{message}")
+            }
+            Err(other) => panic!("expected a format error, got {other}"),
+            Ok(_) => panic!("a store in format 2 was opened"),
         }
     }
 
