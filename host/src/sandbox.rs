@@ -411,12 +411,8 @@ impl Plugin {
     /// Like `run`, also reporting the fuel, memory and time the call used.
     pub fn run_measured(&self, input: TransformInput) -> (Outcome, Usage) {
         let started = std::time::Instant::now();
-        let wasi_inputs = wasi::Inputs {
-            data_time_unix_ns: input.data_time_unix_ns,
-            seed: input.seed,
-        };
         let dedup_key = input.dedup_key.clone();
-        let mut store = self.new_store(wasi_inputs);
+        let mut store = self.new_store(wasi::Inputs::of(&input));
         let outcome = self.call(&mut store, input);
         store.data().wasi.log_output(&dedup_key);
         let usage = Usage {
@@ -437,10 +433,7 @@ impl Plugin {
     /// and a runtime that lazily initialises itself in its first call (CPython does) draws
     /// them at a different point of the stream than a fresh instance would.
     pub fn run_in_used_instance(&self, input: TransformInput) -> Option<Outcome> {
-        let mut store = self.new_store(wasi::Inputs {
-            data_time_unix_ns: input.data_time_unix_ns,
-            seed: input.seed,
-        });
+        let mut store = self.new_store(wasi::Inputs::of(&input));
         let message = message_of(input);
         let plugin = match self.pre.instantiate(&mut store) {
             Ok(plugin) => plugin,

@@ -68,6 +68,15 @@ pub struct Inputs {
     pub seed: u64,
 }
 
+impl Inputs {
+    pub fn of(input: &super::TransformInput) -> Inputs {
+        Inputs {
+            data_time_unix_ns: input.data_time_unix_ns,
+            seed: input.seed,
+        }
+    }
+}
+
 /// One call's WASI state, built on the plugin's first WASI call: plugins that do not
 /// import WASI never pay for it.
 pub struct State {
