@@ -32,15 +32,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use sha2::{Digest, Sha256};
-
 use crate::broker::{
     Broker, InputMessage, MSG_ID_HEADER, MessageSource, Publisher, is_publishable_header,
 };
 use crate::config::{DedupMode, Mode, PipelineConfig};
 use crate::record::{Disposition, DoneRecord, OutboundMessage};
 use crate::retry::{Backoff, sleep_unless_shutdown};
-use crate::sandbox::{FailureKind, Outcome, Plugin, Sandbox, TransformInput};
+use crate::sandbox::{FailureKind, Outcome, Plugin, Sandbox, TransformInput, sha256_hex};
 use crate::store::{Store, StoreError};
 use crate::{Error, StartError};
 
@@ -566,11 +564,7 @@ impl Pipeline {
             // A long id would bloat every record and output id derived from it (and could
             // push a dead letter past max_payload): long ones are keyed by their hash.
             if id.len() > MAX_INLINE_MSG_ID {
-                let digest: String = Sha256::digest(id.as_bytes())
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                return format!("msg-id:sha256:{digest}");
+                return format!("msg-id:sha256:{}", sha256_hex(id.as_bytes()));
             }
             return format!("msg-id:{id}");
         }

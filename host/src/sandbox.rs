@@ -203,6 +203,13 @@ pub struct Inspection {
     pub verdict: Result<(), LoadError>,
 }
 
+/// A component file, read and compiled.
+struct ComponentFile {
+    size: usize,
+    sha256: String,
+    component: Component,
+}
+
 /// The engine all plugins share, and the thread that advances its epoch.
 pub struct Sandbox {
     engine: Engine,
@@ -254,38 +261,45 @@ impl Sandbox {
     }
 
     /// Reads and compiles a component file (once per distinct content).
-    fn read_component(&self, path: &Path) -> Result<(Vec<u8>, Component), LoadError> {
+    fn read_component(&self, path: &Path) -> Result<ComponentFile, LoadError> {
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
             path: path.to_owned(),
             source,
         })?;
-        let sha256 = hex(&Sha256::digest(&bytes));
+        let sha256 = sha256_hex(&bytes);
         let mut compiled = self
             .compiled
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(component) = compiled.get(&sha256) {
-            return Ok((bytes, component.clone()));
-        }
-        let component = match &self.compile_cache {
-            Some(dir) => compile_cache::load_or_compile(&self.engine, dir, &sha256, &bytes),
-            None => Component::new(&self.engine, &bytes),
-        }
-        .map_err(|e| LoadError::NotAComponent {
-            path: path.to_owned(),
-            reason: one_line(&format!("{e:#}")),
-        })?;
-        compiled.insert(sha256, component.clone());
-        Ok((bytes, component))
+        let component = match compiled.get(&sha256) {
+            Some(component) => component.clone(),
+            None => {
+                let component = match &self.compile_cache {
+                    Some(dir) => compile_cache::load_or_compile(&self.engine, dir, &sha256, &bytes),
+                    None => Component::new(&self.engine, &bytes),
+                }
+                .map_err(|e| LoadError::NotAComponent {
+                    path: path.to_owned(),
+                    reason: one_line(&format!("{e:#}")),
+                })?;
+                compiled.insert(sha256.clone(), component.clone());
+                component
+            }
+        };
+        Ok(ComponentFile {
+            size: bytes.len(),
+            sha256,
+            component,
+        })
     }
 
     /// What a component file is, and whether weir can run it (the verdict is `load`'s).
     pub fn inspect(&self, path: &Path, limits: &LimitsConfig) -> Result<Inspection, LoadError> {
-        let (bytes, component) = self.read_component(path)?;
-        let component_type = component.component_type();
+        let file = self.read_component(path)?;
+        let component_type = file.component.component_type();
         Ok(Inspection {
-            size: bytes.len(),
-            sha256: hex(&Sha256::digest(&bytes)),
+            size: file.size,
+            sha256: file.sha256.clone(),
             imports: component_type
                 .imports(&self.engine)
                 .map(|(name, _)| name.to_owned())
@@ -294,25 +308,25 @@ impl Sandbox {
                 .exports(&self.engine)
                 .map(|(name, _)| name.to_owned())
                 .collect(),
-            verdict: self.check(path, &bytes, component, limits).map(|_| ()),
+            verdict: self.check(path, file, limits).map(|_| ()),
         })
     }
 
     /// Loads, checks and pre-instantiates a plugin component.
     pub fn load(&self, path: &Path, limits: &LimitsConfig) -> Result<Plugin, LoadError> {
-        let (bytes, component) = self.read_component(path)?;
-        self.check(path, &bytes, component, limits)
+        let file = self.read_component(path)?;
+        self.check(path, file, limits)
     }
 
     /// Checks a compiled component against the contract and limits, and pre-instantiates it.
     fn check(
         &self,
         path: &Path,
-        bytes: &[u8],
-        component: Component,
+        ComponentFile {
+            sha256, component, ..
+        }: ComponentFile,
         limits: &LimitsConfig,
     ) -> Result<Plugin, LoadError> {
-        let sha256 = hex(&Sha256::digest(bytes));
         let component_type = component.component_type();
         let imports: Vec<String> = component_type
             .imports(&self.engine)
@@ -671,8 +685,12 @@ impl Drop for EpochTicker {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// The hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn one_line(text: &str) -> String {
