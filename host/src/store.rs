@@ -117,8 +117,7 @@ impl Store {
     /// The committed records of `keys`, in order; `None` for keys never committed or
     /// committed longer ago than the retention.
     pub fn lookup(&self, keys: &[&str]) -> Result<Vec<Option<Committed>>, StoreError> {
-        let retention_ms = u64::try_from(self.settings.retention.as_millis()).unwrap_or(u64::MAX);
-        let oldest_ms = unix_millis().saturating_sub(retention_ms);
+        let oldest_ms = oldest_remembered_ms(self.settings.retention);
         self.with_db("lookup", |db| {
             let (done, outbox) = (family(db, DONE), family(db, OUTBOX));
             let records = db.multi_get_cf(keys.iter().map(|key| (done, key.as_bytes())));
@@ -244,11 +243,11 @@ fn open_db(path: &Path, settings: StoreSettings) -> Result<DB, StoreError> {
     table.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
     done_options.set_block_based_table_factory(&table);
     done_options.set_write_buffer_size(MEMTABLE_BYTES);
-    let retention_ms = u64::try_from(settings.retention.as_millis()).unwrap_or(u64::MAX);
+    let retention = settings.retention;
     done_options.set_compaction_filter(
         "weir-dedup-retention",
         move |_level, _key, value: &[u8]| match committed_millis(value) {
-            Some(committed) if committed < unix_millis().saturating_sub(retention_ms) => {
+            Some(committed) if committed < oldest_remembered_ms(retention) => {
                 CompactionDecision::Remove
             }
             _ => CompactionDecision::Keep,
@@ -327,6 +326,13 @@ fn decode(key: &str, bytes: &[u8]) -> Result<(u64, DoneRecord), StoreError> {
     Ok((committed, record))
 }
 
+/// The oldest commit time, in Unix milliseconds, that is still remembered: a record
+/// committed before it counts as absent, and compaction drops it.
+fn oldest_remembered_ms(retention: Duration) -> u64 {
+    let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+    unix_millis().saturating_sub(retention_ms)
+}
+
 /// Now, in Unix milliseconds (0 if the clock is before 1970).
 fn unix_millis() -> u64 {
     SystemTime::now()
@@ -337,6 +343,7 @@ fn unix_millis() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::{Disposition, OutboundMessage};
 
     fn settings(retention: Duration) -> StoreSettings {
         StoreSettings {
@@ -344,7 +351,6 @@ mod tests {
             cache_bytes: 8 << 20,
         }
     }
-    use crate::record::{Disposition, OutboundMessage};
 
     fn record(payload: &[u8]) -> DoneRecord {
         DoneRecord {
