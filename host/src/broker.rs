@@ -151,10 +151,13 @@ impl Broker {
         format!("nats-server {} ({})", info.version, info.server_name)
     }
 
-    /// How many messages stream `name` holds, or `None` if there is no such stream.
-    pub async fn stream_len(&self, name: &str) -> Result<Option<u64>, BrokerError> {
+    /// Stream `name`, or `None` if there is no such stream.
+    async fn find_stream(
+        &self,
+        name: &str,
+    ) -> Result<Option<jetstream::stream::Stream>, BrokerError> {
         match self.jetstream.get_stream(name).await {
-            Ok(stream) => Ok(Some(stream.cached_info().state.messages)),
+            Ok(stream) => Ok(Some(stream)),
             Err(error) if is_stream_not_found(&error) => Ok(None),
             Err(error) => Err(BrokerError::jetstream(
                 format!("cannot look up stream {name:?}"),
@@ -163,18 +166,19 @@ impl Broker {
         }
     }
 
+    /// How many messages stream `name` holds, or `None` if there is no such stream.
+    pub async fn stream_len(&self, name: &str) -> Result<Option<u64>, BrokerError> {
+        Ok(self
+            .find_stream(name)
+            .await?
+            .map(|stream| stream.cached_info().state.messages))
+    }
+
     /// Whether the durable consumer exists (`Ok(false)`: it will be created), and refuses
     /// one with another filter. Changes nothing.
     pub async fn consumer_exists(&self, input: &InputConfig) -> Result<bool, BrokerError> {
-        let stream = match self.jetstream.get_stream(&input.stream).await {
-            Ok(stream) => stream,
-            Err(error) if is_stream_not_found(&error) => return Ok(false),
-            Err(error) => {
-                return Err(BrokerError::jetstream(
-                    format!("cannot look up stream {:?}", input.stream),
-                    error,
-                ));
-            }
+        let Some(stream) = self.find_stream(&input.stream).await? else {
+            return Ok(false);
         };
         match stream.consumer_info(&input.consumer).await {
             Ok(info) => check_consumer(&info.config, input).map(|()| true),
@@ -200,25 +204,17 @@ impl Broker {
 
     /// Finds the input stream, creating it when configured to.
     pub async fn ensure_input_stream(&self, input: &InputConfig) -> Result<(), BrokerError> {
-        match self.jetstream.get_stream(&input.stream).await {
-            Ok(_) => {}
-            Err(error) if is_stream_not_found(&error) => {
-                if !input.create_stream {
-                    return Err(BrokerError::MissingStream {
-                        stream: input.stream.clone(),
-                        subject: input.subject.clone(),
-                    });
-                }
-                self.create_stream(&input.stream, vec![input.subject.clone()])
-                    .await?;
-            }
-            Err(error) => {
-                return Err(BrokerError::jetstream(
-                    format!("cannot look up input stream {:?}", input.stream),
-                    error,
-                ));
-            }
+        if self.find_stream(&input.stream).await?.is_some() {
+            return Ok(());
         }
+        if !input.create_stream {
+            return Err(BrokerError::MissingStream {
+                stream: input.stream.clone(),
+                subject: input.subject.clone(),
+            });
+        }
+        self.create_stream(&input.stream, vec![input.subject.clone()])
+            .await?;
         Ok(())
     }
 
