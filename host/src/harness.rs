@@ -343,6 +343,7 @@ pub fn check(component: &Path, fixtures_dir: &Path) -> Result<SuiteReport, Strin
 /// An input the fuzzer found that makes the plugin misbehave (anything but outputs or an
 /// error it returned).
 pub struct FuzzFinding {
+    pub subject: String,
     pub payload: Vec<u8>,
     pub kind: FailureKind,
     pub reason: String,
@@ -350,9 +351,9 @@ pub struct FuzzFinding {
 
 impl FuzzFinding {
     /// The finding as a fixture file's text, ready to save next to the others.
-    pub fn as_fixture(&self, subject: &str) -> String {
+    pub fn as_fixture(&self) -> String {
         let case = Case {
-            subject: subject.to_owned(),
+            subject: self.subject.clone(),
             headers: Vec::new(),
             payload: payload_like(&self.payload, None),
             data_time_unix_ns: 0,
@@ -393,6 +394,7 @@ pub fn fuzz(plugin: &Plugin, fixtures: &[Fixture], count: usize, seed: u64) -> V
             && !findings.iter().any(|f: &FuzzFinding| f.payload == payload)
         {
             findings.push(FuzzFinding {
+                subject: subject.to_owned(),
                 payload,
                 kind,
                 reason,

@@ -104,10 +104,7 @@ fn test(
     for finding in findings.iter().take(SHOWN) {
         println!("    {}: {}", finding.kind.as_str(), finding.reason);
         println!("    as a fixture:");
-        let subject = fixtures
-            .first()
-            .map_or("fuzz", |fixture| fixture.case.subject.as_str());
-        for line in finding.as_fixture(subject).lines() {
+        for line in finding.as_fixture().lines() {
             println!("      {line}");
         }
     }
