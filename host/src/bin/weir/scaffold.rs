@@ -97,9 +97,9 @@ pub fn build(path: &Path, target: &str) -> Result<(), weir::Error> {
         )));
     }
     let (lib_name, target_dir) = library_and_target_dir(&manifest)?;
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
-    cargo.args(["build", "--release", "--target", target, "--manifest-path"]);
-    cargo.arg(&manifest);
+    let mut cargo_build = cargo();
+    cargo_build.args(["build", "--release", "--target", target, "--manifest-path"]);
+    cargo_build.arg(&manifest);
     let mut flags = std::env::var("RUSTFLAGS").unwrap_or_default();
     if target == "wasm32-unknown-unknown" {
         // This target links a core module; the toolchain's component linker makes it a
@@ -118,8 +118,8 @@ pub fn build(path: &Path, target: &str) -> Result<(), weir::Error> {
         flags += &format!(" --sysroot {}", sysroot.display());
         println!("building with the sysroot {}", sysroot.display());
     }
-    cargo.env("RUSTFLAGS", flags.trim());
-    let status = cargo
+    cargo_build.env("RUSTFLAGS", flags.trim());
+    let status = cargo_build
         .status()
         .map_err(|e| usage(format!("cannot run cargo: {e}: is Rust installed?")))?;
     if !status.success() {
@@ -139,7 +139,7 @@ pub fn build(path: &Path, target: &str) -> Result<(), weir::Error> {
 /// The crate's cdylib name and its target directory, from `cargo metadata`.
 fn library_and_target_dir(manifest: &Path) -> Result<(String, PathBuf), weir::Error> {
     let usage = weir::Error::Usage;
-    let output = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()))
+    let output = cargo()
         .args([
             "metadata",
             "--no-deps",
@@ -188,6 +188,11 @@ fn library_and_target_dir(manifest: &Path) -> Result<(String, PathBuf), weir::Er
         .map(PathBuf::from)
         .ok_or_else(|| usage("cargo metadata did not name a target directory".to_owned()))?;
     Ok((library, target_dir))
+}
+
+/// The cargo that runs this weir (when run by cargo), else the one on PATH.
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()))
 }
 
 /// Whether the active Rust toolchain has the standard library for `target`.
