@@ -125,8 +125,7 @@ impl NatsServer {
     /// Sends `signal` (e.g. `libc::SIGTERM` for a clean shutdown) and waits for the server
     /// to exit; `start_again` brings it back.
     pub fn stop_with(&mut self, signal: i32) {
-        // SAFETY: kill(2) on the pid of a child this struct owns and has not reaped.
-        unsafe { libc::kill(self.process.id() as libc::pid_t, signal) };
+        send_signal(&self.process, signal);
         let _ = self.process.wait();
     }
 
@@ -389,11 +388,32 @@ pub async fn wait_until_drained(js: &jetstream::Context, stream: &str, consumer:
     .await;
 }
 
+/// Sends `signal` (`libc::SIGTERM`, `libc::SIGKILL`, …) to a child process.
+pub fn send_signal(child: &Child, signal: i32) {
+    // SAFETY: kill(2) on the pid of a child we own and have not reaped has no memory-safety
+    // preconditions.
+    unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+}
+
 /// Stops a child process with SIGTERM, the way an operator does, and waits for it.
 pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
-    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    send_signal(child, libc::SIGTERM);
     child.wait().expect("wait for the child")
+}
+
+/// Waits up to `timeout` for a child process to exit on its own, and returns how it did.
+pub async fn wait_for_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the child did not exit within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Creates the orders workload's input stream `ORDERS` (`orders.in.>`) the way an operator

@@ -6,7 +6,6 @@
 //! the same workload. `weir-chaos --matrix` runs it all; the e2e suite runs it by row.
 
 use std::path::Path;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use crate::*;
@@ -152,8 +151,8 @@ pub async fn run_cell(cell: Cell, messages: usize) -> CellReport {
     let mut clean_exit = None;
     match cell.target {
         Target::Weir => {
-            signal(&weir, cell.signal);
-            let status = wait_exit(&mut weir, Duration::from_secs(60));
+            send_signal(&weir, cell.signal.number());
+            let status = wait_for_exit(&mut weir, Duration::from_secs(60)).await;
             if cell.signal == Signal::Term {
                 clean_exit = Some(status.success());
             }
@@ -178,24 +177,5 @@ pub async fn run_cell(cell: Cell, messages: usize) -> CellReport {
         verdict: check_orders(&js, &payloads).await,
         clean_exit,
         elapsed: started.elapsed(),
-    }
-}
-
-fn signal(child: &Child, signal: Signal) {
-    // SAFETY: kill(2) on the pid of a child we own and have not reaped.
-    unsafe { libc::kill(child.id() as libc::pid_t, signal.number()) };
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for weir") {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "weir did not exit within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -3,7 +3,7 @@
 //! the verifier finds every output exactly once and the DLQ exactly the malformed inputs.
 
 use std::os::unix::process::ExitStatusExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use weir_tests::*;
 
@@ -18,14 +18,7 @@ async fn abort_at(point: &str) {
         payloads,
     } = FaultRig::start(300).await;
     let mut weir = spawn_weir(&config, None, Some(&format!("{point}:3")));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = weir.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "weir never reached {point}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = wait_for_exit(&mut weir, Duration::from_secs(60)).await;
     assert_eq!(
         status.signal(),
         Some(libc::SIGABRT),
