@@ -425,10 +425,10 @@ impl Plugin {
     /// Like `run`, also reporting the fuel, memory and time the call used.
     pub fn run_measured(&self, input: TransformInput) -> (Outcome, Usage) {
         let started = std::time::Instant::now();
-        let dedup_key = input.dedup_key.clone();
         let mut store = self.new_store(wasi::Inputs::of(&input));
-        let outcome = self.call(&mut store, input);
-        store.data().wasi.log_output(&dedup_key);
+        let message = message_of(input);
+        let outcome = self.call(&mut store, &message);
+        store.data().wasi.log_output(&message.dedup_key);
         let usage = Usage {
             fuel: self.limits.fuel - store.get_fuel().unwrap_or(0),
             peak_memory_bytes: store.data().peak_memory_bytes,
@@ -469,12 +469,11 @@ impl Plugin {
         Some(self.outcome(&store, second))
     }
 
-    fn call(&self, store: &mut Store<CallState>, input: TransformInput) -> Outcome {
-        let message = message_of(input);
+    fn call(&self, store: &mut Store<CallState>, message: &Message) -> Outcome {
         let result = self.pre.instantiate(&mut *store).and_then(|plugin| {
             plugin
                 .weir_transform_transformer()
-                .call_transform(&mut *store, &message)
+                .call_transform(&mut *store, message)
         });
         self.outcome(store, result)
     }
