@@ -65,11 +65,7 @@ fn start_weir(config: &Path) -> WeirProcess {
 async fn publish_with_ids(url: &str, messages: &[(String, Vec<u8>)]) {
     let connect = || async {
         loop {
-            match async_nats::ConnectOptions::new()
-                .ping_interval(Duration::from_secs(2))
-                .connect(url)
-                .await
-            {
+            match connect_client(url).await {
                 Ok(client) => return jetstream::new(client),
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }

@@ -51,6 +51,15 @@ pub fn weir_binary() -> PathBuf {
     path
 }
 
+/// A test client that pings every 2 s, as weir does, so that a dead connection is noticed
+/// within seconds rather than the default minutes.
+pub async fn connect_client(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::new()
+        .ping_interval(Duration::from_secs(2))
+        .connect(url)
+        .await
+}
+
 /// A nats-server process with JetStream on a free loopback port, killed on drop.
 pub struct NatsServer {
     process: Child,
@@ -100,13 +109,8 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// A client that pings every 2 s, as weir does: after a server restart, async-nats
-    /// 0.51 sometimes stops writing on the new connection until a stale-ping check
-    /// reconnects it, which with the default 60 s interval takes three minutes.
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::ConnectOptions::new()
-            .ping_interval(Duration::from_secs(2))
-            .connect(self.url())
+        connect_client(&self.url())
             .await
             .expect("connect to the test nats-server")
     }
