@@ -109,6 +109,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The server's process id (for resource figures in the benchmarks).
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
     pub async fn client(&self) -> async_nats::Client {
         connect_client(&self.url())
             .await

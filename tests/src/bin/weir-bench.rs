@@ -76,38 +76,44 @@ async fn throughput(count: usize, sync_always: bool) {
     let identity = identity_payloads(count);
     let orders = order_workload(count, 0);
 
-    let bare = passthrough(&js, "A", &identity).await;
+    let (bare, bare_cpu) = passthrough(&server, &js, "A", &identity).await;
     println!("  (a) bare pass-through         {bare:>9.0} msgs/s");
+    println!("      {bare_cpu}");
     let identity_run = WeirRun::new(&server, "B", "hostile");
-    let (weir_identity, rss_identity) = identity_run.process(&js, &identity, count, "weir").await;
+    let (weir_identity, rss_identity, cpu) =
+        identity_run.process(&js, &identity, count, "weir").await;
     println!(
         "  (b) weir exactly-once, identity {weir_identity:>9.0} msgs/s  b/a = {:.2}  max RSS {} MiB",
         weir_identity / bare,
         rss_identity >> 20
     );
+    println!("      {cpu}");
     let orders_run = WeirRun::new(&server, "C", "orders");
-    let (weir_json, rss_json) = orders_run.process(&js, &orders, 2 * count, "weir").await;
+    let (weir_json, rss_json, cpu) = orders_run.process(&js, &orders, 2 * count, "weir").await;
     println!(
         "  (c) weir exactly-once, JSON    {weir_json:>9.0} msgs/s  c/a = {:.2}  max RSS {} MiB",
         weir_json / bare,
         rss_json >> 20
     );
+    println!("      {cpu}");
 
     let mut cheap_run = WeirRun::new(&server, "D", "hostile");
     cheap_run.at_least_once = true;
-    let (weir_cheap, _) = cheap_run.process(&js, &identity, count, "weir").await;
+    let (weir_cheap, _, cpu) = cheap_run.process(&js, &identity, count, "weir").await;
     println!(
         "  (d) weir at-least-once, identity {weir_cheap:>9.0} msgs/s  d/a = {:.2}",
         weir_cheap / bare
     );
+    println!("      {cpu}");
 
     // The same ids again, through a second consumer on the same store: every one is
     // already committed, so nothing runs and nothing is re-published.
-    let (storm, _) = identity_run.process(&js, &[], count, "weir-storm").await;
+    let (storm, _, cpu) = identity_run.process(&js, &[], count, "weir-storm").await;
     println!(
         "  redelivery storm (b's ids)     {storm:>9.0} msgs/s  storm/fresh = {:.2} (target >= 2)",
         storm / weir_identity
     );
+    println!("      {cpu}");
 
     latency(&server, &js).await;
     tokio::task::spawn_blocking(sandbox_overhead)
@@ -117,7 +123,12 @@ async fn throughput(count: usize, sync_always: bool) {
 
 /// The baseline: fetch → publish with Nats-Msg-Id → await PublishAcks → double ack, in
 /// batches like weir's, and nothing else.
-async fn passthrough(js: &jetstream::Context, tag: &str, payloads: &[Vec<u8>]) -> f64 {
+async fn passthrough(
+    server: &NatsServer,
+    js: &jetstream::Context,
+    tag: &str,
+    payloads: &[Vec<u8>],
+) -> (f64, CpuUse) {
     let (input, output) = (format!("IN{tag}"), format!("OUT{tag}"));
     for (stream, subject) in [
         (&input, format!("in{tag}.>")),
@@ -152,6 +163,7 @@ async fn passthrough(js: &jetstream::Context, tag: &str, payloads: &[Vec<u8>]) -
         .await
         .expect("pull");
     let started = Instant::now();
+    let (own_cpu, server_cpu) = (cpu_seconds(std::process::id()), cpu_seconds(server.pid()));
     let mut done = 0;
     while done < payloads.len() {
         let first = messages.next().await.expect("more").expect("a message");
@@ -183,7 +195,13 @@ async fn passthrough(js: &jetstream::Context, tag: &str, payloads: &[Vec<u8>]) -
         }
         done += batch.len();
     }
-    payloads.len() as f64 / started.elapsed().as_secs_f64()
+    let rate = payloads.len() as f64 / started.elapsed().as_secs_f64();
+    let cpu = CpuUse {
+        consumer: cpu_seconds(std::process::id()) - own_cpu,
+        server: cpu_seconds(server.pid()) - server_cpu,
+        messages: payloads.len(),
+    };
+    (rate, cpu)
 }
 
 /// A `weir run` process on its own streams and store.
@@ -251,14 +269,15 @@ impl<'a> WeirRun<'a> {
 
     /// Publishes `payloads` (untimed), then times a weir process with `consumer` from its
     /// start until the input consumer has acked `payloads.len()` (or, for a run over
-    /// already-published inputs, every input). Returns inputs/s and peak RSS.
+    /// already-published inputs, every input). Returns inputs/s, peak RSS and the CPU used
+    /// (weir's includes its start-up).
     async fn process(
         &self,
         js: &jetstream::Context,
         payloads: &[Vec<u8>],
         expected_outputs: usize,
         consumer: &str,
-    ) -> (f64, u64) {
+    ) -> (f64, u64, CpuUse) {
         let tag = self.tag;
         let input = format!("IN{tag}");
         if !payloads.is_empty() {
@@ -275,6 +294,7 @@ impl<'a> WeirRun<'a> {
         }
         let inputs = stream_len(js, &input).await;
         let started = Instant::now();
+        let server_cpu = cpu_seconds(self.server.pid());
         let mut weir = self.start(consumer);
         wait_for(
             "weir to ack every input",
@@ -292,12 +312,50 @@ impl<'a> WeirRun<'a> {
         .await;
         let elapsed = started.elapsed();
         let peak_rss = memory(weir.id(), "VmHWM");
+        let cpu = CpuUse {
+            consumer: cpu_seconds(weir.id()),
+            server: cpu_seconds(self.server.pid()) - server_cpu,
+            messages: inputs as usize,
+        };
         stop(&mut weir);
         assert!(
             stream_len(js, &format!("OUT{tag}")).await >= expected_outputs as u64,
             "every output stored"
         );
-        (inputs as f64 / elapsed.as_secs_f64(), peak_rss)
+        (inputs as f64 / elapsed.as_secs_f64(), peak_rss, cpu)
+    }
+}
+
+/// CPU time (user + system) a process has used so far, in seconds, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may contain spaces:
+    // utime and stime are the 12th and 13th of them.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |index: usize| fields.get(index).and_then(|f| f.parse::<f64>().ok());
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / per_second
+}
+
+/// Where the CPU went during one timed run: the consuming process and nats-server.
+struct CpuUse {
+    consumer: f64,
+    server: f64,
+    messages: usize,
+}
+
+impl std::fmt::Display for CpuUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let per_message = |seconds: f64| seconds * 1e6 / self.messages.max(1) as f64;
+        write!(
+            f,
+            "CPU per input: consumer {:.1} µs, nats-server {:.1} µs",
+            per_message(self.consumer),
+            per_message(self.server)
+        )
     }
 }
 
@@ -454,7 +512,7 @@ async fn malformed(count: usize) {
                 .iter()
                 .filter(|p| serde_json::from_slice::<serde_json::Value>(p).is_ok())
                 .count();
-            let (rate, _) = run.process(&js, payloads, 2 * valid, "weir").await;
+            let (rate, _, _) = run.process(&js, payloads, 2 * valid, "weir").await;
             println!("  round {round}  {label:<13} {rate:>9.0} inputs/s");
             if label == "clean" {
                 clean_rates.push(rate);
