@@ -37,7 +37,14 @@ pub struct SandboxConfig {
     /// Relative to the configuration file. weir creates it private to its user, and will
     /// not use one that others may write to.
     pub compile_cache_dir: Option<PathBuf>,
+    /// How many plugin calls run at once, across all pipelines: a batch's inputs are spread
+    /// over this many threads. By default the number of cores, at most `MAX_THREADS`.
+    pub threads: usize,
 }
+
+/// The most plugin calls that may run at once (the engine's instance pool holds twice as
+/// many instances).
+pub const MAX_THREADS: usize = 32;
 
 impl Default for SandboxConfig {
     fn default() -> Self {
@@ -45,6 +52,9 @@ impl Default for SandboxConfig {
             max_stack_bytes: 512 * 1024,
             compile_cache: true,
             compile_cache_dir: None,
+            threads: std::thread::available_parallelism()
+                .map_or(1, |cores| cores.get())
+                .min(MAX_THREADS),
         }
     }
 }
@@ -373,6 +383,11 @@ impl Config {
                 "sandbox.max_stack_bytes must be between 65536 and {MAX_WASM_STACK}"
             ));
         }
+        if !(1..=MAX_THREADS).contains(&self.sandbox.threads) {
+            problems.push(format!(
+                "sandbox.threads must be between 1 and {MAX_THREADS} (leave it out for one per core)"
+            ));
+        }
         let mut names = HashSet::new();
         let mut store_dirs = HashSet::new();
         for pipeline in &self.pipelines {
@@ -627,6 +642,21 @@ mod tests {
             parse(&text)
                 .unwrap_err()
                 .contains("limits.fuel must be greater than 0")
+        );
+    }
+
+    #[test]
+    fn sandbox_threads_default_to_the_cores_and_zero_is_refused() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(
+            parse(MINIMAL).unwrap().sandbox.threads,
+            cores.min(MAX_THREADS)
+        );
+        let text = format!("[sandbox]\nthreads = 0\n{MINIMAL}");
+        let error = parse(&text).unwrap_err();
+        assert!(
+            error.contains("sandbox.threads must be between 1"),
+            "{error}"
         );
     }
 

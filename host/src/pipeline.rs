@@ -6,7 +6,8 @@
 //! **An input is acknowledged only after its outputs are durably committed and published;
 //! a committed input is never executed again.**
 //!
-//! `commit_stage` and then `publish_stage` keep it, for each batch, in this order:
+//! `commit_stage`, `publish_stage` and then `ack_stage` keep it, for each batch, in this
+//! order:
 //! 1. look every input's dedup key up in the store; a committed key is not executed. Its
 //!    stored messages are published again only if its outbox entry is still there (JetStream
 //!    drops the ones it has as duplicates by their deterministic `Nats-Msg-Id`);
@@ -16,6 +17,11 @@
 //! 4. publish every message of the batch and await JetStream's acks; until then nothing is
 //!    acked;
 //! 5. ack the inputs (double ack), then clear their outbox entries.
+//!
+//! A later batch overlaps an earlier one (it is committed while the earlier one is published,
+//! and published while the earlier one is acked), never by reordering a batch's own steps.
+//! An outbox entry that outlives its publish by a few milliseconds only makes a later batch
+//! holding the same key publish it again, inside JetStream's duplicate window.
 //!
 //! A crash before 3 completes leaves the inputs unacked: they are redelivered and executed
 //! once. A crash after 3 leaves outbox entries, re-published on start, and unacked inputs,
@@ -177,10 +183,10 @@ impl Pipeline {
     /// Runs until `shutdown` fires, then finishes the batches in hand and returns. Returns
     /// an error only for a fault that retrying cannot heal (a corrupt store).
     ///
-    /// Two batches are in flight at once: while one is being published and acked, the next
-    /// is fetched, executed and committed. Each batch still keeps the invariant on its own;
-    /// a later batch's lookup sees every earlier batch's commit, because commits happen one
-    /// batch after another.
+    /// Three batches are in flight at once: while one is acked, the next is published, and
+    /// the one after it is fetched, executed and committed. Each batch still keeps the
+    /// invariant on its own; a later batch's lookup sees every earlier batch's commit,
+    /// because commits happen one batch after another.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
         let mut source = self
             .source
@@ -192,20 +198,37 @@ impl Pipeline {
                 pipeline: self.config.name.clone(),
                 source,
             })?;
+        let (to_ack, published) = tokio::sync::mpsc::channel(1);
+        let (result, ()) = tokio::join!(
+            self.commit_and_publish(&mut source, to_ack, &shutdown),
+            self.ack_stage(published),
+        );
+        tracing::info!(pipeline = %self.config.name, stats = ?self.stats.snapshot(), "pipeline stopped");
+        result.map_err(|source| Error::Stopped {
+            pipeline: self.config.name.clone(),
+            source,
+        })
+    }
+
+    /// Fetches, commits and publishes batches, handing each published one to `to_ack`.
+    async fn commit_and_publish(
+        &self,
+        source: &mut MessageSource,
+        to_ack: tokio::sync::mpsc::Sender<PublishedBatch>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreError> {
         let mut committed: Option<CommittedBatch> = None;
         loop {
             let (finished_tx, finished_rx) = tokio::sync::oneshot::channel::<()>();
             let finishing = async {
-                self.finish(committed.take(), &shutdown).await;
+                self.finish(committed.take(), &to_ack, shutdown).await;
                 let _ = finished_tx.send(());
             };
             let next = async {
-                let batch = self.next_batch(&mut source, &shutdown).await?;
-                let started = std::time::Instant::now();
+                let batch = self.next_batch(source, shutdown).await?;
                 let keepalive = self.keepalive_period();
                 let staged = with_keepalive(&batch, keepalive, async {
-                    let staged = self.commit_stage(&batch, &shutdown).await;
-                    tracing::debug!(pipeline = %self.config.name, inputs = batch.len(), took = ?started.elapsed(), "batch committed");
+                    let staged = self.commit_stage(&batch, shutdown).await;
                     // Committed, it waits for the previous batch to be published: the
                     // server must not redeliver it meanwhile either.
                     let _ = finished_rx.await;
@@ -222,16 +245,10 @@ impl Pipeline {
                 }
                 // Shut down before the commit: nothing of this batch is acked.
                 Some(Ok((_, None))) => break,
-                Some(Err(source)) => {
-                    return Err(Error::Stopped {
-                        pipeline: self.config.name.clone(),
-                        source,
-                    });
-                }
+                Some(Err(corrupt)) => return Err(corrupt),
             }
         }
-        self.finish(committed, &shutdown).await;
-        tracing::info!(pipeline = %self.config.name, stats = ?self.stats.snapshot(), "pipeline stopped");
+        self.finish(committed, &to_ack, shutdown).await;
         Ok(())
     }
 
@@ -272,17 +289,53 @@ impl Pipeline {
         Duration::from_millis(self.config.input.ack_wait_ms / 2)
     }
 
-    /// Publishes and acks a committed batch (steps 4 and 5 of the module docs).
-    async fn finish(&self, committed: Option<CommittedBatch>, shutdown: &CancellationToken) {
-        if let Some(CommittedBatch { batch, staged }) = committed {
-            let started = std::time::Instant::now();
-            with_keepalive(
-                &batch,
-                self.keepalive_period(),
-                self.publish_stage(&batch, staged, shutdown),
-            )
-            .await;
-            tracing::debug!(pipeline = %self.config.name, inputs = batch.len(), took = ?started.elapsed(), "batch published and acked");
+    /// Publishes a committed batch (step 4 of the module docs) and hands it on to be acked.
+    async fn finish(
+        &self,
+        committed: Option<CommittedBatch>,
+        to_ack: &tokio::sync::mpsc::Sender<PublishedBatch>,
+        shutdown: &CancellationToken,
+    ) {
+        let Some(CommittedBatch { batch, staged }) = committed else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        let published = with_keepalive(
+            &batch,
+            self.keepalive_period(),
+            self.publish_stage(staged, shutdown),
+        )
+        .await;
+        tracing::debug!(pipeline = %self.config.name, inputs = batch.len(), took = ?started.elapsed(), "batch published");
+        if let Some(published_keys) = published {
+            // The ack stage outlives this stage: it stops only once every sender is gone.
+            let _ = to_ack
+                .send(PublishedBatch {
+                    batch,
+                    published_keys,
+                })
+                .await;
+        }
+    }
+
+    /// Step 5, batch after batch: ack the inputs, then clear their outbox entries. A failed
+    /// ack only means a redelivery, which step 1 absorbs.
+    async fn ack_stage(&self, mut published: tokio::sync::mpsc::Receiver<PublishedBatch>) {
+        while let Some(PublishedBatch {
+            batch,
+            published_keys,
+        }) = published.recv().await
+        {
+            let acks = futures::future::join_all(batch.iter().map(|message| message.ack())).await;
+            let acked = acks.iter().filter(|result| result.is_ok()).count();
+            if let Some(Err(error)) = acks.into_iter().find(Result::is_err) {
+                tracing::warn!(pipeline = %self.config.name, %error, failed = batch.len() - acked, "some acks failed; those inputs will be redelivered and deduplicated");
+            }
+            Stats::add(&self.stats.acked, acked);
+            crate::fault::point("acked").await;
+            if !published_keys.is_empty() {
+                self.clear_outbox(published_keys).await;
+            }
         }
     }
 
@@ -330,6 +383,7 @@ impl Pipeline {
         shutdown: &CancellationToken,
     ) -> Result<Option<Staged>, StoreError> {
         crate::fault::point("fetched").await;
+        let started = std::time::Instant::now();
         Stats::add(&self.stats.received, batch.len());
         let keys: Vec<String> = batch.iter().map(|m| self.dedup_key(m)).collect();
 
@@ -355,6 +409,7 @@ impl Pipeline {
             }
         };
 
+        let looked_up_at = started.elapsed();
         // 2. Execute the new ones: each key once, even if it appears twice in the batch.
         // A committed input is re-published only while its outbox entry says JetStream has
         // not acknowledged all of it: once it has, a re-publish after the duplicate window
@@ -390,12 +445,13 @@ impl Pipeline {
             .iter()
             .map(|&index| transform_input(&batch[index], &keys[index]))
             .collect();
-        let Some(outcomes) = execute(&self.plugin, inputs).await else {
+        let Some(outcomes) = self.plugin.run_all(inputs).await else {
             // The sandbox turns every plugin misbehaviour into an outcome; a panic here is a
             // host bug. Nothing was committed, so the batch will be redelivered.
             tracing::error!(pipeline = %self.config.name, "plugin execution panicked; batch not acked");
             return Ok(None);
         };
+        let executed_at = started.elapsed();
         crate::fault::point("executed").await;
         Stats::add(&self.stats.executed, outcomes.len());
         let mut new_records = Vec::with_capacity(outcomes.len());
@@ -446,6 +502,7 @@ impl Pipeline {
             }
         }
 
+        tracing::debug!(pipeline = %self.config.name, inputs = batch.len(), ?looked_up_at, ?executed_at, committed_at = ?started.elapsed(), "batch committed");
         crate::fault::point("committed").await;
         // Inputs committed earlier and still in the outbox: by the time this batch is
         // published, the batch that committed them may have published them, and publishing
@@ -465,14 +522,14 @@ impl Pipeline {
         }))
     }
 
-    /// Steps 4 and 5: publish what the batch's inputs map to, await JetStream's acks, ack
-    /// the inputs, clear their outbox entries. Returns early, acking nothing, on shutdown.
+    /// Step 4: publish what the batch's inputs map to and await JetStream's acks. Returns
+    /// the keys of the inputs whose messages were published (and so may have outbox
+    /// entries to clear), or `None` on shutdown before that: then nothing is acked.
     async fn publish_stage(
         &self,
-        batch: &[InputMessage],
         staged: Staged,
         shutdown: &CancellationToken,
-    ) {
+    ) -> Option<Vec<String>> {
         let mut records = staged.records;
         if let Some(store) = &self.store
             && !staged.recheck.is_empty()
@@ -506,19 +563,20 @@ impl Pipeline {
             .collect();
         if !self.publish(&messages, shutdown).await {
             // Committed and in the outbox: re-published on the next start.
-            return;
+            return None;
         }
 
         crate::fault::point("published").await;
-        // 5. Ack the inputs. A failed ack only means a redelivery, which step 1 absorbs.
-        let acks = futures::future::join_all(batch.iter().map(|message| message.ack())).await;
-        let acked = acks.iter().filter(|result| result.is_ok()).count();
-        if let Some(Err(error)) = acks.into_iter().find(Result::is_err) {
-            tracing::warn!(pipeline = %self.config.name, %error, failed = batch.len() - acked, "some acks failed; those inputs will be redelivered and deduplicated");
-        }
-        Stats::add(&self.stats.acked, acked);
-        crate::fault::point("acked").await;
-        self.clear_outbox(staged.keys).await;
+        // Only what was published here can still be in the outbox (a redelivery storm
+        // publishes nothing, and so clears nothing).
+        Some(
+            staged
+                .keys
+                .into_iter()
+                .zip(&records)
+                .filter_map(|(key, record)| record.is_some().then_some(key))
+                .collect(),
+        )
     }
 
     /// Publishes `messages` until JetStream has acknowledged them all; false if shutdown came
@@ -745,20 +803,6 @@ fn truncated(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
-/// Runs the plugin on every input, on the blocking pool (wasm must not stall the async
-/// runtime); outcomes come back in input order. `None` if the thread panicked.
-async fn execute(plugin: &Plugin, inputs: Vec<TransformInput>) -> Option<Vec<Outcome>> {
-    let plugin = plugin.clone();
-    tokio::task::spawn_blocking(move || {
-        inputs
-            .into_iter()
-            .map(|input| plugin.run(input))
-            .collect::<Vec<Outcome>>()
-    })
-    .await
-    .ok()
-}
-
 fn transform_input(message: &InputMessage, key: &str) -> TransformInput {
     TransformInput {
         subject: message.subject.clone(),
@@ -781,6 +825,13 @@ async fn blocking<T: Send + 'static>(
             message: e.to_string(),
         })
     })
+}
+
+/// A batch whose messages are published, waiting for its inputs to be acked.
+struct PublishedBatch {
+    batch: Vec<InputMessage>,
+    /// The inputs whose messages this batch published: their outbox entries go once acked.
+    published_keys: Vec<String>,
 }
 
 /// A batch whose results are committed, waiting to be published and acked.

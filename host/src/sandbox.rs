@@ -21,7 +21,7 @@ use wasmtime::{
     Trap,
 };
 
-use crate::config::{LimitsConfig, SandboxConfig};
+use crate::config::{LimitsConfig, MAX_THREADS, SandboxConfig};
 
 mod compile_cache;
 mod wasi;
@@ -50,9 +50,13 @@ const KEEP_RESIDENT: usize = 2 << 20;
 /// How often the epoch advances: the granularity of the wall-clock deadline.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// How many instances may be alive at once across all pipelines. Each pipeline runs one
-/// message at a time, so this bounds the number of pipelines, with room to spare.
-const POOLED_INSTANCES: u32 = 64;
+/// How many instances may be alive at once: calls from pipelines are bounded by
+/// `sandbox.threads` (at most `MAX_THREADS`), which leaves as many for the instantiation
+/// checks at load and direct callers of `Plugin::run`.
+const POOLED_INSTANCES: u32 = 2 * MAX_THREADS as u32;
+
+/// The fewest inputs worth handing to a thread of their own.
+const MIN_INPUTS_PER_THREAD: usize = 16;
 
 /// One input, as the plugin sees it.
 #[derive(Debug, Clone)]
@@ -218,6 +222,7 @@ pub struct Sandbox {
     /// Components compiled so far, by the sha256 of their file: pipelines that run the same
     /// plugin compile it once (a Python component takes seconds).
     compiled: Mutex<HashMap<String, Component>>,
+    threads: Arc<Threads>,
     _epoch_ticker: EpochTicker,
 }
 
@@ -265,6 +270,7 @@ impl Sandbox {
             engine,
             compile_cache: settings.compile_cache_dir(),
             compiled: Mutex::default(),
+            threads: Arc::new(Threads::new(settings.threads)),
             _epoch_ticker: epoch_ticker,
         })
     }
@@ -386,6 +392,7 @@ impl Sandbox {
             pre,
             sha256,
             limits: limits.clone(),
+            threads: self.threads.clone(),
         };
         // Instantiate once now, so that a component that can never start (a memory larger
         // than the limit, a start function that traps) is refused at load, not per message.
@@ -408,6 +415,23 @@ pub struct Plugin {
     pre: bindings::PluginPre<CallState>,
     sha256: String,
     limits: LimitsConfig,
+    threads: Arc<Threads>,
+}
+
+/// The plugin calls that may run at once across all pipelines (`sandbox.threads`).
+struct Threads {
+    count: usize,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Threads {
+    fn new(count: usize) -> Threads {
+        let count = count.clamp(1, MAX_THREADS);
+        Threads {
+            count,
+            permits: Arc::new(tokio::sync::Semaphore::new(count)),
+        }
+    }
 }
 
 impl Plugin {
@@ -429,6 +453,38 @@ impl Plugin {
     /// task, where a WASI plugin's output would make wasmtime-wasi's runtime panic.
     pub fn run(&self, input: TransformInput) -> Outcome {
         self.run_measured(input).0
+    }
+
+    /// Runs each input in a fresh instance, spread over the sandbox's threads (blocking
+    /// threads, at most `sandbox.threads` calls at once across all pipelines). The outcomes
+    /// are in input order. `None` only if a call panicked, which would be a host bug.
+    pub async fn run_all(&self, inputs: Vec<TransformInput>) -> Option<Vec<Outcome>> {
+        let count = inputs.len();
+        let per_thread = count
+            .div_ceil(self.threads.count)
+            .max(MIN_INPUTS_PER_THREAD);
+        let mut inputs = inputs.into_iter().peekable();
+        let mut shares = Vec::new();
+        while inputs.peek().is_some() {
+            let share: Vec<TransformInput> = inputs.by_ref().take(per_thread).collect();
+            let plugin = self.clone();
+            shares.push(async move {
+                let _permit = plugin.threads.permits.clone().acquire_owned().await.ok()?;
+                tokio::task::spawn_blocking(move || {
+                    share
+                        .into_iter()
+                        .map(|input| plugin.run(input))
+                        .collect::<Vec<Outcome>>()
+                })
+                .await
+                .ok()
+            });
+        }
+        let mut outcomes = Vec::with_capacity(count);
+        for share in futures::future::join_all(shares).await {
+            outcomes.extend(share?);
+        }
+        Some(outcomes)
     }
 
     /// Like `run`, also reporting the fuel, memory and time the call used.

@@ -119,28 +119,47 @@ impl Store {
     pub fn lookup(&self, keys: &[&str]) -> Result<Vec<Option<Committed>>, StoreError> {
         let oldest_ms = oldest_remembered_ms(self.settings.retention);
         self.with_db("lookup", |db| {
+            let io = |e: rocksdb::Error| StoreError::Io {
+                operation: "lookup",
+                message: e.to_string(),
+            };
             let (done, outbox) = (family(db, DONE), family(db, OUTBOX));
-            let records = db.multi_get_cf(keys.iter().map(|key| (done, key.as_bytes())));
-            let pending = db.multi_get_cf(keys.iter().map(|key| (outbox, key.as_bytes())));
-            records
+            let mut found = Vec::with_capacity(keys.len());
+            for (key, record) in keys.iter().zip(db.batched_multi_get_cf(
+                done,
+                keys.iter().map(|k| k.as_bytes()),
+                false,
+            )) {
+                let committed = match record.map_err(io)? {
+                    Some(bytes) => Some(decode(key, &bytes)?),
+                    None => None,
+                };
+                found.push(committed.filter(|(committed_ms, _)| *committed_ms >= oldest_ms));
+            }
+            // Only committed inputs can have an outbox entry: new ones (the common case)
+            // cost one read, not two.
+            let committed_keys: Vec<&[u8]> = keys
+                .iter()
+                .zip(&found)
+                .filter(|(_, committed)| committed.is_some())
+                .map(|(key, _)| key.as_bytes())
+                .collect();
+            let mut pending = db
+                .batched_multi_get_cf(outbox, committed_keys, false)
+                .into_iter();
+            found
                 .into_iter()
-                .zip(pending)
-                .zip(keys)
-                .map(|((record, pending), key)| {
-                    let io = |e: rocksdb::Error| StoreError::Io {
-                        operation: "lookup",
-                        message: e.to_string(),
-                    };
-                    let Some(bytes) = record.map_err(io)? else {
+                .map(|committed| {
+                    let Some((_, record)) = committed else {
                         return Ok(None);
                     };
-                    let (committed_ms, record) = decode(key, &bytes)?;
-                    if committed_ms < oldest_ms {
-                        return Ok(None);
-                    }
+                    let in_outbox = pending
+                        .next()
+                        .expect("one outbox read per committed input")
+                        .map_err(io)?;
                     Ok(Some(Committed {
                         record,
-                        published: pending.map_err(io)?.is_none(),
+                        published: in_outbox.is_none(),
                     }))
                 })
                 .collect()
