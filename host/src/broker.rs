@@ -523,6 +523,14 @@ impl InputMessage {
             .map_err(|e| BrokerError::jetstream("ack failed", e))
     }
 
+    /// Acknowledges the message without waiting for the server (a plain ack).
+    pub async fn ack_unconfirmed(&self) -> Result<(), BrokerError> {
+        self.message
+            .ack()
+            .await
+            .map_err(|e| BrokerError::jetstream("ack failed", e))
+    }
+
     /// Tells the server the message is still being worked on, resetting its ack timer.
     pub async fn progress(&self) {
         if let Err(error) = self.message.ack_with(AckKind::Progress).await {

@@ -307,35 +307,40 @@ impl Pipeline {
         )
         .await;
         tracing::debug!(pipeline = %self.config.name, inputs = batch.len(), took = ?started.elapsed(), "batch published");
-        if let Some(published_keys) = published {
+        if let Some(published) = published {
             // The ack stage outlives this stage: it stops only once every sender is gone.
-            let _ = to_ack
-                .send(PublishedBatch {
-                    batch,
-                    published_keys,
-                })
-                .await;
+            let _ = to_ack.send(PublishedBatch { batch, published }).await;
         }
     }
 
     /// Step 5, batch after batch: ack the inputs, then clear their outbox entries. A failed
     /// ack only means a redelivery, which step 1 absorbs.
     async fn ack_stage(&self, mut published: tokio::sync::mpsc::Receiver<PublishedBatch>) {
-        while let Some(PublishedBatch {
-            batch,
-            published_keys,
-        }) = published.recv().await
-        {
-            let acks = futures::future::join_all(batch.iter().map(|message| message.ack())).await;
+        while let Some(PublishedBatch { batch, published }) = published.recv().await {
+            let started = std::time::Instant::now();
+            // An input that published nothing here (a redelivery of a done one) gets a plain
+            // ack: if it is lost, the next redelivery costs one lookup again. The others get
+            // a double ack, so that a failure is seen and logged.
+            let acks = futures::future::join_all(batch.iter().zip(&published).map(
+                |(message, published)| async move {
+                    match published {
+                        Some(_) => message.ack().await,
+                        None => message.ack_unconfirmed().await,
+                    }
+                },
+            ))
+            .await;
             let acked = acks.iter().filter(|result| result.is_ok()).count();
             if let Some(Err(error)) = acks.into_iter().find(Result::is_err) {
                 tracing::warn!(pipeline = %self.config.name, %error, failed = batch.len() - acked, "some acks failed; those inputs will be redelivered and deduplicated");
             }
             Stats::add(&self.stats.acked, acked);
             crate::fault::point("acked").await;
+            let published_keys: Vec<String> = published.into_iter().flatten().collect();
             if !published_keys.is_empty() {
                 self.clear_outbox(published_keys).await;
             }
+            tracing::debug!(pipeline = %self.config.name, inputs = batch.len(), took = ?started.elapsed(), "batch acked");
         }
     }
 
@@ -522,14 +527,14 @@ impl Pipeline {
         }))
     }
 
-    /// Step 4: publish what the batch's inputs map to and await JetStream's acks. Returns
-    /// the keys of the inputs whose messages were published (and so may have outbox
-    /// entries to clear), or `None` on shutdown before that: then nothing is acked.
+    /// Step 4: publish what the batch's inputs map to and await JetStream's acks. Returns,
+    /// per input, its key if its messages were published here (and so it may have an
+    /// outbox entry to clear), or `None` on shutdown before that: then nothing is acked.
     async fn publish_stage(
         &self,
         staged: Staged,
         shutdown: &CancellationToken,
-    ) -> Option<Vec<String>> {
+    ) -> Option<Vec<Option<String>>> {
         let mut records = staged.records;
         if let Some(store) = &self.store
             && !staged.recheck.is_empty()
@@ -574,7 +579,7 @@ impl Pipeline {
                 .keys
                 .into_iter()
                 .zip(&records)
-                .filter_map(|(key, record)| record.is_some().then_some(key))
+                .map(|(key, record)| record.is_some().then_some(key))
                 .collect(),
         )
     }
@@ -830,8 +835,9 @@ async fn blocking<T: Send + 'static>(
 /// A batch whose messages are published, waiting for its inputs to be acked.
 struct PublishedBatch {
     batch: Vec<InputMessage>,
-    /// The inputs whose messages this batch published: their outbox entries go once acked.
-    published_keys: Vec<String>,
+    /// Per input, its key if this batch published its messages: then its outbox entry goes
+    /// once it is acked.
+    published: Vec<Option<String>>,
 }
 
 /// A batch whose results are committed, waiting to be published and acked.
