@@ -456,8 +456,9 @@ impl Plugin {
     }
 
     /// Runs each input in a fresh instance, spread over the sandbox's threads (blocking
-    /// threads, at most `sandbox.threads` calls at once across all pipelines). The outcomes
-    /// are in input order. `None` only if a call panicked, which would be a host bug.
+    /// threads of the tokio runtime it is awaited in, at most `sandbox.threads` calls at once
+    /// across all pipelines). The outcomes are in input order. `None` only if a call
+    /// panicked, which would be a host bug.
     pub async fn run_all(&self, inputs: Vec<TransformInput>) -> Option<Vec<Outcome>> {
         let count = inputs.len();
         let per_thread = count

@@ -243,3 +243,39 @@ fn deeply_nested_json_is_invalid_input_not_a_crash() {
         "{outcome:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_spread_over_threads_comes_back_in_input_order() {
+    let settings = weir::config::SandboxConfig {
+        threads: 3,
+        ..Default::default()
+    };
+    let sandbox = Sandbox::new(&settings, 64 << 20).unwrap();
+    let orders = sandbox
+        .load(&plugin("orders"), &LimitsConfig::default())
+        .unwrap();
+    // Valid orders and every tenth one malformed: outcomes differ from input to input.
+    let inputs: Vec<TransformInput> = order_workload(200, 10)
+        .into_iter()
+        .enumerate()
+        .map(|(index, payload)| TransformInput {
+            payload,
+            stream_sequence: index as u64 + 1,
+            dedup_key: format!("k{index}"),
+            ..input("")
+        })
+        .collect();
+    let (sequential, each) = (orders.clone(), inputs.clone());
+    let one_by_one: Vec<Outcome> =
+        tokio::task::spawn_blocking(move || each.into_iter().map(|i| sequential.run(i)).collect())
+            .await
+            .unwrap();
+    let spread = orders.run_all(inputs).await.expect("no call panics");
+    assert_eq!(spread, one_by_one);
+    assert!(
+        spread
+            .iter()
+            .any(|outcome| matches!(outcome, Outcome::Failed { .. })),
+        "the workload has malformed inputs"
+    );
+}
