@@ -99,6 +99,35 @@ impl Store {
         Ok(())
     }
 
+    /// Where the store's memory goes, as RocksDB estimates it (for the benchmarks).
+    pub fn memory_report(&self) -> String {
+        let report = self.with_db("memory report", |db| {
+            let sum = |property: &str| -> u64 {
+                [DONE, OUTBOX]
+                    .iter()
+                    .filter_map(|name| db.property_int_value_cf(family(db, name), property).ok())
+                    .flatten()
+                    .sum()
+            };
+            let cache = |property: &str| -> u64 {
+                db.property_int_value_cf(family(db, DONE), property)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+            };
+            let mib = |bytes: u64| bytes >> 20;
+            Ok(format!(
+                "memtables {} MiB, table readers {} MiB, block cache {} MiB ({} MiB pinned)",
+                mib(sum("rocksdb.cur-size-all-mem-tables")),
+                mib(sum("rocksdb.estimate-table-readers-mem")),
+                // Both families share one cache: read it through one of them.
+                mib(cache("rocksdb.block-cache-usage")),
+                mib(cache("rocksdb.block-cache-pinned-usage")),
+            ))
+        });
+        report.unwrap_or_else(|error| error.to_string())
+    }
+
     fn with_db<T>(
         &self,
         operation: &'static str,

@@ -645,10 +645,11 @@ fn store_scale(count: usize) {
             .expect("clear the outbox");
         if start + batch_size >= next_report {
             println!(
-                "  {:>10} ids committed, {:>8.0} ids/s, RSS {} MiB",
+                "  {:>10} ids committed, {:>8.0} ids/s, RSS {} MiB: {}",
                 start + batch_size,
                 (start + batch_size) as f64 / started.elapsed().as_secs_f64(),
-                memory(std::process::id(), "VmRSS") >> 20
+                memory(std::process::id(), "VmRSS") >> 20,
+                store.memory_report()
             );
             next_report += count / 10;
         }
