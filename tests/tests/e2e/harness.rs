@@ -13,6 +13,20 @@ fn text(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// `weir plugin test` on one of the repository's plugins with its own fixtures, and the report.
+fn test_with_own_fixtures(name: &str) -> (Output, String) {
+    let fixtures = repo_root().join("plugins").join(name).join("fixtures");
+    let output = weir(&[
+        "plugin",
+        "test",
+        plugin(name).to_str().unwrap(),
+        "--fixtures",
+        fixtures.to_str().unwrap(),
+    ]);
+    let report = text(&output);
+    (output, report)
+}
+
 #[test]
 fn fixtures_pass_fail_with_a_diff_and_update() {
     let dir = tempfile::tempdir().unwrap();
@@ -104,15 +118,7 @@ fn inspect_tells_what_a_component_is_and_whether_weir_runs_it() {
 
 #[test]
 fn a_plugin_that_keeps_state_between_calls_is_caught() {
-    let fixtures = repo_root().join("plugins/stateful/fixtures");
-    let output = weir(&[
-        "plugin",
-        "test",
-        plugin("stateful").to_str().unwrap(),
-        "--fixtures",
-        fixtures.to_str().unwrap(),
-    ]);
-    let report = text(&output);
+    let (output, report) = test_with_own_fixtures("stateful");
     assert_eq!(output.status.code(), Some(2), "{report}");
     assert!(report.contains("NONDETERMINISTIC counts"), "{report}");
     assert!(
@@ -134,15 +140,7 @@ fn a_plugin_that_keeps_state_between_calls_is_caught() {
 fn a_python_plugin_passes_its_fixtures_on_deterministic_wasi() {
     // Its fixtures pin the clock (data time) and the random id (seeded by the case's name):
     // three runs per case, two of them in fresh instances, must agree with them.
-    let fixtures = repo_root().join("plugins/stamp-py/fixtures");
-    let output = weir(&[
-        "plugin",
-        "test",
-        plugin("stamp-py").to_str().unwrap(),
-        "--fixtures",
-        fixtures.to_str().unwrap(),
-    ]);
-    let report = text(&output);
+    let (output, report) = test_with_own_fixtures("stamp-py");
     assert!(output.status.success(), "{report}");
     assert!(report.contains("4 passed, 0 failed"), "{report}");
 }
