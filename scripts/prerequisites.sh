@@ -17,10 +17,32 @@ if ! command -v nats-server >/dev/null 2>&1; then
   }
 fi
 
-# clang: the rocksdb crate compiles RocksDB and generates its bindings with libclang.
-if ! command -v clang >/dev/null 2>&1; then
-  echo "prerequisites: clang is missing: install it with 'apt install clang libclang-dev'" >&2
-  exit 1
+# clang and libclang: the rocksdb crate compiles RocksDB and generates its bindings with
+# libclang. Installed here with apt when this user may (root, or sudo without a password).
+missing_apt=()
+command -v clang >/dev/null 2>&1 || missing_apt+=(clang)
+[ -n "$(ls /usr/lib/llvm-*/lib/libclang*.so* 2>/dev/null)" ] || missing_apt+=(libclang-dev)
+if [ ${#missing_apt[@]} -gt 0 ]; then
+  as_root=()
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+      as_root=(sudo -n)
+    else
+      echo "prerequisites: ${missing_apt[*]} missing; install them with: sudo apt-get install -y ${missing_apt[*]}" >&2
+      exit 1
+    fi
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "prerequisites: ${missing_apt[*]} missing and there is no apt-get; install clang and libclang with your package manager" >&2
+    exit 1
+  fi
+  echo "prerequisites: installing ${missing_apt[*]} with apt-get"
+  { "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+      && "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing_apt[@]}" >/dev/null; } || {
+    echo "prerequisites: installing ${missing_apt[*]} failed; run: sudo apt-get install -y ${missing_apt[*]}" >&2
+    exit 1
+  }
+  hash -r
 fi
 
 # A wasm32 target for the plugins: the installed one, WEIR_WASM_SYSROOT, or a sysroot built

@@ -3,6 +3,7 @@
 
 pub mod chaos;
 pub mod matrix;
+pub mod wat;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -35,6 +36,16 @@ pub fn plugin(name: &str) -> PathBuf {
 
 /// The `weir` binary of this build.
 pub fn weir_binary() -> PathBuf {
+    built_binary("weir")
+}
+
+/// The `weir` command line with the fault hook installed (`WEIR_FAULT`): this package's
+/// `weir-faulty`. The `weir` binary itself carries no fault injection.
+pub fn weir_faulty_binary() -> PathBuf {
+    built_binary("weir-faulty")
+}
+
+fn built_binary(name: &str) -> PathBuf {
     // Test binaries live in <target>/<profile>/deps, other binaries (the demo) in
     // <target>/<profile>, next to weir.
     let exe = std::env::current_exe().expect("this binary has a path");
@@ -42,7 +53,7 @@ pub fn weir_binary() -> PathBuf {
     if dir.ends_with("deps") {
         dir = dir.parent().expect("deps/ lives in the profile directory");
     }
-    let path = dir.join("weir");
+    let path = dir.join(name);
     assert!(
         path.exists(),
         "{} is missing: build it first with `cargo build --workspace`",
@@ -227,7 +238,12 @@ pub fn spawn_weir_with_env(config: &Path, log: Option<&Path>, env: &[(&str, &str
                 .ok()
         })
         .map_or(Stdio::null(), Stdio::from);
-    let mut command = Command::new(weir_binary());
+    let binary = if env.iter().any(|(name, _)| *name == "WEIR_FAULT") {
+        weir_faulty_binary()
+    } else {
+        weir_binary()
+    };
+    let mut command = Command::new(binary);
     command
         .args(["run", "--config"])
         .arg(config)

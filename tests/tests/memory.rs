@@ -3,7 +3,9 @@
 //! other test's allocations blur the measurement.)
 
 use weir::config::{LimitsConfig, SandboxConfig};
-use weir::sandbox::{Outcome, Sandbox, TransformInput};
+use weir::sandbox::Sandbox;
+use weir_core::plugin::{Outcome, TransformInput};
+use weir_core::policy::OutputPolicy;
 use weir_tests::plugin;
 
 fn resident_bytes() -> u64 {
@@ -25,6 +27,14 @@ fn memory_returns_after_hostile_runs() {
         ..LimitsConfig::default()
     };
     let hostile = sandbox.load(&plugin("hostile"), &limits).unwrap();
+    // What the pipeline makes of the outcomes: too many or too large outputs are refused.
+    let policy = OutputPolicy {
+        pipeline: "memory".into(),
+        prefix: "out".into(),
+        max_outputs: limits.max_outputs,
+        max_output_bytes: limits.max_output_bytes,
+        max_message_bytes: 1 << 20,
+    };
     let behaviours = [
         "grow",
         "grow-within",
@@ -47,9 +57,10 @@ fn memory_returns_after_hostile_runs() {
                 seed: 0,
             });
             if behaviour != "grow-within" {
+                let judged = policy.judge("k", outcome);
                 assert!(
-                    matches!(outcome, Outcome::Failed { .. }),
-                    "{behaviour}: {outcome:?}"
+                    matches!(judged, Outcome::Failed { .. }),
+                    "{behaviour} was not refused"
                 );
             }
         }

@@ -52,6 +52,23 @@ impl Transform for Hostile {
             b"rollup" => Ok(alloc::vec![
                 Output::new("rollup", "x").with_header("Nats-Rollup", "all")
             ]),
+            // One header value past JetStream's 64 KiB header limit.
+            b"big-header" => Ok(alloc::vec![
+                Output::new("echo", "x").with_header("X-Big", "v".repeat(70_000))
+            ]),
+            // 2 000 headers, none large (about 100 KB of them): the same limit, reached another
+            // way.
+            b"many-headers" => {
+                let mut output = Output::new("echo", "x");
+                for i in 0..2_000u32 {
+                    output = output.with_header(alloc::format!("h{i}"), "v".repeat(40));
+                }
+                Ok(alloc::vec![output])
+            }
+            // A header that belongs to weir: a plugin must not forge a dead letter's kind.
+            b"forge" => Ok(alloc::vec![
+                Output::new("echo", "x").with_header("Weir-Dlq-Kind", "trap")
+            ]),
             b"fail" => Err(TransformError::plugin_failed("asked to fail")),
             _ => Ok(alloc::vec![Output::new("echo", msg.payload)]),
         }

@@ -548,7 +548,7 @@ fn sandbox_overhead() {
             .load(&path, &weir::config::LimitsConfig::default())
             .expect("a plugin weir runs");
         let load_s = started.elapsed().as_secs_f64();
-        let input = weir::sandbox::TransformInput {
+        let input = weir_core::plugin::TransformInput {
             subject: "in.x".into(),
             headers: vec![],
             payload: payload.to_vec(),
@@ -612,7 +612,7 @@ async fn malformed(count: usize) {
 /// Commits `count` ids to a dedup store in batches, then times lookups of present and
 /// absent ids; prints resident memory as the store grows.
 fn store_scale(count: usize) {
-    use weir::record::{Disposition, DoneRecord, OutboundMessage};
+    use weir_core::record::{Disposition, DoneRecord, OutboundMessage};
     let dir = tempfile::tempdir().expect("a temp dir");
     let store = weir::store::Store::open(
         dir.path(),

@@ -163,7 +163,8 @@ fn the_harness_is_a_library_for_cargo_test() {
 fn compiled_plugins_are_cached_on_disk_and_a_bad_entry_is_compiled_again() {
     use std::os::unix::fs::PermissionsExt;
     use weir::config::{LimitsConfig, SandboxConfig};
-    use weir::sandbox::{Outcome, Sandbox, TransformInput};
+    use weir::sandbox::Sandbox;
+    use weir_core::plugin::{Outcome, TransformInput};
 
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("compiled");

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use weir::config::LimitsConfig;
-use weir::sandbox::{FailureKind, Outcome, Sandbox, TransformInput};
+use weir::sandbox::Sandbox;
+use weir_core::plugin::{FailureKind, Outcome, PluginOutput, TransformInput};
 use weir_tests::*;
 
 const LIMITS: &str = r#"
@@ -51,6 +52,9 @@ async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
         "bloat",
         "escape",
         "rollup",
+        "big-header",
+        "many-headers",
+        "forge",
         "ok-3",
     ]
     .iter()
@@ -76,7 +80,7 @@ async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
     wait_for(
         "echoes and dead letters",
         Duration::from_secs(60),
-        || async { stream_len(&js, "OUT").await >= 4 && stream_len(&js, "DLQ").await >= 10 },
+        || async { stream_len(&js, "OUT").await >= 4 && stream_len(&js, "DLQ").await >= 13 },
     )
     .await;
     weir.stop().await;
@@ -111,12 +115,15 @@ async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
         .collect();
     kinds.sort();
     let expected = [
+        ("big-header", "output-rejected"),
         ("bloat", "output-rejected"),
         ("escape", "output-rejected"),
         ("fail", "plugin-failed"),
         ("flood", "output-rejected"),
+        ("forge", "output-rejected"),
         ("grow", "memory-limit"),
         ("loop", "fuel-exhausted"),
+        ("many-headers", "output-rejected"),
         ("partial", "trap"),
         ("recurse", "stack-overflow"),
         ("rollup", "output-rejected"),
@@ -193,7 +200,7 @@ fn fuel_exhaustion_is_deterministic_and_the_deadline_is_a_backstop() {
     );
     assert_eq!(
         hostile.run(input("fine")),
-        Outcome::Outputs(vec![weir::sandbox::PluginOutput {
+        Outcome::Outputs(vec![PluginOutput {
             subject: "echo".into(),
             headers: vec![],
             payload: b"fine".to_vec(),

@@ -6,16 +6,14 @@
 
 pub mod broker;
 pub mod check;
+pub mod cli;
 pub mod config;
 pub mod dlq;
-mod fault;
+pub mod fault;
 pub mod harness;
 pub mod pipeline;
-pub mod record;
-mod retry;
 pub mod sandbox;
 pub mod store;
-pub mod subject;
 
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +31,8 @@ pub enum Error {
     Usage(String),
     #[error("{0} problems found; each is marked FAIL above")]
     Checked(usize),
+    #[error("{0} dead letters were skipped; see the reasons above")]
+    Skipped(usize),
     #[error(transparent)]
     Dlq(#[from] dlq::DlqError),
     #[error(
@@ -89,11 +89,21 @@ pub struct RunReport {
 /// them until `shutdown` fires, lets each finish the batch in hand, and returns what they
 /// did.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunReport, Error> {
+    // A `Config` built in code, not loaded from a file, is checked here as `load` checks one.
+    let problems = config.problems();
+    if !problems.is_empty() {
+        return Err(Error::Config(config::ConfigError::Invalid {
+            path: "(the configuration given to weir::run)".into(),
+            message: problems.join("; "),
+        }));
+    }
     let sandbox = sandbox::Sandbox::new(&config.sandbox, config.largest_memory_limit())
         .map_err(|e| Error::Engine(format!("{e:#}")))?;
     let mut pipelines = Vec::with_capacity(config.pipelines.len());
     for pipeline_config in config.pipelines {
-        pipelines.push(pipeline::Pipeline::start(pipeline_config, &sandbox).await?);
+        let span = tracing::info_span!("pipeline", pipeline = %pipeline_config.name);
+        let starting = pipeline::Pipeline::start(pipeline_config, &sandbox);
+        pipelines.push(tracing::Instrument::instrument(starting, span).await?);
     }
     let mut report = RunReport {
         pipelines: Vec::new(),
@@ -105,7 +115,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunRepor
         all_stats.push(pipeline.stats());
         report.pipelines.push((name.clone(), Default::default()));
         let shutdown = shutdown.clone();
-        running.spawn(async move { (index, pipeline.run(shutdown).await) });
+        // Every line a pipeline logs carries its name, through the span it runs in.
+        let span = tracing::info_span!("pipeline", pipeline = %name);
+        running.spawn(tracing::Instrument::instrument(
+            async move { (index, pipeline.run(shutdown).await) },
+            span,
+        ));
     }
     // The first pipeline to fail stops the others: a host that runs only some of its
     // pipelines would look healthy while one of them made no progress.

@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 
-use weir::config::{LimitsConfig, SandboxConfig};
-use weir::harness;
-use weir::sandbox::Sandbox;
+use crate::config::{LimitsConfig, SandboxConfig};
+use crate::harness;
+use crate::sandbox::Sandbox;
 
-use crate::PluginCommand;
+use super::PluginCommand;
 
-pub fn run(command: PluginCommand) -> Result<(), weir::Error> {
+pub fn run(command: PluginCommand) -> Result<(), crate::Error> {
     match command {
         PluginCommand::Inspect { file } => inspect(file),
         PluginCommand::Test {
@@ -25,21 +25,21 @@ pub fn run(command: PluginCommand) -> Result<(), weir::Error> {
             fuzz.map(|count| (count, seed)),
             limits.into_limits(),
         ),
-        PluginCommand::New { name, dir, sdk } => crate::scaffold::new(&name, &dir, sdk),
-        PluginCommand::Build { path, target } => crate::scaffold::build(&path, &target),
+        PluginCommand::New { name, dir, sdk } => super::scaffold::new(&name, &dir, sdk),
+        PluginCommand::Build { path, target } => super::scaffold::build(&path, &target),
     }
 }
 
-fn sandbox(limits: &LimitsConfig) -> Result<Sandbox, weir::Error> {
+fn sandbox(limits: &LimitsConfig) -> Result<Sandbox, crate::Error> {
     Sandbox::new(&SandboxConfig::default(), limits.memory_bytes)
-        .map_err(|e| weir::Error::Engine(format!("{e:#}")))
+        .map_err(|e| crate::Error::Engine(format!("{e:#}")))
 }
 
-pub fn inspect(file: PathBuf) -> Result<(), weir::Error> {
+pub fn inspect(file: PathBuf) -> Result<(), crate::Error> {
     let limits = LimitsConfig::default();
     let inspection = sandbox(&limits)?
         .inspect(&file, &limits)
-        .map_err(|e| weir::Error::Usage(e.to_string()))?;
+        .map_err(|e| crate::Error::Usage(e.to_string()))?;
     println!("file:     {}", file.display());
     println!("size:     {} bytes", inspection.size);
     println!("sha256:   {}", inspection.sha256);
@@ -52,7 +52,7 @@ pub fn inspect(file: PathBuf) -> Result<(), weir::Error> {
     };
     println!("imports:  {}", list(&inspection.imports));
     println!("exports:  {}", list(&inspection.exports));
-    println!("contract: weir expects {}", weir::sandbox::CONTRACT_EXPORT);
+    println!("contract: weir expects {}", crate::sandbox::CONTRACT_EXPORT);
     match inspection.verdict {
         Ok(()) => {
             println!("runnable: yes");
@@ -60,7 +60,7 @@ pub fn inspect(file: PathBuf) -> Result<(), weir::Error> {
         }
         Err(error) => {
             println!("runnable: no: {error}");
-            Err(weir::Error::Usage(format!(
+            Err(crate::Error::Usage(format!(
                 "{} cannot run in weir",
                 file.display()
             )))
@@ -74,14 +74,14 @@ fn test(
     update: bool,
     fuzz: Option<(usize, u64)>,
     limits: LimitsConfig,
-) -> Result<(), weir::Error> {
+) -> Result<(), crate::Error> {
     let plugin = sandbox(&limits)?
         .load(&file, &limits)
-        .map_err(|e| weir::Error::Usage(e.to_string()))?;
-    let report = harness::run_fixtures(&plugin, &fixtures, update).map_err(weir::Error::Usage)?;
+        .map_err(|e| crate::Error::Usage(e.to_string()))?;
+    let report = harness::run_fixtures(&plugin, &fixtures, update).map_err(crate::Error::Usage)?;
     print!("{}", report.render());
     if report.failed() > 0 {
-        return Err(weir::Error::Usage(format!(
+        return Err(crate::Error::Usage(format!(
             "{} of {} fixtures failed",
             report.failed(),
             report.cases.len()
@@ -112,7 +112,7 @@ fn test(
         println!("    … and {} more", findings.len() - SHOWN);
     }
     if !findings.is_empty() {
-        return Err(weir::Error::Usage(format!(
+        return Err(crate::Error::Usage(format!(
             "{} of {count} generated inputs made the plugin trap or exhaust a limit",
             findings.len()
         )));

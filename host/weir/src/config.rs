@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::subject;
+pub use weir_core::Mode;
+pub use weir_core::input::DedupMode;
+use weir_core::subject;
 
 /// A whole configuration file: one or more pipelines.
 #[derive(Debug, Clone, Deserialize)]
@@ -118,28 +120,6 @@ pub struct PipelineConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub batch: BatchConfig,
-}
-
-/// The delivery guarantee of a pipeline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    #[default]
-    ExactlyOnce,
-    AtLeastOnce,
-}
-
-/// How an input's dedup key is derived (design.md §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DedupMode {
-    /// Stream name, stream creation time and stream sequence: exact for redeliveries.
-    #[default]
-    StreamSequence,
-    /// The producer's `Nats-Msg-Id` header (falling back to the stream sequence when a
-    /// message has none): also catches producer retries published after JetStream's own
-    /// duplicate window closed.
-    MsgId,
 }
 
 /// How to reach the NATS server. Credentials and TLS are optional and combine as

@@ -22,23 +22,21 @@ pub struct OutboundMessage {
 }
 
 impl OutboundMessage {
-    /// The bytes the server counts against its `max_payload`: the header block
-    /// (`NATS/1.0`, each header, `Nats-Msg-Id`, the blank line) and the payload.
+    /// The bytes of the header block the server receives: the message's headers and its
+    /// `Nats-Msg-Id`.
+    pub fn header_block_len(&self) -> usize {
+        crate::headers::block_len(
+            self.headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .chain([(crate::headers::MSG_ID_HEADER, self.msg_id.as_str())]),
+        )
+    }
+
+    /// The bytes the server counts against its `max_payload`: the header block and the
+    /// payload.
     pub fn wire_size(&self) -> usize {
-        const LINE_END: usize = 2;
-        const SEPARATOR: usize = 2; // ": "
-        let version_line = "NATS/1.0".len() + LINE_END;
-        let header_line = |name: &str, value: &str| name.len() + SEPARATOR + value.len() + LINE_END;
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(name, value)| header_line(name, value))
-            .sum();
-        version_line
-            + headers
-            + header_line("Nats-Msg-Id", &self.msg_id)
-            + LINE_END
-            + self.payload.len()
+        self.header_block_len() + self.payload.len()
     }
 }
 

@@ -11,8 +11,10 @@ use async_nats::{ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use futures::StreamExt;
 
+use weir_core::input::Input;
+use weir_core::record::OutboundMessage;
+
 use crate::config::{BatchConfig, InputConfig, NatsConfig, OutputConfig};
-use crate::record::OutboundMessage;
 
 /// A broker failure. At start they stop the host with the message; at run time they are
 /// transient: the pipeline retries them and acks nothing in the meantime.
@@ -104,6 +106,7 @@ impl Broker {
         config: &NatsConfig,
         client_name: &str,
     ) -> Result<ConnectOptions, BrokerError> {
+        let span = tracing::Span::current();
         let mut options = match &config.credentials_file {
             Some(path) => ConnectOptions::with_credentials_file(path)
                 .await
@@ -133,15 +136,10 @@ impl Broker {
             .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
             .ping_interval(Duration::from_millis(config.ping_interval_ms))
             .name(client_name)
-            .event_callback(move |event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("disconnected from NATS; reconnecting")
-                    }
-                    async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
-                    other => tracing::warn!(event = %other, "NATS connection event"),
-                }
+            // The client's events arrive on its own tasks: they log in the span of whoever
+            // connected (the pipeline's), so that every line names its pipeline.
+            .event_callback(move |event| {
+                tracing::Instrument::instrument(log_connection_event(event), span.clone())
             }))
     }
 
@@ -256,6 +254,19 @@ impl Broker {
         Ok(())
     }
 
+    /// The largest message the stream that stores `subject` accepts (its `max_msg_size`),
+    /// if it sets one.
+    pub async fn stream_message_limit(&self, subject: &str) -> Result<Option<usize>, BrokerError> {
+        let Some(name) = self.stream_storing(subject).await? else {
+            return Ok(None);
+        };
+        let Some(stream) = self.find_stream(&name).await? else {
+            return Ok(None);
+        };
+        let limit = stream.cached_info().config.max_message_size;
+        Ok(usize::try_from(limit).ok().filter(|&limit| limit > 0))
+    }
+
     /// The stream that stores `subject`, if any.
     pub async fn stream_storing(&self, subject: &str) -> Result<Option<String>, BrokerError> {
         match self.jetstream.stream_by_subject(subject).await {
@@ -313,6 +324,15 @@ impl Broker {
         Publisher {
             jetstream: self.jetstream.clone(),
         }
+    }
+}
+
+async fn log_connection_event(event: async_nats::Event) {
+    match event {
+        async_nats::Event::Connected => tracing::info!("connected to NATS"),
+        async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+        async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
+        other => tracing::warn!(event = %other, "NATS connection event"),
     }
 }
 
@@ -473,16 +493,9 @@ impl MessageSource {
     }
 }
 
-/// One input message, with what the pipeline needs to identify and ack it.
+/// One input message: what the core sees of it, and the handle to ack it with.
 pub struct InputMessage {
-    pub subject: String,
-    /// Sorted by name; a repeated name keeps its values in order.
-    pub headers: Vec<(String, String)>,
-    pub payload: Bytes,
-    pub stream_sequence: u64,
-    /// The creation time of the stream the message came from, in Unix nanoseconds.
-    pub stream_created_unix_ns: u64,
-    pub published_unix_ns: u64,
+    pub input: Input,
     message: jetstream::Message,
 }
 
@@ -497,22 +510,16 @@ impl InputMessage {
         let stream_sequence = info.stream_sequence;
         let published_unix_ns = u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0);
         Ok(InputMessage {
-            subject: message.subject.to_string(),
-            headers: sorted_headers(message.headers.as_ref()),
-            payload: message.payload.clone(),
-            stream_sequence,
-            stream_created_unix_ns,
-            published_unix_ns,
+            input: Input {
+                subject: message.subject.to_string(),
+                headers: sorted_headers(message.headers.as_ref()),
+                payload: message.payload.clone(),
+                stream_sequence,
+                stream_created_unix_ns,
+                published_unix_ns,
+            },
             message,
         })
-    }
-
-    /// The first value of header `name`.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(header, _)| header == name)
-            .map(|(_, value)| value.as_str())
     }
 
     /// Acknowledges the message and waits for the server to confirm (double ack).
@@ -660,18 +667,65 @@ impl Broker {
     }
 }
 
-/// Whether NATS can carry this header as given.
-pub fn is_publishable_header(name: &str, value: &str) -> bool {
-    !name.is_empty() && HeaderName::from_str(name).is_ok() && HeaderValue::from_str(value).is_ok()
-}
-
-/// The header that carries a message's deduplication id.
-pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
-
 /// How many publishes may await their acks at once. The JetStream context admits 5000
 /// (`max_ack_inflight`) and makes the next publish wait for a free slot: a window above that
 /// would wait for acks that are only awaited after it, forever.
 const PUBLISH_WINDOW: usize = 1000;
+
+/// JetStream API errors caused by the message itself: the server gives the same answer on
+/// every retry (nats-server's `processJetStreamMsg`; weir's output policy refuses all of
+/// them before publishing, so these are a backstop for a stream changed under weir).
+/// (10077, "store failed", is not among them: it also means a full stream that discards new
+/// messages, which heals when the stream has room.)
+const REFUSED_FOR_GOOD: [jetstream::ErrorCode; 5] = [
+    jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM,
+    jetstream::ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM,
+    jetstream::ErrorCode::MESSAGE_TTL_INVALID,
+    jetstream::ErrorCode::MESSAGE_TTL_DISABLED,
+    jetstream::ErrorCode::STREAM_ROLLUP_FAILED,
+];
+
+/// Why JetStream did not take a message.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishFailure {
+    /// The server refuses this message for what it is, and would on every retry.
+    #[error("the server refuses the message to {subject:?} for good: {source}")]
+    Refused {
+        subject: String,
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+    /// Anything else (no connection, no stream yet, a timeout): retry later.
+    #[error("publish to {subject:?} failed: {source}")]
+    Failed {
+        subject: String,
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+}
+
+impl PublishFailure {
+    fn of(subject: &str, source: jetstream::context::PublishError) -> PublishFailure {
+        use std::error::Error as _;
+        let api_code = source
+            .source()
+            .and_then(|cause| cause.downcast_ref::<jetstream::Error>())
+            .map(|api| api.error_code());
+        let refused = source.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
+            || api_code.is_some_and(|code| REFUSED_FOR_GOOD.contains(&code));
+        let subject = subject.to_owned();
+        if refused {
+            PublishFailure::Refused { subject, source }
+        } else {
+            PublishFailure::Failed { subject, source }
+        }
+    }
+
+    /// Whether retrying cannot help.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, PublishFailure::Refused { .. })
+    }
+}
 
 /// Publishes outbound messages to JetStream.
 #[derive(Clone)]
@@ -681,20 +735,34 @@ pub struct Publisher {
 
 impl Publisher {
     /// Publishes every message, all in flight at once, and waits until JetStream has
-    /// acknowledged each (a duplicate counts: the server already has it).
-    pub async fn publish_all(&self, messages: &[&OutboundMessage]) -> Result<(), BrokerError> {
+    /// answered each: per message, in order, `Ok` once JetStream has it (a duplicate counts:
+    /// the server already had it), or why not. A failed message does not stop the others.
+    pub async fn publish_each(
+        &self,
+        messages: &[&OutboundMessage],
+    ) -> Vec<Result<(), PublishFailure>> {
+        let mut results = Vec::with_capacity(messages.len());
         for window in messages.chunks(PUBLISH_WINDOW) {
-            self.publish_window(window).await?;
+            results.extend(self.publish_window(window).await);
         }
-        Ok(())
+        results
     }
 
-    async fn publish_window(&self, messages: &[&OutboundMessage]) -> Result<(), BrokerError> {
+    /// Publishes every message and waits for all acks; the first failure, if any.
+    pub async fn publish_all(&self, messages: &[&OutboundMessage]) -> Result<(), PublishFailure> {
+        self.publish_each(messages).await.into_iter().collect()
+    }
+
+    async fn publish_window(
+        &self,
+        messages: &[&OutboundMessage],
+    ) -> Vec<Result<(), PublishFailure>> {
         let mut acks = Vec::with_capacity(messages.len());
         for message in messages {
             let mut headers = HeaderMap::new();
             for (name, value) in &message.headers {
-                // The pipeline only stores publishable headers; skip rather than panic.
+                // The output policy only lets publishable headers through; skip rather than
+                // panic on one from an older store.
                 if let (Ok(name), Ok(value)) =
                     (HeaderName::from_str(name), HeaderValue::from_str(value))
                 {
@@ -705,19 +773,18 @@ impl Publisher {
                 .headers(headers)
                 .message_id(&message.msg_id)
                 .payload(Bytes::copy_from_slice(&message.payload));
-            let ack = self
+            let sent = self
                 .jetstream
                 .send_publish(message.subject.clone(), publish)
-                .await
-                .map_err(|e| {
-                    BrokerError::jetstream(format!("publish to {:?} failed", message.subject), e)
-                })?;
-            acks.push(ack);
+                .await;
+            acks.push(async move {
+                let ack = sent.map_err(|e| PublishFailure::of(&message.subject, e))?;
+                ack.into_future()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| PublishFailure::of(&message.subject, e))
+            });
         }
-        for result in futures::future::join_all(acks.into_iter().map(|ack| ack.into_future())).await
-        {
-            result.map_err(|e| BrokerError::jetstream("publish was not acknowledged", e))?;
-        }
-        Ok(())
+        futures::future::join_all(acks).await
     }
 }

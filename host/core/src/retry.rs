@@ -17,6 +17,12 @@ pub struct Backoff {
     rng_state: u64,
 }
 
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff::new()
+    }
+}
+
 impl Backoff {
     pub fn new() -> Backoff {
         let seed = SystemTime::now()

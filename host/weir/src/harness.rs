@@ -29,7 +29,37 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{LimitsConfig, SandboxConfig};
-use crate::sandbox::{FailureKind, Outcome, Plugin, Sandbox, TransformInput, Usage};
+use weir_core::dead_letter::MAX_REASON_LEN;
+use weir_core::plugin::{FailureKind, Outcome, TransformInput};
+use weir_core::policy::OutputPolicy;
+use weir_core::text;
+
+use crate::sandbox::{Plugin, Sandbox, Usage};
+
+/// The output prefix the harness judges subjects under: as long as a typical pipeline's.
+const HARNESS_PREFIX: &str = "weir.plugin.test";
+
+/// NATS's default `max_payload`: what the harness assumes the server accepts.
+const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+
+/// The output policy a pipeline with this plugin's limits applies, on a server with the
+/// default `max_payload`: the harness passes nothing the pipeline would dead-letter.
+fn policy_of(plugin: &Plugin) -> OutputPolicy {
+    OutputPolicy {
+        pipeline: "weir-plugin-test".into(),
+        prefix: HARNESS_PREFIX.into(),
+        max_outputs: plugin.limits().max_outputs,
+        max_output_bytes: plugin.limits().max_output_bytes,
+        max_message_bytes: DEFAULT_MAX_PAYLOAD,
+    }
+}
+
+/// The plugin's outcome for `input`, as the pipeline would treat it, and what it used.
+fn judged_run(plugin: &Plugin, policy: &OutputPolicy, input: TransformInput) -> (Outcome, Usage) {
+    let key = input.dedup_key.clone();
+    let (outcome, usage) = plugin.run_measured(input);
+    (policy.judge(&key, outcome), usage)
+}
 
 /// One fixture file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,12 +204,16 @@ pub fn run_case(plugin: &Plugin, fixture: &Fixture, update: bool) -> std::io::Re
         dedup_key: format!("fixture:{}", fixture.name),
         seed: TransformInput::seed_for(&format!("fixture:{}", fixture.name)),
     };
-    let (first, usage) = plugin.run_measured(input());
-    let (second, _) = plugin.run_measured(input());
+    let policy = policy_of(plugin);
+    let (first, usage) = judged_run(plugin, &policy, input());
+    let (second, _) = judged_run(plugin, &policy, input());
     let other = if first != second {
         Some(("a second fresh instance", second))
     } else {
-        match plugin.run_in_used_instance(input()) {
+        let used = plugin
+            .run_in_used_instance(input())
+            .map(|outcome| policy.judge(&input().dedup_key, outcome));
+        match used {
             Some(outcome) if outcome != first => Some((
                 "a second call in the same instance (the plugin keeps state between calls)",
                 outcome,
@@ -377,18 +411,23 @@ pub fn fuzz(plugin: &Plugin, fixtures: &[Fixture], count: usize, seed: u64) -> V
         .map_or("fuzz", |fixture| fixture.case.subject.as_str());
     let mut mutator = Mutator::new(seed);
     let mut findings = Vec::new();
+    let policy = policy_of(plugin);
     for index in 0..count {
         let payload = mutator.input(&corpus);
         let dedup_key = format!("fuzz:{seed}:{index}");
-        let outcome = plugin.run(TransformInput {
-            subject: subject.to_owned(),
-            headers: Vec::new(),
-            payload: payload.clone(),
-            stream_sequence: index as u64 + 1,
-            data_time_unix_ns: 0,
-            seed: TransformInput::seed_for(&dedup_key),
-            dedup_key,
-        });
+        let (outcome, _) = judged_run(
+            plugin,
+            &policy,
+            TransformInput {
+                subject: subject.to_owned(),
+                headers: Vec::new(),
+                payload: payload.clone(),
+                stream_sequence: index as u64 + 1,
+                data_time_unix_ns: 0,
+                seed: TransformInput::seed_for(&dedup_key),
+                dedup_key,
+            },
+        );
         if let Outcome::Failed { kind, reason } = outcome
             && !matches!(kind, FailureKind::InvalidInput | FailureKind::PluginFailed)
             && !findings.iter().any(|f: &FuzzFinding| f.payload == payload)
@@ -491,9 +530,11 @@ fn expectation_of(outcome: &Outcome, expected: Option<&Expectation>) -> Expectat
                 })
                 .collect(),
         ),
+        // As the dead letter would carry it: escaped and bounded, so that neither a
+        // terminal nor a fixture file gets what a plugin put in it.
         Outcome::Failed { kind, reason } => Expectation::Error {
             kind: kind.as_str().to_owned(),
-            reason: reason.clone(),
+            reason: text::escaped(reason, MAX_REASON_LEN),
         },
     }
 }

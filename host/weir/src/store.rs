@@ -5,14 +5,18 @@
 //!   `DoneRecord` (its outputs or its dead letter). An input whose key is here, and younger
 //!   than the retention, is never executed again. Older entries count as absent and are
 //!   dropped by a compaction filter as RocksDB compacts: expiry never scans the store.
-//! - `outbox`: dedup key → the same value as in `done`. Present from the commit until every
-//!   message of the record is acknowledged by JetStream; on start, every record still here
-//!   is re-published. It holds its own copy so that retention, which drops old `done`
-//!   entries, can never drop an output that was not yet published.
+//! - `outbox`: dedup key → the messages of its record that JetStream has not acknowledged
+//!   yet, in the same encoding. Written with the commit (the whole record), narrowed when a
+//!   publish succeeds only in part (so that a retry, or a restart, never publishes again what
+//!   JetStream already has: after its duplicate window that would be a duplicate), removed
+//!   once everything is acknowledged. On start, every record still here is re-published. It
+//!   holds its own copy so that retention, which drops old `done` entries, can never drop an
+//!   output that was not yet published.
 //!
 //! All of a batch's writes go into one `WriteBatch` written with sync on: one fsync per
-//! batch, and either every input of the batch is committed or none is. RocksDB's own LOCK
-//! file keeps a second process from opening the same directory. The default column family
+//! batch, and either every input of the batch is committed or none is. A lock on the file
+//! `weir.lock` in the directory (taken before RocksDB opens it) keeps a second process from
+//! using the same store. The default column family
 //! holds one key, the store's format: a store in another format is refused at open.
 
 use std::path::{Path, PathBuf};
@@ -24,14 +28,14 @@ use rocksdb::{
     IteratorMode, Options, WriteBatch, WriteOptions,
 };
 
-use crate::record::DoneRecord;
+use weir_core::record::DoneRecord;
 
 const DONE: &str = "done";
 const OUTBOX: &str = "outbox";
 
 /// A store failure. `Locked` and `Open` stop the host at start; `Io` at run time is
 /// retried, after reopening the database (nothing is acked until a commit succeeds);
-/// `Corrupt` stops the pipeline.
+/// `Corrupt`, `Encode` and `Panicked` stop the pipeline: retrying cannot heal them.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
@@ -47,19 +51,36 @@ pub enum StoreError {
     },
     #[error("store record for key {key:?} is corrupt: {message}")]
     Corrupt { key: String, message: String },
+    #[error("cannot encode the store record for key {key:?}: {source} (a bug in weir: report it)")]
+    Encode {
+        key: String,
+        #[source]
+        source: postcard::Error,
+    },
+    #[error("a store call panicked: {message} (a bug in weir: report it)")]
+    Panicked { message: String },
 }
 
-/// A committed input: its record, and whether JetStream has acknowledged every message of
-/// it (its outbox entry is gone).
+impl StoreError {
+    /// Whether retrying (after reopening the store) may heal it.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Io { .. })
+    }
+}
+
+/// A committed input: its record, and what of it JetStream has not acknowledged yet (its
+/// outbox entry; `None` once everything is).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
     pub record: DoneRecord,
-    pub published: bool,
+    pub unpublished: Option<DoneRecord>,
 }
 
 pub struct Store {
     /// `None` only between a failed reopen and the next successful one.
     db: RwLock<Option<DB>>,
+    /// Held for the store's life: no other weir may open the directory meanwhile.
+    _lock: std::fs::File,
     path: PathBuf,
     settings: StoreSettings,
 }
@@ -77,8 +98,10 @@ pub struct StoreSettings {
 impl Store {
     /// Opens (creating if needed) the store in `path`, and takes its lock.
     pub fn open(path: &Path, settings: StoreSettings) -> Result<Store, StoreError> {
+        let lock = lock_dir(path)?;
         Ok(Store {
             db: RwLock::new(Some(open_db(path, settings)?)),
+            _lock: lock,
             path: path.to_owned(),
             settings,
         })
@@ -178,7 +201,8 @@ impl Store {
                 .into_iter();
             found
                 .into_iter()
-                .map(|committed| {
+                .zip(keys)
+                .map(|(committed, key)| {
                     let Some((_, record)) = committed else {
                         return Ok(None);
                     };
@@ -186,9 +210,13 @@ impl Store {
                         .next()
                         .expect("one outbox read per committed input")
                         .map_err(io)?;
+                    let unpublished = match in_outbox {
+                        Some(bytes) => Some(decode(key, &bytes)?.1),
+                        None => None,
+                    };
                     Ok(Some(Committed {
                         record,
-                        published: in_outbox.is_none(),
+                        unpublished,
                     }))
                 })
                 .collect()
@@ -201,12 +229,7 @@ impl Store {
         self.with_db("commit", |db| {
             let mut batch = WriteBatch::default();
             for (key, record) in records {
-                let value = postcard::to_extend(record, committed_ms.to_vec()).map_err(|e| {
-                    StoreError::Io {
-                        operation: "encode",
-                        message: e.to_string(),
-                    }
-                })?;
+                let value = encode(key, &committed_ms, record)?;
                 batch.put_cf(family(db, DONE), key.as_bytes(), &value);
                 batch.put_cf(family(db, OUTBOX), key.as_bytes(), value);
             }
@@ -214,6 +237,30 @@ impl Store {
             options.set_sync(true);
             db.write_opt(batch, &options).map_err(|e| StoreError::Io {
                 operation: "commit",
+                message: e.to_string(),
+            })
+        })
+    }
+
+    /// Narrows outbox entries to what JetStream has not acknowledged yet (`None`: nothing is
+    /// left, and the entry goes). Not synced: an entry that survives a crash only causes a
+    /// re-publish, which JetStream drops inside its duplicate window.
+    pub fn narrow_outbox(&self, entries: &[(&str, Option<&DoneRecord>)]) -> Result<(), StoreError> {
+        let committed_ms = unix_millis().to_be_bytes();
+        self.with_db("outbox update", |db| {
+            let mut batch = WriteBatch::default();
+            for (key, remaining) in entries {
+                match remaining {
+                    Some(record) => batch.put_cf(
+                        family(db, OUTBOX),
+                        key.as_bytes(),
+                        encode(key, &committed_ms, record)?,
+                    ),
+                    None => batch.delete_cf(family(db, OUTBOX), key.as_bytes()),
+                }
+            }
+            db.write(batch).map_err(|e| StoreError::Io {
+                operation: "outbox update",
                 message: e.to_string(),
             })
         })
@@ -305,20 +352,11 @@ fn open_db(path: &Path, settings: StoreSettings) -> Result<DB, StoreError> {
         ColumnFamilyDescriptor::new(DONE, done_options),
         ColumnFamilyDescriptor::new(OUTBOX, outbox_options(&cache)),
     ];
-    let db = DB::open_cf_descriptors(&options, path, families).map_err(|e| {
-        let message = e.to_string();
-        // RocksDB names its lock file in both "held by another process" and "held by this
-        // process" errors.
-        if message.contains("/LOCK") {
-            StoreError::Locked {
-                path: path.to_owned(),
-            }
-        } else {
-            StoreError::Open {
-                path: path.to_owned(),
-                message,
-            }
-        }
+    // weir.lock is held: RocksDB's own LOCK can only be contended by a process that is not
+    // weir, and then its error says so.
+    let db = DB::open_cf_descriptors(&options, path, families).map_err(|e| StoreError::Open {
+        path: path.to_owned(),
+        message: e.to_string(),
     })?;
     check_format(&db, path)?;
     Ok(db)
@@ -363,6 +401,41 @@ fn committed_millis(value: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))
 }
 
+fn encode(key: &str, committed_ms: &[u8; 8], record: &DoneRecord) -> Result<Vec<u8>, StoreError> {
+    postcard::to_extend(record, committed_ms.to_vec()).map_err(|source| StoreError::Encode {
+        key: key.to_owned(),
+        source,
+    })
+}
+
+/// Takes the store directory's lock file, or says who holds it.
+fn lock_dir(path: &Path) -> Result<std::fs::File, StoreError> {
+    std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let lock_path = path.join("weir.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Open {
+            path: path.to_owned(),
+            message: format!("cannot open its lock file {lock_path:?}: {e}"),
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+            path: path.to_owned(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Open {
+            path: path.to_owned(),
+            message: format!("cannot lock {lock_path:?}: {e}"),
+        }),
+    }
+}
+
 fn decode(key: &str, bytes: &[u8]) -> Result<(u64, DoneRecord), StoreError> {
     let corrupt = |message: String| StoreError::Corrupt {
         key: key.to_owned(),
@@ -391,7 +464,7 @@ fn unix_millis() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{Disposition, OutboundMessage};
+    use weir_core::record::{Disposition, OutboundMessage};
 
     fn settings(retention: Duration) -> StoreSettings {
         StoreSettings {
@@ -440,10 +513,10 @@ mod tests {
         }
         let store = Store::open(dir.path(), settings(Duration::from_secs(3600))).unwrap();
         let found = store.lookup(&["k1", "k2", "k3"]).unwrap();
-        let committed = |payload: &[u8], published| {
+        let committed = |payload: &[u8], published: bool| {
             Some(Committed {
                 record: record(payload),
-                published,
+                unpublished: (!published).then(|| record(payload)),
             })
         };
         assert_eq!(found[0], committed(b"a", true));
@@ -500,6 +573,37 @@ mod tests {
         };
         assert!(!stored("old") && !stored("published"));
         assert!(stored("young"));
+    }
+
+    #[test]
+    fn a_narrowed_outbox_entry_keeps_only_what_is_left_to_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), settings(Duration::from_secs(3600))).unwrap();
+        let mut two = record(b"a");
+        two.messages.push(OutboundMessage {
+            msg_id: "weir:p:k:1".into(),
+            ..two.messages[0].clone()
+        });
+        store.commit(&[("k", &two), ("done", &two)]).unwrap();
+        let rest = DoneRecord {
+            disposition: two.disposition,
+            messages: two.messages[1..].to_vec(),
+        };
+        store
+            .narrow_outbox(&[("k", Some(&rest)), ("done", None)])
+            .unwrap();
+        let found = store.lookup(&["k", "done"]).unwrap();
+        assert_eq!(
+            found[0].as_ref().unwrap().record,
+            two,
+            "done keeps the whole record"
+        );
+        assert_eq!(found[0].as_ref().unwrap().unpublished, Some(rest.clone()));
+        assert_eq!(found[1].as_ref().unwrap().unpublished, None);
+        assert_eq!(
+            store.pending_outbox().unwrap(),
+            vec![("k".to_owned(), rest)]
+        );
     }
 
     #[test]

@@ -1,12 +1,14 @@
-//! The `weir` command line. Exit codes: 0 after a clean stop, 2 for a configuration or
-//! plugin that cannot work as written, 1 for any other failure (server, store, engine).
+//! The `weir` command line, behind the `weir` binary (`src/bin/weir.rs`). Exit codes: 0
+//! after a clean stop, 2 for a configuration or plugin that cannot work as written, 1 for
+//! any other failure (server, store, engine). It lives in the library so that the test
+//! suite's `weir-faulty` binary is this same command line with fault injection installed.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::config::LimitsConfig;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
-use weir::config::LimitsConfig;
 
 mod dlq;
 mod plugin;
@@ -172,7 +174,8 @@ enum LogFormat {
     Json,
 }
 
-fn main() -> ExitCode {
+/// Runs the command line of this process and returns its exit code.
+pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -197,11 +200,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config_path: PathBuf) -> Result<(), weir::Error> {
-    let config = weir::Config::load(&config_path)?;
+async fn run(config_path: PathBuf) -> Result<(), crate::Error> {
+    let config = crate::Config::load(&config_path)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    let report = weir::run(config, shutdown).await?;
+    let report = crate::run(config, shutdown).await?;
     for (pipeline, stats) in report.pipelines {
         tracing::info!(
             %pipeline,
@@ -217,8 +220,8 @@ async fn run(config_path: PathBuf) -> Result<(), weir::Error> {
     Ok(())
 }
 
-async fn check(config_path: PathBuf) -> Result<(), weir::Error> {
-    let findings = weir::check::check(&config_path).await?;
+async fn check(config_path: PathBuf) -> Result<(), crate::Error> {
+    let findings = crate::check::check(&config_path).await?;
     let mut pipeline = None;
     let mut problems = 0;
     for finding in &findings {
@@ -242,20 +245,20 @@ async fn check(config_path: PathBuf) -> Result<(), weir::Error> {
             println!("weir check: {config_path:?} is ready to run");
             Ok(())
         }
-        n => Err(weir::Error::Checked(n)),
+        n => Err(crate::Error::Checked(n)),
     }
 }
 
 impl PipelineArgs {
     /// The selected pipeline's configuration.
-    fn load(&self) -> Result<weir::config::PipelineConfig, weir::Error> {
-        let config = weir::Config::load(&self.config)?;
+    fn load(&self) -> Result<crate::config::PipelineConfig, crate::Error> {
+        let config = crate::Config::load(&self.config)?;
         let names: Vec<&str> = config.pipelines.iter().map(|p| p.name.as_str()).collect();
         let found = match &self.pipeline {
             Some(name) => config.pipelines.iter().find(|p| &p.name == name),
             None if config.pipelines.len() == 1 => config.pipelines.first(),
             None => {
-                return Err(weir::Error::Usage(format!(
+                return Err(crate::Error::Usage(format!(
                     "{:?} has {} pipelines: choose one with --pipeline ({})",
                     self.config,
                     names.len(),
@@ -264,7 +267,7 @@ impl PipelineArgs {
             }
         };
         found.cloned().ok_or_else(|| {
-            weir::Error::Usage(format!(
+            crate::Error::Usage(format!(
                 "{:?} has no pipeline {:?}; it has: {}",
                 self.config,
                 self.pipeline.as_deref().unwrap_or_default(),

@@ -10,10 +10,10 @@ pub const DEFAULT_TARGET: &str = "wasm32-wasip2";
 pub const TARGETS: [&str; 2] = ["wasm32-wasip2", "wasm32-unknown-unknown"];
 
 /// The guest SDK of the source tree this weir was built from.
-const BUILT_WITH_SDK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-sdk");
+const BUILT_WITH_SDK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../guest-sdk");
 
-pub fn new(name: &str, parent: &Path, sdk: Option<PathBuf>) -> Result<(), weir::Error> {
-    let usage = weir::Error::Usage;
+pub fn new(name: &str, parent: &Path, sdk: Option<PathBuf>) -> Result<(), crate::Error> {
+    let usage = crate::Error::Usage;
     let valid_name = name
         .chars()
         .next()
@@ -87,8 +87,8 @@ pub fn new(name: &str, parent: &Path, sdk: Option<PathBuf>) -> Result<(), weir::
     Ok(())
 }
 
-pub fn build(path: &Path, target: &str) -> Result<(), weir::Error> {
-    let usage = weir::Error::Usage;
+pub fn build(path: &Path, target: &str) -> Result<(), crate::Error> {
+    let usage = crate::Error::Usage;
     let manifest = path.join("Cargo.toml");
     if !manifest.is_file() {
         return Err(usage(format!(
@@ -133,12 +133,12 @@ pub fn build(path: &Path, target: &str) -> Result<(), weir::Error> {
         .join("release")
         .join(format!("{lib_name}.wasm"));
     println!("component: {}", component.display());
-    crate::plugin::inspect(component)
+    super::plugin::inspect(component)
 }
 
 /// The crate's cdylib name and its target directory, from `cargo metadata`.
-fn library_and_target_dir(manifest: &Path) -> Result<(String, PathBuf), weir::Error> {
-    let usage = weir::Error::Usage;
+fn library_and_target_dir(manifest: &Path) -> Result<(String, PathBuf), crate::Error> {
+    let usage = crate::Error::Usage;
     let output = cargo()
         .args([
             "metadata",

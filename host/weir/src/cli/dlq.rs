@@ -1,13 +1,13 @@
-//! `weir dlq …`: the command-line face of `weir::dlq`.
+//! `weir dlq …`: the command-line face of `crate::dlq`.
 
 use std::fmt::Write as _;
 
+use crate::dlq::{DeadLetter, DeadLetters};
 use indicatif::{ProgressBar, ProgressStyle};
-use weir::dlq::{DeadLetter, DeadLetters};
 
-use crate::DlqCommand;
+use super::DlqCommand;
 
-pub async fn run(command: DlqCommand) -> Result<(), weir::Error> {
+pub async fn run(command: DlqCommand) -> Result<(), crate::Error> {
     match command {
         DlqCommand::List { target } => {
             let pipeline = target.load()?;
@@ -88,9 +88,7 @@ pub async fn run(command: DlqCommand) -> Result<(), weir::Error> {
                 pipeline.name
             );
             if skipped > 0 {
-                return Err(weir::Error::Usage(format!(
-                    "{skipped} dead letters were skipped; see the reasons above"
-                )));
+                return Err(crate::Error::Skipped(skipped));
             }
             Ok(())
         }

@@ -13,12 +13,11 @@
 //! twice. The limit: an interrupted replay re-run after the window has passed injects that
 //! one entry a second time, so re-run an interrupted replay promptly.
 
+use weir_core::dead_letter::{self, DeadLetterHeaders};
+use weir_core::record::OutboundMessage;
+
 use crate::broker::{Broker, Publisher, StoredMessage};
 use crate::config::PipelineConfig;
-use crate::record::OutboundMessage;
-
-/// Headers named `Weir-…` belong to weir; a replay drops the ones a dead letter carries.
-const WEIR_HEADER_PREFIX: &str = "Weir-";
 
 /// One dead letter, with what weir recorded about it.
 pub struct DeadLetter {
@@ -41,30 +40,18 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     fn from_stored(message: StoredMessage) -> DeadLetter {
-        let header = |name: &str| {
-            message
-                .headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
-        };
+        let headers = DeadLetterHeaders::parse(&message.headers);
         DeadLetter {
             sequence: message.stream_sequence,
             stored_unix_ns: message.stored_unix_ns,
-            kind: header("Weir-Dlq-Kind"),
-            reason: header("Weir-Dlq-Reason"),
-            plugin_sha256: header("Weir-Plugin-Sha256"),
-            input_stream: header("Weir-Input-Stream"),
-            input_sequence: header("Weir-Input-Sequence"),
-            input_subject: header("Weir-Input-Subject"),
-            payload_omitted: !header("Weir-Dlq-Payload-Omitted").is_empty(),
-            input_headers: message
-                .headers
-                .iter()
-                .filter(|(name, _)| !name.starts_with(WEIR_HEADER_PREFIX))
-                .cloned()
-                .collect(),
+            kind: headers.kind,
+            reason: headers.reason,
+            plugin_sha256: headers.plugin_sha256,
+            input_stream: headers.input_stream,
+            input_sequence: headers.input_sequence,
+            input_subject: headers.input_subject,
+            payload_omitted: headers.payload_omitted,
+            input_headers: headers.input_headers,
             payload: message.payload.to_vec(),
         }
     }
@@ -75,6 +62,8 @@ impl DeadLetter {
 pub enum DlqError {
     #[error(transparent)]
     Broker(#[from] crate::broker::BrokerError),
+    #[error(transparent)]
+    Publish(#[from] crate::broker::PublishFailure),
     #[error("no stream stores the DLQ subject {subject:?}: there are no dead letters to see yet")]
     NoStream { subject: String },
     #[error("dead letter {sequence} is not in stream {stream:?}: list them with `weir dlq list`")]
@@ -153,7 +142,7 @@ impl DeadLetters {
                 letter.input_sequence, letter.input_stream
             )));
         }
-        if !crate::subject::matches(&self.pipeline.input.subject, &letter.input_subject) {
+        if !weir_core::subject::matches(&self.pipeline.input.subject, &letter.input_subject) {
             return Ok(Some(format!(
                 "its input subject {:?} is no longer matched by input.subject {:?}",
                 letter.input_subject, self.pipeline.input.subject
@@ -161,7 +150,7 @@ impl DeadLetters {
         }
         let mut headers = letter.input_headers.clone();
         headers.push((
-            "Weir-Replay-Of".into(),
+            dead_letter::REPLAY_OF.into(),
             format!("{}#{}", self.stream, letter.sequence),
         ));
         let message = OutboundMessage {

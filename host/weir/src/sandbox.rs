@@ -14,12 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
-    Trap,
+    Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig,
+    ResourceLimiter, Store, Trap,
 };
+
+use weir_core::plugin::{FailureKind, Outcome, PluginOutput, TransformInput, sha256_hex};
 
 use crate::config::{LimitsConfig, MAX_THREADS, SandboxConfig};
 
@@ -28,7 +29,7 @@ mod wasi;
 
 mod bindings {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../../wit",
         world: "plugin",
     });
 }
@@ -55,30 +56,18 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// checks at load and direct callers of `Plugin::run`.
 const POOLED_INSTANCES: u32 = 2 * MAX_THREADS as u32;
 
+/// What one plugin instance may hold. A component that needs more is refused at load, with
+/// its numbers; the pool holds `POOLED_INSTANCES` times each, so that no plugin can use up
+/// what another pipeline's instances need (a component of 128 core instances, each with a
+/// memory, once took the whole pool and made other pipelines' calls fail). The Python
+/// plugin (componentize-py) needs 14 core instances, 1 memory and 2 tables; a Rust one 1,
+/// 1 and 1.
+const MAX_CORE_INSTANCES_PER_PLUGIN: u32 = 32;
+const MAX_MEMORIES_PER_PLUGIN: u32 = 2;
+const MAX_TABLES_PER_PLUGIN: u32 = 4;
+
 /// The fewest inputs worth handing to a thread of their own.
 const MIN_INPUTS_PER_THREAD: usize = 16;
-
-/// One input, as the plugin sees it.
-#[derive(Debug, Clone)]
-pub struct TransformInput {
-    pub subject: String,
-    /// Sorted by name, so that the plugin's view does not depend on hash order.
-    pub headers: Vec<(String, String)>,
-    pub payload: Vec<u8>,
-    pub stream_sequence: u64,
-    pub data_time_unix_ns: u64,
-    pub dedup_key: String,
-    pub seed: u64,
-}
-
-impl TransformInput {
-    /// The plugin's seed for an input: the first 8 bytes of the dedup key's sha256, so the
-    /// same input always gets the same seed.
-    pub fn seed_for(dedup_key: &str) -> u64 {
-        let digest = Sha256::digest(dedup_key.as_bytes());
-        u64::from_le_bytes(digest[..8].try_into().expect("sha256 has 32 bytes"))
-    }
-}
 
 /// What one plugin call used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,67 +78,16 @@ pub struct Usage {
     pub elapsed: Duration,
 }
 
-/// One output a plugin asked for, before the pipeline maps it onto a real subject.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PluginOutput {
-    /// Relative to the pipeline's output prefix.
-    pub subject: String,
-    pub headers: Vec<(String, String)>,
-    pub payload: Vec<u8>,
-}
-
-/// Why a plugin call produced no outputs. Every kind is deterministic except `Deadline`,
-/// which is a wall-clock backstop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The plugin said the input is invalid.
-    InvalidInput,
-    /// The plugin said it failed.
-    PluginFailed,
-    /// The plugin trapped (a panic, an unreachable, a bad memory access).
-    Trap,
-    /// The plugin ran out of fuel.
-    FuelExhausted,
-    /// The plugin ran past the wall-clock deadline.
-    Deadline,
-    /// The plugin asked for more memory than the limit.
-    MemoryLimit,
-    /// The plugin recursed past the stack limit.
-    StackOverflow,
-    /// The plugin produced too many outputs or bytes, or an output the host cannot publish.
-    OutputRejected,
-}
-
-impl FailureKind {
-    /// The stable name used in DLQ headers and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::InvalidInput => "invalid-input",
-            FailureKind::PluginFailed => "plugin-failed",
-            FailureKind::Trap => "trap",
-            FailureKind::FuelExhausted => "fuel-exhausted",
-            FailureKind::Deadline => "deadline",
-            FailureKind::MemoryLimit => "memory-limit",
-            FailureKind::StackOverflow => "stack-overflow",
-            FailureKind::OutputRejected => "output-rejected",
-        }
-    }
-}
-
-/// The result of running one input through a plugin.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Outputs(Vec<PluginOutput>),
-    Failed { kind: FailureKind, reason: String },
-}
-
-impl Outcome {
-    pub fn failed(kind: FailureKind, reason: impl Into<String>) -> Outcome {
-        Outcome::Failed {
-            kind,
-            reason: reason.into(),
-        }
-    }
+/// Why a batch's plugin calls did not all run. Neither is the input's fault: nothing is
+/// dead-lettered for it.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Every instance, memory or table the engine has is in use: transient, retry later.
+    #[error("the wasm engine has no instance free: {0}")]
+    Exhausted(String),
+    /// A call panicked in the host: a bug in weir.
+    #[error("a plugin call panicked: {0}")]
+    Panicked(String),
 }
 
 /// A plugin that cannot be loaded, with what to do about it.
@@ -164,6 +102,13 @@ pub enum LoadError {
         "plugin {path:?} is not a wasm component: {reason} (build it with `cargo build --target wasm32-wasip2`, or scripts/build-plugins.sh)"
     )]
     NotAComponent {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error(
+        "plugin {path:?} needs more than weir grants a plugin instance: {reason} (weir grants at most {MAX_CORE_INSTANCES_PER_PLUGIN} core instances, {MAX_MEMORIES_PER_PLUGIN} memories and {MAX_TABLES_PER_PLUGIN} tables)"
+    )]
+    TooLarge {
         path: std::path::PathBuf,
         reason: String,
     },
@@ -232,9 +177,12 @@ impl Sandbox {
     pub fn new(settings: &SandboxConfig, max_memory_bytes: usize) -> anyhow::Result<Sandbox> {
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(POOLED_INSTANCES)
-            .total_core_instances(POOLED_INSTANCES * 4)
-            .total_memories(POOLED_INSTANCES * 2)
-            .total_tables(POOLED_INSTANCES * 4)
+            .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_PLUGIN)
+            .max_memories_per_component(MAX_MEMORIES_PER_PLUGIN)
+            .max_tables_per_component(MAX_TABLES_PER_PLUGIN)
+            .total_core_instances(POOLED_INSTANCES * MAX_CORE_INSTANCES_PER_PLUGIN)
+            .total_memories(POOLED_INSTANCES * MAX_MEMORIES_PER_PLUGIN)
+            .total_tables(POOLED_INSTANCES * MAX_TABLES_PER_PLUGIN)
             .max_memory_size(max_memory_bytes)
             // Return used memory to the OS in batches: each decommit costs a TLB shootdown
             // across cores, which dominated the cost of a fresh instance.
@@ -293,9 +241,23 @@ impl Sandbox {
                     Some(dir) => compile_cache::load_or_compile(&self.engine, dir, &sha256, &bytes),
                     None => Component::new(&self.engine, &bytes),
                 }
-                .map_err(|e| LoadError::NotAComponent {
-                    path: path.to_owned(),
-                    reason: one_line(&format!("{e:#}")),
+                .map_err(|e| {
+                    let reason = one_line(&format!("{e:#}"));
+                    // wasmtime checks a component against the pool's per-component limits as
+                    // it compiles it, and says so only in words.
+                    if reason.contains("in the pooling allocator")
+                        || reason.contains("does not fit in pooling allocator requirements")
+                    {
+                        LoadError::TooLarge {
+                            path: path.to_owned(),
+                            reason,
+                        }
+                    } else {
+                        LoadError::NotAComponent {
+                            path: path.to_owned(),
+                            reason,
+                        }
+                    }
                 })?;
                 compiled.insert(sha256.clone(), component.clone());
                 component
@@ -457,9 +419,8 @@ impl Plugin {
 
     /// Runs each input in a fresh instance, spread over the sandbox's threads (blocking
     /// threads of the tokio runtime it is awaited in, at most `sandbox.threads` calls at once
-    /// across all pipelines). The outcomes are in input order. `None` only if a call
-    /// panicked, which would be a host bug.
-    pub async fn run_all(&self, inputs: Vec<TransformInput>) -> Option<Vec<Outcome>> {
+    /// across all pipelines). The outcomes are in input order.
+    pub async fn run_all(&self, inputs: Vec<TransformInput>) -> Result<Vec<Outcome>, RunError> {
         let count = inputs.len();
         let per_thread = count
             .div_ceil(self.threads.count)
@@ -470,37 +431,77 @@ impl Plugin {
             let share: Vec<TransformInput> = inputs.by_ref().take(per_thread).collect();
             let plugin = self.clone();
             shares.push(async move {
-                let _permit = plugin.threads.permits.clone().acquire_owned().await.ok()?;
+                let _permit = plugin
+                    .threads
+                    .permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| RunError::Panicked(e.to_string()))?;
                 tokio::task::spawn_blocking(move || {
                     share
                         .into_iter()
-                        .map(|input| plugin.run(input))
-                        .collect::<Vec<Outcome>>()
+                        .map(|input| plugin.try_run(input).map(|(outcome, _)| outcome))
+                        .collect::<Result<Vec<Outcome>, RunError>>()
                 })
                 .await
-                .ok()
+                .map_err(|e| RunError::Panicked(e.to_string()))?
             });
         }
         let mut outcomes = Vec::with_capacity(count);
         for share in futures::future::join_all(shares).await {
             outcomes.extend(share?);
         }
-        Some(outcomes)
+        Ok(outcomes)
     }
 
-    /// Like `run`, also reporting the fuel, memory and time the call used.
+    /// Like `run`, also reporting the fuel, memory and time the call used. When the engine
+    /// is out of instances (other calls hold them all), it waits for one.
     pub fn run_measured(&self, input: TransformInput) -> (Outcome, Usage) {
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self.try_run(input.clone()) {
+                Ok(measured) => return measured,
+                Err(_) => {
+                    thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Runs one input in a fresh instance; `Err` only when the engine has no instance,
+    /// memory or table free for it, which is the host's fault, never the input's.
+    fn try_run(&self, input: TransformInput) -> Result<(Outcome, Usage), RunError> {
         let started = std::time::Instant::now();
         let mut store = self.new_store(wasi::Inputs::of(&input));
         let message = message_of(input);
-        let outcome = self.call(&mut store, &message);
+        let plugin = match self.pre.instantiate(&mut store) {
+            Ok(plugin) => plugin,
+            Err(error) if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
+                return Err(RunError::Exhausted(one_line(&format!("{error:#}"))));
+            }
+            Err(error) => {
+                return Ok((
+                    self.outcome(&store, Err(error)),
+                    self.usage(&store, started),
+                ));
+            }
+        };
+        let result = plugin
+            .weir_transform_transformer()
+            .call_transform(&mut store, &message);
+        let outcome = self.outcome(&store, result);
         store.data().wasi.log_output(&message.dedup_key);
-        let usage = Usage {
+        Ok((outcome, self.usage(&store, started)))
+    }
+
+    fn usage(&self, store: &Store<CallState>, started: std::time::Instant) -> Usage {
+        Usage {
             fuel: self.limits.fuel - store.get_fuel().unwrap_or(0),
             peak_memory_bytes: store.data().peak_memory_bytes,
             elapsed: started.elapsed(),
-        };
-        (outcome, usage)
+        }
     }
 
     /// Runs an input twice in one instance and returns the second call's outcome. WASI's
@@ -535,15 +536,6 @@ impl Plugin {
         Some(self.outcome(&store, second))
     }
 
-    fn call(&self, store: &mut Store<CallState>, message: &Message) -> Outcome {
-        let result = self.pre.instantiate(&mut *store).and_then(|plugin| {
-            plugin
-                .weir_transform_transformer()
-                .call_transform(&mut *store, message)
-        });
-        self.outcome(store, result)
-    }
-
     /// What a call's result means, in weir's terms.
     fn outcome(
         &self,
@@ -551,7 +543,8 @@ impl Plugin {
         result: wasmtime::Result<Result<Vec<Output>, TransformError>>,
     ) -> Outcome {
         match result {
-            Ok(Ok(outputs)) => self.check_output_limits(
+            // The output policy (weir-core) judges the outputs: the sandbox only runs.
+            Ok(Ok(outputs)) => Outcome::Outputs(
                 outputs
                     .into_iter()
                     .map(|o| PluginOutput {
@@ -630,40 +623,6 @@ impl Plugin {
             .deadline_ms
             .div_ceil(EPOCH_TICK.as_millis() as u64);
         store.set_epoch_deadline(ticks);
-    }
-
-    fn check_output_limits(&self, outputs: Vec<PluginOutput>) -> Outcome {
-        if outputs.len() > self.limits.max_outputs {
-            return Outcome::failed(
-                FailureKind::OutputRejected,
-                format!(
-                    "produced {} outputs, more than {} (limits.max_outputs)",
-                    outputs.len(),
-                    self.limits.max_outputs
-                ),
-            );
-        }
-        let bytes: usize = outputs
-            .iter()
-            .map(|o| {
-                o.subject.len()
-                    + o.payload.len()
-                    + o.headers
-                        .iter()
-                        .map(|(n, v)| n.len() + v.len())
-                        .sum::<usize>()
-            })
-            .sum();
-        if bytes > self.limits.max_output_bytes {
-            return Outcome::failed(
-                FailureKind::OutputRejected,
-                format!(
-                    "produced {bytes} output bytes, more than {} (limits.max_output_bytes)",
-                    self.limits.max_output_bytes
-                ),
-            );
-        }
-        Outcome::Outputs(outputs)
     }
 }
 
@@ -748,14 +707,6 @@ impl Drop for EpochTicker {
             let _ = thread.join();
         }
     }
-}
-
-/// The hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn one_line(text: &str) -> String {

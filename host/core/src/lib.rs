@@ -1,0 +1,36 @@
+//! weir-core: the decisions of weir's message path, on plain data.
+//!
+//! It owns what an input's identity is ([`input::dedup_key`]), what a plugin's outputs become
+//! ([`policy::OutputPolicy`], used alike by the pipeline and `weir plugin test`), what a dead
+//! letter says ([`dead_letter`], built and parsed by the same code), what the store records
+//! per input ([`record`]), NATS subject and header syntax, and how transient faults are
+//! retried.
+//!
+//! **Boundary:** weir-core does not depend on wasmtime, rocksdb, async-nats or an HTTP
+//! framework (`.ci/check-crate-graph` fails the build if it does). The adapters
+//! (weir-sandbox, weir-store, weir-nats) import those and speak to the core in its types.
+
+pub mod dead_letter;
+pub mod headers;
+pub mod input;
+pub mod plugin;
+pub mod policy;
+pub mod record;
+pub mod retry;
+pub mod subject;
+pub mod text;
+
+use serde::Deserialize;
+
+/// The delivery guarantee of a pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Every input's outputs are committed to the store before they are published, and a
+    /// committed input never runs again.
+    #[default]
+    ExactlyOnce,
+    /// No store: outputs carry deterministic ids, so only JetStream's duplicate window
+    /// stands between a redelivery and a duplicate.
+    AtLeastOnce,
+}

@@ -1,0 +1,115 @@
+//! One pipeline's plugin cannot take what another pipeline's plugin needs: a component that
+//! would hold more of the engine's shared pool than a plugin is granted is refused at load,
+//! with its numbers, and one that holds the most a plugin may hold leaves every other
+//! pipeline's inputs alone.
+
+use weir::config::{LimitsConfig, SandboxConfig};
+use weir::sandbox::{LoadError, Sandbox};
+use weir_core::plugin::{Outcome, TransformInput};
+use weir_tests::*;
+
+fn write_component(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn a_component_needing_more_instances_and_memories_than_granted_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    // 128 core instances that each own a memory: once, such a component took every memory
+    // of the shared pool, and other pipelines' valid inputs were dead-lettered as traps.
+    let hog = write_component(
+        dir.path(),
+        "hog.wasm",
+        &wat::transformer("", &wat::memory_hogs(128)),
+    );
+    let limits = LimitsConfig::default();
+    let settings = SandboxConfig {
+        compile_cache: false,
+        ..SandboxConfig::default()
+    };
+    let sandbox = Sandbox::new(&settings, limits.memory_bytes).unwrap();
+    match sandbox.load(&hog, &limits) {
+        Err(error @ LoadError::TooLarge { .. }) => {
+            let message = error.to_string();
+            assert!(message.contains("129"), "{message}");
+            assert!(
+                message.contains("at most 32 core instances, 2 memories"),
+                "{message}"
+            );
+        }
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(_) => panic!("a component of 129 core instances was loaded"),
+    }
+
+    // The same shape within the grant loads and runs.
+    let fits = write_component(
+        dir.path(),
+        "fits.wasm",
+        &wat::transformer("", &wat::memory_hogs(1)),
+    );
+    let plugin = sandbox
+        .load(&fits, &limits)
+        .expect("2 memories are granted");
+    let outcome = plugin.run(TransformInput {
+        subject: "in.x".into(),
+        headers: Vec::new(),
+        payload: b"x".to_vec(),
+        stream_sequence: 1,
+        data_time_unix_ns: 0,
+        dedup_key: "k".into(),
+        seed: 0,
+    });
+    assert_eq!(outcome, Outcome::Outputs(Vec::new()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_holding_the_most_it_may_leaves_other_pipelines_alone() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = server.jetstream().await;
+    let url = server.url();
+    // Two memories and two core instances per call, and every call spins until its fuel
+    // is gone: each of its instances is held as long as a plugin can hold one.
+    let greedy = write_component(
+        dir.path(),
+        "greedy.wasm",
+        &wat::transformer(wat::SPIN, &wat::memory_hogs(1)),
+    );
+    let orders = plugin("orders");
+    let (greedy_store, orders_store) = (dir.path().join("greedy"), dir.path().join("orders"));
+    let greedy_pipeline = PipelineToml {
+        extra: "[pipeline.limits]\nfuel = 20000000\n",
+        ..PipelineToml::plain("greedy", &url, &greedy, &greedy_store)
+    };
+    let config_path = dir.path().join("weir.toml");
+    std::fs::write(
+        &config_path,
+        greedy_pipeline.render() + &PipelineToml::orders(&url, &orders, &orders_store).render(),
+    )
+    .unwrap();
+    let weir = InProcessWeir::start(&config_path, &js, "ORDERS").await;
+    let spins: Vec<Vec<u8>> = (0..64).map(|i| format!("spin-{i}").into_bytes()).collect();
+    publish_all(&js, "in.x", &spins).await;
+    let payloads = order_workload(300, 0);
+    publish_all(&js, "orders.in.new", &payloads).await;
+    wait_until_drained(&js, "ORDERS", "weir").await;
+    wait_until_drained(&js, "IN", "weir").await;
+    weir.stop().await;
+
+    verify_orders_exactly_once(&js, &payloads).await;
+    assert_eq!(
+        stream_len(&js, "ORDERS_DLQ").await,
+        0,
+        "no valid order is dead-lettered for what another plugin holds"
+    );
+    let letters = read_stream(&js, "DLQ").await;
+    assert_eq!(letters.len(), 64);
+    assert!(
+        letters
+            .iter()
+            .all(|letter| letter.header("Weir-Dlq-Kind") == Some("fuel-exhausted")),
+        "the greedy plugin's own inputs fail as what they are"
+    );
+}
