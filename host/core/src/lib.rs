@@ -1,6 +1,10 @@
-//! weir-core: the decisions of weir's message path, on plain data.
+//! weir-core: every decision of weir's message path, and the exactly-once invariant
+//! (written once, in [`pipeline`], next to the code that keeps it).
 //!
-//! It owns what an input's identity is ([`input::dedup_key`]), what a plugin's outputs become
+//! The path runs over ports ([`ports`]): a source of input batches, a publisher, a dedup
+//! store, a plugin runtime and a probe. The adapters implement them; in-memory fakes do in
+//! this crate's tests, where every crash window and fault is a unit test. It owns what an
+//! input's identity is ([`input::dedup_key`]), what a plugin's outputs become
 //! ([`policy::OutputPolicy`], used alike by the pipeline and `weir plugin test`), what a dead
 //! letter says ([`dead_letter`], built and parsed by the same code), what the store records
 //! per input ([`record`]), NATS subject and header syntax, and how transient faults are
@@ -11,12 +15,19 @@
 //! (weir-sandbox, weir-store, weir-nats) import those and speak to the core in its types.
 
 pub mod dead_letter;
+#[cfg(test)]
+mod fakes;
 pub mod headers;
 pub mod input;
+pub mod pipeline;
+#[cfg(test)]
+mod pipeline_tests;
 pub mod plugin;
 pub mod policy;
+pub mod ports;
 pub mod record;
 pub mod retry;
+pub mod stats;
 pub mod subject;
 pub mod text;
 

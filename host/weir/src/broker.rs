@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use weir_core::input::Input;
+use weir_core::ports::{self, Delivery, PublishError, Source};
 use weir_core::record::OutboundMessage;
 
 use crate::config::{BatchConfig, InputConfig, NatsConfig, OutputConfig};
@@ -546,6 +547,39 @@ impl InputMessage {
     }
 }
 
+impl Delivery for InputMessage {
+    type Error = BrokerError;
+
+    fn input(&self) -> &Input {
+        &self.input
+    }
+
+    async fn ack(&self) -> Result<(), BrokerError> {
+        InputMessage::ack(self).await
+    }
+
+    async fn ack_unconfirmed(&self) -> Result<(), BrokerError> {
+        InputMessage::ack_unconfirmed(self).await
+    }
+
+    async fn progress(&self) {
+        InputMessage::progress(self).await
+    }
+}
+
+impl Source for MessageSource {
+    type Delivery = InputMessage;
+    type Error = BrokerError;
+
+    /// Waits for a first message, then takes what arrives within the batch wait.
+    async fn next_batch(&mut self) -> Result<Vec<InputMessage>, BrokerError> {
+        let first = self.next_message().await?;
+        let mut batch = vec![first];
+        self.fill_batch(&mut batch).await;
+        Ok(batch)
+    }
+}
+
 /// Headers as pairs, sorted by name; a repeated name keeps its values in order.
 fn sorted_headers(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
     let mut pairs: Vec<(String, String)> = headers
@@ -724,6 +758,22 @@ impl PublishFailure {
     /// Whether retrying cannot help.
     pub fn is_refusal(&self) -> bool {
         matches!(self, PublishFailure::Refused { .. })
+    }
+}
+
+/// The publisher as the core's port: a refusal for good is the core's `Refused`.
+impl ports::Publisher for Publisher {
+    async fn publish_each(&self, messages: &[&OutboundMessage]) -> Vec<Result<(), PublishError>> {
+        Publisher::publish_each(self, messages)
+            .await
+            .into_iter()
+            .map(|result| {
+                result.map_err(|failure| match failure {
+                    PublishFailure::Refused { .. } => PublishError::Refused(failure.to_string()),
+                    PublishFailure::Failed { .. } => PublishError::Failed(failure.to_string()),
+                })
+            })
+            .collect()
     }
 }
 

@@ -1,5 +1,6 @@
-//! Fault points: named places of the message path where a test may strike. `point(name)`
-//! runs the hook installed with [`install`], if any, and does nothing otherwise.
+//! Fault points: named places of the message path (`weir_core::ports::Point`) where a test
+//! may strike. At each, [`FaultProbe`] runs the hook installed with [`install`], if any,
+//! and does nothing otherwise.
 //!
 //! The `weir` binary installs none, so no environment variable can make it abort. The test
 //! suite's `weir-faulty` binary (tests/src/bin/weir-faulty.rs) is the same command line with
@@ -15,6 +16,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
 
+use weir_core::ports::{Point, Probe};
+
 /// What runs at each fault point: given the point's name, a future the path awaits.
 pub type Hook = Box<dyn Fn(&'static str) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
@@ -26,9 +29,13 @@ pub fn install(hook: Hook) -> bool {
     HOOK.set(hook).is_ok()
 }
 
-/// Marks a named point of the message path.
-pub(crate) async fn point(name: &'static str) {
-    if let Some(hook) = HOOK.get() {
-        hook(name).await;
+/// The probe every pipeline's message path reports its points to: it runs the hook.
+pub struct FaultProbe;
+
+impl Probe for FaultProbe {
+    async fn reached(&self, point: Point) {
+        if let Some(hook) = HOOK.get() {
+            hook(point.as_str()).await;
+        }
     }
 }

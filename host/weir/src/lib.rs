@@ -18,7 +18,7 @@ pub mod store;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
-pub use pipeline::StatsSnapshot;
+pub use weir_core::stats::StatsSnapshot;
 
 /// Why weir could not run.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +41,7 @@ pub enum Error {
     Stopped {
         pipeline: String,
         #[source]
-        source: store::StoreError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("pipeline {pipeline:?} failed: {message}")]
     Crashed { pipeline: String, message: String },

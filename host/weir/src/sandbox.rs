@@ -21,6 +21,8 @@ use wasmtime::{
 };
 
 use weir_core::plugin::{FailureKind, Outcome, PluginOutput, TransformInput, sha256_hex};
+use weir_core::ports::PluginRuntime;
+pub use weir_core::ports::RunError;
 
 use crate::config::{LimitsConfig, MAX_THREADS, SandboxConfig};
 
@@ -76,18 +78,6 @@ pub struct Usage {
     /// The largest the instance's linear memory grew to, in bytes.
     pub peak_memory_bytes: usize,
     pub elapsed: Duration,
-}
-
-/// Why a batch's plugin calls did not all run. Neither is the input's fault: nothing is
-/// dead-lettered for it.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// Every instance, memory or table the engine has is in use: transient, retry later.
-    #[error("the wasm engine has no instance free: {0}")]
-    Exhausted(String),
-    /// A call panicked in the host: a bug in weir.
-    #[error("a plugin call panicked: {0}")]
-    Panicked(String),
 }
 
 /// A plugin that cannot be loaded, with what to do about it.
@@ -378,6 +368,16 @@ pub struct Plugin {
     sha256: String,
     limits: LimitsConfig,
     threads: Arc<Threads>,
+}
+
+impl PluginRuntime for Plugin {
+    fn sha256(&self) -> &str {
+        Plugin::sha256(self)
+    }
+
+    async fn run_all(&self, inputs: Vec<TransformInput>) -> Result<Vec<Outcome>, RunError> {
+        Plugin::run_all(self, inputs).await
+    }
 }
 
 /// The plugin calls that may run at once across all pipelines (`sandbox.threads`).

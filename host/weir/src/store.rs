@@ -28,6 +28,7 @@ use rocksdb::{
     IteratorMode, Options, WriteBatch, WriteOptions,
 };
 
+use weir_core::ports::{Committed, DedupStore, Fault};
 use weir_core::record::DoneRecord;
 
 const DONE: &str = "done";
@@ -61,19 +62,11 @@ pub enum StoreError {
     Panicked { message: String },
 }
 
-impl StoreError {
-    /// Whether retrying (after reopening the store) may heal it.
-    pub fn is_transient(&self) -> bool {
+impl Fault for StoreError {
+    /// Only `Io` may heal (after reopening the store): a full disk, a failed write.
+    fn is_transient(&self) -> bool {
         matches!(self, StoreError::Io { .. })
     }
-}
-
-/// A committed input: its record, and what of it JetStream has not acknowledged yet (its
-/// outbox entry; `None` once everything is).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Committed {
-    pub record: DoneRecord,
-    pub unpublished: Option<DoneRecord>,
 }
 
 pub struct Store {
@@ -297,6 +290,35 @@ impl Store {
             }
             Ok(pending)
         })
+    }
+}
+
+/// The store as the core's dedup port: the same calls, under the trait's names.
+impl DedupStore for Store {
+    type Error = StoreError;
+
+    fn lookup(&self, keys: &[&str]) -> Result<Vec<Option<Committed>>, StoreError> {
+        Store::lookup(self, keys)
+    }
+
+    fn commit(&self, records: &[(&str, &DoneRecord)]) -> Result<(), StoreError> {
+        Store::commit(self, records)
+    }
+
+    fn narrow_outbox(&self, entries: &[(&str, Option<&DoneRecord>)]) -> Result<(), StoreError> {
+        Store::narrow_outbox(self, entries)
+    }
+
+    fn clear_outbox(&self, keys: &[&str]) -> Result<(), StoreError> {
+        Store::clear_outbox(self, keys)
+    }
+
+    fn pending_outbox(&self) -> Result<Vec<(String, DoneRecord)>, StoreError> {
+        Store::pending_outbox(self)
+    }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        Store::reopen(self)
     }
 }
 

@@ -1,0 +1,473 @@
+//! In-memory fakes of every port, for unit tests of the core: a world of one input stream,
+//! its consumer's acks and the output streams (with a duplicate window that a test can let
+//! pass), a store that outlives "processes", a plugin runtime that is a plain function, and
+//! a probe that kills the "process" at a chosen point of the path.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::input::Input;
+use crate::plugin::{Outcome, PluginOutput, TransformInput};
+use crate::ports::{
+    Committed, DedupStore, Delivery, Fault, PluginRuntime, Point, Probe, PublishError, Publisher,
+    RunError, Source,
+};
+use crate::record::{DoneRecord, OutboundMessage};
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The server side: the input stream, which inputs are acked, the output streams.
+#[derive(Default)]
+pub struct World {
+    state: Mutex<WorldState>,
+    acked: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct WorldState {
+    inputs: Vec<Input>,
+    acked: HashSet<u64>,
+    /// Every message the output streams store, in order.
+    stored: Vec<OutboundMessage>,
+    /// The ids inside the duplicate window.
+    window: HashSet<String>,
+    /// The next this many publishes fail.
+    failing_publishes: usize,
+    /// Publishes to this subject fail while it is set.
+    failing_subject: Option<String>,
+    /// Messages whose payload is larger than this are refused for good.
+    refuse_larger_than: Option<usize>,
+    /// The next this many acks fail.
+    failing_acks: usize,
+}
+
+impl World {
+    pub fn new() -> Arc<World> {
+        Arc::default()
+    }
+
+    /// Appends inputs to the stream (sequences 1, 2, …), payloads as given.
+    pub fn publish_inputs(&self, payloads: &[&str]) {
+        let mut state = lock(&self.state);
+        for payload in payloads {
+            let sequence = state.inputs.len() as u64 + 1;
+            state.inputs.push(Input {
+                subject: "in.x".into(),
+                headers: Vec::new(),
+                payload: Bytes::copy_from_slice(payload.as_bytes()),
+                stream_sequence: sequence,
+                stream_created_unix_ns: 1,
+                published_unix_ns: 1_000 + sequence,
+            });
+        }
+    }
+
+    /// Appends an input with headers.
+    pub fn publish_input_with_headers(&self, payload: &str, headers: &[(&str, &str)]) {
+        self.publish_inputs(&[payload]);
+        let mut state = lock(&self.state);
+        let input = state.inputs.last_mut().expect("just published");
+        input.headers = headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// The duplicate window passes: a message published again now is stored again.
+    pub fn expire_duplicate_window(&self) {
+        lock(&self.state).window.clear();
+    }
+
+    pub fn fail_publishes(&self, count: usize) {
+        lock(&self.state).failing_publishes = count;
+    }
+
+    pub fn fail_subject(&self, subject: Option<&str>) {
+        lock(&self.state).failing_subject = subject.map(str::to_owned);
+    }
+
+    pub fn refuse_larger_than(&self, bytes: usize) {
+        lock(&self.state).refuse_larger_than = Some(bytes);
+    }
+
+    pub fn fail_acks(&self, count: usize) {
+        lock(&self.state).failing_acks = count;
+    }
+
+    /// Every stored message, in order.
+    pub fn stored(&self) -> Vec<OutboundMessage> {
+        lock(&self.state).stored.clone()
+    }
+
+    /// How many inputs are acked.
+    pub fn acked(&self) -> usize {
+        lock(&self.state).acked.len()
+    }
+
+    /// Waits until every input is acked.
+    pub async fn all_acked(&self) {
+        loop {
+            let notified = self.acked.notified();
+            {
+                let state = lock(&self.state);
+                if state.acked.len() == state.inputs.len() {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The durable consumer, for one "process": it delivers each unacked input once.
+pub struct FakeSource {
+    world: Arc<World>,
+    delivered: HashSet<u64>,
+    batch: usize,
+}
+
+impl FakeSource {
+    pub fn new(world: &Arc<World>, batch: usize) -> FakeSource {
+        FakeSource {
+            world: world.clone(),
+            delivered: HashSet::new(),
+            batch,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FakeError(pub String);
+
+impl Source for FakeSource {
+    type Delivery = FakeDelivery;
+    type Error = FakeError;
+
+    async fn next_batch(&mut self) -> Result<Vec<FakeDelivery>, FakeError> {
+        let batch: Vec<FakeDelivery> = {
+            let state = lock(&self.world.state);
+            state
+                .inputs
+                .iter()
+                .filter(|input| {
+                    !state.acked.contains(&input.stream_sequence)
+                        && !self.delivered.contains(&input.stream_sequence)
+                })
+                .take(self.batch)
+                .map(|input| FakeDelivery {
+                    world: self.world.clone(),
+                    input: input.clone(),
+                })
+                .collect()
+        };
+        if batch.is_empty() {
+            // Nothing left: wait, as a pull that gets nothing does, until shutdown.
+            std::future::pending::<()>().await;
+        }
+        self.delivered
+            .extend(batch.iter().map(|delivery| delivery.input.stream_sequence));
+        Ok(batch)
+    }
+}
+
+pub struct FakeDelivery {
+    world: Arc<World>,
+    input: Input,
+}
+
+impl FakeDelivery {
+    fn settle(&self) -> Result<(), FakeError> {
+        let mut state = lock(&self.world.state);
+        if state.failing_acks > 0 {
+            state.failing_acks -= 1;
+            return Err(FakeError("ack lost".into()));
+        }
+        state.acked.insert(self.input.stream_sequence);
+        drop(state);
+        self.world.acked.notify_waiters();
+        Ok(())
+    }
+}
+
+impl Delivery for FakeDelivery {
+    type Error = FakeError;
+
+    fn input(&self) -> &Input {
+        &self.input
+    }
+
+    async fn ack(&self) -> Result<(), FakeError> {
+        self.settle()
+    }
+
+    async fn ack_unconfirmed(&self) -> Result<(), FakeError> {
+        self.settle()
+    }
+
+    async fn progress(&self) {}
+}
+
+/// Publishes into the world's output streams.
+pub struct FakePublisher {
+    pub world: Arc<World>,
+}
+
+impl Publisher for FakePublisher {
+    async fn publish_each(&self, messages: &[&OutboundMessage]) -> Vec<Result<(), PublishError>> {
+        let mut state = lock(&self.world.state);
+        messages
+            .iter()
+            .map(|message| {
+                if state
+                    .refuse_larger_than
+                    .is_some_and(|limit| message.payload.len() > limit)
+                {
+                    return Err(PublishError::Refused("message size exceeds maximum".into()));
+                }
+                if state.failing_subject.as_deref() == Some(message.subject.as_str()) {
+                    return Err(PublishError::Failed("no responders".into()));
+                }
+                if state.failing_publishes > 0 {
+                    state.failing_publishes -= 1;
+                    return Err(PublishError::Failed("timed out".into()));
+                }
+                if state.window.insert(message.msg_id.clone()) {
+                    state.stored.push((*message).clone());
+                }
+                Ok(())
+            })
+            .collect()
+    }
+}
+
+/// A store kept in memory, shared between "processes" the way a directory on disk is.
+#[derive(Default)]
+pub struct FakeStore {
+    state: Mutex<StoreState>,
+}
+
+#[derive(Default)]
+struct StoreState {
+    done: BTreeMap<String, DoneRecord>,
+    outbox: BTreeMap<String, DoneRecord>,
+    /// The next this many calls fail transiently.
+    failing: usize,
+    /// Every call fails: a corrupt record.
+    corrupt: bool,
+    commits: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct FakeStoreError {
+    transient: bool,
+    message: String,
+}
+
+impl Fault for FakeStoreError {
+    fn is_transient(&self) -> bool {
+        self.transient
+    }
+}
+
+impl FakeStore {
+    pub fn new() -> Arc<FakeStore> {
+        Arc::default()
+    }
+
+    pub fn fail_next(&self, calls: usize) {
+        lock(&self.state).failing = calls;
+    }
+
+    pub fn corrupt(&self) {
+        lock(&self.state).corrupt = true;
+    }
+
+    pub fn commits(&self) -> usize {
+        lock(&self.state).commits
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        lock(&self.state).outbox.len()
+    }
+
+    fn call<T>(&self, work: impl FnOnce(&mut StoreState) -> T) -> Result<T, FakeStoreError> {
+        let mut state = lock(&self.state);
+        if state.corrupt {
+            return Err(FakeStoreError {
+                transient: false,
+                message: "record is corrupt".into(),
+            });
+        }
+        if state.failing > 0 {
+            state.failing -= 1;
+            return Err(FakeStoreError {
+                transient: true,
+                message: "No space left on device".into(),
+            });
+        }
+        Ok(work(&mut state))
+    }
+}
+
+impl DedupStore for FakeStore {
+    type Error = FakeStoreError;
+
+    fn lookup(&self, keys: &[&str]) -> Result<Vec<Option<Committed>>, FakeStoreError> {
+        self.call(|state| {
+            keys.iter()
+                .map(|key| {
+                    state.done.get(*key).map(|record| Committed {
+                        record: record.clone(),
+                        unpublished: state.outbox.get(*key).cloned(),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn commit(&self, records: &[(&str, &DoneRecord)]) -> Result<(), FakeStoreError> {
+        self.call(|state| {
+            state.commits += 1;
+            for (key, record) in records {
+                state.done.insert(key.to_string(), (*record).clone());
+                state.outbox.insert(key.to_string(), (*record).clone());
+            }
+        })
+    }
+
+    fn narrow_outbox(&self, entries: &[(&str, Option<&DoneRecord>)]) -> Result<(), FakeStoreError> {
+        self.call(|state| {
+            for (key, remaining) in entries {
+                match remaining {
+                    Some(record) => state.outbox.insert(key.to_string(), (*record).clone()),
+                    None => state.outbox.remove(*key),
+                };
+            }
+        })
+    }
+
+    fn clear_outbox(&self, keys: &[&str]) -> Result<(), FakeStoreError> {
+        self.call(|state| {
+            for key in keys {
+                state.outbox.remove(*key);
+            }
+        })
+    }
+
+    fn pending_outbox(&self) -> Result<Vec<(String, DoneRecord)>, FakeStoreError> {
+        self.call(|state| {
+            state
+                .outbox
+                .iter()
+                .map(|(key, record)| (key.clone(), record.clone()))
+                .collect()
+        })
+    }
+
+    fn reopen(&self) -> Result<(), FakeStoreError> {
+        Ok(())
+    }
+}
+
+/// A plugin that is a function of the input. By default: a payload `bad…` is invalid input,
+/// `two…` makes two outputs, `big…` one output of 1000 bytes, anything else one output with
+/// the payload.
+pub struct FakeRuntime {
+    pub calls: AtomicUsize,
+    /// The next call panics (a host bug).
+    pub panic_next: AtomicBool,
+    /// The next this many calls find no instance free.
+    pub exhausted: AtomicUsize,
+}
+
+impl FakeRuntime {
+    pub fn new() -> FakeRuntime {
+        FakeRuntime {
+            calls: AtomicUsize::new(0),
+            panic_next: AtomicBool::new(false),
+            exhausted: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn transform(input: &TransformInput) -> Outcome {
+        let payload = String::from_utf8_lossy(&input.payload).into_owned();
+        let output = |subject: &str, payload: Vec<u8>| PluginOutput {
+            subject: subject.into(),
+            headers: Vec::new(),
+            payload,
+        };
+        if payload.starts_with("bad") {
+            Outcome::failed(crate::plugin::FailureKind::InvalidInput, "not an order")
+        } else if payload.starts_with("two") {
+            Outcome::Outputs(vec![
+                output("a", payload.clone().into_bytes()),
+                output("b", payload.into_bytes()),
+            ])
+        } else if payload.starts_with("big") {
+            Outcome::Outputs(vec![output("a", vec![b'x'; 1000])])
+        } else {
+            Outcome::Outputs(vec![output("a", payload.into_bytes())])
+        }
+    }
+}
+
+impl PluginRuntime for FakeRuntime {
+    fn sha256(&self) -> &str {
+        "fake"
+    }
+
+    async fn run_all(&self, inputs: Vec<TransformInput>) -> Result<Vec<Outcome>, RunError> {
+        if self.panic_next.swap(false, Ordering::SeqCst) {
+            return Err(RunError::Panicked("index out of bounds".into()));
+        }
+        if self
+            .exhausted
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(RunError::Exhausted(
+                "maximum concurrent limit of 128".into(),
+            ));
+        }
+        self.calls.fetch_add(inputs.len(), Ordering::SeqCst);
+        Ok(inputs.iter().map(FakeRuntime::transform).collect())
+    }
+}
+
+/// Kills the "process" the `nth` time the path reaches `at`: the point never returns, and
+/// `crashed` fires so that the test drops the pipeline's future, as `kill -9` would.
+pub struct CrashProbe {
+    pub at: Point,
+    pub nth: usize,
+    reached: AtomicUsize,
+    pub crashed: Arc<tokio::sync::Notify>,
+}
+
+impl CrashProbe {
+    pub fn new(at: Point, nth: usize) -> CrashProbe {
+        CrashProbe {
+            at,
+            nth,
+            reached: AtomicUsize::new(0),
+            crashed: Arc::default(),
+        }
+    }
+}
+
+impl Probe for CrashProbe {
+    async fn reached(&self, point: Point) {
+        if point == self.at && self.reached.fetch_add(1, Ordering::SeqCst) + 1 == self.nth {
+            self.crashed.notify_one();
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,921 @@
+//! The message path of one pipeline: fetch a batch → dedup lookup → execute new inputs →
+//! commit → publish → ack, over the ports of `ports.rs`.
+//!
+//! # The exactly-once invariant
+//!
+//! **An input is acknowledged only after its outputs are durably committed and published;
+//! a committed input is never executed again.**
+//!
+//! `commit_stage`, `publish_stage` and then `ack_stage` keep it, for each batch, in this
+//! order:
+//! 1. look every input's dedup key up in the store; a committed key is not executed. Its
+//!    stored messages are published again only if its outbox entry is still there (JetStream
+//!    drops the ones it has as duplicates by their deterministic `Nats-Msg-Id`);
+//! 2. execute the new inputs;
+//! 3. commit all their records, and their outbox entries, in one synced write; until that
+//!    write returns, nothing of the batch is published or acked;
+//! 4. publish every message of the batch and await JetStream's acks; until then nothing is
+//!    acked. A retry publishes only what JetStream has not acknowledged (after its duplicate
+//!    window a second copy would be stored), and narrows the outbox entries to the same; a
+//!    message the server refuses for good turns its input into an `output-rejected` dead
+//!    letter, committed before it is published, instead of holding the batch forever;
+//! 5. ack the inputs (double ack), then clear their outbox entries.
+//!
+//! A later batch overlaps an earlier one (it is committed while the earlier one is published,
+//! and published while the earlier one is acked), never by reordering a batch's own steps.
+//! An outbox entry that outlives its publish by a few milliseconds only makes a later batch
+//! holding the same key publish it again, inside JetStream's duplicate window.
+//!
+//! A crash before 3 completes leaves the inputs unacked: they are redelivered and executed
+//! once. A crash after 3 leaves outbox entries, re-published on start, and unacked inputs,
+//! which step 1 recognises. A lost ack only causes a redelivery, which step 1 absorbs. The
+//! store, not the ack, is the source of truth (nats-server may accept a late ack for a
+//! different delivery of the same message). In at-least-once mode there is no store:
+//! steps 1 and 3 do nothing, and only the deterministic output ids stand between a
+//! redelivery and a duplicate.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::dead_letter::{DeadLetterHeaders, DeadLetterSchema};
+use crate::input::{DedupMode, Input, dedup_key};
+use crate::plugin::{FailureKind, Outcome};
+use crate::policy::OutputPolicy;
+use crate::ports::{
+    DedupStore, Delivery, Fault, PluginRuntime, Point, Probe, PublishError, Publisher, RunError,
+    Source,
+};
+use crate::record::{Disposition, DoneRecord, OutboundMessage};
+use crate::retry::{Backoff, sleep_unless_shutdown};
+use crate::stats::Stats;
+use crate::text;
+
+/// How many outbox records are re-published per round on start.
+const OUTBOX_REPLAY_CHUNK: usize = 1000;
+
+/// How much of a dead letter's reason a log line carries.
+const LOGGED_REASON: usize = 1024;
+
+/// Why a pipeline stopped on its own: nothing retrying could heal.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    /// The store cannot be trusted any more (a corrupt record, a bug in its adapter).
+    #[error(transparent)]
+    Store(Box<dyn std::error::Error + Send + Sync>),
+    /// A plugin call panicked in the host: a bug, never anything a plugin does.
+    #[error("{0}")]
+    PluginCrashed(String),
+}
+
+/// What a pipeline is, beyond its ports.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Part of every output's and dead letter's id.
+    pub name: String,
+    pub dedup: DedupMode,
+    /// The input stream's name: part of every dedup key.
+    pub input_stream: String,
+    /// While a batch is in hand, the server is told every half of it that it is being
+    /// worked on, so that it is not redelivered.
+    pub ack_wait: Duration,
+}
+
+/// One pipeline's message path, over its ports. `store` is `None` in at-least-once mode,
+/// which records nothing.
+pub struct Pipeline<St, Pu, R, Pr> {
+    pub settings: Settings,
+    pub store: Option<Arc<St>>,
+    pub publisher: Pu,
+    pub runtime: R,
+    pub probe: Pr,
+    pub policy: OutputPolicy,
+    pub dead_letters: DeadLetterSchema,
+    pub stats: Arc<Stats>,
+}
+
+impl<St, Pu, R, Pr> Pipeline<St, Pu, R, Pr>
+where
+    St: DedupStore,
+    Pu: Publisher,
+    R: PluginRuntime,
+    Pr: Probe,
+{
+    /// Runs until `shutdown` fires, then finishes the batches in hand and returns. Returns
+    /// an error only for a fault that retrying cannot heal.
+    ///
+    /// Three batches are in flight at once: while one is acked, the next is published, and
+    /// the one after it is fetched, executed and committed. Each batch still keeps the
+    /// invariant on its own; a later batch's lookup sees every earlier batch's commit,
+    /// because commits happen one batch after another.
+    pub async fn run<S>(&self, mut source: S, shutdown: CancellationToken) -> Result<(), Fatal>
+    where
+        S: Source,
+    {
+        self.replay_outbox(&shutdown).await?;
+        let (to_ack, published) = tokio::sync::mpsc::channel(1);
+        let (result, ()) = tokio::join!(
+            self.commit_and_publish(&mut source, to_ack, &shutdown),
+            self.ack_stage(published),
+        );
+        tracing::info!(stats = ?self.stats.snapshot(), "pipeline stopped");
+        result
+    }
+
+    /// Fetches, commits and publishes batches, handing each published one to `to_ack`.
+    async fn commit_and_publish<S: Source>(
+        &self,
+        source: &mut S,
+        to_ack: tokio::sync::mpsc::Sender<PublishedBatch<S::Delivery>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Fatal> {
+        let mut committed: Option<CommittedBatch<S::Delivery>> = None;
+        loop {
+            let (finished_tx, finished_rx) = tokio::sync::oneshot::channel::<()>();
+            let finishing = async {
+                let finished = self.finish(committed.take(), &to_ack, shutdown).await;
+                let _ = finished_tx.send(());
+                finished
+            };
+            let next = async {
+                let batch = self.next_batch(source, shutdown).await?;
+                let staged = self
+                    .with_keepalive(&batch, async {
+                        let staged = self.commit_stage(&batch, shutdown).await;
+                        // Committed, it waits for the previous batch to be published: the
+                        // server must not redeliver it meanwhile either.
+                        let _ = finished_rx.await;
+                        staged
+                    })
+                    .await;
+                Some(staged.map(|staged| (batch, staged)))
+            };
+            let (finished, next) = tokio::join!(finishing, next);
+            finished?;
+            match next {
+                None => break,
+                Some(Ok((batch, Some(staged)))) => {
+                    committed = Some(CommittedBatch { batch, staged })
+                }
+                // Shut down before the commit: nothing of this batch is acked.
+                Some(Ok((_, None))) => break,
+                Some(Err(fatal)) => return Err(fatal),
+            }
+        }
+        self.finish(committed, &to_ack, shutdown).await
+    }
+
+    /// The next batch, retrying a failing source. `None` on shutdown.
+    async fn next_batch<S: Source>(
+        &self,
+        source: &mut S,
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<S::Delivery>> {
+        let mut backoff = Backoff::new();
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return None,
+                next = source.next_batch() => next,
+            };
+            match next {
+                Ok(batch) if !batch.is_empty() => return Some(batch),
+                Ok(_) => continue,
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, retry_in = ?delay, "fetch failed");
+                    if !sleep_unless_shutdown(delay, shutdown).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `work` while telling the server, every half `ack_wait`, that `batch` is being
+    /// worked on (a slow plugin, a long fan-out, retries), so it is not redelivered.
+    async fn with_keepalive<D: Delivery, T>(
+        &self,
+        batch: &[D],
+        work: impl Future<Output = T>,
+    ) -> T {
+        let period = self.settings.ack_wait / 2;
+        let keepalive = async {
+            let mut ticker = tokio::time::interval(period);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                futures::future::join_all(batch.iter().map(|delivery| delivery.progress())).await;
+            }
+        };
+        tokio::select! {
+            result = work => result,
+            never = keepalive => never,
+        }
+    }
+
+    /// Publishes a committed batch (step 4 of the module docs) and hands it on to be acked.
+    async fn finish<D: Delivery>(
+        &self,
+        committed: Option<CommittedBatch<D>>,
+        to_ack: &tokio::sync::mpsc::Sender<PublishedBatch<D>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Fatal> {
+        let Some(CommittedBatch { batch, staged }) = committed else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let published = self
+            .with_keepalive(&batch, self.publish_stage(&batch, staged, shutdown))
+            .await?;
+        tracing::debug!(inputs = batch.len(), took = ?started.elapsed(), "batch published");
+        if let Some(published) = published {
+            // The ack stage outlives this stage: it stops only once every sender is gone.
+            let _ = to_ack.send(PublishedBatch { batch, published }).await;
+        }
+        Ok(())
+    }
+
+    /// Step 5, batch after batch: ack the inputs, then clear their outbox entries. A failed
+    /// ack only means a redelivery, which step 1 absorbs.
+    async fn ack_stage<D: Delivery>(
+        &self,
+        mut published: tokio::sync::mpsc::Receiver<PublishedBatch<D>>,
+    ) {
+        while let Some(PublishedBatch { batch, published }) = published.recv().await {
+            let started = Instant::now();
+            // An input that published nothing here (a redelivery of a done one) gets a plain
+            // ack: if it is lost, the next redelivery costs one lookup again. The others get
+            // a double ack, so that a failure is seen and logged.
+            let acks = futures::future::join_all(batch.iter().zip(&published).map(
+                |(delivery, published)| async move {
+                    match published {
+                        Some(_) => delivery.ack().await,
+                        None => delivery.ack_unconfirmed().await,
+                    }
+                },
+            ))
+            .await;
+            let acked = acks.iter().filter(|result| result.is_ok()).count();
+            if let Some(Err(error)) = acks.into_iter().find(Result::is_err) {
+                tracing::warn!(%error, failed = batch.len() - acked, "some acks failed; those inputs will be redelivered and deduplicated");
+            }
+            Stats::add(&self.stats.acked, acked);
+            self.probe.reached(Point::Acked).await;
+            let published_keys: Vec<String> = published.into_iter().flatten().collect();
+            if !published_keys.is_empty() {
+                self.clear_outbox(published_keys).await;
+            }
+            tracing::debug!(inputs = batch.len(), took = ?started.elapsed(), "batch acked");
+        }
+    }
+
+    /// Re-publishes what was committed but not confirmed published before the last stop.
+    /// Fails only on a fault retrying cannot heal.
+    async fn replay_outbox(&self, shutdown: &CancellationToken) -> Result<(), Fatal> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let mut retrier = Retrier::new("read the outbox", shutdown);
+        let pending = loop {
+            let store = store.clone();
+            match blocking(move || store.pending_outbox()).await {
+                Ok(pending) => break pending,
+                Err(error) if !error.is_transient() => return Err(fatal_store(error)),
+                Err(error) => {
+                    if !retrier.failed(error).await {
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        if pending.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(inputs = pending.len(), "re-publishing the outbox");
+        for chunk in pending.chunks(OUTBOX_REPLAY_CHUNK) {
+            let mut publications: Vec<Publication> = chunk
+                .iter()
+                .map(|(key, record)| Publication::new(None, key, Arc::new(record.clone())))
+                .collect();
+            if !self
+                .publish_until_done(&mut publications, &[], shutdown)
+                .await?
+            {
+                return Ok(());
+            }
+            let keys: Vec<String> = chunk.iter().map(|(key, _)| key.clone()).collect();
+            self.clear_outbox(keys).await;
+        }
+        Ok(())
+    }
+
+    /// Steps 1 to 3 of the module docs: look up, execute the new inputs, commit. Returns
+    /// what to publish for each input (`None` where nothing needs publishing), or `None` on
+    /// shutdown before the commit; an error on a fault retrying cannot heal.
+    async fn commit_stage<D: Delivery>(
+        &self,
+        batch: &[D],
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Staged>, Fatal> {
+        self.probe.reached(Point::Fetched).await;
+        let started = Instant::now();
+        Stats::add(&self.stats.received, batch.len());
+        let keys: Vec<String> = batch
+            .iter()
+            .map(|delivery| {
+                dedup_key(
+                    self.settings.dedup,
+                    &self.settings.input_stream,
+                    delivery.input(),
+                )
+            })
+            .collect();
+
+        // 1. Which inputs are already committed? (In at-least-once mode, none are known.)
+        let mut retrier = Retrier::new("look up the store", shutdown);
+        let committed = loop {
+            let Some(store) = self.store.clone() else {
+                break vec![None; keys.len()];
+            };
+            let lookup_keys = keys.clone();
+            let lookup = blocking(move || {
+                let refs: Vec<&str> = lookup_keys.iter().map(String::as_str).collect();
+                store.lookup(&refs)
+            });
+            match lookup.await {
+                Ok(committed) => break committed,
+                Err(error) if !error.is_transient() => return Err(fatal_store(error)),
+                Err(error) => {
+                    if !retrier.failed(error).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+
+        let looked_up_at = started.elapsed();
+        // 2. Execute the new ones: each key once, even if it appears twice in the batch.
+        // A committed input is re-published only as far as its outbox entry says the server
+        // has not acknowledged it: a re-publish of what it has, after the duplicate window,
+        // would be a real duplicate.
+        Stats::add(
+            &self.stats.deduplicated,
+            committed.iter().filter(|c| c.is_some()).count(),
+        );
+        let committed_earlier: Vec<usize> = (0..committed.len())
+            .filter(|&index| committed[index].is_some())
+            .collect();
+        let mut records: Vec<Option<Arc<DoneRecord>>> = Vec::with_capacity(keys.len());
+        let mut first_index_of_key: HashMap<&str, usize> = HashMap::new();
+        let mut to_execute = Vec::new();
+        for (index, committed) in committed.into_iter().enumerate() {
+            match committed {
+                Some(committed) => records.push(committed.unpublished.map(Arc::new)),
+                None => {
+                    records.push(None);
+                    // A repeat of a key first seen in this batch is published once, there.
+                    if first_index_of_key.insert(&keys[index], index).is_none() {
+                        to_execute.push(index);
+                    }
+                }
+            }
+        }
+        let Some(outcomes) = self.execute(batch, &keys, &to_execute, shutdown).await? else {
+            return Ok(None);
+        };
+        let executed_at = started.elapsed();
+        self.probe.reached(Point::Executed).await;
+        Stats::add(&self.stats.executed, outcomes.len());
+        let mut new_records = Vec::with_capacity(outcomes.len());
+        for (&index, outcome) in to_execute.iter().zip(outcomes) {
+            let record = Arc::new(self.record_for(batch[index].input(), &keys[index], outcome));
+            new_records.push((keys[index].clone(), record.clone()));
+            records[index] = Some(record);
+        }
+
+        // 3. Commit the new records in one synced write.
+        if !self.commit(&new_records, shutdown).await? {
+            return Ok(None);
+        }
+
+        tracing::debug!(inputs = batch.len(), ?looked_up_at, ?executed_at, committed_at = ?started.elapsed(), "batch committed");
+        self.probe.reached(Point::Committed).await;
+        // Inputs committed earlier and still in the outbox: by the time this batch is
+        // published, the batch that committed them may have published them, and publishing
+        // them again after the server's duplicate window would double them.
+        let recheck = committed_earlier
+            .into_iter()
+            .filter(|&index| records[index].is_some())
+            .collect();
+        Ok(Some(Staged {
+            records,
+            recheck,
+            keys,
+        }))
+    }
+
+    /// Runs the plugin on the inputs at `indexes`. `None` on shutdown while the runtime is
+    /// out of instances (retried meanwhile: that is never the input's fault).
+    async fn execute<D: Delivery>(
+        &self,
+        batch: &[D],
+        keys: &[String],
+        indexes: &[usize],
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<Outcome>>, Fatal> {
+        if indexes.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let mut retrier = Retrier::new("run the plugin", shutdown);
+        loop {
+            let inputs = indexes
+                .iter()
+                .map(|&index| batch[index].input().transform_input(&keys[index]))
+                .collect();
+            match self.runtime.run_all(inputs).await {
+                Ok(outcomes) => return Ok(Some(outcomes)),
+                // Nothing was committed: when the host goes down, the batch is redelivered.
+                Err(RunError::Panicked(message)) => {
+                    tracing::error!(%message, "a plugin call panicked in the host; nothing of the batch is acked");
+                    return Err(Fatal::PluginCrashed(format!(
+                        "a plugin call panicked in the host (a bug in weir: report it): {message}"
+                    )));
+                }
+                Err(error @ RunError::Exhausted(_)) => {
+                    if !retrier.failed(error).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits `records` in one synced write, retrying transient faults. False on shutdown
+    /// before it succeeded; true at once without a store or records.
+    async fn commit(
+        &self,
+        records: &[(String, Arc<DoneRecord>)],
+        shutdown: &CancellationToken,
+    ) -> Result<bool, Fatal> {
+        let Some(store) = &self.store else {
+            return Ok(true);
+        };
+        if records.is_empty() {
+            return Ok(true);
+        }
+        let records = Arc::new(records.to_vec());
+        let mut retrier = Retrier::new("commit to the store", shutdown);
+        loop {
+            let committing = store.clone();
+            let records = records.clone();
+            let commit = blocking(move || {
+                let refs: Vec<(&str, &DoneRecord)> = records
+                    .iter()
+                    .map(|(key, record)| (key.as_str(), &**record))
+                    .collect();
+                committing.commit(&refs)
+            });
+            match commit.await {
+                Ok(()) => return Ok(true),
+                Err(error) if !error.is_transient() => return Err(fatal_store(error)),
+                Err(error) => {
+                    if !retrier.failed(error).await {
+                        return Ok(false);
+                    }
+                    // A store may refuse writes after a failed one until it is reopened.
+                    let reopening = store.clone();
+                    if let Err(error) = blocking(move || reopening.reopen()).await {
+                        tracing::warn!(%error, "reopening the store failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Step 4: publish what the batch's inputs map to and await the server's acks. Returns,
+    /// per input, its key if its messages were published here (and so it may have an
+    /// outbox entry to clear), or `None` on shutdown before that: then nothing is acked.
+    async fn publish_stage<D: Delivery>(
+        &self,
+        batch: &[D],
+        staged: Staged,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<Option<String>>>, Fatal> {
+        let mut records = staged.records;
+        if let Some(store) = &self.store
+            && !staged.recheck.is_empty()
+        {
+            let store = store.clone();
+            let keys: Vec<String> = staged
+                .recheck
+                .iter()
+                .map(|&index| staged.keys[index].clone())
+                .collect();
+            let found = blocking(move || {
+                let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+                store.lookup(&refs)
+            })
+            .await;
+            // On a failed lookup, publish what was read before: inside the duplicate window
+            // a message the server has is dropped.
+            if let Ok(found) = found {
+                for (&index, committed) in staged.recheck.iter().zip(found) {
+                    records[index] = committed.and_then(|c| c.unpublished).map(Arc::new);
+                }
+            }
+        }
+
+        let inputs: Vec<&Input> = batch.iter().map(Delivery::input).collect();
+        let mut publications: Vec<Publication> = records
+            .iter()
+            .enumerate()
+            .filter_map(|(index, record)| {
+                let record = record.clone()?;
+                Some(Publication::new(Some(index), &staged.keys[index], record))
+            })
+            .collect();
+        if !self
+            .publish_until_done(&mut publications, &inputs, shutdown)
+            .await?
+        {
+            // Committed and in the outbox: re-published on the next start.
+            return Ok(None);
+        }
+
+        self.probe.reached(Point::Published).await;
+        // Only what was published here can still be in the outbox (a redelivery storm
+        // publishes nothing, and so clears nothing).
+        Ok(Some(
+            staged
+                .keys
+                .into_iter()
+                .zip(&records)
+                .map(|(key, record)| record.is_some().then_some(key))
+                .collect(),
+        ))
+    }
+
+    /// Publishes every message of `publications` until the server has acknowledged each;
+    /// false if shutdown came first. A retry sends only what is not acknowledged yet. A
+    /// message the server refuses for good turns its input into a dead letter
+    /// (`inputs[index]`, when known), committed before it is published.
+    async fn publish_until_done(
+        &self,
+        publications: &mut [Publication],
+        inputs: &[&Input],
+        shutdown: &CancellationToken,
+    ) -> Result<bool, Fatal> {
+        let mut retrier = Retrier::new("publish", shutdown);
+        loop {
+            let sending: Vec<(usize, usize)> = publications
+                .iter()
+                .enumerate()
+                .flat_map(|(at, publication)| {
+                    publication
+                        .pending()
+                        .map(move |message_index| (at, message_index))
+                })
+                .collect();
+            if sending.is_empty() {
+                return Ok(true);
+            }
+            let messages: Vec<&OutboundMessage> = sending
+                .iter()
+                .map(|&(at, index)| &publications[at].record.messages[index])
+                .collect();
+            let results = self.publisher.publish_each(&messages).await;
+            let mut transient = None;
+            let mut refused: Vec<(usize, usize, PublishError)> = Vec::new();
+            let mut acknowledged = 0;
+            for (&(at, index), result) in sending.iter().zip(results) {
+                match result {
+                    Ok(()) => {
+                        publications[at].acknowledged[index] = true;
+                        acknowledged += 1;
+                    }
+                    Err(refusal @ PublishError::Refused(_)) => refused.push((at, index, refusal)),
+                    Err(failure) => {
+                        transient.get_or_insert(failure);
+                    }
+                }
+            }
+            Stats::add(&self.stats.published, acknowledged);
+
+            let mut rejected = HashSet::new();
+            for (at, index, refusal) in refused {
+                if !rejected.insert(at) {
+                    continue;
+                }
+                let publication = &mut publications[at];
+                let input = publication.index.and_then(|i| inputs.get(i).copied());
+                match self.reject(publication, input, index, &refusal) {
+                    Some(record) => {
+                        if publication.record.disposition == Disposition::Transformed {
+                            Stats::add(&self.stats.dead_lettered, 1);
+                        }
+                        publication.replace(record)
+                    }
+                    None => {
+                        // Even the barest dead letter is refused: the DLQ stream cannot take
+                        // weir's letters at all, which an operator must fix.
+                        tracing::error!(%refusal, "the DLQ stream refuses even a dead letter without payload or input headers: raise its max_msg_size");
+                        rejected.remove(&at);
+                        transient.get_or_insert(refusal);
+                    }
+                }
+            }
+            if !rejected.is_empty() {
+                let records: Vec<(String, Arc<DoneRecord>)> = rejected
+                    .iter()
+                    .map(|&at| {
+                        (
+                            publications[at].key.clone(),
+                            publications[at].record.clone(),
+                        )
+                    })
+                    .collect();
+                if !self.commit(&records, shutdown).await? {
+                    return Ok(false);
+                }
+            }
+            if let Some(failure) = transient {
+                self.narrow_outbox(publications).await;
+                if !retrier.failed(failure).await {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+
+    /// The dead letter that replaces a publication the server refused for good (message
+    /// `index`): `output-rejected` for an output, the barest letter for a dead letter the
+    /// DLQ stream refused. `None` if even that was refused.
+    fn reject(
+        &self,
+        publication: &Publication,
+        input: Option<&Input>,
+        index: usize,
+        refusal: &PublishError,
+    ) -> Option<DoneRecord> {
+        // The outbox on start has no input at hand: the letter points at it by its key.
+        let unknown;
+        let input = match input {
+            Some(input) => input,
+            None => {
+                unknown = Input {
+                    subject: String::new(),
+                    headers: Vec::new(),
+                    payload: Default::default(),
+                    stream_sequence: 0,
+                    stream_created_unix_ns: 0,
+                    published_unix_ns: 0,
+                };
+                &unknown
+            }
+        };
+        if publication.record.disposition == Disposition::DeadLettered {
+            if publication.bare {
+                return None;
+            }
+            let bare = DeadLetterSchema {
+                max_message_bytes: 0,
+                ..self.dead_letters.clone()
+            };
+            let letter = DeadLetterHeaders::parse(&publication.record.messages[index].headers);
+            let kind = FailureKind::parse(&letter.kind).unwrap_or(FailureKind::OutputRejected);
+            tracing::warn!(dedup_key = %publication.key, %refusal, "the DLQ stream refused a dead letter; publishing it without the input's payload and headers");
+            return Some(DoneRecord {
+                disposition: Disposition::DeadLettered,
+                messages: vec![bare.letter(input, &publication.key, kind, &letter.reason)],
+            });
+        }
+        let published = publication.acknowledged.iter().filter(|a| **a).count();
+        let reason = format!(
+            "the server refused output {index} for good ({refusal}); {published} of the input's outputs were published before"
+        );
+        Some(self.dead_letter_record(
+            input,
+            &publication.key,
+            FailureKind::OutputRejected,
+            &reason,
+        ))
+    }
+
+    /// Narrows the outbox entries of partly published inputs to what is left, so that a
+    /// restart does not publish again what the server already has.
+    async fn narrow_outbox(&self, publications: &[Publication]) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let entries: Vec<(String, Option<DoneRecord>)> = publications
+            .iter()
+            .filter(|publication| publication.acknowledged.iter().any(|a| *a))
+            .map(|publication| (publication.key.clone(), publication.remaining()))
+            .collect();
+        if entries.is_empty() {
+            return;
+        }
+        let result = blocking(move || {
+            let refs: Vec<(&str, Option<&DoneRecord>)> = entries
+                .iter()
+                .map(|(key, record)| (key.as_str(), record.as_ref()))
+                .collect();
+            store.narrow_outbox(&refs)
+        })
+        .await;
+        if let Err(error) = result {
+            // A wider entry than needed only re-publishes, inside the duplicate window.
+            tracing::warn!(%error, "recording what was published failed");
+        }
+    }
+
+    async fn clear_outbox(&self, keys: Vec<String>) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let result = blocking(move || {
+            let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            store.clear_outbox(&refs)
+        })
+        .await;
+        if let Err(error) = result {
+            // Harmless: a stale outbox entry only causes a re-publish on the next start.
+            tracing::warn!(%error, "clearing the outbox failed");
+        }
+    }
+
+    /// Turns a plugin's outcome into the exact messages to publish for this input.
+    fn record_for(&self, input: &Input, key: &str, outcome: Outcome) -> DoneRecord {
+        let (kind, reason) = match outcome {
+            Outcome::Outputs(outputs) => match self.policy.outbound(key, outputs) {
+                Ok(messages) => {
+                    return DoneRecord {
+                        disposition: Disposition::Transformed,
+                        messages,
+                    };
+                }
+                Err(reason) => (FailureKind::OutputRejected, reason),
+            },
+            Outcome::Failed { kind, reason } => (kind, reason),
+        };
+        Stats::add(&self.stats.dead_lettered, 1);
+        self.dead_letter_record(input, key, kind, &reason)
+    }
+
+    fn dead_letter_record(
+        &self,
+        input: &Input,
+        key: &str,
+        kind: FailureKind,
+        reason: &str,
+    ) -> DoneRecord {
+        tracing::info!(dedup_key = key, kind = kind.as_str(), reason = %text::escaped(reason, LOGGED_REASON), "input dead-lettered");
+        DoneRecord {
+            disposition: Disposition::DeadLettered,
+            messages: vec![self.dead_letters.letter(input, key, kind, reason)],
+        }
+    }
+}
+
+fn fatal_store(error: impl Fault) -> Fatal {
+    Fatal::Store(Box::new(error))
+}
+
+/// A store call's failure: the store's own, or the blocking task's.
+#[derive(Debug, thiserror::Error)]
+enum Blocking<E> {
+    #[error(transparent)]
+    Store(E),
+    /// The call panicked: a bug in the store adapter, never transient.
+    #[error("a store call panicked: {0} (a bug in weir: report it)")]
+    Panicked(String),
+}
+
+impl<E: Fault> Fault for Blocking<E> {
+    fn is_transient(&self) -> bool {
+        match self {
+            Blocking::Store(error) => error.is_transient(),
+            Blocking::Panicked(_) => false,
+        }
+    }
+}
+
+/// Runs a store call on the blocking pool.
+async fn blocking<T: Send + 'static, E: Fault>(
+    call: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, Blocking<E>> {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(result) => result.map_err(Blocking::Store),
+        Err(join) => Err(Blocking::Panicked(join.to_string())),
+    }
+}
+
+/// One input's messages on their way to the server.
+struct Publication {
+    /// The input's place in its batch; `None` for an outbox entry replayed on start.
+    index: Option<usize>,
+    key: String,
+    record: Arc<DoneRecord>,
+    /// Per message of `record`: the server has it.
+    acknowledged: Vec<bool>,
+    /// `record` is already the barest dead letter there is.
+    bare: bool,
+}
+
+impl Publication {
+    fn new(index: Option<usize>, key: &str, record: Arc<DoneRecord>) -> Publication {
+        Publication {
+            index,
+            key: key.to_owned(),
+            acknowledged: vec![false; record.messages.len()],
+            record,
+            bare: false,
+        }
+    }
+
+    /// The indexes of the messages the server does not have yet.
+    fn pending(&self) -> impl Iterator<Item = usize> + '_ {
+        self.acknowledged
+            .iter()
+            .enumerate()
+            .filter(|(_, acknowledged)| !**acknowledged)
+            .map(|(index, _)| index)
+    }
+
+    /// What is left to publish, as an outbox entry; `None` when nothing is.
+    fn remaining(&self) -> Option<DoneRecord> {
+        let messages: Vec<OutboundMessage> = self
+            .pending()
+            .map(|index| self.record.messages[index].clone())
+            .collect();
+        (!messages.is_empty()).then_some(DoneRecord {
+            disposition: self.record.disposition,
+            messages,
+        })
+    }
+
+    /// Publishes `record` instead, from its first message.
+    fn replace(&mut self, record: DoneRecord) {
+        self.bare = self.record.disposition == Disposition::DeadLettered;
+        self.acknowledged = vec![false; record.messages.len()];
+        self.record = Arc::new(record);
+    }
+}
+
+/// A batch whose messages are published, waiting for its inputs to be acked.
+struct PublishedBatch<D> {
+    batch: Vec<D>,
+    /// Per input, its key if this batch published its messages: then its outbox entry goes
+    /// once it is acked.
+    published: Vec<Option<String>>,
+}
+
+/// A batch whose results are committed, waiting to be published and acked.
+struct CommittedBatch<D> {
+    batch: Vec<D>,
+    staged: Staged,
+}
+
+/// What the commit stage leaves for the publish stage.
+struct Staged {
+    /// What to publish per input; `None` where nothing needs publishing.
+    records: Vec<Option<Arc<DoneRecord>>>,
+    /// Indexes of inputs committed by an earlier batch whose outbox entry was still there
+    /// at lookup: looked up again just before publishing.
+    recheck: Vec<usize>,
+    /// Every input's dedup key, in batch order.
+    keys: Vec<String>,
+}
+
+/// Paces the retries of one transient operation: logs each failure and waits with backoff.
+struct Retrier<'a> {
+    what: &'static str,
+    shutdown: &'a CancellationToken,
+    backoff: Backoff,
+}
+
+impl<'a> Retrier<'a> {
+    fn new(what: &'static str, shutdown: &'a CancellationToken) -> Retrier<'a> {
+        Retrier {
+            what,
+            shutdown,
+            backoff: Backoff::new(),
+        }
+    }
+
+    /// Records a failure and waits before the next try; false if shutdown came first.
+    async fn failed(&mut self, error: impl std::fmt::Display) -> bool {
+        let delay = self.backoff.next_delay();
+        let what = self.what;
+        tracing::warn!(%error, retry_in = ?delay, "{what} failed; retrying");
+        if sleep_unless_shutdown(delay, self.shutdown).await {
+            true
+        } else {
+            tracing::warn!("shutting down with {what} unfinished; its inputs stay unacked");
+            false
+        }
+    }
+}

@@ -1,0 +1,492 @@
+//! The core's message path against the fakes: every crash window and fault of the issue
+//! list, each in milliseconds, on tokio's paused clock (retries and keepalives advance it;
+//! no test sleeps on a real one).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::dead_letter::{DeadLetterHeaders, DeadLetterSchema};
+use crate::fakes::{CrashProbe, FakePublisher, FakeRuntime, FakeSource, FakeStore, World};
+use crate::headers::MSG_ID_HEADER;
+use crate::input::DedupMode;
+use crate::pipeline::{Fatal, Pipeline, Settings};
+use crate::policy::OutputPolicy;
+use crate::ports::{NoProbe, Point, Probe};
+use crate::stats::Stats;
+
+const BATCH: usize = 4;
+
+fn pipeline<Pr: Probe>(
+    world: &Arc<World>,
+    store: Option<&Arc<FakeStore>>,
+    runtime: &Arc<FakeRuntime>,
+    probe: Pr,
+    dedup: DedupMode,
+) -> Pipeline<FakeStore, FakePublisher, Arc<FakeRuntime>, Pr> {
+    Pipeline {
+        settings: Settings {
+            name: "p".into(),
+            dedup,
+            input_stream: "IN".into(),
+            ack_wait: Duration::from_secs(30),
+        },
+        store: store.cloned(),
+        publisher: FakePublisher {
+            world: world.clone(),
+        },
+        runtime: runtime.clone(),
+        probe,
+        policy: OutputPolicy {
+            pipeline: "p".into(),
+            prefix: "out".into(),
+            max_outputs: 10,
+            max_output_bytes: 1 << 20,
+            max_message_bytes: 1 << 20,
+        },
+        dead_letters: DeadLetterSchema {
+            pipeline: "p".into(),
+            dlq_subject: "dlq".into(),
+            input_stream: "IN".into(),
+            plugin_sha256: "fake".into(),
+            max_message_bytes: 1 << 20,
+        },
+        stats: Arc::new(Stats::default()),
+    }
+}
+
+/// One "process" that runs until every input is acked, then stops cleanly.
+async fn run_to_the_end(world: &Arc<World>, store: &Arc<FakeStore>, runtime: &Arc<FakeRuntime>) {
+    let pipeline = pipeline(
+        world,
+        Some(store),
+        runtime,
+        NoProbe,
+        DedupMode::StreamSequence,
+    );
+    let shutdown = CancellationToken::new();
+    let run = pipeline.run(FakeSource::new(world, BATCH), shutdown.clone());
+    let stop = async {
+        world.all_acked().await;
+        shutdown.cancel();
+    };
+    let (result, ()) = tokio::join!(run, stop);
+    result.expect("a clean stop");
+}
+
+/// One "process" killed (its future dropped, no cleanup) the `nth` time it reaches `at`.
+/// Returns whether it got there before running out of work.
+async fn run_until_killed(
+    world: &Arc<World>,
+    store: &Arc<FakeStore>,
+    runtime: &Arc<FakeRuntime>,
+    at: Point,
+    nth: usize,
+) -> bool {
+    let probe = CrashProbe::new(at, nth);
+    let crashed = probe.crashed.clone();
+    let pipeline = pipeline(
+        world,
+        Some(store),
+        runtime,
+        probe,
+        DedupMode::StreamSequence,
+    );
+    let shutdown = CancellationToken::new();
+    tokio::select! {
+        result = pipeline.run(FakeSource::new(world, BATCH), shutdown.clone()) => {
+            panic!("the pipeline stopped on its own: {result:?}")
+        }
+        () = crashed.notified() => true,
+        () = world.all_acked() => false,
+    }
+}
+
+/// The ids every payload must produce, each exactly once.
+fn expected_ids(payloads: &[&str]) -> Vec<String> {
+    let mut ids: Vec<String> = payloads
+        .iter()
+        .enumerate()
+        .flat_map(|(index, payload)| {
+            let key = format!("IN@1#{}", index + 1);
+            match *payload {
+                p if p.starts_with("bad") => vec![format!("p:{key}:dlq")],
+                p if p.starts_with("two") => vec![format!("p:{key}:0"), format!("p:{key}:1")],
+                _ => vec![format!("p:{key}:0")],
+            }
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Every expected message stored exactly once, nothing else, every input acked.
+fn assert_exactly_once(world: &World, payloads: &[&str]) {
+    let mut stored: Vec<String> = world.stored().into_iter().map(|m| m.msg_id).collect();
+    stored.sort();
+    assert_eq!(stored, expected_ids(payloads), "each output exactly once");
+    assert_eq!(world.acked(), payloads.len(), "every input acked");
+}
+
+const WORKLOAD: [&str; 10] = [
+    "o-1", "two-2", "bad-3", "o-4", "o-5", "two-6", "o-7", "bad-8", "o-9", "o-10",
+];
+
+#[tokio::test(start_paused = true)]
+async fn without_faults_every_input_is_published_once() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    world.publish_inputs(&WORKLOAD);
+    run_to_the_end(&world, &store, &runtime).await;
+    assert_exactly_once(&world, &WORKLOAD);
+    assert_eq!(runtime.calls.load(Ordering::SeqCst), WORKLOAD.len());
+    assert_eq!(
+        store.outbox_len(),
+        0,
+        "the outbox is empty once all is acked"
+    );
+    let letters: Vec<_> = world
+        .stored()
+        .into_iter()
+        .filter(|m| m.subject == "dlq")
+        .collect();
+    assert_eq!(
+        DeadLetterHeaders::parse(&letters[0].headers).kind,
+        "invalid-input"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_at_each_point_then_a_restart_leaves_every_output_exactly_once() {
+    for at in [
+        Point::Fetched,
+        Point::Executed,
+        Point::Committed,
+        Point::Published,
+        Point::Acked,
+    ] {
+        for nth in [1, 2] {
+            let (world, store, runtime) =
+                (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+            world.publish_inputs(&WORKLOAD);
+            assert!(
+                run_until_killed(&world, &store, &runtime, at, nth).await,
+                "the path reached {at:?} {nth} times"
+            );
+            run_to_the_end(&world, &store, &runtime).await;
+            assert_exactly_once(&world, &WORKLOAD);
+            // A committed input never runs again: inputs run once, plus those of the batch
+            // in hand before its commit.
+            let calls = runtime.calls.load(Ordering::SeqCst);
+            let rerun = matches!(at, Point::Fetched | Point::Executed);
+            assert!(
+                calls == WORKLOAD.len() || (rerun && calls <= WORKLOAD.len() + BATCH),
+                "{at:?} {nth}: {calls} calls"
+            );
+            if !rerun {
+                assert_eq!(
+                    calls,
+                    WORKLOAD.len(),
+                    "{at:?} {nth}: nothing committed runs again"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_redelivered_input_committed_but_not_published_is_published_from_the_store() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    world.publish_inputs(&WORKLOAD[..BATCH]);
+    assert!(run_until_killed(&world, &store, &runtime, Point::Committed, 1).await);
+    assert!(
+        world.stored().is_empty(),
+        "killed before anything was published"
+    );
+    run_to_the_end(&world, &store, &runtime).await;
+    assert_exactly_once(&world, &WORKLOAD[..BATCH]);
+    assert_eq!(
+        runtime.calls.load(Ordering::SeqCst),
+        BATCH,
+        "the plugin ran once per input"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_repeated_inside_a_batch_runs_once_and_publishes_once() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    world.publish_input_with_headers("o-1", &[(MSG_ID_HEADER, "order-1")]);
+    world.publish_input_with_headers("o-1", &[(MSG_ID_HEADER, "order-1")]);
+    world.publish_inputs(&["o-3"]);
+    let pipeline = pipeline(&world, Some(&store), &runtime, NoProbe, DedupMode::MsgId);
+    let shutdown = CancellationToken::new();
+    let stop = async {
+        world.all_acked().await;
+        shutdown.cancel();
+    };
+    let (result, ()) = tokio::join!(
+        pipeline.run(FakeSource::new(&world, BATCH), shutdown.clone()),
+        stop
+    );
+    result.unwrap();
+    let ids: Vec<String> = world.stored().into_iter().map(|m| m.msg_id).collect();
+    assert_eq!(ids, ["p:msg-id:order-1:0", "p:IN@1#3:0"]);
+    assert_eq!(runtime.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(world.acked(), 3, "both copies are acked");
+}
+
+#[tokio::test(start_paused = true)]
+async fn acks_that_fail_cost_a_redelivery_that_the_lookup_absorbs() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    world.publish_inputs(&WORKLOAD);
+    world.fail_acks(3);
+    // The first "process" acks all but three, then is stopped; the next one gets those
+    // three again.
+    {
+        let pipeline = pipeline(
+            &world,
+            Some(&store),
+            &runtime,
+            NoProbe,
+            DedupMode::StreamSequence,
+        );
+        let shutdown = CancellationToken::new();
+        let stop = async {
+            while world.acked() < WORKLOAD.len() - 3 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            shutdown.cancel();
+        };
+        let (result, ()) = tokio::join!(
+            pipeline.run(FakeSource::new(&world, BATCH), shutdown.clone()),
+            stop
+        );
+        result.unwrap();
+    }
+    run_to_the_end(&world, &store, &runtime).await;
+    assert_exactly_once(&world, &WORKLOAD);
+    assert_eq!(runtime.calls.load(Ordering::SeqCst), WORKLOAD.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_fails_for_a_while_is_retried() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    world.publish_inputs(&WORKLOAD);
+    store.fail_next(5);
+    run_to_the_end(&world, &store, &runtime).await;
+    assert_exactly_once(&world, &WORKLOAD);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_corrupt_store_stops_the_pipeline_with_nothing_acked() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    world.publish_inputs(&WORKLOAD);
+    store.corrupt();
+    let pipeline = pipeline(
+        &world,
+        Some(&store),
+        &runtime,
+        NoProbe,
+        DedupMode::StreamSequence,
+    );
+    let result = pipeline
+        .run(FakeSource::new(&world, BATCH), CancellationToken::new())
+        .await;
+    assert!(matches!(result, Err(Fatal::Store(_))), "{result:?}");
+    assert_eq!(world.acked(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_plugin_call_that_panics_stops_the_pipeline_loudly_with_nothing_acked() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    world.publish_inputs(&WORKLOAD);
+    runtime.panic_next.store(true, Ordering::SeqCst);
+    let pipeline = pipeline(
+        &world,
+        Some(&store),
+        &runtime,
+        NoProbe,
+        DedupMode::StreamSequence,
+    );
+    let result = pipeline
+        .run(FakeSource::new(&world, BATCH), CancellationToken::new())
+        .await;
+    match result {
+        Err(Fatal::PluginCrashed(message)) => assert!(message.contains("index out of bounds")),
+        other => panic!("expected a fatal error, got {other:?}"),
+    }
+    assert_eq!(world.acked(), 0);
+    assert!(world.stored().is_empty());
+    assert_eq!(store.commits(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runtime_out_of_instances_is_retried_and_never_dead_letters() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    let valid = ["o-1", "o-2", "o-3"];
+    world.publish_inputs(&valid);
+    runtime.exhausted.store(4, Ordering::SeqCst);
+    run_to_the_end(&world, &store, &runtime).await;
+    assert_exactly_once(&world, &valid);
+    assert!(world.stored().iter().all(|m| m.subject != "dlq"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn publishes_failing_for_a_while_ack_nothing_and_publish_nothing_twice() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    world.publish_inputs(&WORKLOAD[..BATCH]);
+    // Dead letters fail (their stream is gone); outputs go through.
+    world.fail_subject(Some("dlq"));
+    let pipeline = Arc::new(pipeline(
+        &world,
+        Some(&store),
+        &runtime,
+        NoProbe,
+        DedupMode::StreamSequence,
+    ));
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let (pipeline, world, shutdown) = (pipeline.clone(), world.clone(), shutdown.clone());
+        async move { pipeline.run(FakeSource::new(&world, BATCH), shutdown).await }
+    });
+    // A minute of retries, with the duplicate window passing again and again.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        world.expire_duplicate_window();
+    }
+    assert_eq!(world.acked(), 0, "nothing of the held batch is acked");
+    world.fail_subject(None);
+    world.all_acked().await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert_exactly_once(&world, &WORKLOAD[..BATCH]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partly_published_input_killed_and_restarted_publishes_only_the_rest() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    let payloads = ["two-1"];
+    world.publish_inputs(&payloads);
+    world.fail_subject(Some("out.b"));
+    let pipeline = Arc::new(pipeline(
+        &world,
+        Some(&store),
+        &runtime,
+        NoProbe,
+        DedupMode::StreamSequence,
+    ));
+    let running = tokio::spawn({
+        let (pipeline, world) = (pipeline.clone(), world.clone());
+        async move {
+            pipeline
+                .run(FakeSource::new(&world, BATCH), CancellationToken::new())
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        world.stored().len(),
+        1,
+        "out.a is published, out.b keeps failing"
+    );
+    // kill -9 while retrying; then the window passes before the restart.
+    running.abort();
+    let _ = running.await;
+    world.expire_duplicate_window();
+    world.fail_subject(None);
+    run_to_the_end(&world, &store, &runtime).await;
+    assert_exactly_once(&world, &payloads);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_refused_for_good_becomes_a_dead_letter_and_the_batch_goes_on() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    world.publish_inputs(&["o-1", "big-2", "o-3"]);
+    world.refuse_larger_than(500);
+    run_to_the_end(&world, &store, &runtime).await;
+    let stored = world.stored();
+    let ids: Vec<&str> = stored.iter().map(|m| m.msg_id.as_str()).collect();
+    assert_eq!(ids, ["p:IN@1#1:0", "p:IN@1#3:0", "p:IN@1#2:dlq"]);
+    let letter = DeadLetterHeaders::parse(&stored[2].headers);
+    assert_eq!(letter.kind, "output-rejected");
+    assert!(
+        letter.reason.contains("refused output 0 for good"),
+        "{}",
+        letter.reason
+    );
+    // The store says so too: a redelivery publishes the dead letter, not the output.
+    let committed = crate::ports::DedupStore::lookup(&*store, &["IN@1#2"]).unwrap();
+    assert_eq!(
+        committed[0].as_ref().unwrap().record.disposition,
+        crate::record::Disposition::DeadLettered
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_while_a_stage_retries_acks_nothing_of_that_batch() {
+    // The store fails (lookup, then commit), or the publish does, when shutdown comes.
+    type Setup = fn(&World, &FakeStore);
+    let stuck: [(&str, Setup); 3] = [
+        ("lookup", |_, store| store.fail_next(1_000)),
+        ("publish", |world, _| world.fail_publishes(1_000_000)),
+        ("publish of dead letters", |world, _| {
+            world.fail_subject(Some("dlq"))
+        }),
+    ];
+    for (stage, setup) in stuck {
+        let (world, store, runtime) =
+            (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+        world.publish_inputs(&WORKLOAD[..BATCH]);
+        setup(&world, &store);
+        let pipeline = pipeline(
+            &world,
+            Some(&store),
+            &runtime,
+            NoProbe,
+            DedupMode::StreamSequence,
+        );
+        let shutdown = CancellationToken::new();
+        let stop = async {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            shutdown.cancel();
+        };
+        let (result, ()) = tokio::join!(
+            pipeline.run(FakeSource::new(&world, BATCH), shutdown.clone()),
+            stop
+        );
+        result.unwrap();
+        assert_eq!(world.acked(), 0, "{stage}: nothing acked");
+        // Healed, a restart finishes the job.
+        store.fail_next(0);
+        world.fail_publishes(0);
+        world.fail_subject(None);
+        run_to_the_end(&world, &store, &runtime).await;
+        assert_exactly_once(&world, &WORKLOAD[..BATCH]);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_least_once_keeps_no_store_and_relies_on_the_window() {
+    let (world, runtime) = (World::new(), Arc::new(FakeRuntime::new()));
+    world.publish_inputs(&WORKLOAD);
+    let pipeline = pipeline(&world, None, &runtime, NoProbe, DedupMode::StreamSequence);
+    let shutdown = CancellationToken::new();
+    let stop = async {
+        world.all_acked().await;
+        shutdown.cancel();
+    };
+    let (result, ()) = tokio::join!(
+        pipeline.run(FakeSource::new(&world, BATCH), shutdown.clone()),
+        stop
+    );
+    result.unwrap();
+    assert_exactly_once(&world, &WORKLOAD);
+    let by_subject: HashMap<String, usize> =
+        world.stored().iter().fold(HashMap::new(), |mut counts, m| {
+            *counts.entry(m.subject.clone()).or_default() += 1;
+            counts
+        });
+    assert_eq!(by_subject["dlq"], 2);
+}

@@ -1,0 +1,168 @@
+//! The ports: what the core needs from the world, as small traits. The adapters implement
+//! them (weir's NATS side, RocksDB store and wasm sandbox); `fakes` implements them in
+//! memory, so that every crash window and fault is a unit test of the core.
+
+use std::future::Future;
+
+use crate::input::Input;
+use crate::plugin::{Outcome, TransformInput};
+use crate::record::{DoneRecord, OutboundMessage};
+
+/// A failure of an adapter, and whether retrying may heal it.
+pub trait Fault: std::error::Error + Send + Sync + 'static {
+    /// True for what passes (a server away, a full disk, a timeout); false for what retrying
+    /// cannot heal (a corrupt record, a bug), which stops the pipeline.
+    fn is_transient(&self) -> bool;
+}
+
+/// One delivered input, and how to settle it with the server.
+pub trait Delivery: Send + Sync + 'static {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    fn input(&self) -> &Input;
+    /// Acknowledges it and waits for the server to confirm (a double ack).
+    fn ack(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Acknowledges it without waiting for the server (a plain ack).
+    fn ack_unconfirmed(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Tells the server it is still being worked on, so that it is not redelivered.
+    fn progress(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Where inputs come from: the durable consumer.
+pub trait Source: Send {
+    type Delivery: Delivery;
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The next batch: waits for a first input, then takes what arrives within the batch
+    /// wait. Cancel-safe: dropping the future loses nothing. An error is transient: the core
+    /// waits and asks again.
+    fn next_batch(
+        &mut self,
+    ) -> impl Future<Output = Result<Vec<Self::Delivery>, Self::Error>> + Send;
+}
+
+/// Why the server did not take a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// It refuses this message for what it is, and would on every retry.
+    #[error("refused for good: {0}")]
+    Refused(String),
+    /// Anything else (no connection, no stream yet, a timeout): retry later.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Where outputs and dead letters go.
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes every message and waits until the server has answered each: per message,
+    /// in order, `Ok` once the server has it (a duplicate counts), or why not. A failed
+    /// message does not stop the others.
+    fn publish_each(
+        &self,
+        messages: &[&OutboundMessage],
+    ) -> impl Future<Output = Vec<Result<(), PublishError>>> + Send;
+}
+
+/// A committed input: its record, and what of it the server has not acknowledged yet (its
+/// outbox entry; `None` once everything is).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub record: DoneRecord,
+    pub unpublished: Option<DoneRecord>,
+}
+
+/// The dedup store: which inputs are done, and what is left to publish for them. Its calls
+/// block (they touch the disk): the core runs them on blocking threads.
+pub trait DedupStore: Send + Sync + 'static {
+    type Error: Fault;
+
+    /// The committed records of `keys`, in order; `None` for keys never committed (or
+    /// forgotten after the retention).
+    fn lookup(&self, keys: &[&str]) -> Result<Vec<Option<Committed>>, Self::Error>;
+    /// Durably records done inputs and their outbox entries (the whole record), all or
+    /// nothing, before returning.
+    fn commit(&self, records: &[(&str, &DoneRecord)]) -> Result<(), Self::Error>;
+    /// Narrows outbox entries to what is left to publish (`None`: nothing, the entry goes).
+    fn narrow_outbox(&self, entries: &[(&str, Option<&DoneRecord>)]) -> Result<(), Self::Error>;
+    /// Removes outbox entries whose messages are all acknowledged.
+    fn clear_outbox(&self, keys: &[&str]) -> Result<(), Self::Error>;
+    /// Every outbox entry: what was committed but not known to be published.
+    fn pending_outbox(&self) -> Result<Vec<(String, DoneRecord)>, Self::Error>;
+    /// Makes the store writable again after a failed write.
+    fn reopen(&self) -> Result<(), Self::Error>;
+}
+
+/// Why a batch's plugin calls did not all run. Neither is the input's fault: nothing is
+/// dead-lettered for it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunError {
+    /// The runtime has no instance free: transient, retry later.
+    #[error("the plugin runtime has no instance free: {0}")]
+    Exhausted(String),
+    /// A call panicked in the host: a bug, which stops the pipeline.
+    #[error("a plugin call panicked: {0}")]
+    Panicked(String),
+}
+
+/// The plugin runtime: runs inputs through the pipeline's plugin.
+pub trait PluginRuntime: Send + Sync + 'static {
+    /// The sha256 of the plugin, recorded with every dead letter.
+    fn sha256(&self) -> &str;
+    /// Runs each input in a fresh instance; the outcomes are in input order.
+    fn run_all(
+        &self,
+        inputs: Vec<TransformInput>,
+    ) -> impl Future<Output = Result<Vec<Outcome>, RunError>> + Send;
+}
+
+impl<T: PluginRuntime> PluginRuntime for std::sync::Arc<T> {
+    fn sha256(&self) -> &str {
+        (**self).sha256()
+    }
+
+    fn run_all(
+        &self,
+        inputs: Vec<TransformInput>,
+    ) -> impl Future<Output = Result<Vec<Outcome>, RunError>> + Send {
+        (**self).run_all(inputs)
+    }
+}
+
+/// A named point of the message path, in path order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// A batch in hand, nothing looked up.
+    Fetched,
+    /// Plugin outcomes in memory, nothing committed.
+    Executed,
+    /// The batch durably committed, nothing published.
+    Committed,
+    /// Outputs acknowledged by the server, inputs not acked.
+    Published,
+    /// Inputs acked, outbox not cleared.
+    Acked,
+}
+
+impl Point {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Point::Fetched => "fetched",
+            Point::Executed => "executed",
+            Point::Committed => "committed",
+            Point::Published => "published",
+            Point::Acked => "acked",
+        }
+    }
+}
+
+/// Watches the message path pass its points: where the tests strike (a crash, a pause).
+pub trait Probe: Send + Sync + 'static {
+    fn reached(&self, point: Point) -> impl Future<Output = ()> + Send;
+}
+
+/// The probe of a production pipeline: nothing happens at any point.
+pub struct NoProbe;
+
+impl Probe for NoProbe {
+    async fn reached(&self, _point: Point) {}
+}
