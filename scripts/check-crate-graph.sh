@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Fails if the crate graph breaks a boundary ARCHITECTURE.md states: weir-core reaches none
-# of wasmtime, rocksdb, async-nats or an HTTP framework, through any path of normal
-# dependencies. Reads `cargo metadata`; builds nothing.
+# Fails if the crate graph breaks a boundary ARCHITECTURE.md states, through any path of
+# normal dependencies: weir-core reaches none of wasmtime, rocksdb, async-nats or an HTTP
+# framework; each adapter (weir-sandbox, weir-store, weir-nats) reaches no other adapter and
+# no other adapter's dependency; and weir, the wiring, imports none of those dependencies
+# itself. Reads `cargo metadata`; builds nothing.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cargo metadata --quiet --format-version 1 --manifest-path "$repo/Cargo.toml" | python3 -c '
@@ -16,10 +18,20 @@ for node in metadata["resolve"]["nodes"]:
         if any(kind["kind"] is None for kind in dep["dep_kinds"])
     ]
 
+WASM = {"wasmtime", "wasmtime-wasi", "cranelift-codegen"}
+ROCKSDB = {"rocksdb", "librocksdb-sys"}
+NATS = {"async-nats"}
+HTTP = {"axum", "hyper"}
 # crate -> what it must never reach.
 RULES = {
-    "weir-core": {"wasmtime", "wasmtime-wasi", "rocksdb", "librocksdb-sys", "async-nats",
-                  "axum", "hyper", "cranelift-codegen"},
+    "weir-core": WASM | ROCKSDB | NATS | HTTP,
+    "weir-sandbox": ROCKSDB | NATS | HTTP | {"weir-store", "weir-nats", "weir"},
+    "weir-store": WASM | NATS | HTTP | {"weir-sandbox", "weir-nats", "weir"},
+    "weir-nats": WASM | ROCKSDB | HTTP | {"weir-sandbox", "weir-store", "weir"},
+}
+# crate -> what it must not import itself (it reaches them only through its adapters).
+DIRECT = {
+    "weir": WASM | ROCKSDB | NATS,
 }
 
 def reachable(start):
@@ -51,7 +63,16 @@ for crate, forbidden in RULES.items():
             print(f"check-crate-graph: {crate} must not depend on {names[node]}: "
                   + " -> ".join(reversed(path)), file=sys.stderr)
             failed = True
+for crate, forbidden in DIRECT.items():
+    ids = [i for i, name in names.items() if name == crate]
+    for dep in normal.get(ids[0], []) if ids else []:
+        if names[dep] in forbidden:
+            print(f"check-crate-graph: {crate} imports {names[dep]} itself: only its adapter may",
+                  file=sys.stderr)
+            failed = True
 if failed:
     sys.exit(1)
-print("check-crate-graph: " + ", ".join(f"{c} reaches none of {len(f)} forbidden crates" for c, f in RULES.items()))
+print("check-crate-graph: ok (" + "; ".join(
+    [f"{c} reaches none of {len(f)} forbidden crates" for c, f in RULES.items()]
+    + [f"{c} imports none of {len(f)} adapter dependencies" for c, f in DIRECT.items()]) + ")")
 '

@@ -2,10 +2,10 @@
 //! process's resident memory is back near where it was. (Its own test binary, so that no
 //! other test's allocations blur the measurement.)
 
-use weir::config::{LimitsConfig, SandboxConfig};
-use weir::sandbox::Sandbox;
 use weir_core::plugin::{Outcome, TransformInput};
 use weir_core::policy::OutputPolicy;
+use weir_sandbox::Sandbox;
+use weir_sandbox::{LimitsConfig, SandboxConfig};
 use weir_tests::plugin;
 
 fn resident_bytes() -> u64 {

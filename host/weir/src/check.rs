@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use crate::broker::Broker;
 use crate::config::{Config, ConfigError, PipelineConfig};
-use crate::sandbox::Sandbox;
-use crate::store::{Store, StoreError, StoreSettings};
+use weir_nats::Broker;
+use weir_sandbox::Sandbox;
+use weir_store::{Store, StoreError, StoreSettings};
 
 /// One checked item: what was looked at, and what was found.
 pub struct Finding {

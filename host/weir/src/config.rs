@@ -12,6 +12,8 @@ use serde::Deserialize;
 pub use weir_core::Mode;
 pub use weir_core::input::DedupMode;
 use weir_core::subject;
+pub use weir_nats::{BatchConfig, InputConfig, NatsConfig, OutputConfig};
+pub use weir_sandbox::{LimitsConfig, MAX_THREADS, MAX_WASM_STACK, SandboxConfig};
 
 /// A whole configuration file: one or more pipelines.
 #[derive(Debug, Clone, Deserialize)]
@@ -24,63 +26,6 @@ pub struct Config {
     #[serde(rename = "pipeline")]
     pub pipelines: Vec<PipelineConfig>,
 }
-
-/// Settings of the one wasm engine all pipelines share.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SandboxConfig {
-    /// The most stack a plugin call may use, in bytes. By default 512 KiB, at most 1 MiB;
-    /// deep recursion past it traps ("stack overflow") and the input goes to the DLQ.
-    pub max_stack_bytes: usize,
-    /// Keep compiled plugins on disk, so that a restart does not compile them again (a
-    /// Python component takes seconds). By default true.
-    pub compile_cache: bool,
-    /// Where; by default `$XDG_CACHE_HOME/weir/compiled` (or `~/.cache/weir/compiled`).
-    /// Relative to the configuration file. weir creates it private to its user, and will
-    /// not use one that others may write to.
-    pub compile_cache_dir: Option<PathBuf>,
-    /// How many plugin calls run at once, across all pipelines: a batch's inputs are spread
-    /// over this many threads. By default the number of cores, at most `MAX_THREADS`.
-    pub threads: usize,
-}
-
-/// The most plugin calls that may run at once (the engine's instance pool holds twice as
-/// many instances).
-pub const MAX_THREADS: usize = 32;
-
-impl Default for SandboxConfig {
-    fn default() -> Self {
-        SandboxConfig {
-            max_stack_bytes: 512 * 1024,
-            compile_cache: true,
-            compile_cache_dir: None,
-            threads: std::thread::available_parallelism()
-                .map_or(1, |cores| cores.get())
-                .min(MAX_THREADS),
-        }
-    }
-}
-
-impl SandboxConfig {
-    /// The directory of compiled plugins, if the cache is on and a place for it is known.
-    pub fn compile_cache_dir(&self) -> Option<PathBuf> {
-        if !self.compile_cache {
-            return None;
-        }
-        if let Some(dir) = &self.compile_cache_dir {
-            return Some(dir.clone());
-        }
-        let cache_home = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
-        Some(cache_home.join("weir").join("compiled"))
-    }
-}
-
-/// The largest wasm stack a plugin call may have: well inside the 2 MiB stacks of the
-/// threads that run plugins.
-pub const MAX_WASM_STACK: usize = 1024 * 1024;
-
 /// One pipeline: input stream → plugin → output subjects, exactly once.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,152 +67,12 @@ pub struct PipelineConfig {
     pub batch: BatchConfig,
 }
 
-/// How to reach the NATS server. Credentials and TLS are optional and combine as
-/// async-nats allows.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NatsConfig {
-    /// Server URL(s), comma-separated, e.g. `nats://127.0.0.1:4222`.
-    pub url: String,
-    /// A `.creds` file (JWT + nkey seed).
-    pub credentials_file: Option<PathBuf>,
-    pub user: Option<String>,
-    pub password: Option<String>,
-    pub token: Option<String>,
-    /// An nkey seed (`SU…`).
-    pub nkey_seed: Option<String>,
-    /// Require TLS. By default false (a `tls://` URL also turns it on).
-    #[serde(default)]
-    pub tls_required: bool,
-    /// A PEM file of root certificates to trust, in addition to the system's.
-    pub tls_ca_file: Option<PathBuf>,
-    /// A client certificate and its key (PEM), for mutual TLS; set both or neither.
-    pub tls_cert_file: Option<PathBuf>,
-    pub tls_key_file: Option<PathBuf>,
-    /// How long weir keeps trying to make its first connection, in milliseconds: a server
-    /// that refuses or does not answer (one that is restarting) is retried until then; any
-    /// other failure stops weir at once. By default 10000.
-    #[serde(default = "default_connect_timeout_ms")]
-    pub connect_timeout_ms: u64,
-    /// How often the client pings the server, in milliseconds. Two unanswered pings mark the
-    /// connection dead and start a reconnect: this bounds how long a link that dies without
-    /// a reset (a silent route, a frozen server) can hold the pipeline. By default 2000.
-    #[serde(default = "default_ping_interval_ms")]
-    pub ping_interval_ms: u64,
-}
-
 fn default_store_cache_mb() -> u64 {
     64
 }
 
 fn default_dedup_retention_secs() -> u64 {
     7 * 24 * 3600
-}
-
-fn default_connect_timeout_ms() -> u64 {
-    10_000
-}
-
-fn default_ping_interval_ms() -> u64 {
-    2000
-}
-
-/// Where inputs come from.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InputConfig {
-    /// The JetStream stream to consume.
-    pub stream: String,
-    /// The subject filter of the consumer, e.g. `orders.>`. Also the stream's subject when
-    /// weir creates the stream.
-    pub subject: String,
-    /// The durable consumer's name; weir creates it when it does not exist.
-    pub consumer: String,
-    /// Create the stream (file storage, subject = `subject`) when it does not exist. By
-    /// default true.
-    #[serde(default = "default_true")]
-    pub create_stream: bool,
-    /// How long the server waits for an ack before redelivering, in milliseconds. By default
-    /// 30000, at least 100. weir sends progress acks every half of it while a batch is in
-    /// hand, so a slow batch is not redelivered.
-    #[serde(default = "default_ack_wait_ms")]
-    pub ack_wait_ms: u64,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-fn default_ack_wait_ms() -> u64 {
-    30_000
-}
-
-/// Where outputs and dead letters go.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutputConfig {
-    /// The subject prefix a plugin publishes under: its output `x.y` goes to
-    /// `<prefix>.x.y`. Must not be matched by the input subject filter.
-    pub prefix: String,
-    /// The stream that stores the outputs. weir creates it (subjects `<prefix>` and
-    /// `<prefix>.>`) when it does not exist. Without it, some stream must already capture
-    /// the prefix.
-    pub stream: Option<String>,
-    /// The dead-letter subject: inputs the plugin rejected or failed on, with the reason.
-    pub dlq_subject: String,
-    /// The stream that stores dead letters, created when missing, as for `stream`.
-    pub dlq_stream: Option<String>,
-}
-
-/// What one plugin call may use. Exceeding a limit sends the input to the DLQ.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Fuel (roughly, wasm instructions) per message. By default 100 000 000. Deterministic:
-    /// an input that runs out always runs out.
-    pub fuel: u64,
-    /// Linear memory per instance, in bytes. By default 64 MiB.
-    pub memory_bytes: usize,
-    /// Wall-clock backstop per message, in milliseconds. By default 5000. Unlike fuel it
-    /// depends on the machine: keep it well above what the fuel budget takes to burn.
-    pub deadline_ms: u64,
-    /// The most outputs one message may produce. By default 1000.
-    pub max_outputs: usize,
-    /// The most output bytes (payloads and headers) one message may produce. By default 4 MiB.
-    pub max_output_bytes: usize,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            fuel: 100_000_000,
-            memory_bytes: 64 * 1024 * 1024,
-            deadline_ms: 5000,
-            max_outputs: 1000,
-            max_output_bytes: 4 * 1024 * 1024,
-        }
-    }
-}
-
-/// How inputs are grouped: one store commit (one fsync) and one round of publish acks per
-/// batch.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BatchConfig {
-    /// The most messages per batch. By default 256.
-    pub max_messages: usize,
-    /// How long to wait for more messages once a batch has its first, in milliseconds. By
-    /// default 5. Higher values give larger batches under light load, at that latency.
-    pub max_wait_ms: u64,
-}
-
-impl Default for BatchConfig {
-    fn default() -> Self {
-        BatchConfig {
-            max_messages: 256,
-            max_wait_ms: 5,
-        }
-    }
 }
 
 /// A configuration that cannot be used, with what to fix.
@@ -397,8 +202,8 @@ impl Config {
 
 impl PipelineConfig {
     /// What the dedup store of this pipeline is opened with.
-    pub fn store_settings(&self) -> crate::store::StoreSettings {
-        crate::store::StoreSettings {
+    pub fn store_settings(&self) -> weir_store::StoreSettings {
+        weir_store::StoreSettings {
             retention: std::time::Duration::from_secs(self.dedup_retention_secs),
             cache_bytes: usize::try_from(self.store_cache_mb)
                 .unwrap_or(usize::MAX)

@@ -16,8 +16,8 @@
 use weir_core::dead_letter::{self, DeadLetterHeaders};
 use weir_core::record::OutboundMessage;
 
-use crate::broker::{Broker, Publisher, StoredMessage};
 use crate::config::PipelineConfig;
+use weir_nats::{Broker, Publisher, StoredMessage};
 
 /// One dead letter, with what weir recorded about it.
 pub struct DeadLetter {
@@ -61,9 +61,9 @@ impl DeadLetter {
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
     #[error(transparent)]
-    Broker(#[from] crate::broker::BrokerError),
+    Broker(#[from] weir_nats::BrokerError),
     #[error(transparent)]
-    Publish(#[from] crate::broker::PublishFailure),
+    Publish(#[from] weir_nats::PublishFailure),
     #[error("no stream stores the DLQ subject {subject:?}: there are no dead letters to see yet")]
     NoStream { subject: String },
     #[error("dead letter {sequence} is not in stream {stream:?}: list them with `weir dlq list`")]

@@ -4,16 +4,12 @@
 //! [`run`] is the entry point: it validates everything a configuration names, then runs
 //! each pipeline until the shutdown token fires.
 
-pub mod broker;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod dlq;
 pub mod fault;
-pub mod harness;
 pub mod pipeline;
-pub mod sandbox;
-pub mod store;
 
 use tokio_util::sync::CancellationToken;
 
@@ -72,11 +68,11 @@ impl Error {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Plugin(#[from] sandbox::LoadError),
+    Plugin(#[from] weir_sandbox::LoadError),
     #[error(transparent)]
-    Store(#[from] store::StoreError),
+    Store(#[from] weir_store::StoreError),
     #[error(transparent)]
-    Broker(#[from] broker::BrokerError),
+    Broker(#[from] weir_nats::BrokerError),
 }
 
 /// What each pipeline did, reported when `run` returns.
@@ -97,7 +93,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunRepor
             message: problems.join("; "),
         }));
     }
-    let sandbox = sandbox::Sandbox::new(&config.sandbox, config.largest_memory_limit())
+    let sandbox = weir_sandbox::Sandbox::new(&config.sandbox, config.largest_memory_limit())
         .map_err(|e| Error::Engine(format!("{e:#}")))?;
     let mut pipelines = Vec::with_capacity(config.pipelines.len());
     for pipeline_config in config.pipelines {

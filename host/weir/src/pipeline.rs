@@ -13,12 +13,12 @@ use weir_core::pipeline::{Fatal, Settings};
 use weir_core::policy::{MAX_STORED_MESSAGE, OutputPolicy};
 use weir_core::stats::Stats;
 
-use crate::broker::{Broker, MessageSource, Publisher};
 use crate::config::PipelineConfig;
 use crate::fault::FaultProbe;
-use crate::sandbox::{Plugin, Sandbox};
-use crate::store::Store;
 use crate::{Error, StartError};
+use weir_nats::{Broker, MessageSource, Publisher};
+use weir_sandbox::{Plugin, Sandbox};
+use weir_store::Store;
 
 /// A pipeline whose plugin, store, streams and consumer are all in place.
 pub struct Pipeline {

@@ -522,7 +522,7 @@ async fn latency(server: &NatsServer, js: &jetstream::Context) {
 /// A fresh instance and one call per message, in this process: a trivial Rust transform,
 /// a JSON one, and the Python plugin (CPython in the component) with its deterministic WASI.
 fn sandbox_overhead() {
-    let sandbox = weir::sandbox::Sandbox::new(&weir::config::SandboxConfig::default(), 64 << 20)
+    let sandbox = weir_sandbox::Sandbox::new(&weir_sandbox::SandboxConfig::default(), 64 << 20)
         .expect("an engine");
     let cases: [(&str, &str, &[u8], usize); 3] = [
         ("Rust, echo", "hostile", &[b'.'; 256], 20_000),
@@ -545,7 +545,7 @@ fn sandbox_overhead() {
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let started = Instant::now();
         let loaded = sandbox
-            .load(&path, &weir::config::LimitsConfig::default())
+            .load(&path, &weir_sandbox::LimitsConfig::default())
             .expect("a plugin weir runs");
         let load_s = started.elapsed().as_secs_f64();
         let input = weir_core::plugin::TransformInput {
@@ -614,9 +614,9 @@ async fn malformed(count: usize) {
 fn store_scale(count: usize) {
     use weir_core::record::{Disposition, DoneRecord, OutboundMessage};
     let dir = tempfile::tempdir().expect("a temp dir");
-    let store = weir::store::Store::open(
+    let store = weir_store::Store::open(
         dir.path(),
-        weir::store::StoreSettings {
+        weir_store::StoreSettings {
             retention: Duration::from_secs(7 * 24 * 3600),
             cache_bytes: 64 << 20,
         },

@@ -148,11 +148,11 @@ fn a_python_plugin_passes_its_fixtures_on_deterministic_wasi() {
 #[test]
 fn the_harness_is_a_library_for_cargo_test() {
     let orders = repo_root().join("plugins/orders/fixtures");
-    let report = weir::harness::check(&plugin("orders"), &orders).expect("orders passes");
+    let report = weir_sandbox::harness::check(&plugin("orders"), &orders).expect("orders passes");
     assert_eq!((report.passed(), report.failed()), (4, 0));
 
     let stateful = repo_root().join("plugins/stateful/fixtures");
-    let failure = weir::harness::check(&plugin("stateful"), &stateful)
+    let failure = weir_sandbox::harness::check(&plugin("stateful"), &stateful)
         .err()
         .expect("a stateful plugin fails");
     assert!(failure.contains("NONDETERMINISTIC counts"), "{failure}");
@@ -162,9 +162,9 @@ fn the_harness_is_a_library_for_cargo_test() {
 #[test]
 fn compiled_plugins_are_cached_on_disk_and_a_bad_entry_is_compiled_again() {
     use std::os::unix::fs::PermissionsExt;
-    use weir::config::{LimitsConfig, SandboxConfig};
-    use weir::sandbox::Sandbox;
     use weir_core::plugin::{Outcome, TransformInput};
+    use weir_sandbox::Sandbox;
+    use weir_sandbox::{LimitsConfig, SandboxConfig};
 
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("compiled");

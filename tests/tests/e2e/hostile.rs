@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use weir::config::LimitsConfig;
-use weir::sandbox::Sandbox;
 use weir_core::plugin::{FailureKind, Outcome, PluginOutput, TransformInput};
+use weir_sandbox::LimitsConfig;
+use weir_sandbox::Sandbox;
 use weir_tests::*;
 
 const LIMITS: &str = r#"
@@ -174,7 +174,7 @@ fn input(payload: &str) -> TransformInput {
 
 #[test]
 fn fuel_exhaustion_is_deterministic_and_the_deadline_is_a_backstop() {
-    let settings = weir::config::SandboxConfig::default();
+    let settings = weir_sandbox::SandboxConfig::default();
     let sandbox = Sandbox::new(&settings, 16 << 20).unwrap();
     let limits = LimitsConfig {
         fuel: 5_000_000,
@@ -233,7 +233,7 @@ fn fuel_exhaustion_is_deterministic_and_the_deadline_is_a_backstop() {
 fn deeply_nested_json_is_invalid_input_not_a_crash() {
     // The orders plugin parses nested JSON recursively; serde_json's own depth limit (128)
     // turns very deep nesting into invalid input before the stack runs out.
-    let sandbox = Sandbox::new(&weir::config::SandboxConfig::default(), 64 << 20).unwrap();
+    let sandbox = Sandbox::new(&weir_sandbox::SandboxConfig::default(), 64 << 20).unwrap();
     let orders = sandbox
         .load(&plugin("orders"), &LimitsConfig::default())
         .unwrap();
@@ -253,7 +253,7 @@ fn deeply_nested_json_is_invalid_input_not_a_crash() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_spread_over_threads_comes_back_in_input_order() {
-    let settings = weir::config::SandboxConfig {
+    let settings = weir_sandbox::SandboxConfig {
         threads: 3,
         ..Default::default()
     };

@@ -3,9 +3,9 @@
 //! with its numbers, and one that holds the most a plugin may hold leaves every other
 //! pipeline's inputs alone.
 
-use weir::config::{LimitsConfig, SandboxConfig};
-use weir::sandbox::{LoadError, Sandbox};
 use weir_core::plugin::{Outcome, TransformInput};
+use weir_sandbox::{LimitsConfig, SandboxConfig};
+use weir_sandbox::{LoadError, Sandbox};
 use weir_tests::*;
 
 fn write_component(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use crate::config::{LimitsConfig, SandboxConfig};
-use crate::harness;
-use crate::sandbox::Sandbox;
+use weir_sandbox::Sandbox;
+use weir_sandbox::harness;
 
 use super::PluginCommand;
 
@@ -52,7 +52,7 @@ pub fn inspect(file: PathBuf) -> Result<(), crate::Error> {
     };
     println!("imports:  {}", list(&inspection.imports));
     println!("exports:  {}", list(&inspection.exports));
-    println!("contract: weir expects {}", crate::sandbox::CONTRACT_EXPORT);
+    println!("contract: weir expects {}", weir_sandbox::CONTRACT_EXPORT);
     match inspection.verdict {
         Ok(()) => {
             println!("runnable: yes");

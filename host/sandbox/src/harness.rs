@@ -28,13 +28,12 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{LimitsConfig, SandboxConfig};
 use weir_core::dead_letter::MAX_REASON_LEN;
 use weir_core::plugin::{FailureKind, Outcome, TransformInput};
 use weir_core::policy::OutputPolicy;
 use weir_core::text;
 
-use crate::sandbox::{Plugin, Sandbox, Usage};
+use crate::{LimitsConfig, Plugin, Sandbox, SandboxConfig, Usage};
 
 /// The output prefix the harness judges subjects under: as long as a typical pipeline's.
 const HARNESS_PREFIX: &str = "weir.plugin.test";
@@ -355,7 +354,7 @@ pub fn run_fixtures(plugin: &Plugin, dir: &Path, update: bool) -> Result<SuiteRe
 /// fn golden_fixtures() {
 ///     // After building the component (`weir plugin build`).
 ///     let component = "target/wasm32-wasip2/release/my_plugin.wasm";
-///     if let Err(report) = weir::harness::check(component.as_ref(), "fixtures".as_ref()) {
+///     if let Err(report) = weir_sandbox::harness::check(component.as_ref(), "fixtures".as_ref()) {
 ///         panic!("{report}");
 ///     }
 /// }

@@ -1,6 +1,8 @@
-//! The dedup store: which inputs are done, and what to publish for them.
+//! weir-store: the dedup store, which inputs are done and what to publish for them, as
+//! weir-core's `DedupStore`.
 //!
-//! This is the only module that imports rocksdb. Two column families:
+//! **Boundary:** the only crate of weir that imports rocksdb; it never depends on
+//! weir-sandbox or weir-nats. Two column families:
 //! - `done`: dedup key → commit time (8 bytes, big-endian Unix milliseconds) and the input's
 //!   `DoneRecord` (its outputs or its dead letter). An input whose key is here, and younger
 //!   than the retention, is never executed again. Older entries count as absent and are

@@ -1,6 +1,8 @@
-//! The wasm sandbox: loads plugin components and runs one message in a fresh instance.
+//! weir-sandbox: the wasm sandbox. It loads plugin components and runs one message in a
+//! fresh instance, as weir-core's `PluginRuntime`; `harness` is `weir plugin test`.
 //!
-//! This is the only module that imports wasmtime. A plugin has no clock, randomness, files or
+//! **Boundary:** the only crate of weir that imports wasmtime and wasmtime-wasi; it never
+//! depends on weir-store or weir-nats. A plugin has no clock, randomness, files or
 //! network of its own: everything it sees arrives in the message, which keeps transforms
 //! deterministic. A plugin that imports WASI 0.2 (one built with `std`, or by another
 //! language's toolchain) gets the deterministic WASI of `wasi.rs`; any other import is refused
@@ -9,7 +11,7 @@
 //! store.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -24,9 +26,10 @@ use weir_core::plugin::{FailureKind, Outcome, PluginOutput, TransformInput, sha2
 use weir_core::ports::PluginRuntime;
 pub use weir_core::ports::RunError;
 
-use crate::config::{LimitsConfig, MAX_THREADS, SandboxConfig};
+use serde::Deserialize;
 
 mod compile_cache;
+pub mod harness;
 mod wasi;
 
 mod bindings {
@@ -711,4 +714,90 @@ impl Drop for EpochTicker {
 
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Settings of the one wasm engine all pipelines share.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// The most stack a plugin call may use, in bytes. By default 512 KiB, at most 1 MiB;
+    /// deep recursion past it traps ("stack overflow") and the input goes to the DLQ.
+    pub max_stack_bytes: usize,
+    /// Keep compiled plugins on disk, so that a restart does not compile them again (a
+    /// Python component takes seconds). By default true.
+    pub compile_cache: bool,
+    /// Where; by default `$XDG_CACHE_HOME/weir/compiled` (or `~/.cache/weir/compiled`).
+    /// Relative to the configuration file. weir creates it private to its user, and will
+    /// not use one that others may write to.
+    pub compile_cache_dir: Option<PathBuf>,
+    /// How many plugin calls run at once, across all pipelines: a batch's inputs are spread
+    /// over this many threads. By default the number of cores, at most `MAX_THREADS`.
+    pub threads: usize,
+}
+
+/// The most plugin calls that may run at once (the engine's instance pool holds twice as
+/// many instances).
+pub const MAX_THREADS: usize = 32;
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            max_stack_bytes: 512 * 1024,
+            compile_cache: true,
+            compile_cache_dir: None,
+            threads: std::thread::available_parallelism()
+                .map_or(1, |cores| cores.get())
+                .min(MAX_THREADS),
+        }
+    }
+}
+
+impl SandboxConfig {
+    /// The directory of compiled plugins, if the cache is on and a place for it is known.
+    pub fn compile_cache_dir(&self) -> Option<PathBuf> {
+        if !self.compile_cache {
+            return None;
+        }
+        if let Some(dir) = &self.compile_cache_dir {
+            return Some(dir.clone());
+        }
+        let cache_home = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+        Some(cache_home.join("weir").join("compiled"))
+    }
+}
+
+/// The largest wasm stack a plugin call may have: well inside the 2 MiB stacks of the
+/// threads that run plugins.
+pub const MAX_WASM_STACK: usize = 1024 * 1024;
+
+/// What one plugin call may use. Exceeding a limit sends the input to the DLQ.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Fuel (roughly, wasm instructions) per message. By default 100 000 000. Deterministic:
+    /// an input that runs out always runs out.
+    pub fuel: u64,
+    /// Linear memory per instance, in bytes. By default 64 MiB.
+    pub memory_bytes: usize,
+    /// Wall-clock backstop per message, in milliseconds. By default 5000. Unlike fuel it
+    /// depends on the machine: keep it well above what the fuel budget takes to burn.
+    pub deadline_ms: u64,
+    /// The most outputs one message may produce. By default 1000.
+    pub max_outputs: usize,
+    /// The most output bytes (payloads and headers) one message may produce. By default 4 MiB.
+    pub max_output_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            fuel: 100_000_000,
+            memory_bytes: 64 * 1024 * 1024,
+            deadline_ms: 5000,
+            max_outputs: 1000,
+            max_output_bytes: 4 * 1024 * 1024,
+        }
+    }
 }

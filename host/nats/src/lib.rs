@@ -1,8 +1,11 @@
-//! The NATS side: connect, set up streams and the consumer, fetch batches, publish, ack.
+//! weir-nats: the NATS side of weir: connect, set up streams and the consumer, fetch
+//! batches, publish, ack. It implements weir-core's `Source`, `Delivery` and `Publisher`.
 //!
-//! This is the only module that imports async_nats. It knows nothing of plugins or the
-//! store; the pipeline decides what to publish and when to ack.
+//! **Boundary:** the only crate of weir that imports async_nats. It knows nothing of
+//! plugins or the store (it never depends on weir-sandbox or weir-store); the core decides
+//! what to publish and when to ack.
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -10,12 +13,11 @@ use async_nats::jetstream::{self, AckKind, consumer::pull, message::PublishMessa
 use async_nats::{ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use futures::StreamExt;
+use serde::Deserialize;
 
 use weir_core::input::Input;
 use weir_core::ports::{self, Delivery, PublishError, Source};
 use weir_core::record::OutboundMessage;
-
-use crate::config::{BatchConfig, InputConfig, NatsConfig, OutputConfig};
 
 /// A broker failure. At start they stop the host with the message; at run time they are
 /// transient: the pipeline retries them and acks nothing in the meantime.
@@ -836,5 +838,115 @@ impl Publisher {
             });
         }
         futures::future::join_all(acks).await
+    }
+}
+
+/// How to reach the NATS server. Credentials and TLS are optional and combine as
+/// async-nats allows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// A `.creds` file (JWT + nkey seed).
+    pub credentials_file: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// An nkey seed (`SU…`).
+    pub nkey_seed: Option<String>,
+    /// Require TLS. By default false (a `tls://` URL also turns it on).
+    #[serde(default)]
+    pub tls_required: bool,
+    /// A PEM file of root certificates to trust, in addition to the system's.
+    pub tls_ca_file: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for mutual TLS; set both or neither.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// How long weir keeps trying to make its first connection, in milliseconds: a server
+    /// that refuses or does not answer (one that is restarting) is retried until then; any
+    /// other failure stops weir at once. By default 10000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// How often the client pings the server, in milliseconds. Two unanswered pings mark the
+    /// connection dead and start a reconnect: this bounds how long a link that dies without
+    /// a reset (a silent route, a frozen server) can hold the pipeline. By default 2000.
+    #[serde(default = "default_ping_interval_ms")]
+    pub ping_interval_ms: u64,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_ping_interval_ms() -> u64 {
+    2000
+}
+
+/// Where inputs come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// The JetStream stream to consume.
+    pub stream: String,
+    /// The subject filter of the consumer, e.g. `orders.>`. Also the stream's subject when
+    /// weir creates the stream.
+    pub subject: String,
+    /// The durable consumer's name; weir creates it when it does not exist.
+    pub consumer: String,
+    /// Create the stream (file storage, subject = `subject`) when it does not exist. By
+    /// default true.
+    #[serde(default = "default_true")]
+    pub create_stream: bool,
+    /// How long the server waits for an ack before redelivering, in milliseconds. By default
+    /// 30000, at least 100. weir sends progress acks every half of it while a batch is in
+    /// hand, so a slow batch is not redelivered.
+    #[serde(default = "default_ack_wait_ms")]
+    pub ack_wait_ms: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_ack_wait_ms() -> u64 {
+    30_000
+}
+
+/// Where outputs and dead letters go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// The subject prefix a plugin publishes under: its output `x.y` goes to
+    /// `<prefix>.x.y`. Must not be matched by the input subject filter.
+    pub prefix: String,
+    /// The stream that stores the outputs. weir creates it (subjects `<prefix>` and
+    /// `<prefix>.>`) when it does not exist. Without it, some stream must already capture
+    /// the prefix.
+    pub stream: Option<String>,
+    /// The dead-letter subject: inputs the plugin rejected or failed on, with the reason.
+    pub dlq_subject: String,
+    /// The stream that stores dead letters, created when missing, as for `stream`.
+    pub dlq_stream: Option<String>,
+}
+
+/// How inputs are grouped: one store commit (one fsync) and one round of publish acks per
+/// batch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// The most messages per batch. By default 256.
+    pub max_messages: usize,
+    /// How long to wait for more messages once a batch has its first, in milliseconds. By
+    /// default 5. Higher values give larger batches under light load, at that latency.
+    pub max_wait_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_messages: 256,
+            max_wait_ms: 5,
+        }
     }
 }
