@@ -23,8 +23,12 @@ use weir_core::record::OutboundMessage;
 /// transient: the pipeline retries them and acks nothing in the meantime.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot connect to NATS at {url:?}: {message} (is nats-server running and reachable?)")]
-    Connect { url: String, message: String },
+    #[error("cannot connect to NATS at {url:?}: {source} (is nats-server running and reachable?)")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
     #[error("cannot read NATS credentials file {path:?}: {source}")]
     Credentials {
         path: std::path::PathBuf,
@@ -46,15 +50,22 @@ pub enum BrokerError {
         filters: String,
         subject: String,
     },
-    #[error("{action}: {message}")]
-    JetStream { action: String, message: String },
+    #[error("{action}: {source}")]
+    JetStream {
+        action: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl BrokerError {
-    fn jetstream(action: impl Into<String>, error: impl std::fmt::Display) -> BrokerError {
+    fn jetstream(
+        action: impl Into<String>,
+        error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> BrokerError {
         BrokerError::JetStream {
             action: action.into(),
-            message: error.to_string(),
+            source: error.into(),
         }
     }
 }
@@ -91,10 +102,10 @@ impl Broker {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
                 }
-                Err(error) => {
+                Err(source) => {
                     return Err(BrokerError::Connect {
                         url: config.url.clone(),
-                        message: error.to_string(),
+                        source,
                     });
                 }
             }

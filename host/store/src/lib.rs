@@ -36,22 +36,29 @@ use weir_core::record::DoneRecord;
 const DONE: &str = "done";
 const OUTBOX: &str = "outbox";
 
-/// A store failure. `Locked` and `Open` stop the host at start; `Io` at run time is
-/// retried, after reopening the database (nothing is acked until a commit succeeds);
-/// `Corrupt`, `Encode` and `Panicked` stop the pipeline: retrying cannot heal them.
+/// A store failure. `Locked` and `Open` stop the host at start; `Io` and `Closed` at run
+/// time are retried, after reopening the database (nothing is acked until a commit
+/// succeeds); `Corrupt` and `Encode` stop the pipeline: retrying cannot heal them.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
         "store {path:?} is in use by another weir process: stop it, or give this pipeline its own store_dir"
     )]
     Locked { path: PathBuf },
-    #[error("cannot open store {path:?}: {message}")]
-    Open { path: PathBuf, message: String },
-    #[error("store {operation} failed: {message}")]
+    #[error("cannot open store {path:?}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("store {operation} failed: {source}")]
     Io {
         operation: &'static str,
-        message: String,
+        #[source]
+        source: rocksdb::Error,
     },
+    #[error("store {operation} failed: the store is closed after a failed reopen")]
+    Closed { operation: &'static str },
     #[error("store record for key {key:?} is corrupt: {message}")]
     Corrupt { key: String, message: String },
     #[error("cannot encode the store record for key {key:?}: {source} (a bug in weir: report it)")]
@@ -60,14 +67,12 @@ pub enum StoreError {
         #[source]
         source: postcard::Error,
     },
-    #[error("a store call panicked: {message} (a bug in weir: report it)")]
-    Panicked { message: String },
 }
 
 impl Fault for StoreError {
     /// Only `Io` may heal (after reopening the store): a full disk, a failed write.
     fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Io { .. })
+        matches!(self, StoreError::Io { .. } | StoreError::Closed { .. })
     }
 }
 
@@ -154,10 +159,7 @@ impl Store {
         let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
         match db.as_ref() {
             Some(db) => work(db),
-            None => Err(StoreError::Io {
-                operation,
-                message: "the store is closed after a failed reopen".into(),
-            }),
+            None => Err(StoreError::Closed { operation }),
         }
     }
 
@@ -168,7 +170,7 @@ impl Store {
         self.with_db("lookup", |db| {
             let io = |e: rocksdb::Error| StoreError::Io {
                 operation: "lookup",
-                message: e.to_string(),
+                source: e,
             };
             let (done, outbox) = (family(db, DONE), family(db, OUTBOX));
             let mut found = Vec::with_capacity(keys.len());
@@ -232,7 +234,7 @@ impl Store {
             options.set_sync(true);
             db.write_opt(batch, &options).map_err(|e| StoreError::Io {
                 operation: "commit",
-                message: e.to_string(),
+                source: e,
             })
         })
     }
@@ -256,7 +258,7 @@ impl Store {
             }
             db.write(batch).map_err(|e| StoreError::Io {
                 operation: "outbox update",
-                message: e.to_string(),
+                source: e,
             })
         })
     }
@@ -271,7 +273,7 @@ impl Store {
             }
             db.write(batch).map_err(|e| StoreError::Io {
                 operation: "outbox clear",
-                message: e.to_string(),
+                source: e,
             })
         })
     }
@@ -283,7 +285,7 @@ impl Store {
             for entry in db.iterator_cf(family(db, OUTBOX), IteratorMode::Start) {
                 let (key, value) = entry.map_err(|e| StoreError::Io {
                     operation: "outbox scan",
-                    message: e.to_string(),
+                    source: e,
                 })?;
                 let key = String::from_utf8_lossy(&key).into_owned();
                 // Whatever its age, a record still in the outbox must be published.
@@ -340,7 +342,7 @@ fn outbox_options(cache: &Cache) -> Options {
 fn open_db(path: &Path, settings: StoreSettings) -> Result<DB, StoreError> {
     std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
         path: path.to_owned(),
-        message: e.to_string(),
+        source: e.into(),
     })?;
     let mut options = Options::default();
     options.create_if_missing(true);
@@ -380,7 +382,7 @@ fn open_db(path: &Path, settings: StoreSettings) -> Result<DB, StoreError> {
     // weir, and then its error says so.
     let db = DB::open_cf_descriptors(&options, path, families).map_err(|e| StoreError::Open {
         path: path.to_owned(),
-        message: e.to_string(),
+        source: e.into(),
     })?;
     check_format(&db, path)?;
     Ok(db)
@@ -395,7 +397,7 @@ const FORMAT_KEY: &[u8] = b"weir-store-format";
 fn check_format(db: &DB, path: &Path) -> Result<(), StoreError> {
     let open_error = |message: String| StoreError::Open {
         path: path.to_owned(),
-        message,
+        source: message.into(),
     };
     match db.get(FORMAT_KEY) {
         Ok(Some(found)) if found == FORMAT => Ok(()),
@@ -436,7 +438,7 @@ fn encode(key: &str, committed_ms: &[u8; 8], record: &DoneRecord) -> Result<Vec<
 fn lock_dir(path: &Path) -> Result<std::fs::File, StoreError> {
     std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
         path: path.to_owned(),
-        message: e.to_string(),
+        source: e.into(),
     })?;
     let lock_path = path.join("weir.lock");
     let file = std::fs::OpenOptions::new()
@@ -446,7 +448,7 @@ fn lock_dir(path: &Path) -> Result<std::fs::File, StoreError> {
         .open(&lock_path)
         .map_err(|e| StoreError::Open {
             path: path.to_owned(),
-            message: format!("cannot open its lock file {lock_path:?}: {e}"),
+            source: format!("cannot open its lock file {lock_path:?}: {e}").into(),
         })?;
     match file.try_lock() {
         Ok(()) => Ok(file),
@@ -455,7 +457,7 @@ fn lock_dir(path: &Path) -> Result<std::fs::File, StoreError> {
         }),
         Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Open {
             path: path.to_owned(),
-            message: format!("cannot lock {lock_path:?}: {e}"),
+            source: format!("cannot lock {lock_path:?}: {e}").into(),
         }),
     }
 }
@@ -518,7 +520,8 @@ mod tests {
             db.put(FORMAT_KEY, b"2").unwrap();
         }
         match Store::open(dir.path(), settings(Duration::from_secs(3600))) {
-            Err(StoreError::Open { message, .. }) => {
+            Err(error @ StoreError::Open { .. }) => {
+                let message = error.to_string();
                 assert!(message.contains("store format \"2\""), "{message}")
             }
             Err(other) => panic!("expected a format error, got {other}"),
