@@ -902,6 +902,22 @@ impl FaultyProxy {
     }
 
     /// Drops every open connection at once (both ends see them close mid-stream).
+    /// How many proxied connections are open and forwarding.
+    pub fn live_connections(&self) -> usize {
+        let connections = self.connections.lock().expect("not poisoned");
+        connections.iter().filter(|c| !c.task.is_finished()).count()
+    }
+
+    /// Waits until weir is connected through the proxy, so that a fault strikes a real link.
+    pub async fn wait_for_a_live_connection(&self) {
+        wait_for(
+            "weir connected through the proxy",
+            Duration::from_secs(30),
+            || async { self.live_connections() > 0 },
+        )
+        .await;
+    }
+
     pub fn cut_connections(&self) -> usize {
         let mut connections = self.connections.lock().expect("not poisoned");
         let cut = connections.len();

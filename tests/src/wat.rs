@@ -6,7 +6,12 @@
 /// `body` (core wasm instructions, leaving nothing on the stack) and returns `ok([])`;
 /// `extra` is spliced in at the component's top level (more core modules and instances).
 pub fn transformer(body: &str, extra: &str) -> Vec<u8> {
-    let text = format!(
+    assemble(&transformer_text(body, extra))
+}
+
+/// The text of [`transformer`], for a test to change before it is assembled.
+pub fn transformer_text(body: &str, extra: &str) -> String {
+    format!(
         r#"(component
   (core module $main
     (memory (export "memory") 1)
@@ -62,8 +67,12 @@ pub fn transformer(body: &str, extra: &str) -> Vec<u8> {
     (export "transform-error" (type $transform-error)) (export "transform" (func $transform)))
   (export "weir:transform/transformer@0.1.0" (instance $transformer))
 )"#
-    );
-    wat::parse_str(&text).unwrap_or_else(|e| panic!("the test component does not assemble: {e}"))
+    )
+}
+
+/// A component's text assembled into its binary.
+pub fn assemble(text: &str) -> Vec<u8> {
+    wat::parse_str(text).unwrap_or_else(|e| panic!("the test component does not assemble: {e}"))
 }
 
 /// `count` more core instances, each owning a one-page memory of its own.

@@ -262,6 +262,10 @@ struct StoreState {
     failing: usize,
     /// Every call fails: a corrupt record.
     corrupt: bool,
+    /// The next call panics (a bug in a store adapter).
+    panic_next: bool,
+    /// The next this many commits fail transiently (the other calls work).
+    failing_commits: usize,
     commits: usize,
 }
 
@@ -291,6 +295,14 @@ impl FakeStore {
         lock(&self.state).corrupt = true;
     }
 
+    pub fn panic_next(&self) {
+        lock(&self.state).panic_next = true;
+    }
+
+    pub fn fail_commits(&self, count: usize) {
+        lock(&self.state).failing_commits = count;
+    }
+
     pub fn commits(&self) -> usize {
         lock(&self.state).commits
     }
@@ -301,6 +313,10 @@ impl FakeStore {
 
     fn call<T>(&self, work: impl FnOnce(&mut StoreState) -> T) -> Result<T, FakeStoreError> {
         let mut state = lock(&self.state);
+        if std::mem::take(&mut state.panic_next) {
+            drop(state);
+            panic!("the store adapter panics on purpose");
+        }
         if state.corrupt {
             return Err(FakeStoreError {
                 transient: false,
@@ -335,6 +351,16 @@ impl DedupStore for FakeStore {
     }
 
     fn commit(&self, records: &[(&str, &DoneRecord)]) -> Result<(), FakeStoreError> {
+        {
+            let mut state = lock(&self.state);
+            if state.failing_commits > 0 {
+                state.failing_commits -= 1;
+                return Err(FakeStoreError {
+                    transient: true,
+                    message: "No space left on device".into(),
+                });
+            }
+        }
         self.call(|state| {
             state.commits += 1;
             for (key, record) in records {

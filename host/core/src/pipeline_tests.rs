@@ -299,6 +299,28 @@ async fn a_corrupt_store_stops_the_pipeline_with_nothing_acked() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_store_call_that_panics_is_a_bug_that_stops_the_pipeline_not_a_retry() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    world.publish_inputs(&WORKLOAD);
+    store.panic_next();
+    let pipeline = pipeline(
+        &world,
+        Some(&store),
+        &runtime,
+        NoProbe,
+        DedupMode::StreamSequence,
+    );
+    let result = pipeline
+        .run(FakeSource::new(&world, BATCH), CancellationToken::new())
+        .await;
+    match result {
+        Err(Fatal::Store(error)) => assert!(error.to_string().contains("panicked"), "{error}"),
+        other => panic!("expected a fatal error, got {other:?}"),
+    }
+    assert_eq!(world.acked(), 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_plugin_call_that_panics_stops_the_pipeline_loudly_with_nothing_acked() {
     let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
     world.publish_inputs(&WORKLOAD);
@@ -427,11 +449,15 @@ async fn a_message_refused_for_good_becomes_a_dead_letter_and_the_batch_goes_on(
 #[tokio::test(start_paused = true)]
 async fn shutdown_while_a_stage_retries_acks_nothing_of_that_batch() {
     // The store fails (lookup, then commit), or the publish does, when shutdown comes.
-    type Setup = fn(&World, &FakeStore);
-    let stuck: [(&str, Setup); 3] = [
-        ("lookup", |_, store| store.fail_next(1_000)),
-        ("publish", |world, _| world.fail_publishes(1_000_000)),
-        ("publish of dead letters", |world, _| {
+    type Setup = fn(&World, &FakeStore, &FakeRuntime);
+    let stuck: [(&str, Setup); 5] = [
+        ("lookup", |_, store, _| store.fail_next(1_000)),
+        ("execute", |_, _, runtime| {
+            runtime.exhausted.store(1_000, Ordering::SeqCst)
+        }),
+        ("commit", |_, store, _| store.fail_commits(1_000)),
+        ("publish", |world, _, _| world.fail_publishes(1_000_000)),
+        ("publish of dead letters", |world, _, _| {
             world.fail_subject(Some("dlq"))
         }),
     ];
@@ -439,7 +465,7 @@ async fn shutdown_while_a_stage_retries_acks_nothing_of_that_batch() {
         let (world, store, runtime) =
             (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
         world.publish_inputs(&WORKLOAD[..BATCH]);
-        setup(&world, &store);
+        setup(&world, &store, &runtime);
         let pipeline = pipeline(
             &world,
             Some(&store),
@@ -460,6 +486,8 @@ async fn shutdown_while_a_stage_retries_acks_nothing_of_that_batch() {
         assert_eq!(world.acked(), 0, "{stage}: nothing acked");
         // Healed, a restart finishes the job.
         store.fail_next(0);
+        store.fail_commits(0);
+        runtime.exhausted.store(0, Ordering::SeqCst);
         world.fail_publishes(0);
         world.fail_subject(None);
         run_to_the_end(&world, &store, &runtime).await;

@@ -120,7 +120,7 @@ pub enum LoadError {
         exports: String,
     },
     #[error(
-        "plugin {path:?} cannot be instantiated within weir's limits: {reason} (a memory larger than limits.memory_bytes, too many tables or instances, or a start-up that traps)"
+        "plugin {path:?} cannot be instantiated within weir's limits: {reason} (a memory larger than limits.memory_bytes, or a start-up that traps)"
     )]
     Instantiate {
         path: std::path::PathBuf,
@@ -351,14 +351,20 @@ impl Sandbox {
         };
         // Instantiate once now, so that a component that can never start (a memory larger
         // than the limit, a start function that traps) is refused at load, not per message.
+        // The export's types are checked apart, after: a mismatch is not a limit.
         let mut store = plugin.new_store(wasi::Inputs::default());
-        plugin
+        let instance = plugin
             .pre
+            .instance_pre()
             .instantiate(&mut store)
             .map_err(|e| LoadError::Instantiate {
                 path: path.to_owned(),
                 reason: one_line(&format!("{e:#}")),
             })?;
+        bindings::Plugin::new(&mut store, &instance).map_err(|e| LoadError::Mismatch {
+            path: path.to_owned(),
+            reason: one_line(&format!("{e:#}")),
+        })?;
         Ok(plugin)
     }
 }

@@ -31,9 +31,47 @@ const CAPTURED_OUTPUT_BYTES: usize = 64 * 1024;
 /// The WASI version whose clock functions are replaced, as wasmtime-wasi names it.
 const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 
-/// Whether weir provides an import of this name: every WASI 0.2 interface.
+/// The WASI 0.2 interfaces weir answers (wasmtime-wasi's `p2` linker), as `package/name`.
+const INTERFACES: [&str; 27] = [
+    "cli/environment",
+    "cli/exit",
+    "cli/stdin",
+    "cli/stdout",
+    "cli/stderr",
+    "cli/terminal-input",
+    "cli/terminal-output",
+    "cli/terminal-stdin",
+    "cli/terminal-stdout",
+    "cli/terminal-stderr",
+    "clocks/monotonic-clock",
+    "clocks/wall-clock",
+    "filesystem/types",
+    "filesystem/preopens",
+    "io/error",
+    "io/poll",
+    "io/streams",
+    "random/random",
+    "random/insecure",
+    "random/insecure-seed",
+    "sockets/network",
+    "sockets/instance-network",
+    "sockets/udp",
+    "sockets/udp-create-socket",
+    "sockets/tcp",
+    "sockets/tcp-create-socket",
+    "sockets/ip-name-lookup",
+];
+
+/// Whether weir provides an import of this name: a WASI 0.2 interface it answers, at any
+/// 0.2 patch version. A name only shaped like one (`wasi:evil/backdoor@0.2.0`) is not.
 pub fn provides(import: &str) -> bool {
-    import.starts_with("wasi:") && import.contains("@0.2.")
+    let Some((interface, version)) = import
+        .strip_prefix("wasi:")
+        .and_then(|rest| rest.split_once('@'))
+    else {
+        return false;
+    };
+    version.starts_with("0.2.") && INTERFACES.contains(&interface)
 }
 
 /// Adds the deterministic WASI to a linker.
@@ -323,6 +361,19 @@ impl SeededBytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_wasi_interfaces_weir_answers_are_provided() {
+        assert!(provides("wasi:cli/stdout@0.2.3"));
+        assert!(provides("wasi:random/random@0.2.0"));
+        assert!(
+            !provides("wasi:evil/backdoor@0.2.0"),
+            "shaped like WASI, but unknown"
+        );
+        assert!(!provides("wasi:cli/stdout@0.3.0"));
+        assert!(!provides("wasi:cli/stdout"));
+        assert!(!provides("acme:clock/now@0.2.0"));
+    }
 
     #[test]
     fn seeded_bytes_depend_on_the_seed_and_purpose_only() {

@@ -75,6 +75,62 @@ fn default_dedup_retention_secs() -> u64 {
     7 * 24 * 3600
 }
 
+/// A configuration every value of which is usable: only [`Config::validate`] (and
+/// [`Config::load`]) make one, so that nothing can run an unchecked one.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    sandbox: SandboxConfig,
+    pipelines: Vec<ValidPipeline>,
+}
+
+impl ValidConfig {
+    pub fn sandbox(&self) -> &SandboxConfig {
+        &self.sandbox
+    }
+
+    pub fn pipelines(&self) -> &[ValidPipeline] {
+        &self.pipelines
+    }
+
+    pub fn into_pipelines(self) -> Vec<ValidPipeline> {
+        self.pipelines
+    }
+
+    /// The largest `limits.memory_bytes` of any pipeline: what the engine's instance pool
+    /// must be able to hold.
+    pub fn largest_memory_limit(&self) -> usize {
+        self.pipelines
+            .iter()
+            .map(|p| p.config.limits.memory_bytes)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// One pipeline of a [`ValidConfig`].
+#[derive(Debug, Clone)]
+pub struct ValidPipeline {
+    config: PipelineConfig,
+    delivery: Delivery,
+}
+
+impl ValidPipeline {
+    pub fn config(&self) -> &PipelineConfig {
+        &self.config
+    }
+
+    pub fn delivery(&self) -> &Delivery {
+        &self.delivery
+    }
+}
+
+/// A pipeline's guarantee, with what it needs: an exactly-once pipeline always has a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    ExactlyOnce { store_dir: PathBuf },
+    AtLeastOnce,
+}
+
 /// A configuration that cannot be used, with what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -92,15 +148,46 @@ pub enum ConfigError {
 impl Config {
     /// Reads, parses and validates a configuration file. Relative paths in it are resolved
     /// against the file's directory. Every problem is reported, in one line.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let (config, problems) = Config::load_with_problems(path)?;
+    pub fn load(path: &Path) -> Result<ValidConfig, ConfigError> {
+        let (config, _) = Config::load_with_problems(path)?;
+        config.validate(path)
+    }
+
+    /// The configuration as one that can run, or every problem with it in one line.
+    /// `source` names where it came from, for the error.
+    pub fn validate(self, source: &Path) -> Result<ValidConfig, ConfigError> {
+        let invalid = |problems: Vec<String>| ConfigError::Invalid {
+            path: source.to_owned(),
+            message: problems.join("; "),
+        };
+        let problems = self.problems();
         if !problems.is_empty() {
-            return Err(ConfigError::Invalid {
-                path: path.to_owned(),
-                message: problems.join("; "),
-            });
+            return Err(invalid(problems));
         }
-        Ok(config)
+        let pipelines = self
+            .pipelines
+            .into_iter()
+            .map(|config| {
+                let delivery = match (config.mode, &config.store_dir) {
+                    (Mode::ExactlyOnce, Some(store_dir)) => Delivery::ExactlyOnce {
+                        store_dir: store_dir.clone(),
+                    },
+                    (Mode::AtLeastOnce, None) => Delivery::AtLeastOnce,
+                    // `problems` names both of these; refused here again all the same.
+                    (Mode::ExactlyOnce, None) | (Mode::AtLeastOnce, Some(_)) => {
+                        return Err(invalid(vec![format!(
+                            "pipeline {:?}: mode and store_dir disagree",
+                            config.name
+                        )]));
+                    }
+                };
+                Ok(ValidPipeline { config, delivery })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ValidConfig {
+            sandbox: self.sandbox,
+            pipelines,
+        })
     }
 
     /// Reads and parses a configuration file, and lists what is wrong with its values

@@ -1,7 +1,8 @@
 //! weir: a WebAssembly plugin host for JetStream stream transforms, with exactly-once
 //! effects. See ARCHITECTURE.md for the map of this crate.
 //!
-//! [`run`] is the entry point: it validates everything a configuration names, then runs
+//! [`run`] is the entry point: given a validated configuration, it checks everything the
+//! configuration names, then runs
 //! each pipeline until the shutdown token fires.
 
 pub mod check;
@@ -13,7 +14,7 @@ pub mod pipeline;
 
 use tokio_util::sync::CancellationToken;
 
-pub use config::Config;
+pub use config::{Config, ValidConfig};
 pub use weir_core::stats::StatsSnapshot;
 
 /// Why weir could not run.
@@ -49,21 +50,6 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// The process exit code for this error: 2 for a configuration or command line that
-    /// cannot work as written, 1 for everything else. (0 is a clean stop.)
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Error::Config(_) | Error::Usage(_) => 2,
-            Error::Start {
-                source: StartError::Plugin(_),
-                ..
-            } => 2,
-            _ => 1,
-        }
-    }
-}
-
 /// What stopped a pipeline from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -84,21 +70,13 @@ pub struct RunReport {
 /// Starts every pipeline of `config` (all checks happen before anything is consumed), runs
 /// them until `shutdown` fires, lets each finish the batch in hand, and returns what they
 /// did.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunReport, Error> {
-    // A `Config` built in code, not loaded from a file, is checked here as `load` checks one.
-    let problems = config.problems();
-    if !problems.is_empty() {
-        return Err(Error::Config(config::ConfigError::Invalid {
-            path: "(the configuration given to weir::run)".into(),
-            message: problems.join("; "),
-        }));
-    }
-    let sandbox = weir_sandbox::Sandbox::new(&config.sandbox, config.largest_memory_limit())
+pub async fn run(config: ValidConfig, shutdown: CancellationToken) -> Result<RunReport, Error> {
+    let sandbox = weir_sandbox::Sandbox::new(config.sandbox(), config.largest_memory_limit())
         .map_err(|e| Error::Engine(format!("{e:#}")))?;
-    let mut pipelines = Vec::with_capacity(config.pipelines.len());
-    for pipeline_config in config.pipelines {
-        let span = tracing::info_span!("pipeline", pipeline = %pipeline_config.name);
-        let starting = pipeline::Pipeline::start(pipeline_config, &sandbox);
+    let mut pipelines = Vec::with_capacity(config.pipelines().len());
+    for pipeline in config.into_pipelines() {
+        let span = tracing::info_span!("pipeline", pipeline = %pipeline.config().name);
+        let starting = pipeline::Pipeline::start(pipeline, &sandbox);
         pipelines.push(tracing::Instrument::instrument(starting, span).await?);
     }
     let mut report = RunReport {
@@ -142,5 +120,51 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunRepor
     match failure {
         Some(error) => Err(error),
         None => Ok(report),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `run` takes only a `ValidConfig`, which a `Config` becomes only through the checks a
+    /// loaded one gets: an exactly-once pipeline without a store never runs (it once ran with
+    /// no store at all).
+    #[test]
+    fn a_config_without_a_store_for_an_exactly_once_pipeline_does_not_validate() {
+        let dir = std::env::temp_dir().join(format!("weir-run-validates-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("weir.toml");
+        std::fs::write(
+            &path,
+            r#"
+            [[pipeline]]
+            name = "orders"
+            plugin = "orders.wasm"
+            [pipeline.nats]
+            url = "nats://127.0.0.1:1"
+            [pipeline.input]
+            stream = "ORDERS"
+            subject = "orders.in.>"
+            consumer = "weir"
+            [pipeline.output]
+            prefix = "orders.out"
+            dlq_subject = "orders.dlq"
+            "#,
+        )
+        .unwrap();
+        let (config, problems) = Config::load_with_problems(&path).unwrap();
+        assert!(!problems.is_empty());
+        let result = config.validate(&path);
+        std::fs::remove_dir_all(&dir).unwrap();
+        match result {
+            Err(error) => {
+                assert!(
+                    error.to_string().contains("store_dir is required"),
+                    "{error}"
+                )
+            }
+            Ok(_) => panic!("an exactly-once pipeline without a store validated"),
+        }
     }
 }

@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use weir_core::Mode;
 use weir_core::dead_letter::DeadLetterSchema;
 use weir_core::pipeline::{Fatal, Settings};
 use weir_core::policy::{MAX_STORED_MESSAGE, OutputPolicy};
 use weir_core::stats::Stats;
 
-use crate::config::PipelineConfig;
+use crate::config::{Delivery, ValidPipeline};
 use crate::fault::FaultProbe;
 use crate::{Error, StartError};
 use weir_nats::{Broker, MessageSource, Publisher};
@@ -29,7 +28,8 @@ pub struct Pipeline {
 impl Pipeline {
     /// Checks and prepares everything before anything is consumed: the plugin, the store
     /// (and its lock), the server, the streams and the consumer.
-    pub async fn start(config: PipelineConfig, sandbox: &Sandbox) -> Result<Pipeline, Error> {
+    pub async fn start(pipeline: ValidPipeline, sandbox: &Sandbox) -> Result<Pipeline, Error> {
+        let config = pipeline.config();
         let fail = |source: StartError| Error::Start {
             pipeline: config.name.clone(),
             source,
@@ -37,17 +37,11 @@ impl Pipeline {
         let plugin = sandbox
             .load(&config.plugin, &config.limits)
             .map_err(|e| fail(e.into()))?;
-        let store = match (config.mode, &config.store_dir) {
-            (Mode::ExactlyOnce, Some(dir)) => Some(Arc::new(
-                Store::open(dir, config.store_settings()).map_err(|e| fail(e.into()))?,
+        let store = match pipeline.delivery() {
+            Delivery::ExactlyOnce { store_dir } => Some(Arc::new(
+                Store::open(store_dir, config.store_settings()).map_err(|e| fail(e.into()))?,
             )),
-            (Mode::ExactlyOnce, None) => {
-                return Err(Error::Usage(format!(
-                    "pipeline {:?} is exactly-once but has no store_dir",
-                    config.name
-                )));
-            }
-            (Mode::AtLeastOnce, _) => None,
+            Delivery::AtLeastOnce => None,
         };
         let broker = Broker::connect(&config.nats, &format!("weir-{}", config.name))
             .await

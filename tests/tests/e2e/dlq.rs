@@ -135,3 +135,36 @@ async fn dead_letters_are_listed_shown_and_replayed_once_after_a_fix() {
         .count();
     assert_eq!(replays, 4);
 }
+
+/// A replay that had to skip entries says so and exits 1, as the README says (it once
+/// exited 2, the code for a configuration that cannot work).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_with_skipped_entries_exits_1() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = server.jetstream().await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ORDERS_DLQ".into(),
+        subjects: vec!["orders.dlq".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Not a weir dead letter: no Weir-Input-Subject to replay it to.
+    publish_all(&js, "orders.dlq", &[b"stray".to_vec()]).await;
+    let config = config(dir.path(), &server.url(), &plugin("orders"), "orders.toml");
+    let output = Command::new(weir_binary())
+        .args(["dlq", "replay", "--all", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("1 dead letters were skipped"), "{stderr}");
+    assert_eq!(
+        stream_len(&js, "ORDERS_DLQ").await,
+        1,
+        "a skipped entry stays"
+    );
+}

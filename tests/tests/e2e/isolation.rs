@@ -113,3 +113,48 @@ async fn a_plugin_holding_the_most_it_may_leaves_other_pipelines_alone() {
         "the greedy plugin's own inputs fail as what they are"
     );
 }
+
+/// Load errors say what is wrong: an import only shaped like WASI is an import weir does not
+/// provide (it was reported as an export "with a different shape"), and an export whose
+/// types differ from the contract is a mismatch (it was reported as a limit).
+#[test]
+fn load_errors_name_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = LimitsConfig::default();
+    let settings = SandboxConfig {
+        compile_cache: false,
+        ..SandboxConfig::default()
+    };
+    let sandbox = Sandbox::new(&settings, limits.memory_bytes).unwrap();
+
+    let backdoor = wat::transformer(
+        "",
+        r#"(import "wasi:evil/backdoor@0.2.0" (instance (export "open" (func))))"#,
+    );
+    let path = write_component(dir.path(), "backdoor.wasm", &backdoor);
+    match sandbox.load(&path, &limits) {
+        Err(error @ LoadError::Imports { .. }) => {
+            assert!(
+                error.to_string().contains("wasi:evil/backdoor@0.2.0"),
+                "{error}"
+            )
+        }
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(_) => panic!("an unknown import was accepted"),
+    }
+
+    // `output` without its headers: the same core signature, another contract.
+    let text = wat::transformer_text("", "").replace(
+        r#"(type $output (record
+    (field "subject" string) (field "headers" $headers) (field "payload" $bytes)))"#,
+        r#"(type $output (record (field "subject" string) (field "payload" $bytes)))"#,
+    );
+    let path = write_component(dir.path(), "mismatch.wasm", &wat::assemble(&text));
+    match sandbox.load(&path, &limits) {
+        Err(error @ LoadError::Mismatch { .. }) => {
+            assert!(error.to_string().contains("different shape"), "{error}")
+        }
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(_) => panic!("an export of another shape was accepted"),
+    }
+}

@@ -233,14 +233,26 @@ async fn a_publish_that_keeps_failing_is_retried_and_nothing_is_acked_meanwhile(
     // No stream stores the outputs any more: every publish fails ("no responders").
     js.delete_stream("ORDERS_OUT").await.unwrap();
     publish_all(&js, "orders.in.new", &payloads[10..]).await;
+    let consumer_info = || async {
+        js.get_stream("ORDERS")
+            .await
+            .unwrap()
+            .consumer_info("weir")
+            .await
+            .unwrap()
+    };
+    wait_for(
+        "the second half in weir's hands",
+        Duration::from_secs(30),
+        || async {
+            let info = consumer_info().await;
+            info.delivered.stream_sequence == 20 && info.num_ack_pending == 10
+        },
+    )
+    .await;
+    // Held past ack_wait (2 s): only weir's progress acks keep the server from redelivering.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let consumer = js
-        .get_stream("ORDERS")
-        .await
-        .unwrap()
-        .consumer_info("weir")
-        .await
-        .unwrap();
+    let consumer = consumer_info().await;
     assert_eq!(
         consumer.ack_floor.stream_sequence, 10,
         "inputs whose outputs cannot be published are not acked"

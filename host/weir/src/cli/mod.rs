@@ -195,8 +195,22 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("weir: {error}");
-            ExitCode::from(error.exit_code() as u8)
+            ExitCode::from(exit_code(&error))
         }
+    }
+}
+
+/// The process exit code for an error: 2 for a configuration, command line or plugin that
+/// cannot work as written, 1 for everything else. (0 is a clean stop, 130 a second signal.)
+fn exit_code(error: &crate::Error) -> u8 {
+    use crate::{Error, StartError};
+    match error {
+        Error::Config(_) | Error::Usage(_) => 2,
+        Error::Start {
+            source: StartError::Plugin(_),
+            ..
+        } => 2,
+        _ => 1,
     }
 }
 
@@ -253,10 +267,12 @@ impl PipelineArgs {
     /// The selected pipeline's configuration.
     fn load(&self) -> Result<crate::config::PipelineConfig, crate::Error> {
         let config = crate::Config::load(&self.config)?;
-        let names: Vec<&str> = config.pipelines.iter().map(|p| p.name.as_str()).collect();
+        let pipelines: Vec<&crate::config::PipelineConfig> =
+            config.pipelines().iter().map(|p| p.config()).collect();
+        let names: Vec<&str> = pipelines.iter().map(|p| p.name.as_str()).collect();
         let found = match &self.pipeline {
-            Some(name) => config.pipelines.iter().find(|p| &p.name == name),
-            None if config.pipelines.len() == 1 => config.pipelines.first(),
+            Some(name) => pipelines.iter().copied().find(|p| &p.name == name),
+            None if pipelines.len() == 1 => pipelines.first().copied(),
             None => {
                 return Err(crate::Error::Usage(format!(
                     "{:?} has {} pipelines: choose one with --pipeline ({})",
