@@ -113,13 +113,16 @@ impl World {
 
     /// Waits until every input is acked.
     pub async fn all_acked(&self) {
+        let inputs = lock(&self.state).inputs.len();
+        self.acked_at_least(inputs).await;
+    }
+
+    /// Waits until at least `count` inputs are acked.
+    pub async fn acked_at_least(&self, count: usize) {
         loop {
             let notified = self.acked.notified();
-            {
-                let state = lock(&self.state);
-                if state.acked.len() == state.inputs.len() {
-                    return;
-                }
+            if lock(&self.state).acked.len() >= count {
+                return;
             }
             notified.await;
         }

@@ -67,14 +67,50 @@ async fn run_to_the_end(world: &Arc<World>, store: &Arc<FakeStore>, runtime: &Ar
         NoProbe,
         DedupMode::StreamSequence,
     );
+    run_until_all_acked(&pipeline, world).await;
+}
+
+/// Runs `pipeline` until every input of `world` is acked, then stops it cleanly.
+async fn run_until_all_acked<Pr: Probe>(
+    pipeline: &Pipeline<FakeStore, FakePublisher, Arc<FakeRuntime>, Pr>,
+    world: &Arc<World>,
+) {
+    run_then_shut_down(pipeline, world, world.all_acked()).await;
+}
+
+/// Runs `pipeline` and shuts it down (as SIGTERM does) once `when` completes; it must then
+/// stop cleanly.
+async fn run_then_shut_down<Pr: Probe>(
+    pipeline: &Pipeline<FakeStore, FakePublisher, Arc<FakeRuntime>, Pr>,
+    world: &Arc<World>,
+    when: impl Future<Output = ()>,
+) {
     let shutdown = CancellationToken::new();
     let run = pipeline.run(FakeSource::new(world, BATCH), shutdown.clone());
     let stop = async {
-        world.all_acked().await;
+        when.await;
         shutdown.cancel();
     };
     let (result, ()) = tokio::join!(run, stop);
     result.expect("a clean stop");
+}
+
+/// One "process" running on a task of its own, which a test may abort (`kill -9`).
+fn spawn_run(
+    world: &Arc<World>,
+    store: &Arc<FakeStore>,
+    runtime: &Arc<FakeRuntime>,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), Fatal>> {
+    let pipeline = pipeline(
+        world,
+        Some(store),
+        runtime,
+        NoProbe,
+        DedupMode::StreamSequence,
+    );
+    let (world, shutdown) = (world.clone(), shutdown.clone());
+    tokio::spawn(async move { pipeline.run(FakeSource::new(&world, BATCH), shutdown).await })
 }
 
 /// One "process" killed (its future dropped, no cleanup) the `nth` time it reaches `at`.
@@ -102,6 +138,28 @@ async fn run_until_killed(
         }
         () = crashed.notified() => true,
         () = world.all_acked() => false,
+    }
+}
+
+/// One "process" that must stop on its own with a fatal error, as soon as it starts work.
+async fn run_to_a_fatal_error(
+    world: &Arc<World>,
+    store: &Arc<FakeStore>,
+    runtime: &Arc<FakeRuntime>,
+) -> Fatal {
+    let pipeline = pipeline(
+        world,
+        Some(store),
+        runtime,
+        NoProbe,
+        DedupMode::StreamSequence,
+    );
+    match pipeline
+        .run(FakeSource::new(world, BATCH), CancellationToken::new())
+        .await
+    {
+        Err(fatal) => fatal,
+        Ok(()) => panic!("the pipeline stopped without an error"),
     }
 }
 
@@ -221,16 +279,7 @@ async fn a_key_repeated_inside_a_batch_runs_once_and_publishes_once() {
     world.publish_input_with_headers("o-1", &[(MSG_ID_HEADER, "order-1")]);
     world.publish_inputs(&["o-3"]);
     let pipeline = pipeline(&world, Some(&store), &runtime, NoProbe, DedupMode::MsgId);
-    let shutdown = CancellationToken::new();
-    let stop = async {
-        world.all_acked().await;
-        shutdown.cancel();
-    };
-    let (result, ()) = tokio::join!(
-        pipeline.run(FakeSource::new(&world, BATCH), shutdown.clone()),
-        stop
-    );
-    result.unwrap();
+    run_until_all_acked(&pipeline, &world).await;
     let ids: Vec<String> = world.stored().into_iter().map(|m| m.msg_id).collect();
     assert_eq!(ids, ["p:msg-id:order-1:0", "p:IN@1#3:0"]);
     assert_eq!(runtime.calls.load(Ordering::SeqCst), 2);
@@ -244,27 +293,14 @@ async fn acks_that_fail_cost_a_redelivery_that_the_lookup_absorbs() {
     world.fail_acks(3);
     // The first "process" acks all but three, then is stopped; the next one gets those
     // three again.
-    {
-        let pipeline = pipeline(
-            &world,
-            Some(&store),
-            &runtime,
-            NoProbe,
-            DedupMode::StreamSequence,
-        );
-        let shutdown = CancellationToken::new();
-        let stop = async {
-            while world.acked() < WORKLOAD.len() - 3 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            shutdown.cancel();
-        };
-        let (result, ()) = tokio::join!(
-            pipeline.run(FakeSource::new(&world, BATCH), shutdown.clone()),
-            stop
-        );
-        result.unwrap();
-    }
+    let first = pipeline(
+        &world,
+        Some(&store),
+        &runtime,
+        NoProbe,
+        DedupMode::StreamSequence,
+    );
+    run_then_shut_down(&first, &world, world.acked_at_least(WORKLOAD.len() - 3)).await;
     run_to_the_end(&world, &store, &runtime).await;
     assert_exactly_once(&world, &WORKLOAD);
     assert_eq!(runtime.calls.load(Ordering::SeqCst), WORKLOAD.len());
@@ -284,17 +320,8 @@ async fn a_corrupt_store_stops_the_pipeline_with_nothing_acked() {
     let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
     world.publish_inputs(&WORKLOAD);
     store.corrupt();
-    let pipeline = pipeline(
-        &world,
-        Some(&store),
-        &runtime,
-        NoProbe,
-        DedupMode::StreamSequence,
-    );
-    let result = pipeline
-        .run(FakeSource::new(&world, BATCH), CancellationToken::new())
-        .await;
-    assert!(matches!(result, Err(Fatal::Store(_))), "{result:?}");
+    let fatal = run_to_a_fatal_error(&world, &store, &runtime).await;
+    assert!(matches!(fatal, Fatal::Store(_)), "{fatal:?}");
     assert_eq!(world.acked(), 0);
 }
 
@@ -303,19 +330,9 @@ async fn a_store_call_that_panics_is_a_bug_that_stops_the_pipeline_not_a_retry()
     let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
     world.publish_inputs(&WORKLOAD);
     store.panic_next();
-    let pipeline = pipeline(
-        &world,
-        Some(&store),
-        &runtime,
-        NoProbe,
-        DedupMode::StreamSequence,
-    );
-    let result = pipeline
-        .run(FakeSource::new(&world, BATCH), CancellationToken::new())
-        .await;
-    match result {
-        Err(Fatal::Store(error)) => assert!(error.to_string().contains("panicked"), "{error}"),
-        other => panic!("expected a fatal error, got {other:?}"),
+    match run_to_a_fatal_error(&world, &store, &runtime).await {
+        Fatal::Store(error) => assert!(error.to_string().contains("panicked"), "{error}"),
+        other => panic!("expected a store error, got {other:?}"),
     }
     assert_eq!(world.acked(), 0);
 }
@@ -325,19 +342,9 @@ async fn a_plugin_call_that_panics_stops_the_pipeline_loudly_with_nothing_acked(
     let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
     world.publish_inputs(&WORKLOAD);
     runtime.panic_next.store(true, Ordering::SeqCst);
-    let pipeline = pipeline(
-        &world,
-        Some(&store),
-        &runtime,
-        NoProbe,
-        DedupMode::StreamSequence,
-    );
-    let result = pipeline
-        .run(FakeSource::new(&world, BATCH), CancellationToken::new())
-        .await;
-    match result {
-        Err(Fatal::PluginCrashed(message)) => assert!(message.contains("index out of bounds")),
-        other => panic!("expected a fatal error, got {other:?}"),
+    match run_to_a_fatal_error(&world, &store, &runtime).await {
+        Fatal::PluginCrashed(message) => assert!(message.contains("index out of bounds")),
+        other => panic!("expected a plugin crash, got {other:?}"),
     }
     assert_eq!(world.acked(), 0);
     assert!(world.stored().is_empty());
@@ -361,18 +368,8 @@ async fn publishes_failing_for_a_while_ack_nothing_and_publish_nothing_twice() {
     world.publish_inputs(&WORKLOAD[..BATCH]);
     // Dead letters fail (their stream is gone); outputs go through.
     world.fail_subject(Some("dlq"));
-    let pipeline = Arc::new(pipeline(
-        &world,
-        Some(&store),
-        &runtime,
-        NoProbe,
-        DedupMode::StreamSequence,
-    ));
     let shutdown = CancellationToken::new();
-    let running = tokio::spawn({
-        let (pipeline, world, shutdown) = (pipeline.clone(), world.clone(), shutdown.clone());
-        async move { pipeline.run(FakeSource::new(&world, BATCH), shutdown).await }
-    });
+    let running = spawn_run(&world, &store, &runtime, &shutdown);
     // A minute of retries, with the duplicate window passing again and again.
     for _ in 0..12 {
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -392,21 +389,7 @@ async fn a_partly_published_input_killed_and_restarted_publishes_only_the_rest()
     let payloads = ["two-1"];
     world.publish_inputs(&payloads);
     world.fail_subject(Some("out.b"));
-    let pipeline = Arc::new(pipeline(
-        &world,
-        Some(&store),
-        &runtime,
-        NoProbe,
-        DedupMode::StreamSequence,
-    ));
-    let running = tokio::spawn({
-        let (pipeline, world) = (pipeline.clone(), world.clone());
-        async move {
-            pipeline
-                .run(FakeSource::new(&world, BATCH), CancellationToken::new())
-                .await
-        }
-    });
+    let running = spawn_run(&world, &store, &runtime, &CancellationToken::new());
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         world.stored().len(),
@@ -473,16 +456,13 @@ async fn shutdown_while_a_stage_retries_acks_nothing_of_that_batch() {
             NoProbe,
             DedupMode::StreamSequence,
         );
-        let shutdown = CancellationToken::new();
-        let stop = async {
-            tokio::time::sleep(Duration::from_secs(20)).await;
-            shutdown.cancel();
-        };
-        let (result, ()) = tokio::join!(
-            pipeline.run(FakeSource::new(&world, BATCH), shutdown.clone()),
-            stop
-        );
-        result.unwrap();
+        // Shutdown comes while the stage is still retrying.
+        run_then_shut_down(
+            &pipeline,
+            &world,
+            tokio::time::sleep(Duration::from_secs(20)),
+        )
+        .await;
         assert_eq!(world.acked(), 0, "{stage}: nothing acked");
         // Healed, a restart finishes the job.
         store.fail_next(0);
@@ -500,16 +480,7 @@ async fn at_least_once_keeps_no_store_and_relies_on_the_window() {
     let (world, runtime) = (World::new(), Arc::new(FakeRuntime::new()));
     world.publish_inputs(&WORKLOAD);
     let pipeline = pipeline(&world, None, &runtime, NoProbe, DedupMode::StreamSequence);
-    let shutdown = CancellationToken::new();
-    let stop = async {
-        world.all_acked().await;
-        shutdown.cancel();
-    };
-    let (result, ()) = tokio::join!(
-        pipeline.run(FakeSource::new(&world, BATCH), shutdown.clone()),
-        stop
-    );
-    result.unwrap();
+    run_until_all_acked(&pipeline, &world).await;
     assert_exactly_once(&world, &WORKLOAD);
     let by_subject: HashMap<String, usize> =
         world.stored().iter().fold(HashMap::new(), |mut counts, m| {

@@ -542,6 +542,32 @@ mod tests {
         assert!(error.contains("is not a consumer name"), "{error}");
     }
 
+    /// `weir::run` takes only a `ValidConfig`, which a `Config` becomes only through these
+    /// checks: an exactly-once pipeline without a store never runs (it once ran with no
+    /// store at all when given a `Config` built in code).
+    #[test]
+    fn an_exactly_once_pipeline_without_a_store_does_not_validate() {
+        let text = MINIMAL.replace("store_dir = \"store\"", "");
+        let config = Config::parse(&text, Path::new("/etc/weir")).unwrap();
+        match config.validate(Path::new("weir.toml")) {
+            Err(error) => assert!(
+                error.to_string().contains("store_dir is required"),
+                "{error}"
+            ),
+            Ok(_) => panic!("an exactly-once pipeline without a store validated"),
+        }
+        let valid = parse(MINIMAL)
+            .unwrap()
+            .validate(Path::new("weir.toml"))
+            .unwrap();
+        assert_eq!(
+            valid.pipelines()[0].delivery(),
+            &Delivery::ExactlyOnce {
+                store_dir: "/etc/weir/store".into()
+            }
+        );
+    }
+
     #[test]
     fn duplicate_store_dirs_are_refused() {
         let second = MINIMAL.replace("name = \"orders\"", "name = \"other\"");

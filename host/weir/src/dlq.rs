@@ -24,34 +24,17 @@ pub struct DeadLetter {
     /// The entry's sequence in the DLQ stream: its handle for `show` and `replay`.
     pub sequence: u64,
     pub stored_unix_ns: u64,
-    pub kind: String,
-    pub reason: String,
-    pub plugin_sha256: String,
-    pub input_stream: String,
-    pub input_sequence: String,
-    pub input_subject: String,
-    /// The input's own headers (weir's `Weir-…` headers removed).
-    pub input_headers: Vec<(String, String)>,
+    /// What weir's headers say (kind, reason, input coordinates), and the input's own.
+    pub headers: DeadLetterHeaders,
     pub payload: Vec<u8>,
-    /// The input was too large to carry its payload into the DLQ; replay it from the input
-    /// stream instead.
-    pub payload_omitted: bool,
 }
 
 impl DeadLetter {
     fn from_stored(message: StoredMessage) -> DeadLetter {
-        let headers = DeadLetterHeaders::parse(&message.headers);
         DeadLetter {
             sequence: message.stream_sequence,
             stored_unix_ns: message.stored_unix_ns,
-            kind: headers.kind,
-            reason: headers.reason,
-            plugin_sha256: headers.plugin_sha256,
-            input_stream: headers.input_stream,
-            input_sequence: headers.input_sequence,
-            input_subject: headers.input_subject,
-            payload_omitted: headers.payload_omitted,
-            input_headers: headers.input_headers,
+            headers: DeadLetterHeaders::parse(&message.headers),
             payload: message.payload.to_vec(),
         }
     }
@@ -131,30 +114,31 @@ impl DeadLetters {
     /// Re-injects one dead letter into the pipeline's input and removes it from the DLQ.
     /// Returns why it was skipped, if it was.
     pub async fn replay(&self, letter: &DeadLetter) -> Result<Option<String>, DlqError> {
-        if letter.input_subject.is_empty() {
+        if letter.headers.input_subject.is_empty() {
             return Ok(Some(
                 "not a weir dead letter (no Weir-Input-Subject)".into(),
             ));
         }
-        if letter.payload_omitted {
+        if letter.headers.payload_omitted {
             return Ok(Some(format!(
                 "its payload was too large for the DLQ: re-publish message {} of stream {:?} instead",
-                letter.input_sequence, letter.input_stream
+                letter.headers.input_sequence, letter.headers.input_stream
             )));
         }
-        if !weir_core::subject::matches(&self.pipeline.input.subject, &letter.input_subject) {
+        if !weir_core::subject::matches(&self.pipeline.input.subject, &letter.headers.input_subject)
+        {
             return Ok(Some(format!(
                 "its input subject {:?} is no longer matched by input.subject {:?}",
-                letter.input_subject, self.pipeline.input.subject
+                letter.headers.input_subject, self.pipeline.input.subject
             )));
         }
-        let mut headers = letter.input_headers.clone();
+        let mut headers = letter.headers.input_headers.clone();
         headers.push((
             dead_letter::REPLAY_OF.into(),
             format!("{}#{}", self.stream, letter.sequence),
         ));
         let message = OutboundMessage {
-            subject: letter.input_subject.clone(),
+            subject: letter.headers.input_subject.clone(),
             msg_id: format!(
                 "weir-replay:{}:{}:{}",
                 self.pipeline.name, self.stream, letter.sequence

@@ -28,19 +28,22 @@ pub async fn run(command: DlqCommand) -> Result<(), crate::Error> {
             for letter in &list {
                 let input = format!(
                     "{}#{} {}",
-                    letter.input_stream, letter.input_sequence, letter.input_subject
+                    letter.headers.input_stream,
+                    letter.headers.input_sequence,
+                    letter.headers.input_subject
                 );
                 println!(
                     "{:>8}  {:<20}  {:<15}  {:<32}  {:<12}  {}",
                     letter.sequence,
                     timestamp(letter.stored_unix_ns),
-                    letter.kind,
+                    letter.headers.kind,
                     input,
                     letter
+                        .headers
                         .plugin_sha256
                         .get(..12)
-                        .unwrap_or(&letter.plugin_sha256),
-                    letter.reason
+                        .unwrap_or(&letter.headers.plugin_sha256),
+                    letter.headers.reason
                 );
             }
             Ok(())
@@ -101,19 +104,19 @@ fn describe(letter: &DeadLetter) -> String {
     // Writing to a String cannot fail.
     let _ = writeln!(out, "sequence:      {}", letter.sequence);
     let _ = writeln!(out, "stored:        {}", timestamp(letter.stored_unix_ns));
-    let _ = writeln!(out, "kind:          {}", letter.kind);
-    let _ = writeln!(out, "reason:        {}", letter.reason);
-    let _ = writeln!(out, "plugin sha256: {}", letter.plugin_sha256);
+    let _ = writeln!(out, "kind:          {}", letter.headers.kind);
+    let _ = writeln!(out, "reason:        {}", letter.headers.reason);
+    let _ = writeln!(out, "plugin sha256: {}", letter.headers.plugin_sha256);
     let _ = writeln!(
         out,
         "input:         stream {:?}, sequence {}, subject {:?}",
-        letter.input_stream, letter.input_sequence, letter.input_subject
+        letter.headers.input_stream, letter.headers.input_sequence, letter.headers.input_subject
     );
-    let _ = writeln!(out, "headers:       {}", letter.input_headers.len());
-    for (name, value) in &letter.input_headers {
+    let _ = writeln!(out, "headers:       {}", letter.headers.input_headers.len());
+    for (name, value) in &letter.headers.input_headers {
         let _ = writeln!(out, "  {name}: {value}");
     }
-    if letter.payload_omitted {
+    if letter.headers.payload_omitted {
         let _ = writeln!(out, "payload:       omitted (too large for the DLQ)");
     } else {
         match std::str::from_utf8(&letter.payload) {
