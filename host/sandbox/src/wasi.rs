@@ -175,6 +175,9 @@ impl State {
             let bytes = pipe.contents();
             let text = String::from_utf8_lossy(&bytes);
             for line in text.lines() {
+                // What a plugin prints may carry a bare CR or escape sequences: escaped, it
+                // can neither forge a log line nor drive the operator's terminal.
+                let line = weir_core::text::escaped(line, CAPTURED_OUTPUT_BYTES);
                 tracing::info!(target: "weir::plugin", dedup_key, stream, "{line}");
             }
         }

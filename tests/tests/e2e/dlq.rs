@@ -168,3 +168,45 @@ async fn a_replay_with_skipped_entries_exits_1() {
         "a skipped entry stays"
     );
 }
+
+/// Whoever can publish on the DLQ subject controls what `weir dlq` prints: control
+/// characters are escaped, so that a letter can neither forge lines nor drive the terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_list_and_show_escape_what_a_letter_carries() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = server.jetstream().await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ORDERS_DLQ".into(),
+        subjects: vec!["orders.dlq".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Weir-Dlq-Kind", "trap\u{1b}[31m");
+    headers.insert("Weir-Input-Subject", "orders.in.new");
+    headers.insert("X-Note", "\u{1b}]0;owned\u{7}");
+    js.publish_with_headers(
+        "orders.dlq",
+        headers,
+        "{}\nERROR weir: store record corrupt\r\u{1b}[2J".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let config = config(dir.path(), &server.url(), &plugin("orders"), "orders.toml");
+    for args in [&["dlq", "list"][..], &["dlq", "show", "1"][..]] {
+        let (ok, printed, stderr) = weir_cli(args, &config);
+        assert!(ok, "{stderr}");
+        assert!(
+            !printed.contains('\u{1b}') && !printed.contains('\r'),
+            "{printed:?}"
+        );
+        assert!(
+            printed.lines().all(|line| !line.starts_with("ERROR")),
+            "{printed}"
+        );
+    }
+}

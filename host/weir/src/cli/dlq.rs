@@ -26,24 +26,23 @@ pub async fn run(command: DlqCommand) -> Result<(), crate::Error> {
                 );
             }
             for letter in &list {
+                let headers = &letter.headers;
                 let input = format!(
                     "{}#{} {}",
-                    letter.headers.input_stream,
-                    letter.headers.input_sequence,
-                    letter.headers.input_subject
+                    headers.input_stream, headers.input_sequence, headers.input_subject
                 );
+                let sha = headers
+                    .plugin_sha256
+                    .get(..12)
+                    .unwrap_or(&headers.plugin_sha256);
                 println!(
                     "{:>8}  {:<20}  {:<15}  {:<32}  {:<12}  {}",
                     letter.sequence,
                     timestamp(letter.stored_unix_ns),
-                    letter.headers.kind,
-                    input,
-                    letter
-                        .headers
-                        .plugin_sha256
-                        .get(..12)
-                        .unwrap_or(&letter.headers.plugin_sha256),
-                    letter.headers.reason
+                    shown(&headers.kind),
+                    shown(&input),
+                    shown(sha),
+                    shown(&headers.reason)
                 );
             }
             Ok(())
@@ -98,15 +97,28 @@ pub async fn run(command: DlqCommand) -> Result<(), crate::Error> {
     }
 }
 
+/// How much of a dead letter's payload `show` prints.
+const SHOWN_PAYLOAD: usize = 64 * 1024;
+
+/// Text from a stream, as a terminal may show it: control characters escaped, bounded.
+/// Anyone who can publish on the DLQ subject controls it.
+fn shown(text: &str) -> String {
+    weir_core::text::escaped(text, SHOWN_PAYLOAD)
+}
+
 /// Everything about one dead letter, as text.
 fn describe(letter: &DeadLetter) -> String {
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = writeln!(out, "sequence:      {}", letter.sequence);
     let _ = writeln!(out, "stored:        {}", timestamp(letter.stored_unix_ns));
-    let _ = writeln!(out, "kind:          {}", letter.headers.kind);
-    let _ = writeln!(out, "reason:        {}", letter.headers.reason);
-    let _ = writeln!(out, "plugin sha256: {}", letter.headers.plugin_sha256);
+    let _ = writeln!(out, "kind:          {}", shown(&letter.headers.kind));
+    let _ = writeln!(out, "reason:        {}", shown(&letter.headers.reason));
+    let _ = writeln!(
+        out,
+        "plugin sha256: {}",
+        shown(&letter.headers.plugin_sha256)
+    );
     let _ = writeln!(
         out,
         "input:         stream {:?}, sequence {}, subject {:?}",
@@ -114,7 +126,7 @@ fn describe(letter: &DeadLetter) -> String {
     );
     let _ = writeln!(out, "headers:       {}", letter.headers.input_headers.len());
     for (name, value) in &letter.headers.input_headers {
-        let _ = writeln!(out, "  {name}: {value}");
+        let _ = writeln!(out, "  {}: {}", shown(name), shown(value));
     }
     if letter.headers.payload_omitted {
         let _ = writeln!(out, "payload:       omitted (too large for the DLQ)");
@@ -122,7 +134,7 @@ fn describe(letter: &DeadLetter) -> String {
         match std::str::from_utf8(&letter.payload) {
             Ok(text) => {
                 let _ = writeln!(out, "payload:       {} bytes, UTF-8", letter.payload.len());
-                let _ = writeln!(out, "{text}");
+                let _ = writeln!(out, "{}", shown(text));
             }
             Err(_) => {
                 let _ = writeln!(out, "payload:       {} bytes, hex", letter.payload.len());
