@@ -28,15 +28,6 @@ pub fn escaped(text: &str, max_bytes: usize) -> String {
     out
 }
 
-/// At most `max` bytes of `text`, cut at a character boundary.
-pub fn truncated(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,11 +45,5 @@ mod tests {
         let cut = escaped("ab\u{1b}", 5);
         assert!(cut.len() <= 5 && !cut.contains('\\'), "{cut:?}");
         assert_eq!(escaped("ééé", 4), "…");
-    }
-
-    #[test]
-    fn truncated_cuts_at_a_character_boundary() {
-        assert_eq!(truncated("héllo", 2), "h");
-        assert_eq!(truncated("abc", 10), "abc");
     }
 }

@@ -767,11 +767,6 @@ impl PublishFailure {
             PublishFailure::Failed { subject, source }
         }
     }
-
-    /// Whether retrying cannot help.
-    pub fn is_refusal(&self) -> bool {
-        matches!(self, PublishFailure::Refused { .. })
-    }
 }
 
 /// The publisher as the core's port: a refusal for good is the core's `Refused`.
