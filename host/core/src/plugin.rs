@@ -109,6 +109,14 @@ impl Outcome {
     }
 }
 
+/// How many of the sandbox's `threads` one of `pipelines` pipelines may run plugin calls
+/// on at once: all but one for each other pipeline (at least one), so that a slow or
+/// hostile plugin, busy on every thread it may take, always leaves a thread for every other
+/// pipeline. One pipeline alone gets them all.
+pub fn thread_share(threads: usize, pipelines: usize) -> usize {
+    threads.saturating_sub(pipelines.saturating_sub(1)).max(1)
+}
+
 /// The hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
@@ -131,6 +139,19 @@ mod tests {
             assert_eq!(FailureKind::parse(kind.as_str()), Some(kind));
         }
         assert_eq!(FailureKind::parse("Trap"), None);
+    }
+
+    #[test]
+    fn a_pipeline_s_thread_share_leaves_a_thread_for_every_other_pipeline() {
+        assert_eq!(thread_share(4, 1), 4);
+        assert_eq!(thread_share(4, 2), 3);
+        assert_eq!(thread_share(4, 4), 1);
+        assert_eq!(thread_share(2, 2), 1);
+        assert_eq!(
+            thread_share(2, 5),
+            1,
+            "fewer threads than pipelines: one each, in turns"
+        );
     }
 
     #[test]

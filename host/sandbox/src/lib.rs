@@ -348,6 +348,7 @@ impl Sandbox {
             sha256,
             limits: limits.clone(),
             threads: self.threads.clone(),
+            share: None,
         };
         // Instantiate once now, so that a component that can never start (a memory larger
         // than the limit, a start function that traps) is refused at load, not per message.
@@ -376,7 +377,10 @@ pub struct Plugin {
     pre: bindings::PluginPre<CallState>,
     sha256: String,
     limits: LimitsConfig,
+    /// The calls that may run at once across all pipelines (`sandbox.threads`).
     threads: Arc<Threads>,
+    /// The calls this plugin's pipeline may run at once, if it is held to a share.
+    share: Option<Arc<Threads>>,
 }
 
 impl PluginRuntime for Plugin {
@@ -406,6 +410,14 @@ impl Threads {
 }
 
 impl Plugin {
+    /// Holds this plugin to at most `calls` of the sandbox's threads at once: its
+    /// pipeline's share (`weir_core::plugin::thread_share`), so that a slow or hostile
+    /// plugin always leaves threads to the other pipelines.
+    pub fn with_thread_share(mut self, calls: usize) -> Plugin {
+        self.share = Some(Arc::new(Threads::new(calls.min(self.threads.count))));
+        self
+    }
+
     /// The hex sha256 of the component file, recorded with every dead letter.
     pub fn sha256(&self) -> &str {
         &self.sha256
@@ -431,15 +443,27 @@ impl Plugin {
     /// across all pipelines). The outcomes are in input order.
     pub async fn run_all(&self, inputs: Vec<TransformInput>) -> Result<Vec<Outcome>, RunError> {
         let count = inputs.len();
-        let per_thread = count
-            .div_ceil(self.threads.count)
-            .max(MIN_INPUTS_PER_THREAD);
+        let width = self.share.as_ref().unwrap_or(&self.threads).count;
+        let per_thread = count.div_ceil(width).max(MIN_INPUTS_PER_THREAD);
         let mut inputs = inputs.into_iter().peekable();
         let mut shares = Vec::new();
         while inputs.peek().is_some() {
             let share: Vec<TransformInput> = inputs.by_ref().take(per_thread).collect();
             let plugin = self.clone();
             shares.push(async move {
+                // The pipeline's share first, then a thread of the sandbox's: a pipeline at
+                // its share waits without holding a thread another pipeline could use.
+                let _share = match &plugin.share {
+                    Some(share) => Some(
+                        share
+                            .permits
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .map_err(|e| RunError::Panicked(e.to_string()))?,
+                    ),
+                    None => None,
+                };
                 let _permit = plugin
                     .threads
                     .permits
@@ -805,5 +829,80 @@ impl Default for LimitsConfig {
             max_outputs: 1000,
             max_output_bytes: 4 * 1024 * 1024,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hostile_plugin() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins/dist/hostile.wasm")
+    }
+
+    fn input(payload: &str, sequence: u64) -> TransformInput {
+        TransformInput {
+            subject: "in.x".into(),
+            headers: Vec::new(),
+            payload: payload.as_bytes().to_vec(),
+            stream_sequence: sequence,
+            data_time_unix_ns: 0,
+            dedup_key: format!("k{sequence}"),
+            seed: sequence,
+        }
+    }
+
+    /// A plugin held to a share of one thread never takes the other: a plugin that spins on
+    /// every input once held every thread of the sandbox, and other pipelines' calls waited
+    /// for it (the healthy pipeline's drain went from 0.13 s to 5.7 s).
+    // One runtime thread: the spawned run takes its permits in one poll, before this task
+    // looks (the calls themselves run on blocking threads).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_plugin_held_to_its_share_leaves_the_other_threads_free() {
+        let settings = SandboxConfig {
+            threads: 2,
+            compile_cache: false,
+            ..SandboxConfig::default()
+        };
+        let limits = LimitsConfig::default();
+        let sandbox = Sandbox::new(&settings, limits.memory_bytes).unwrap();
+        let spinning = sandbox
+            .load(&hostile_plugin(), &limits)
+            .expect("scripts/build-plugins.sh built plugins/dist/hostile.wasm")
+            .with_thread_share(1);
+        let inputs = (0..64).map(|i| input("loop", i)).collect();
+        let running = tokio::spawn(async move { spinning.run_all(inputs).await });
+        // Its calls start (the state itself is awaited), holding one thread of the two.
+        while sandbox.threads.permits.available_permits() == 2 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            sandbox.threads.permits.available_permits(),
+            1,
+            "the spinning plugin holds only its share"
+        );
+        // Another pipeline's call runs on the free thread at once.
+        let other = sandbox
+            .load(&hostile_plugin(), &limits)
+            .unwrap()
+            .with_thread_share(1);
+        let outcomes = other.run_all(vec![input("fine", 1)]).await.unwrap();
+        assert!(
+            matches!(outcomes[0], Outcome::Outputs(_)),
+            "{:?}",
+            outcomes[0]
+        );
+        assert!(
+            !running.is_finished(),
+            "the other call did not wait for the spinning ones"
+        );
+        let spun = running.await.unwrap().unwrap();
+        assert!(spun.iter().all(|outcome| matches!(
+            outcome,
+            Outcome::Failed {
+                kind: FailureKind::FuelExhausted,
+                ..
+            }
+        )));
     }
 }

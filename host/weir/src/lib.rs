@@ -74,9 +74,10 @@ pub async fn run(config: ValidConfig, shutdown: CancellationToken) -> Result<Run
     let sandbox = weir_sandbox::Sandbox::new(config.sandbox(), config.largest_memory_limit())
         .map_err(|e| Error::Engine(format!("{e:#}")))?;
     let mut pipelines = Vec::with_capacity(config.pipelines().len());
+    let share = weir_core::plugin::thread_share(config.sandbox().threads, config.pipelines().len());
     for pipeline in config.into_pipelines() {
         let span = tracing::info_span!("pipeline", pipeline = %pipeline.config().name);
-        let starting = pipeline::Pipeline::start(pipeline, &sandbox);
+        let starting = pipeline::Pipeline::start(pipeline, &sandbox, share);
         pipelines.push(tracing::Instrument::instrument(starting, span).await?);
     }
     let mut report = RunReport {

@@ -27,8 +27,13 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Checks and prepares everything before anything is consumed: the plugin, the store
-    /// (and its lock), the server, the streams and the consumer.
-    pub async fn start(pipeline: ValidPipeline, sandbox: &Sandbox) -> Result<Pipeline, Error> {
+    /// (and its lock), the server, the streams and the consumer. Its plugin runs on at most
+    /// `thread_share` of the sandbox's threads at once.
+    pub async fn start(
+        pipeline: ValidPipeline,
+        sandbox: &Sandbox,
+        thread_share: usize,
+    ) -> Result<Pipeline, Error> {
         let config = pipeline.config();
         let fail = |source: StartError| Error::Start {
             pipeline: config.name.clone(),
@@ -36,7 +41,8 @@ impl Pipeline {
         };
         let plugin = sandbox
             .load(&config.plugin, &config.limits)
-            .map_err(|e| fail(e.into()))?;
+            .map_err(|e| fail(e.into()))?
+            .with_thread_share(thread_share);
         let store = match pipeline.delivery() {
             Delivery::ExactlyOnce { store_dir } => Some(Arc::new(
                 Store::open(store_dir, config.store_settings()).map_err(|e| fail(e.into()))?,

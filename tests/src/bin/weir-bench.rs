@@ -13,6 +13,10 @@
 //!   malformed inputs, alternating, twice each. Target: within 10 % of each other.
 //! - `weir-bench sandbox`: a fresh instance and one call, in µs, for a trivial Rust
 //!   transform, a JSON one and the Python plugin, with each component's size and compile time.
+//! - `weir-bench fairness [COUNT]`: COUNT orders (default 2 000) through the orders pipeline
+//!   of a `weir run`, once alone and once beside a pipeline whose plugin burns all its fuel
+//!   on every input; prints both drain times and their ratio (each pipeline's share of
+//!   `sandbox.threads` is what keeps it near 1).
 //! - `weir-bench store [COUNT]`: COUNT committed ids (default 10 000 000) in a dedup store,
 //!   then the cost of looking ids up, and resident memory along the way.
 
@@ -50,17 +54,141 @@ async fn main() {
         "throughput" => throughput(count(100_000), sync_always, rounds).await,
         "malformed" => malformed(count(50_000)).await,
         "store" => store_scale(count(10_000_000)),
+        "fairness" => fairness(count(2_000)).await,
         // Plugin calls block: off the async workers, as in the pipeline.
         "sandbox" => tokio::task::spawn_blocking(sandbox_overhead)
             .await
             .expect("the sandbox benchmark"),
         other => {
             eprintln!(
-                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox"
+                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox, fairness"
             );
             std::process::exit(2);
         }
     }
+}
+
+/// The orders pipeline's drain time alone, then beside a plugin that spins on every input.
+async fn fairness(count: usize) {
+    let server = NatsServer::start();
+    let js = server.jetstream().await;
+    let orders = order_workload(count, 0);
+    let alone = drain_beside(&server, &js, "A", &orders, false).await;
+    println!(
+        "  orders alone                   {count} orders drained in {:.2} s",
+        alone.as_secs_f64()
+    );
+    let beside = drain_beside(&server, &js, "B", &orders, true).await;
+    println!(
+        "  orders beside a spinning plugin {count} orders drained in {:.2} s  ratio = {:.2}",
+        beside.as_secs_f64(),
+        beside.as_secs_f64() / alone.as_secs_f64()
+    );
+}
+
+/// One `weir run` with the orders pipeline (and, with `spinning`, a pipeline whose every input
+/// runs the hostile plugin out of fuel, busy before the orders arrive): how long the orders
+/// take from their publication until their consumer has acked them all.
+async fn drain_beside(
+    server: &NatsServer,
+    js: &jetstream::Context,
+    tag: &str,
+    orders: &[Vec<u8>],
+    spinning: bool,
+) -> Duration {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let url = server.url();
+    let (orders_plugin, hostile_plugin) = (plugin("orders"), plugin("hostile"));
+    let names = |kind: &str| {
+        [
+            format!("{kind}{tag}"),
+            format!("{}{tag}", kind.to_uppercase()),
+            format!("{kind}{tag}.>"),
+            format!("{kind}out{tag}"),
+            format!("{}OUT{tag}", kind.to_uppercase()),
+            format!("{kind}dlq{tag}"),
+            format!("{}DLQ{tag}", kind.to_uppercase()),
+        ]
+    };
+    let render = |kind: &str, plugin: &std::path::Path| {
+        let [
+            name,
+            stream,
+            subject,
+            prefix,
+            output_stream,
+            dlq,
+            dlq_stream,
+        ] = names(kind);
+        let store_dir = dir.path().join(&name);
+        PipelineToml {
+            name: &name,
+            stream: &stream,
+            subject: &subject,
+            consumer: "weir",
+            output_prefix: &prefix,
+            output_stream: &output_stream,
+            dlq_subject: &dlq,
+            dlq_stream: &dlq_stream,
+            ..PipelineToml::orders(&url, plugin, &store_dir)
+        }
+        .render()
+        .replace("ack_wait_ms = 2000", "ack_wait_ms = 30000")
+    };
+    for kind in ["orders", "spin"] {
+        let [_, stream, subject, ..] = names(kind);
+        js.create_stream(jetstream::stream::Config {
+            name: stream,
+            subjects: vec![subject],
+            ..Default::default()
+        })
+        .await
+        .expect("create an input stream");
+    }
+    let mut text = render("orders", &orders_plugin);
+    if spinning {
+        text = format!(
+            "[sandbox]\nthreads = 2\n{}{text}",
+            render("spin", &hostile_plugin)
+        );
+        let loops: Vec<Vec<u8>> = (0..4_000).map(|_| b"loop".to_vec()).collect();
+        publish_all(js, &format!("spin{tag}.x"), &loops).await;
+    } else {
+        text = format!("[sandbox]\nthreads = 2\n{text}");
+    }
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, text).expect("write weir.toml");
+    let mut weir = Command::new(weir_binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start weir");
+    let spin_stream = format!("SPIN{tag}");
+    if spinning {
+        wait_for(
+            "the spinning pipeline at work",
+            Duration::from_secs(60),
+            || async {
+                let Ok(stream) = js.get_stream(&spin_stream).await else {
+                    return false;
+                };
+                stream
+                    .consumer_info("weir")
+                    .await
+                    .is_ok_and(|info| info.num_ack_pending > 0)
+            },
+        )
+        .await;
+    }
+    let started = Instant::now();
+    publish_all(js, &format!("orders{tag}.new"), orders).await;
+    wait_until_drained(js, &format!("ORDERS{tag}"), "weir").await;
+    let took = started.elapsed();
+    let _ = weir.kill();
+    let _ = weir.wait();
+    took
 }
 
 /// 256-byte payloads the identity (echo) plugin passes through unchanged.
