@@ -45,6 +45,19 @@ pub fn load_or_compile(
     Ok(component)
 }
 
+/// Removes the entry of the component with this `sha256`, if there is one: a component weir
+/// refused must not stay compiled on disk.
+pub fn forget(engine: &Engine, dir: &Path, sha256: &str) {
+    let entry = entry_path(engine, dir, sha256);
+    match std::fs::remove_file(&entry) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            tracing::warn!(entry = %entry.display(), %error, "cannot remove a refused plugin from the compile cache")
+        }
+    }
+}
+
 fn entry_path(engine: &Engine, dir: &Path, sha256: &str) -> PathBuf {
     let mut hasher = DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);

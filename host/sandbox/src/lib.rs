@@ -278,14 +278,34 @@ impl Sandbox {
                 .exports(&self.engine)
                 .map(|(name, _)| name.to_owned())
                 .collect(),
-            verdict: self.check(path, file, limits).map(|_| ()),
+            verdict: self.checked(path, file, limits).map(|_| ()),
         })
     }
 
     /// Loads, checks and pre-instantiates a plugin component.
     pub fn load(&self, path: &Path, limits: &LimitsConfig) -> Result<Plugin, LoadError> {
         let file = self.read_component(path)?;
-        self.check(path, file, limits)
+        self.checked(path, file, limits)
+    }
+
+    /// `check`, forgetting the compiled component if it is refused: neither this process nor
+    /// the compile cache keeps what weir will not run.
+    fn checked(
+        &self,
+        path: &Path,
+        file: ComponentFile,
+        limits: &LimitsConfig,
+    ) -> Result<Plugin, LoadError> {
+        let sha256 = file.sha256.clone();
+        self.check(path, file, limits).inspect_err(|_| {
+            self.compiled
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .remove(&sha256);
+            if let Some(dir) = &self.compile_cache {
+                compile_cache::forget(&self.engine, dir, &sha256);
+            }
+        })
     }
 
     /// Checks a compiled component against the contract and limits, and pre-instantiates it.

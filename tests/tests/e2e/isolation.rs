@@ -158,3 +158,35 @@ fn load_errors_name_what_is_wrong() {
         Ok(_) => panic!("an export of another shape was accepted"),
     }
 }
+
+/// A component weir refuses leaves nothing compiled behind, in the process or in the compile
+/// cache on disk (the cache once kept every refused component).
+#[test]
+fn a_refused_component_is_not_kept_in_the_compile_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let limits = LimitsConfig::default();
+    let settings = SandboxConfig {
+        compile_cache_dir: Some(cache.clone()),
+        ..SandboxConfig::default()
+    };
+    let sandbox = Sandbox::new(&settings, limits.memory_bytes).unwrap();
+    let entries = || {
+        std::fs::read_dir(&cache)
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    };
+    let backdoor = wat::transformer(
+        "",
+        r#"(import "wasi:evil/backdoor@0.2.0" (instance (export "open" (func))))"#,
+    );
+    let refused = write_component(dir.path(), "backdoor.wasm", &backdoor);
+    assert!(sandbox.load(&refused, &limits).is_err());
+    assert_eq!(entries(), 0, "the refused component left a cache entry");
+    // A component weir runs is kept, as before.
+    let fine = write_component(dir.path(), "fine.wasm", &wat::transformer("", ""));
+    sandbox
+        .load(&fine, &limits)
+        .expect("a plain transformer loads");
+    assert_eq!(entries(), 1);
+}
