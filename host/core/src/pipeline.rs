@@ -397,7 +397,7 @@ where
         }
 
         // 3. Commit the new records in one synced write.
-        if !self.commit(&new_records, shutdown).await? {
+        if !self.commit(new_records, shutdown).await? {
             return Ok(None);
         }
 
@@ -457,7 +457,7 @@ where
     /// before it succeeded; true at once without a store or records.
     async fn commit(
         &self,
-        records: &[(String, Arc<DoneRecord>)],
+        records: Vec<(String, Arc<DoneRecord>)>,
         shutdown: &CancellationToken,
     ) -> Result<bool, Fatal> {
         let Some(store) = &self.store else {
@@ -466,7 +466,7 @@ where
         if records.is_empty() {
             return Ok(true);
         }
-        let records = Arc::new(records.to_vec());
+        let records = Arc::new(records);
         let mut retrier = Retrier::new("commit to the store", shutdown);
         loop {
             let committing = store.clone();
@@ -637,7 +637,7 @@ where
                         )
                     })
                     .collect();
-                if !self.commit(&records, shutdown).await? {
+                if !self.commit(records, shutdown).await? {
                     return Ok(false);
                 }
             }

@@ -58,15 +58,24 @@ fn pipeline<Pr: Probe>(
     }
 }
 
-/// One "process" that runs until every input is acked, then stops cleanly.
-async fn run_to_the_end(world: &Arc<World>, store: &Arc<FakeStore>, runtime: &Arc<FakeRuntime>) {
-    let pipeline = pipeline(
+/// The pipeline of most tests: a store, no probe, stream-sequence keys.
+fn default_pipeline(
+    world: &Arc<World>,
+    store: &Arc<FakeStore>,
+    runtime: &Arc<FakeRuntime>,
+) -> Pipeline<FakeStore, FakePublisher, Arc<FakeRuntime>, NoProbe> {
+    pipeline(
         world,
         Some(store),
         runtime,
         NoProbe,
         DedupMode::StreamSequence,
-    );
+    )
+}
+
+/// One "process" that runs until every input is acked, then stops cleanly.
+async fn run_to_the_end(world: &Arc<World>, store: &Arc<FakeStore>, runtime: &Arc<FakeRuntime>) {
+    let pipeline = default_pipeline(world, store, runtime);
     run_until_all_acked(&pipeline, world).await;
 }
 
@@ -102,13 +111,7 @@ fn spawn_run(
     runtime: &Arc<FakeRuntime>,
     shutdown: &CancellationToken,
 ) -> tokio::task::JoinHandle<Result<(), Fatal>> {
-    let pipeline = pipeline(
-        world,
-        Some(store),
-        runtime,
-        NoProbe,
-        DedupMode::StreamSequence,
-    );
+    let pipeline = default_pipeline(world, store, runtime);
     let (world, shutdown) = (world.clone(), shutdown.clone());
     tokio::spawn(async move { pipeline.run(FakeSource::new(&world, BATCH), shutdown).await })
 }
@@ -147,13 +150,7 @@ async fn run_to_a_fatal_error(
     store: &Arc<FakeStore>,
     runtime: &Arc<FakeRuntime>,
 ) -> Fatal {
-    let pipeline = pipeline(
-        world,
-        Some(store),
-        runtime,
-        NoProbe,
-        DedupMode::StreamSequence,
-    );
+    let pipeline = default_pipeline(world, store, runtime);
     match pipeline
         .run(FakeSource::new(world, BATCH), CancellationToken::new())
         .await
@@ -293,13 +290,7 @@ async fn acks_that_fail_cost_a_redelivery_that_the_lookup_absorbs() {
     world.fail_acks(3);
     // The first "process" acks all but three, then is stopped; the next one gets those
     // three again.
-    let first = pipeline(
-        &world,
-        Some(&store),
-        &runtime,
-        NoProbe,
-        DedupMode::StreamSequence,
-    );
+    let first = default_pipeline(&world, &store, &runtime);
     run_then_shut_down(&first, &world, world.acked_at_least(WORKLOAD.len() - 3)).await;
     run_to_the_end(&world, &store, &runtime).await;
     assert_exactly_once(&world, &WORKLOAD);
@@ -449,13 +440,7 @@ async fn shutdown_while_a_stage_retries_acks_nothing_of_that_batch() {
             (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
         world.publish_inputs(&WORKLOAD[..BATCH]);
         setup(&world, &store, &runtime);
-        let pipeline = pipeline(
-            &world,
-            Some(&store),
-            &runtime,
-            NoProbe,
-            DedupMode::StreamSequence,
-        );
+        let pipeline = default_pipeline(&world, &store, &runtime);
         // Shutdown comes while the stage is still retrying.
         run_then_shut_down(
             &pipeline,

@@ -149,10 +149,10 @@ impl OutputPolicy {
                 "output {index} has {header_block} bytes of headers, more than JetStream's {MAX_HEADER_BLOCK}"
             ));
         }
-        if message.wire_size() > self.max_message_bytes {
+        let wire_size = header_block + message.payload.len();
+        if wire_size > self.max_message_bytes {
             return Err(format!(
-                "output {index} is {} bytes with headers, more than the {} the server and output stream accept",
-                message.wire_size(),
+                "output {index} is {wire_size} bytes with headers, more than the {} the server and output stream accept",
                 self.max_message_bytes
             ));
         }

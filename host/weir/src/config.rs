@@ -99,11 +99,7 @@ impl ValidConfig {
     /// The largest `limits.memory_bytes` of any pipeline: what the engine's instance pool
     /// must be able to hold.
     pub fn largest_memory_limit(&self) -> usize {
-        self.pipelines
-            .iter()
-            .map(|p| p.config.limits.memory_bytes)
-            .max()
-            .unwrap_or(0)
+        largest_memory_limit(self.pipelines.iter().map(ValidPipeline::config))
     }
 }
 
@@ -129,6 +125,14 @@ impl ValidPipeline {
 pub enum Delivery {
     ExactlyOnce { store_dir: PathBuf },
     AtLeastOnce,
+}
+
+fn largest_memory_limit<'a>(pipelines: impl IntoIterator<Item = &'a PipelineConfig>) -> usize {
+    pipelines
+        .into_iter()
+        .map(|p| p.limits.memory_bytes)
+        .max()
+        .unwrap_or(0)
 }
 
 /// A configuration that cannot be used, with what to fix.
@@ -235,11 +239,7 @@ impl Config {
     /// The largest `limits.memory_bytes` of any pipeline: what the engine's instance pool
     /// must be able to hold.
     pub fn largest_memory_limit(&self) -> usize {
-        self.pipelines
-            .iter()
-            .map(|p| p.limits.memory_bytes)
-            .max()
-            .unwrap_or(0)
+        largest_memory_limit(&self.pipelines)
     }
 
     /// Every problem with the configuration, each naming the key and what to do.

@@ -136,13 +136,9 @@ async fn dead_letters_are_listed_shown_and_replayed_once_after_a_fix() {
     assert_eq!(replays, 4);
 }
 
-/// A replay that had to skip entries says so and exits 1, as the README says (it once
-/// exited 2, the code for a configuration that cannot work).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_with_skipped_entries_exits_1() {
-    let server = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let js = server.jetstream().await;
+/// The orders pipeline's DLQ stream, made by the test so that it can hold letters weir did
+/// not write.
+async fn create_dlq_stream(js: &async_nats::jetstream::Context) {
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "ORDERS_DLQ".into(),
         subjects: vec!["orders.dlq".into()],
@@ -150,6 +146,16 @@ async fn a_replay_with_skipped_entries_exits_1() {
     })
     .await
     .unwrap();
+}
+
+/// A replay that had to skip entries says so and exits 1, as the README says (it once
+/// exited 2, the code for a configuration that cannot work).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_with_skipped_entries_exits_1() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = server.jetstream().await;
+    create_dlq_stream(&js).await;
     // Not a weir dead letter: no Weir-Input-Subject to replay it to.
     publish_all(&js, "orders.dlq", &[b"stray".to_vec()]).await;
     let config = config(dir.path(), &server.url(), &plugin("orders"), "orders.toml");
@@ -176,13 +182,7 @@ async fn dlq_list_and_show_escape_what_a_letter_carries() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let js = server.jetstream().await;
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "ORDERS_DLQ".into(),
-        subjects: vec!["orders.dlq".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_dlq_stream(&js).await;
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Weir-Dlq-Kind", "trap\u{1b}[31m");
     headers.insert("Weir-Input-Subject", "orders.in.new");
