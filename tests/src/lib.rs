@@ -651,7 +651,9 @@ impl InProcessWeir {
         }
         let config = weir::Config::load(config).expect("a valid weir configuration");
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(weir::run(config, shutdown.clone()));
+        // Plugins compile in the real `weir` binary's compiler process, as `weir run`'s do.
+        let compiler = weir::compiler_at(weir_binary());
+        let task = tokio::spawn(weir::run(config, compiler, shutdown.clone()));
         wait_for_stream(js, input_stream).await;
         InProcessWeir { shutdown, task }
     }

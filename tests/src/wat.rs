@@ -86,3 +86,59 @@ pub fn memory_hogs(count: usize) -> String {
 
 /// A `transform` body that never returns: it runs until its fuel is gone.
 pub const SPIN: &str = "(loop $spin (br $spin))";
+
+/// A component with `count` more (empty) functions in its core module.
+pub fn many_functions(count: usize) -> Vec<u8> {
+    let memory = r#"(memory (export "memory") 1)"#;
+    let functions = "(func)".repeat(count);
+    assemble(&transformer_text("", "").replacen(memory, &format!("{memory}{functions}"), 1))
+}
+
+/// A component that cranelift takes minutes to compile although it is under 1 MiB: one
+/// function with `locals` locals and `operations` additions between them in a loop, about
+/// 10 bytes each (10 000 and 90 000: 0.9 MB, past a minute to compile here; 2 000 and
+/// 50 000 took 12-18 s and about 100 MiB).
+pub fn slow_to_compile(locals: usize, operations: usize) -> Vec<u8> {
+    use std::fmt::Write;
+    let mut body = String::new();
+    for i in 0..locals {
+        write!(body, "(local $l{i} i32)").unwrap();
+    }
+    body.push_str("(loop $again ");
+    for n in 0..operations {
+        let (to, a, b) = (n % locals, (n * 7 + 3) % locals, (n * 13 + 5) % locals);
+        write!(
+            body,
+            "(local.set $l{to} (i32.add (local.get $l{a}) (local.get $l{b})))"
+        )
+        .unwrap();
+    }
+    body.push_str("(br_if $again (local.get $l0)))");
+    transformer(&body, "")
+}
+
+/// `component` with a custom section appended that makes it `padding` bytes larger, or
+/// a little more.
+pub fn padded(mut component: Vec<u8>, padding: usize) -> Vec<u8> {
+    let name = b"padding";
+    let mut section = leb128(name.len());
+    section.extend_from_slice(name);
+    section.resize(section.len() + padding, 0);
+    component.push(0);
+    component.extend(leb128(section.len()));
+    component.extend(section);
+    component
+}
+
+fn leb128(mut value: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            bytes.push(byte);
+            return bytes;
+        }
+        bytes.push(byte | 0x80);
+    }
+}

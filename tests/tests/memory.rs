@@ -20,7 +20,12 @@ fn resident_bytes() -> u64 {
 
 #[test]
 fn memory_returns_after_hostile_runs() {
-    let sandbox = Sandbox::new(&SandboxConfig::default(), 16 << 20).unwrap();
+    let sandbox = Sandbox::new(
+        &SandboxConfig::default(),
+        16 << 20,
+        weir_sandbox::Compiler::InThisProcess,
+    )
+    .unwrap();
     let limits = LimitsConfig {
         fuel: 50_000_000,
         memory_bytes: 16 << 20,

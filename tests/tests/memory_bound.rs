@@ -70,7 +70,12 @@ fn resident_memory_is_bounded_by_threads_times_the_memory_limit() {
         memory_bytes: MEMORY_LIMIT,
         ..LimitsConfig::default()
     };
-    let sandbox = Sandbox::new(&settings, MEMORY_LIMIT).unwrap();
+    let sandbox = Sandbox::new(
+        &settings,
+        MEMORY_LIMIT,
+        weir_sandbox::Compiler::InThisProcess,
+    )
+    .unwrap();
     let filler = sandbox.load(&path, &limits).expect("the filler loads");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -361,8 +361,12 @@ pub fn run_fixtures(plugin: &Plugin, dir: &Path, update: bool) -> Result<SuiteRe
 /// ```
 pub fn check(component: &Path, fixtures_dir: &Path) -> Result<SuiteReport, String> {
     let limits = LimitsConfig::default();
-    let sandbox = Sandbox::new(&SandboxConfig::default(), limits.memory_bytes)
-        .map_err(|e| format!("{e:#}"))?;
+    let sandbox = Sandbox::new(
+        &SandboxConfig::default(),
+        limits.memory_bytes,
+        crate::Compiler::InThisProcess,
+    )
+    .map_err(|e| format!("{e:#}"))?;
     let plugin = sandbox
         .load(component, &limits)
         .map_err(|e| e.to_string())?;

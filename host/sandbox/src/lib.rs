@@ -28,8 +28,11 @@ pub use weir_core::ports::RunError;
 
 use serde::Deserialize;
 
+mod compile;
 mod compile_cache;
 pub mod harness;
+
+pub use compile::{Compiler, child_main as compile_child_main};
 mod wasi;
 
 mod bindings {
@@ -102,6 +105,18 @@ pub enum LoadError {
         reason: String,
     },
     #[error(
+        "plugin {path:?} is more than weir agrees to compile: {reason} (raise the setting in [sandbox] only for a component you trust)"
+    )]
+    TooCostly {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("plugin {path:?} could not be compiled: {reason}")]
+    Compiler {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error(
         "plugin {path:?} imports {imports}, which weir does not provide: weir plugins may import only WASI 0.2 (`wasi:*`), which weir makes deterministic; remove the dependency that needs it"
     )]
     Imports {
@@ -153,17 +168,24 @@ pub struct Sandbox {
     engine: Engine,
     /// Where compiled components are kept between runs, if anywhere.
     compile_cache: Option<std::path::PathBuf>,
+    settings: SandboxConfig,
+    compiler: Compiler,
     /// Components compiled so far, by the sha256 of their file: pipelines that run the same
-    /// plugin compile it once (a Python component takes seconds).
-    compiled: Mutex<HashMap<String, Component>>,
+    /// plugin compile it once (a Python component takes seconds). Each has its own lock, so
+    /// that one component's compilation never waits for another's.
+    compiled: Mutex<HashMap<String, Arc<Mutex<Option<Component>>>>>,
     threads: Arc<Threads>,
     _epoch_ticker: EpochTicker,
 }
 
 impl Sandbox {
     /// Builds the engine. `max_memory_bytes` is the largest memory limit of any pipeline:
-    /// the pooling allocator sizes its slots to it.
-    pub fn new(settings: &SandboxConfig, max_memory_bytes: usize) -> anyhow::Result<Sandbox> {
+    /// the pooling allocator sizes its slots to it. Components are compiled by `compiler`.
+    pub fn new(
+        settings: &SandboxConfig,
+        max_memory_bytes: usize,
+        compiler: Compiler,
+    ) -> anyhow::Result<Sandbox> {
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(POOLED_INSTANCES)
             .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_PLUGIN)
@@ -185,29 +207,15 @@ impl Sandbox {
             .linear_memory_keep_resident(KEEP_RESIDENT)
             .table_keep_resident(KEEP_RESIDENT)
             .pagemap_scan(wasmtime::Enabled::Auto);
-        let mut config = Config::new();
-        config
-            .wasm_component_model(true)
-            .consume_fuel(true)
-            .epoch_interruption(true)
-            .cranelift_nan_canonicalization(true)
-            .relaxed_simd_deterministic(true)
-            .max_wasm_stack(settings.max_stack_bytes)
-            // Bounds checks compiled into the plugin instead of guard pages. With guard
-            // pages, a slot whose memory grew during a call (any plugin that allocates) has
-            // its protection shrunk back before reuse: an mprotect that interrupts every
-            // other core to flush its TLB. Measured: a fresh instance and call 12.3 → 7.4 µs,
-            // weir's CPU per input in a pipeline 33 → 25 µs. wasmtime turns the Spectre
-            // mitigation of heap accesses off with them; a plugin has no clock to time a side
-            // channel with (its clocks read the message's data time) and no threads.
-            .signals_based_traps(false)
-            .memory_guard_size(0)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let mut config = engine_config(settings);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)
             .map_err(|e| anyhow::anyhow!("cannot create the wasm engine: {e:#}"))?;
         let epoch_ticker = EpochTicker::start(engine.clone());
         Ok(Sandbox {
             engine,
+            settings: settings.clone(),
+            compiler,
             compile_cache: settings.compile_cache_dir(),
             compiled: Mutex::default(),
             threads: Arc::new(Threads::new(settings.threads)),
@@ -215,43 +223,33 @@ impl Sandbox {
         })
     }
 
-    /// Reads and compiles a component file (once per distinct content).
+    /// Reads and compiles a component file (once per distinct content, however many
+    /// pipelines load it at once; components of different content compile side by side).
     fn read_component(&self, path: &Path) -> Result<ComponentFile, LoadError> {
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
             path: path.to_owned(),
             source,
         })?;
         let sha256 = sha256_hex(&bytes);
-        let mut compiled = self
+        let slot = self
             .compiled
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let component = match compiled.get(&sha256) {
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(sha256.clone())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let component = match &*slot {
             Some(component) => component.clone(),
             None => {
-                let component = match &self.compile_cache {
-                    Some(dir) => compile_cache::load_or_compile(&self.engine, dir, &sha256, &bytes),
-                    None => Component::new(&self.engine, &bytes),
-                }
-                .map_err(|e| {
-                    let reason = one_line(&format!("{e:#}"));
-                    // wasmtime checks a component against the pool's per-component limits as
-                    // it compiles it, and says so only in words.
-                    if reason.contains("in the pooling allocator")
-                        || reason.contains("does not fit in pooling allocator requirements")
-                    {
-                        LoadError::TooLarge {
-                            path: path.to_owned(),
-                            reason,
-                        }
-                    } else {
-                        LoadError::NotAComponent {
-                            path: path.to_owned(),
-                            reason,
-                        }
-                    }
+                let component = self.compile(path, &sha256, &bytes).inspect_err(|_| {
+                    // Nothing of a refused component is kept, not even its empty slot.
+                    self.compiled
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .remove(&sha256);
                 })?;
-                compiled.insert(sha256.clone(), component.clone());
+                *slot = Some(component.clone());
                 component
             }
         };
@@ -260,6 +258,72 @@ impl Sandbox {
             sha256,
             component,
         })
+    }
+
+    /// A component from the compile cache, or measured and compiled by the sandbox's
+    /// compiler (and then kept in the cache).
+    fn compile(&self, path: &Path, sha256: &str, bytes: &[u8]) -> Result<Component, LoadError> {
+        if let Some(dir) = &self.compile_cache
+            && let Some(component) = compile_cache::load(&self.engine, dir, sha256)
+        {
+            return Ok(component);
+        }
+        let refused = |refusal: compile::Refusal| match refusal {
+            compile::Refusal::TooCostly(reason) => LoadError::TooCostly {
+                path: path.to_owned(),
+                reason,
+            },
+            compile::Refusal::Invalid(reason) => LoadError::NotAComponent {
+                path: path.to_owned(),
+                reason: one_line(&reason),
+            },
+            compile::Refusal::Compiler(reason) => LoadError::Compiler {
+                path: path.to_owned(),
+                reason: one_line(&reason),
+            },
+        };
+        compile::measure(bytes, &self.settings).map_err(refused)?;
+        let serialized = match &self.compiler {
+            Compiler::ChildProcess { program, args } => {
+                compile::in_child(program, args, &self.settings, bytes).map_err(refused)?
+            }
+            Compiler::InThisProcess => self
+                .engine
+                .precompile_component(bytes)
+                .map_err(|e| refused(compile::Refusal::Invalid(format!("{e:#}"))))?,
+        };
+        // SAFETY: deserializing runs the native code in `serialized` as it is: it comes from
+        // this engine or from weir's own compiler process, given this engine's settings;
+        // wasmtime checks the version and settings it was made with.
+        let component =
+            unsafe { Component::deserialize(&self.engine, &serialized) }.map_err(|e| {
+                let reason = one_line(&format!("{e:#}"));
+                // wasmtime checks a component against the pool's per-component limits as it
+                // loads it, and says so only in words.
+                if reason.contains("in the pooling allocator")
+                    || reason.contains("does not fit in pooling allocator requirements")
+                {
+                    LoadError::TooLarge {
+                        path: path.to_owned(),
+                        reason,
+                    }
+                } else {
+                    LoadError::NotAComponent {
+                        path: path.to_owned(),
+                        reason,
+                    }
+                }
+            })?;
+        if let Some(dir) = &self.compile_cache {
+            compile_cache::store(
+                dir,
+                &self.engine,
+                sha256,
+                &serialized,
+                self.settings.compile_cache_bytes,
+            );
+        }
+        Ok(component)
     }
 
     /// What a component file is, and whether weir can run it (the verdict is `load`'s).
@@ -726,6 +790,29 @@ impl ResourceLimiter for CallState {
     }
 }
 
+/// The engine's settings apart from its instance allocator: all that the compiled code
+/// depends on, the same in weir's compiler process as in the sandbox.
+fn engine_config(settings: &SandboxConfig) -> Config {
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .consume_fuel(true)
+        .epoch_interruption(true)
+        .cranelift_nan_canonicalization(true)
+        .relaxed_simd_deterministic(true)
+        .max_wasm_stack(settings.max_stack_bytes)
+        // Bounds checks compiled into the plugin instead of guard pages. With guard
+        // pages, a slot whose memory grew during a call (any plugin that allocates) has
+        // its protection shrunk back before reuse: an mprotect that interrupts every
+        // other core to flush its TLB. Measured: a fresh instance and call 12.3 → 7.4 µs,
+        // weir's CPU per input in a pipeline 33 → 25 µs. wasmtime turns the Spectre
+        // mitigation of heap accesses off with them; a plugin has no clock to time a side
+        // channel with (its clocks read the message's data time) and no threads.
+        .signals_based_traps(false)
+        .memory_guard_size(0);
+    config
+}
+
 /// Advances the engine's epoch every `EPOCH_TICK` until dropped.
 struct EpochTicker {
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -782,6 +869,23 @@ pub struct SandboxConfig {
     /// How many plugin calls run at once, across all pipelines: a batch's inputs are spread
     /// over this many threads. By default the number of cores, at most `MAX_THREADS`.
     pub threads: usize,
+    /// The largest component file weir agrees to compile, in bytes. By default 64 MiB (the
+    /// Python plugin is 18 MB).
+    pub max_component_bytes: usize,
+    /// The most functions a component's core modules may have together. By default
+    /// 100 000 (the Python plugin has about 12 000).
+    pub max_functions: usize,
+    /// The largest function body weir agrees to compile, in bytes. By default 1 MiB (the
+    /// Python plugin's largest is about 200 KB).
+    pub max_function_bytes: usize,
+    /// How long compiling one component may take, in milliseconds, before weir stops it
+    /// and refuses the component. By default 120 000.
+    pub compile_timeout_ms: u64,
+    /// How much memory compiling one component may use, in bytes. By default 2 GiB.
+    pub compile_memory_bytes: usize,
+    /// The most the compile cache keeps on disk, in bytes; the entries used longest ago go
+    /// first. By default 1 GiB.
+    pub compile_cache_bytes: u64,
 }
 
 /// The most plugin calls that may run at once (the engine's instance pool holds twice as
@@ -797,6 +901,12 @@ impl Default for SandboxConfig {
             threads: std::thread::available_parallelism()
                 .map_or(1, |cores| cores.get())
                 .min(MAX_THREADS),
+            max_component_bytes: 64 << 20,
+            max_functions: 100_000,
+            max_function_bytes: 1 << 20,
+            compile_timeout_ms: 120_000,
+            compile_memory_bytes: 2 << 30,
+            compile_cache_bytes: 1 << 30,
         }
     }
 }
@@ -884,7 +994,8 @@ mod tests {
             ..SandboxConfig::default()
         };
         let limits = LimitsConfig::default();
-        let sandbox = Sandbox::new(&settings, limits.memory_bytes).unwrap();
+        let sandbox =
+            Sandbox::new(&settings, limits.memory_bytes, Compiler::InThisProcess).unwrap();
         let spinning = sandbox
             .load(&hostile_plugin(), &limits)
             .expect("scripts/build-plugins.sh built plugins/dist/hostile.wasm")

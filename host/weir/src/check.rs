@@ -35,7 +35,10 @@ pub async fn check(path: &Path) -> Result<Vec<Finding>, ConfigError> {
         item: "config",
         outcome: Err(problem),
     }));
-    let sandbox = match Sandbox::new(&config.sandbox, config.largest_memory_limit()) {
+    let sandbox = match crate::own_compiler().and_then(|compiler| {
+        Sandbox::new(&config.sandbox, config.largest_memory_limit(), compiler)
+            .map_err(|e| crate::Error::Engine(format!("{e:#}")))
+    }) {
         Ok(sandbox) => Some(sandbox),
         Err(error) => {
             findings.push(Finding {

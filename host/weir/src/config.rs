@@ -15,6 +15,9 @@ use weir_core::subject;
 pub use weir_nats::{BatchConfig, InputConfig, NatsConfig, OutputConfig};
 pub use weir_sandbox::{LimitsConfig, MAX_THREADS, MAX_WASM_STACK, SandboxConfig};
 
+/// The least memory weir's compiler process can work in.
+const MIN_COMPILE_MEMORY: usize = 32 << 20;
+
 /// A whole configuration file: one or more pipelines.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -259,6 +262,17 @@ impl Config {
             problems.push(format!(
                 "sandbox.threads must be between 1 and {MAX_THREADS} (leave it out for one per core)"
             ));
+        }
+        // Below these, weir's own compiler process cannot start or finish an empty component.
+        if self.sandbox.compile_memory_bytes < MIN_COMPILE_MEMORY {
+            problems.push(format!(
+                "sandbox.compile_memory_bytes must be at least {MIN_COMPILE_MEMORY} (leave it out for 2 GiB)"
+            ));
+        }
+        if self.sandbox.compile_timeout_ms < 100 {
+            problems.push(
+                "sandbox.compile_timeout_ms must be at least 100 (leave it out for 120 000)".into(),
+            );
         }
         let mut names = HashSet::new();
         let mut store_dirs = HashSet::new();

@@ -31,7 +31,7 @@ impl Pipeline {
     /// `thread_share` of the sandbox's threads at once.
     pub async fn start(
         pipeline: ValidPipeline,
-        sandbox: &Sandbox,
+        sandbox: &Arc<Sandbox>,
         thread_share: usize,
     ) -> Result<Pipeline, Error> {
         let config = pipeline.config();
@@ -39,8 +39,21 @@ impl Pipeline {
             pipeline: config.name.clone(),
             source,
         };
-        let plugin = sandbox
-            .load(&config.plugin, &config.limits)
+        // Compiling blocks (for seconds, for a large component): on a thread of its own.
+        let loading = {
+            let (sandbox, plugin, limits) = (
+                sandbox.clone(),
+                config.plugin.clone(),
+                config.limits.clone(),
+            );
+            tokio::task::spawn_blocking(move || sandbox.load(&plugin, &limits))
+        };
+        let plugin = loading
+            .await
+            .map_err(|e| Error::Crashed {
+                pipeline: config.name.clone(),
+                message: format!("loading the plugin: {e}"),
+            })?
             .map_err(|e| fail(e.into()))?
             .with_thread_share(thread_share);
         let store = match pipeline.delivery() {

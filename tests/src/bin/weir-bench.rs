@@ -650,8 +650,12 @@ async fn latency(server: &NatsServer, js: &jetstream::Context) {
 /// A fresh instance and one call per message, in this process: a trivial Rust transform,
 /// a JSON one, and the Python plugin (CPython in the component) with its deterministic WASI.
 fn sandbox_overhead() {
-    let sandbox = weir_sandbox::Sandbox::new(&weir_sandbox::SandboxConfig::default(), 64 << 20)
-        .expect("an engine");
+    let sandbox = weir_sandbox::Sandbox::new(
+        &weir_sandbox::SandboxConfig::default(),
+        64 << 20,
+        weir_sandbox::Compiler::InThisProcess,
+    )
+    .expect("an engine");
     let cases: [(&str, &str, &[u8], usize); 3] = [
         ("Rust, echo", "hostile", &[b'.'; 256], 20_000),
         (

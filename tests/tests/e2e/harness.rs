@@ -175,7 +175,12 @@ fn compiled_plugins_are_cached_on_disk_and_a_bad_entry_is_compiled_again() {
     let limits = LimitsConfig::default();
     let load = || {
         // A new sandbox each time: a restarted weir.
-        let sandbox = Sandbox::new(&settings, limits.memory_bytes).unwrap();
+        let sandbox = Sandbox::new(
+            &settings,
+            limits.memory_bytes,
+            weir_sandbox::Compiler::InThisProcess,
+        )
+        .unwrap();
         let plugin = sandbox.load(&plugin("orders"), &limits).unwrap();
         let input = TransformInput {
             subject: "orders.in.new".into(),
@@ -203,10 +208,12 @@ fn compiled_plugins_are_cached_on_disk_and_a_bad_entry_is_compiled_again() {
         std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777,
         0o700
     );
-    let written = std::fs::metadata(&entry).unwrap().modified().unwrap();
+    // An entry is written to a new file renamed into place: the same inode is the same entry.
+    let inode = || std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&entry).unwrap());
+    let written = inode();
     load();
     assert_eq!(
-        std::fs::metadata(&entry).unwrap().modified().unwrap(),
+        inode(),
         written,
         "a restart loads the entry, it does not compile again"
     );

@@ -175,7 +175,7 @@ fn input(payload: &str) -> TransformInput {
 #[test]
 fn fuel_exhaustion_is_deterministic_and_the_deadline_is_a_backstop() {
     let settings = weir_sandbox::SandboxConfig::default();
-    let sandbox = Sandbox::new(&settings, 16 << 20).unwrap();
+    let sandbox = Sandbox::new(&settings, 16 << 20, weir_sandbox::Compiler::InThisProcess).unwrap();
     let limits = LimitsConfig {
         fuel: 5_000_000,
         memory_bytes: 16 << 20,
@@ -233,7 +233,12 @@ fn fuel_exhaustion_is_deterministic_and_the_deadline_is_a_backstop() {
 fn deeply_nested_json_is_invalid_input_not_a_crash() {
     // The orders plugin parses nested JSON recursively; serde_json's own depth limit (128)
     // turns very deep nesting into invalid input before the stack runs out.
-    let sandbox = Sandbox::new(&weir_sandbox::SandboxConfig::default(), 64 << 20).unwrap();
+    let sandbox = Sandbox::new(
+        &weir_sandbox::SandboxConfig::default(),
+        64 << 20,
+        weir_sandbox::Compiler::InThisProcess,
+    )
+    .unwrap();
     let orders = sandbox
         .load(&plugin("orders"), &LimitsConfig::default())
         .unwrap();
@@ -257,7 +262,7 @@ async fn a_batch_spread_over_threads_comes_back_in_input_order() {
         threads: 3,
         ..Default::default()
     };
-    let sandbox = Sandbox::new(&settings, 64 << 20).unwrap();
+    let sandbox = Sandbox::new(&settings, 64 << 20, weir_sandbox::Compiler::InThisProcess).unwrap();
     let orders = sandbox
         .load(&plugin("orders"), &LimitsConfig::default())
         .unwrap();

@@ -29,7 +29,12 @@ fn a_component_needing_more_instances_and_memories_than_granted_is_refused_at_lo
         compile_cache: false,
         ..SandboxConfig::default()
     };
-    let sandbox = Sandbox::new(&settings, limits.memory_bytes).unwrap();
+    let sandbox = Sandbox::new(
+        &settings,
+        limits.memory_bytes,
+        weir_sandbox::Compiler::InThisProcess,
+    )
+    .unwrap();
     match sandbox.load(&hog, &limits) {
         Err(error @ LoadError::TooLarge { .. }) => {
             let message = error.to_string();
@@ -125,7 +130,12 @@ fn load_errors_name_what_is_wrong() {
         compile_cache: false,
         ..SandboxConfig::default()
     };
-    let sandbox = Sandbox::new(&settings, limits.memory_bytes).unwrap();
+    let sandbox = Sandbox::new(
+        &settings,
+        limits.memory_bytes,
+        weir_sandbox::Compiler::InThisProcess,
+    )
+    .unwrap();
 
     let backdoor = wat::transformer(
         "",
@@ -170,7 +180,12 @@ fn a_refused_component_is_not_kept_in_the_compile_cache() {
         compile_cache_dir: Some(cache.clone()),
         ..SandboxConfig::default()
     };
-    let sandbox = Sandbox::new(&settings, limits.memory_bytes).unwrap();
+    let sandbox = Sandbox::new(
+        &settings,
+        limits.memory_bytes,
+        weir_sandbox::Compiler::InThisProcess,
+    )
+    .unwrap();
     let entries = || {
         std::fs::read_dir(&cache)
             .map(|entries| entries.count())

@@ -51,6 +51,12 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// weir's compiler process, which weir runs itself for each component it compiles.
+    #[command(hide = true)]
+    CompileComponent {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -177,6 +183,10 @@ enum LogFormat {
 /// Runs the command line of this process and returns its exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::CompileComponent { args } = &cli.command {
+        // Before logging and the async runtime: the compiler process needs neither.
+        return weir_sandbox::compile_child_main(args);
+    }
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -190,6 +200,7 @@ pub fn main() -> ExitCode {
         Command::Check { config } => runtime.block_on(check(config)),
         Command::Dlq { command } => runtime.block_on(dlq::run(command)),
         Command::Plugin { command } => plugin::run(command),
+        Command::CompileComponent { args } => return weir_sandbox::compile_child_main(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -218,7 +229,7 @@ async fn run(config_path: PathBuf) -> Result<(), crate::Error> {
     let config = crate::Config::load(&config_path)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    let report = crate::run(config, shutdown).await?;
+    let report = crate::run(config, crate::own_compiler()?, shutdown).await?;
     for (pipeline, stats) in report.pipelines {
         tracing::info!(
             %pipeline,

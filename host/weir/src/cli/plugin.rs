@@ -31,8 +31,12 @@ pub fn run(command: PluginCommand) -> Result<(), crate::Error> {
 }
 
 fn sandbox(limits: &LimitsConfig) -> Result<Sandbox, crate::Error> {
-    Sandbox::new(&SandboxConfig::default(), limits.memory_bytes)
-        .map_err(|e| crate::Error::Engine(format!("{e:#}")))
+    Sandbox::new(
+        &SandboxConfig::default(),
+        limits.memory_bytes,
+        crate::own_compiler()?,
+    )
+    .map_err(|e| crate::Error::Engine(format!("{e:#}")))
 }
 
 pub fn inspect(file: PathBuf) -> Result<(), crate::Error> {
