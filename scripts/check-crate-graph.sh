@@ -18,7 +18,7 @@ for node in metadata["resolve"]["nodes"]:
         if any(kind["kind"] is None for kind in dep["dep_kinds"])
     ]
 
-WASM = {"wasmtime", "wasmtime-wasi", "cranelift-codegen"}
+WASM = {"wasmtime", "wasmtime-wasi", "wasmparser", "cranelift-codegen"}
 ROCKSDB = {"rocksdb", "librocksdb-sys"}
 NATS = {"async-nats"}
 HTTP = {"axum", "hyper"}

@@ -2,7 +2,9 @@
 
 Input: a JSON object. Output on `stamped`: the object with `stamped_at_ns` (the clock) and
 `stamp_id` (a random UUID). Anything else is invalid input. An object with `"sleep_s"` makes
-the plugin sleep first, which weir refuses: data time does not pass during a call.
+the plugin sleep first, which weir refuses: data time does not pass during a call. An
+object's `"note"` is printed to stderr as it is, control characters and all: weir must
+escape it before it reaches its log.
 
 The plugin reads the clock and draws random bytes the ordinary Python way. It stays
 deterministic because weir's WASI answers with the message's data time and with bytes seeded
@@ -32,5 +34,7 @@ class Transformer(wit_world.exports.Transformer):
         doc["stamped_at_ns"] = time.time_ns()
         doc["stamp_id"] = str(uuid.uuid4())
         print(f"stamped {msg.subject} as {doc['stamp_id']}", file=sys.stderr)
+        if "note" in doc:
+            print(str(doc["note"]), file=sys.stderr)
         payload = json.dumps(doc, separators=(",", ":")).encode()
         return [Output("stamped", [("Content-Type", "application/json")], payload)]

@@ -38,13 +38,18 @@ async fn a_python_plugin_runs_deterministically_in_a_pipeline() {
         .collect();
     inputs.push(b"user=u20".to_vec());
     inputs.push(br#"{"user":"u21","sleep_s":1}"#.to_vec());
+    // Printed by the plugin as it is: a bare CR, then a forged log line in red.
+    inputs.push(
+        br#"{"user":"u22","note":"noted\r\u001b[31mERROR weir: store record corrupt\u001b[0m"}"#
+            .to_vec(),
+    );
     publish_all(&js, "in.signup", &inputs).await;
     wait_for(
         "both pipelines' outputs and dead letters",
         Duration::from_secs(120),
         || async {
-            stream_len(&js, "OUT").await >= 20
-                && stream_len(&js, "AGAIN").await >= 20
+            stream_len(&js, "OUT").await >= 21
+                && stream_len(&js, "AGAIN").await >= 21
                 && stream_len(&js, "DLQ").await >= 2
                 && stream_len(&js, "AGAIN_DLQ").await >= 2
         },
@@ -80,7 +85,7 @@ async fn a_python_plugin_runs_deterministically_in_a_pipeline() {
     };
     let first_stamps = stamps(read_stream(&js, "OUT").await);
     let second_stamps = stamps(read_stream(&js, "AGAIN").await);
-    assert_eq!(first_stamps.len(), 20, "{first_stamps:?}");
+    assert_eq!(first_stamps.len(), 21, "{first_stamps:?}");
     assert_eq!(
         first_stamps, second_stamps,
         "a replay must stamp every input exactly as the first run did"
@@ -95,7 +100,7 @@ async fn a_python_plugin_runs_deterministically_in_a_pipeline() {
     let mut ids: Vec<&str> = first_stamps.iter().map(|(_, _, id)| id.as_str()).collect();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), 20, "each input draws its own random id: {ids:?}");
+    assert_eq!(ids.len(), 21, "each input draws its own random id: {ids:?}");
 
     let dead = read_stream(&js, "DLQ").await;
     let reasons: Vec<(&str, &str)> = dead
@@ -128,5 +133,15 @@ async fn a_python_plugin_runs_deterministically_in_a_pipeline() {
             .any(|line| line.contains(&format!("stamped in.signup as {id}"))
                 && line.contains("dedup_key")),
         "no log line for {user}'s stamp {id}:\n{log_text}"
+    );
+    // What a plugin prints reaches the log escaped: it can neither forge a line nor send
+    // escape sequences to the operator's terminal.
+    assert!(
+        log_text.contains(r"noted\r\u{1b}[31mERROR weir: store record corrupt\u{1b}[0m"),
+        "the note is not in the log, escaped:\n{log_text}"
+    );
+    assert!(
+        !log_text.contains('\r') && !log_text.contains('\u{1b}'),
+        "a raw CR or ESC reached the log:\n{log_text}"
     );
 }

@@ -183,24 +183,14 @@ enum LogFormat {
 /// Runs the command line of this process and returns its exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::CompileComponent { args } = &cli.command {
-        // Before logging and the async runtime: the compiler process needs neither.
-        return weir_sandbox::compile_child_main(args);
-    }
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("weir: cannot start the async runtime: {error}");
-            return ExitCode::from(1);
-        }
-    };
     let result = match cli.command {
-        Command::Run { config } => runtime.block_on(run(config)),
-        Command::Check { config } => runtime.block_on(check(config)),
-        Command::Dlq { command } => runtime.block_on(dlq::run(command)),
-        Command::Plugin { command } => plugin::run(command),
+        // weir's own compiler process: no async runtime, nothing but the compilation.
         Command::CompileComponent { args } => return weir_sandbox::compile_child_main(&args),
+        Command::Plugin { command } => plugin::run(command),
+        Command::Run { config } => block_on(run(config)),
+        Command::Check { config } => block_on(check(config)),
+        Command::Dlq { command } => block_on(dlq::run(command)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -209,6 +199,13 @@ pub fn main() -> ExitCode {
             ExitCode::from(exit_code(&error))
         }
     }
+}
+
+/// Runs a command's future on a new async runtime.
+fn block_on(command: impl Future<Output = Result<(), crate::Error>>) -> Result<(), crate::Error> {
+    tokio::runtime::Runtime::new()
+        .map_err(|e| crate::Error::Engine(format!("cannot start the async runtime: {e}")))?
+        .block_on(command)
 }
 
 /// The process exit code for an error: 2 for a configuration, command line or plugin that
