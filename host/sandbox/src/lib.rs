@@ -111,7 +111,9 @@ pub enum LoadError {
         path: std::path::PathBuf,
         reason: String,
     },
-    #[error("plugin {path:?} could not be compiled: {reason}")]
+    #[error(
+        "weir could not compile plugin {path:?}: {reason} (a fault of weir's compiler process, not of the plugin: check the weir executable and the memory free)"
+    )]
     Compiler {
         path: std::path::PathBuf,
         reason: String,

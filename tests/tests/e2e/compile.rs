@@ -211,8 +211,10 @@ fn children_running(parent: u32, needle: &str) -> Vec<u32> {
     found
 }
 
+/// Stopped while it compiles a bomb, weir exits at once (SIGTERM: cleanly) and its compiler
+/// process dies with it (SIGKILL too): it once waited for the compile's deadline.
 #[tokio::test]
-async fn the_compiler_process_dies_with_weir() {
+async fn weir_stops_at_once_while_compiling_and_its_compiler_dies_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let bomb = write_component(
@@ -233,31 +235,37 @@ async fn the_compiler_process_dies_with_weir() {
             .render(),
     )
     .unwrap();
-    let mut weir = std::process::Command::new(weir_binary())
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "off")
-        .spawn()
-        .unwrap();
-    let mut compiler = Vec::new();
-    wait_for("weir's compiler process", Duration::from_secs(30), || {
-        compiler = children_running(weir.id(), "compile-component");
-        std::future::ready(!compiler.is_empty())
-    })
-    .await;
-    send_signal(&weir, libc::SIGKILL);
-    weir.wait().unwrap();
-    // Gone, or a zombie waiting for whoever adopted it to reap it.
-    let dead = |pid: u32| match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => true,
-    };
-    wait_for(
-        "the compiler to die with weir",
-        Duration::from_secs(10),
-        || std::future::ready(dead(compiler[0])),
-    )
-    .await;
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        let mut weir = std::process::Command::new(weir_binary())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "off")
+            .spawn()
+            .unwrap();
+        let mut compiler = Vec::new();
+        wait_for("weir's compiler process", Duration::from_secs(30), || {
+            compiler = children_running(weir.id(), "compile-component");
+            std::future::ready(!compiler.is_empty())
+        })
+        .await;
+        send_signal(&weir, signal);
+        // Well before the bomb compiles (past a minute) or reaches its deadline (120 s).
+        let status = wait_for_exit(&mut weir, Duration::from_secs(30)).await;
+        if signal == libc::SIGTERM {
+            assert!(status.success(), "{status}");
+        }
+        // Gone, or a zombie waiting for whoever adopted it to reap it.
+        let dead = |pid: u32| match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Err(_) => true,
+        };
+        wait_for(
+            "the compiler to die with weir",
+            Duration::from_secs(10),
+            || std::future::ready(dead(compiler[0])),
+        )
+        .await;
+    }
 }

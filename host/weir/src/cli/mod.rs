@@ -203,9 +203,14 @@ pub fn main() -> ExitCode {
 
 /// Runs a command's future on a new async runtime.
 fn block_on(command: impl Future<Output = Result<(), crate::Error>>) -> Result<(), crate::Error> {
-    tokio::runtime::Runtime::new()
-        .map_err(|e| crate::Error::Engine(format!("cannot start the async runtime: {e}")))?
-        .block_on(command)
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| crate::Error::Engine(format!("cannot start the async runtime: {e}")))?;
+    let result = runtime.block_on(command);
+    // Everything a command awaits has finished. What can be left is a plugin still compiling
+    // for a pipeline that was stopped before it started: not waited for (a compile bomb
+    // would hold the stop up to its deadline); its compiler process dies with this one.
+    runtime.shutdown_background();
+    result
 }
 
 /// The process exit code for an error: 2 for a configuration, command line or plugin that
@@ -214,6 +219,11 @@ fn exit_code(error: &crate::Error) -> u8 {
     use crate::{Error, StartError};
     match error {
         Error::Config(_) | Error::Usage(_) => 2,
+        // weir's own compiler process failing is the host's trouble, not the plugin's.
+        Error::Start {
+            source: StartError::Plugin(weir_sandbox::LoadError::Compiler { .. }),
+            ..
+        } => 1,
         Error::Start {
             source: StartError::Plugin(_),
             ..
