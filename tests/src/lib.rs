@@ -502,6 +502,48 @@ pub async fn publish_all(js: &jetstream::Context, subject: &str, payloads: &[Vec
     }
 }
 
+/// Publishes messages whose header blocks are given byte for byte, over a raw connection to
+/// the server on `port`: blocks nats-server stores but async-nats can neither send nor
+/// parse (invalid UTF-8, a line without a colon, …). Each message is `(subject, header
+/// block, payload)`. Returns once the server has read them all (a PING answered).
+pub fn publish_raw(port: u16, messages: &[(&str, Vec<u8>, Vec<u8>)]) {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to nats-server");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone the socket"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("read INFO");
+    assert!(line.starts_with("INFO"), "{line}");
+    let mut out = std::io::BufWriter::new(stream);
+    out.write_all(
+        b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true,\"protocol\":1}\r\n",
+    )
+    .expect("send CONNECT");
+    for (subject, header, payload) in messages {
+        write!(
+            out,
+            "HPUB {subject} {} {}\r\n",
+            header.len(),
+            header.len() + payload.len()
+        )
+        .expect("send HPUB");
+        out.write_all(header).expect("send the header block");
+        out.write_all(payload).expect("send the payload");
+        out.write_all(b"\r\n").expect("send the payload end");
+    }
+    out.write_all(b"PING\r\n").expect("send PING");
+    out.flush().expect("send");
+    loop {
+        line.clear();
+        reader
+            .read_line(&mut line)
+            .expect("read the server's answer");
+        assert!(!line.starts_with("-ERR"), "nats-server refused: {line}");
+        if line.starts_with("PONG") {
+            return;
+        }
+    }
+}
+
 /// A weir configuration for one pipeline, as TOML. `extra` is appended verbatim (e.g. a
 /// `[pipeline.limits]` table). Start from `orders` or `plain` and override what differs.
 pub struct PipelineToml<'a> {

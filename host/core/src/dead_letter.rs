@@ -29,6 +29,9 @@ pub const INPUT_MSG_ID: &str = "Weir-Input-Msg-Id";
 pub const PAYLOAD_OMITTED: &str = "Weir-Dlq-Payload-Omitted";
 /// Present when the input's headers were too large to carry as well.
 pub const HEADERS_OMITTED: &str = "Weir-Dlq-Headers-Omitted";
+/// The input's header block as the stream stored it, base64: present when it could not be
+/// read as headers (`unreadable-input`).
+pub const INPUT_HEADER_BLOCK: &str = "Weir-Dlq-Input-Header-Block";
 /// Set by `weir dlq replay` on the input it re-publishes: `<dlq stream>#<sequence>`.
 pub const REPLAY_OF: &str = "Weir-Replay-Of";
 
@@ -71,12 +74,24 @@ impl DeadLetterSchema {
                 text::escaped(id, MAX_INLINE_MSG_ID),
             ));
         }
-        let input_headers: Vec<(String, String)> = input
+        let mut input_headers: Vec<(String, String)> = input
             .headers
             .iter()
             .filter(|(name, _)| !headers::is_nats_header(name) && !headers::is_weir_header(name))
             .cloned()
             .collect();
+        // Kept, and left out, as the input's headers are.
+        if let Some(block) = input
+            .unreadable_headers
+            .as_ref()
+            .and_then(|u| u.block.as_ref())
+        {
+            use base64::Engine;
+            input_headers.push((
+                INPUT_HEADER_BLOCK.to_owned(),
+                base64::engine::general_purpose::STANDARD.encode(block),
+            ));
+        }
         let mut letter = OutboundMessage {
             subject: self.dlq_subject.clone(),
             msg_id: format!("{}:{dedup_key}:dlq", self.pipeline),
@@ -119,6 +134,8 @@ pub struct DeadLetterHeaders {
     pub headers_omitted: bool,
     /// The input's own headers: everything but weir's.
     pub input_headers: Vec<(String, String)>,
+    /// The input's header block as stored, when it could not be read as headers.
+    pub input_header_block: Option<Vec<u8>>,
 }
 
 impl DeadLetterHeaders {
@@ -142,6 +159,12 @@ impl DeadLetterHeaders {
             input_msg_id: find(INPUT_MSG_ID),
             payload_omitted: find(PAYLOAD_OMITTED).is_some(),
             headers_omitted: find(HEADERS_OMITTED).is_some(),
+            input_header_block: find(INPUT_HEADER_BLOCK).and_then(|encoded| {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .ok()
+            }),
             input_headers: headers
                 .iter()
                 .filter(|(name, _)| !headers::is_weir_header(name))

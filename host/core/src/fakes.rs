@@ -65,6 +65,7 @@ impl World {
                 stream_sequence: sequence,
                 stream_created_unix_ns: 1,
                 published_unix_ns: 1_000 + sequence,
+                unreadable_headers: None,
             });
         }
     }
@@ -78,6 +79,17 @@ impl World {
             .iter()
             .map(|(n, v)| (n.to_string(), v.to_string()))
             .collect();
+    }
+
+    /// Appends an input whose header block the client could not read.
+    pub fn publish_unreadable_input(&self, payload: &str, reason: &str, block: &[u8]) {
+        self.publish_inputs(&[payload]);
+        let mut state = lock(&self.state);
+        let input = state.inputs.last_mut().expect("just published");
+        input.unreadable_headers = Some(crate::input::UnreadableHeaders {
+            reason: reason.into(),
+            block: Some(Bytes::copy_from_slice(block)),
+        });
     }
 
     /// The duplicate window passes: a message published again now is stored again.

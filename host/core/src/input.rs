@@ -19,6 +19,17 @@ pub struct Input {
     pub stream_created_unix_ns: u64,
     /// When the stream stored it: the plugin's data time.
     pub published_unix_ns: u64,
+    /// Set when its header block could not be read as headers (then `headers` is empty):
+    /// the plugin never sees such an input, it is dead-lettered as `unreadable-input`.
+    pub unreadable_headers: Option<UnreadableHeaders>,
+}
+
+/// Why an input's header block could not be read, and the block as the stream stored it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadableHeaders {
+    pub reason: String,
+    /// `None` when it could not be fetched from the stream either.
+    pub block: Option<Bytes>,
 }
 
 impl Input {
@@ -91,6 +102,7 @@ pub(crate) fn test_input(sequence: u64, headers: &[(&str, &str)], payload: &[u8]
         stream_sequence: sequence,
         stream_created_unix_ns: 7,
         published_unix_ns: 1_000 + sequence,
+        unreadable_headers: None,
     }
 }
 

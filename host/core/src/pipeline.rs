@@ -426,17 +426,46 @@ where
         indexes: &[usize],
         shutdown: &CancellationToken,
     ) -> Result<Option<Vec<Outcome>>, Fatal> {
-        if indexes.is_empty() {
-            return Ok(Some(Vec::new()));
+        // An input whose headers could not be read never reaches the plugin: it is a poison
+        // input of the stream's, not the plugin's to judge.
+        let (unreadable, readable): (Vec<usize>, Vec<usize>) = indexes
+            .iter()
+            .partition(|&&index| batch[index].input().unreadable_headers.is_some());
+        let unreadable_outcome = |index: usize| {
+            let unreadable = batch[index].input().unreadable_headers.as_ref();
+            Outcome::failed(
+                FailureKind::UnreadableInput,
+                format!(
+                    "its header block cannot be read: {}",
+                    unreadable.map_or("", |u| u.reason.as_str())
+                ),
+            )
+        };
+        if readable.is_empty() {
+            return Ok(Some(
+                unreadable.into_iter().map(unreadable_outcome).collect(),
+            ));
         }
         let mut retrier = Retrier::new("run the plugin", shutdown);
         loop {
-            let inputs = indexes
+            let inputs = readable
                 .iter()
                 .map(|&index| batch[index].input().transform_input(&keys[index]))
                 .collect();
             match self.runtime.run_all(inputs).await {
-                Ok(outcomes) => return Ok(Some(outcomes)),
+                Ok(outcomes) => {
+                    // Back in the order of `indexes`.
+                    let mut outcomes = outcomes.into_iter();
+                    return Ok(Some(
+                        indexes
+                            .iter()
+                            .map(|&index| match batch[index].input().unreadable_headers {
+                                Some(_) => unreadable_outcome(index),
+                                None => outcomes.next().expect("an outcome per readable input"),
+                            })
+                            .collect(),
+                    ));
+                }
                 // Nothing was committed: when the host goes down, the batch is redelivered.
                 Err(RunError::Panicked(message)) => {
                     tracing::error!(%message, "a plugin call panicked in the host; nothing of the batch is acked");
@@ -672,6 +701,7 @@ where
                     stream_sequence: 0,
                     stream_created_unix_ns: 0,
                     published_unix_ns: 0,
+                    unreadable_headers: None,
                 };
                 &unknown
             }

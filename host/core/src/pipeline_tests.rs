@@ -396,6 +396,38 @@ async fn a_partly_published_input_killed_and_restarted_publishes_only_the_rest()
     assert_exactly_once(&world, &payloads);
 }
 
+/// A poison input of the stream's, whose header block cannot be read: it never reaches the
+/// plugin, it is dead-lettered once with its block and acked, and the inputs around it go on.
+#[tokio::test(start_paused = true)]
+async fn an_input_with_an_unreadable_header_block_is_dead_lettered_without_the_plugin() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    let block = b"NATS/1.0\r\nX-Bad: \xff\r\n\r\n";
+    world.publish_inputs(&["o-1"]);
+    world.publish_unreadable_input("o-2", "header isn't valid utf-8", block);
+    world.publish_inputs(&["o-3"]);
+    run_to_the_end(&world, &store, &runtime).await;
+    assert_eq!(
+        runtime.calls.load(Ordering::SeqCst),
+        2,
+        "the plugin ran on the others only"
+    );
+    let stored = world.stored();
+    let ids: Vec<&str> = stored.iter().map(|m| m.msg_id.as_str()).collect();
+    assert_eq!(ids, ["p:IN@1#1:0", "p:IN@1#2:dlq", "p:IN@1#3:0"]);
+    let letter = DeadLetterHeaders::parse(&stored[1].headers);
+    assert_eq!(letter.kind, "unreadable-input");
+    assert_eq!(
+        letter.reason,
+        "its header block cannot be read: header isn't valid utf-8"
+    );
+    assert_eq!(letter.input_header_block.as_deref(), Some(&block[..]));
+    assert!(
+        letter.input_headers.is_empty(),
+        "{:?}",
+        letter.input_headers
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_message_refused_for_good_becomes_a_dead_letter_and_the_batch_goes_on() {
     let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));

@@ -56,11 +56,14 @@ pub enum FailureKind {
     /// The plugin produced outputs the output policy refuses (too many, too large, a subject
     /// or header NATS or weir would not accept), or the server refused one.
     OutputRejected,
+    /// The input's header block could not be read as headers (invalid UTF-8, a line without
+    /// a colon, a bad header name): the plugin never saw it.
+    UnreadableInput,
 }
 
 impl FailureKind {
     /// Every kind, in the order the docs list them.
-    pub const ALL: [FailureKind; 8] = [
+    pub const ALL: [FailureKind; 9] = [
         FailureKind::InvalidInput,
         FailureKind::PluginFailed,
         FailureKind::Trap,
@@ -69,6 +72,7 @@ impl FailureKind {
         FailureKind::MemoryLimit,
         FailureKind::StackOverflow,
         FailureKind::OutputRejected,
+        FailureKind::UnreadableInput,
     ];
 
     /// The stable name used in DLQ headers, fixtures and logs.
@@ -82,6 +86,7 @@ impl FailureKind {
             FailureKind::MemoryLimit => "memory-limit",
             FailureKind::StackOverflow => "stack-overflow",
             FailureKind::OutputRejected => "output-rejected",
+            FailureKind::UnreadableInput => "unreadable-input",
         }
     }
 

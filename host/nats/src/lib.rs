@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
 
-use weir_core::input::Input;
+use weir_core::input::{Input, UnreadableHeaders};
 use weir_core::ports::{self, Delivery, PublishError, Source};
 use weir_core::record::OutboundMessage;
 
@@ -461,7 +461,9 @@ impl MessageSource {
         // `restart` either set the stream or returned an error.
         let messages = self.messages.as_mut().expect("restart sets the stream");
         match messages.next().await {
-            Some(Ok(message)) => InputMessage::new(message, self.stream_created_unix_ns),
+            Some(Ok(message)) => {
+                InputMessage::new(message, self.stream_created_unix_ns, &self.jetstream).await
+            }
             Some(Err(error)) => {
                 // Pull the consumer afresh: this heals a deleted consumer as well as a
                 // missed heartbeat.
@@ -487,7 +489,9 @@ impl MessageSource {
             };
             match tokio::time::timeout_at(deadline, messages.next()).await {
                 Ok(Some(Ok(message))) => {
-                    match InputMessage::new(message, self.stream_created_unix_ns) {
+                    match InputMessage::new(message, self.stream_created_unix_ns, &self.jetstream)
+                        .await
+                    {
                         Ok(message) => batch.push(message),
                         Err(error) => tracing::warn!(%error, "skipping a message without metadata"),
                     }
@@ -514,15 +518,30 @@ pub struct InputMessage {
 }
 
 impl InputMessage {
-    fn new(
+    async fn new(
         message: jetstream::Message,
         stream_created_unix_ns: u64,
+        jetstream: &jetstream::Context,
     ) -> Result<InputMessage, BrokerError> {
         let info = message
             .info()
             .map_err(|e| BrokerError::jetstream("message has no JetStream metadata", e))?;
         let stream_sequence = info.stream_sequence;
         let published_unix_ns = u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0);
+        let unreadable_headers = match unreadable_reason(&message) {
+            Some(reason) => {
+                let stream = info.stream.to_owned();
+                tracing::warn!(
+                    %stream,
+                    stream_sequence,
+                    reason = %weir_core::text::escaped(&reason, 256),
+                    "an input's header block cannot be read: it goes to the DLQ as unreadable-input"
+                );
+                let block = stored_header_block(jetstream, &stream, stream_sequence).await;
+                Some(UnreadableHeaders { reason, block })
+            }
+            None => None,
+        };
         Ok(InputMessage {
             input: Input {
                 subject: message.subject.to_string(),
@@ -531,6 +550,7 @@ impl InputMessage {
                 stream_sequence,
                 stream_created_unix_ns,
                 published_unix_ns,
+                unreadable_headers,
             },
             message,
         })
@@ -591,6 +611,59 @@ impl Source for MessageSource {
         self.fill_batch(&mut batch).await;
         Ok(batch)
     }
+}
+
+/// Why a delivered message's header block could not be read, if it could not. The client
+/// (patched: vendor/async-nats/WEIR-PATCH.md) delivers such a message without headers, the
+/// reason in its description, instead of dropping the connection.
+fn unreadable_reason(message: &async_nats::Message) -> Option<String> {
+    if message.status.is_some() || message.headers.is_some() {
+        return None;
+    }
+    message
+        .description
+        .as_deref()?
+        .strip_prefix(async_nats::message::UNREADABLE_HEADERS)
+        .map(str::to_owned)
+}
+
+/// The header block of message `sequence` of `stream` as stored, read through the stream's
+/// message-get API (its headers arrive base64 in JSON, which the client does not parse).
+/// `None`, with a warning, if it cannot be read: the dead letter then points at the input.
+async fn stored_header_block(
+    jetstream: &jetstream::Context,
+    stream: &str,
+    sequence: u64,
+) -> Option<Bytes> {
+    #[derive(serde::Deserialize)]
+    struct Got {
+        message: Stored,
+    }
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        #[serde(default)]
+        hdrs: Option<String>,
+    }
+    let got: Result<jetstream::response::Response<Got>, _> = jetstream
+        .request(
+            format!("STREAM.MSG.GET.{stream}"),
+            &serde_json::json!({ "seq": sequence }),
+        )
+        .await;
+    let failure = match got {
+        Ok(jetstream::response::Response::Ok(Got { message })) => {
+            use base64::Engine;
+            match base64::engine::general_purpose::STANDARD.decode(message.hdrs.unwrap_or_default())
+            {
+                Ok(block) => return Some(Bytes::from(block)),
+                Err(error) => error.to_string(),
+            }
+        }
+        Ok(jetstream::response::Response::Err { error }) => error.to_string(),
+        Err(error) => error.to_string(),
+    };
+    tracing::warn!(%stream, sequence, %failure, "cannot read the stored header block; the dead letter points at the input");
+    None
 }
 
 /// Headers as pairs, sorted by name; a repeated name keeps its values in order.

@@ -14,6 +14,7 @@
 //! one entry a second time, so re-run an interrupted replay promptly.
 
 use weir_core::dead_letter::{self, DeadLetterHeaders};
+use weir_core::plugin::FailureKind;
 use weir_core::record::OutboundMessage;
 
 use crate::config::PipelineConfig;
@@ -118,6 +119,12 @@ impl DeadLetters {
             return Ok(Some(
                 "not a weir dead letter (no Weir-Input-Subject)".into(),
             ));
+        }
+        if letter.headers.kind == FailureKind::UnreadableInput.as_str() {
+            return Ok(Some(format!(
+                "its header block could not be read (see `weir dlq show {}`): have its producer publish it again with valid headers",
+                letter.sequence
+            )));
         }
         if letter.headers.payload_omitted {
             return Ok(Some(format!(

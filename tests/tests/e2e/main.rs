@@ -13,6 +13,7 @@ mod hostile;
 mod isolation;
 mod matrix;
 mod pipeline;
+mod poison;
 mod props;
 mod python;
 mod refusals;

@@ -77,7 +77,8 @@ pub async fn run(command: DlqCommand) -> Result<(), crate::Error> {
             for letter in &selected {
                 if let Some(why) = letters.replay(letter).await? {
                     skipped += 1;
-                    progress.println(format!("skipped dead letter {}: {why}", letter.sequence));
+                    // Not `progress.println`: a bar that is hidden (no terminal) drops it.
+                    progress.suspend(|| println!("skipped dead letter {}: {why}", letter.sequence));
                 }
                 progress.inc(1);
             }
@@ -127,6 +128,14 @@ fn describe(letter: &DeadLetter) -> String {
     let _ = writeln!(out, "headers:       {}", letter.headers.input_headers.len());
     for (name, value) in &letter.headers.input_headers {
         let _ = writeln!(out, "  {}: {}", shown(name), shown(value));
+    }
+    if let Some(block) = &letter.headers.input_header_block {
+        let _ = writeln!(
+            out,
+            "header block:  {} bytes as stored, unreadable as headers:",
+            block.len()
+        );
+        let _ = writeln!(out, "{}", shown(&String::from_utf8_lossy(block)));
     }
     if letter.headers.payload_omitted {
         let _ = writeln!(out, "payload:       omitted (too large for the DLQ)");
