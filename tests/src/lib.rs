@@ -88,6 +88,12 @@ impl NatsServer {
 
     /// Starts a server; `sync_always` false keeps JetStream's default (fsync every 2 min).
     pub fn start_with_sync(sync_always: bool) -> NatsServer {
+        NatsServer::start_with_config(sync_always, "")
+    }
+
+    /// Starts a server with `extra` appended to its configuration file (e.g. an
+    /// `authorization` block).
+    pub fn start_with_config(sync_always: bool, extra: &str) -> NatsServer {
         let dir = tempfile::tempdir().expect("a temp dir for nats-server");
         let port = free_port();
         let config_file = dir.path().join("nats.conf");
@@ -95,7 +101,7 @@ impl NatsServer {
         std::fs::write(
             &config_file,
             format!(
-                "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n{}}}\n",
+                "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n{}}}\n{extra}\n",
                 store_dir.display().to_string(),
                 if sync_always {
                     "  sync_interval: always\n"

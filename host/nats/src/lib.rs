@@ -23,11 +23,13 @@ use weir_core::record::OutboundMessage;
 /// transient: the pipeline retries them and acks nothing in the meantime.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot connect to NATS at {url:?}: {source} (is nats-server running and reachable?)")]
+    #[error("cannot connect to NATS at {url:?}: {source} ({hint})")]
     Connect {
         url: String,
         #[source]
         source: async_nats::ConnectError,
+        /// What to check, by the kind of failure.
+        hint: String,
     },
     #[error("cannot read NATS credentials file {path:?}: {source}")]
     Credentials {
@@ -85,10 +87,17 @@ impl Broker {
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(config.connect_timeout_ms);
         let mut pause = Duration::from_millis(100);
+        // One URL, or several separated by commas (the servers of a cluster).
+        let urls: Vec<&str> = config
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .collect();
         let client = loop {
             let attempt = Broker::options(config, client_name)
                 .await?
-                .connect(config.url.as_str())
+                .connect(urls.clone())
                 .await;
             match attempt {
                 Ok(client) => break client,
@@ -98,14 +107,17 @@ impl Broker {
                         async_nats::ConnectErrorKind::Io | async_nats::ConnectErrorKind::TimedOut
                     ) && tokio::time::Instant::now() + pause < deadline =>
                 {
-                    tracing::info!(%error, url = %config.url, "NATS not reachable yet; retrying");
+                    // Quiet: a failure to start is reported once, as weir's error line.
+                    tracing::debug!(%error, url = %config.url, "NATS not reachable yet; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
                 }
                 Err(source) => {
+                    let hint = connect_hint(&source, config);
                     return Err(BrokerError::Connect {
                         url: config.url.clone(),
                         source,
+                        hint,
                     });
                 }
             }
@@ -379,6 +391,28 @@ fn is_stream_not_found(error: &jetstream::context::GetStreamError) -> bool {
         jetstream::context::GetStreamErrorKind::JetStream(e)
             if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
     )
+}
+
+/// What to check when connecting failed this way.
+fn connect_hint(error: &async_nats::ConnectError, config: &NatsConfig) -> String {
+    use async_nats::ConnectErrorKind;
+    match error.kind() {
+        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+            "the server is reachable but refused weir's credentials: check pipeline.nats \
+             user and password, token, nkey_seed or credentials_file"
+                .into()
+        }
+        ConnectErrorKind::Tls => {
+            "check pipeline.nats tls_required, tls_ca_file, tls_cert_file and tls_key_file".into()
+        }
+        ConnectErrorKind::ServerParse | ConnectErrorKind::Dns => {
+            "check pipeline.nats.url: one nats:// URL, or several separated by commas".into()
+        }
+        _ => format!(
+            "is nats-server running and reachable there? weir tried for pipeline.nats.connect_timeout_ms = {}",
+            config.connect_timeout_ms
+        ),
+    }
 }
 
 /// Batches of input messages from the durable consumer.

@@ -85,7 +85,9 @@ pub struct Usage {
 /// A plugin that cannot be loaded, with what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read plugin {path:?}: {source}")]
+    #[error(
+        "cannot read plugin {path:?}: {source} (set the pipeline's `plugin` to a component file, relative to the configuration file)"
+    )]
     Read {
         path: std::path::PathBuf,
         source: std::io::Error,

@@ -45,7 +45,9 @@ pub enum StoreError {
         "store {path:?} is in use by another weir process: stop it, or give this pipeline its own store_dir"
     )]
     Locked { path: PathBuf },
-    #[error("cannot open store {path:?}: {source}")]
+    #[error(
+        "cannot open store {path:?}: {source} (set the pipeline's `store_dir` to a directory weir can create and write, or to an existing weir store)"
+    )]
     Open {
         path: PathBuf,
         #[source]

@@ -186,10 +186,23 @@ fn check_store(dir: &Path, settings: StoreSettings) -> Result<String, String> {
             Err(error) => Err(error.to_string()),
         };
     }
+    if dir.exists() && !dir.is_dir() {
+        return Err(format!(
+            "store_dir {} is a file: point store_dir at an empty or new directory",
+            dir.display()
+        ));
+    }
     let ancestor = dir
         .ancestors()
         .find(|a| a.exists())
         .unwrap_or(Path::new("/"));
+    if !ancestor.is_dir() {
+        return Err(format!(
+            "store_dir {} cannot be created: {} is a file, not a directory",
+            dir.display(),
+            ancestor.display()
+        ));
+    }
     let writable = std::fs::metadata(ancestor)
         .map(|m| !m.permissions().readonly())
         .unwrap_or(false);

@@ -215,7 +215,7 @@ impl Config {
 
     /// Parses the TOML (unknown keys are errors) and resolves relative paths.
     fn parse(text: &str, base_dir: &Path) -> Result<Config, String> {
-        let mut config: Config = toml::from_str(text).map_err(|e| one_line(&e.to_string()))?;
+        let mut config: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         if let Some(dir) = &mut config.sandbox.compile_cache_dir {
             *dir = base_dir.join(&*dir);
         }
@@ -435,6 +435,49 @@ impl PipelineConfig {
 
 /// toml's errors span several lines (a source excerpt); keep the first line and the
 /// explanation so the error stays one line.
+/// A TOML error in one line that names the key it is about (`pipeline.limits.fuel`, or the
+/// table for a missing key) and, for a number out of range, what is accepted.
+fn parse_error(text: &str, error: &toml::de::Error) -> String {
+    let mut message = one_line(error.message());
+    if [
+        "expected u64",
+        "expected usize",
+        "expected u32",
+        "expected u16",
+    ]
+    .iter()
+    .any(|expected| message.contains(expected))
+    {
+        message.push_str(" (a whole number, 0 or more)");
+    }
+    let Some(span) = error.span() else {
+        return message;
+    };
+    let line_index = text[..span.start.min(text.len())].matches('\n').count();
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let Some(line) = lines.get(line_index) else {
+        return message;
+    };
+    // The table the line is in: the nearest header at or above it.
+    let table = lines[..=line_index]
+        .iter()
+        .rev()
+        .find(|line| line.starts_with('['))
+        .map(|header| header.trim_matches(|c| c == '[' || c == ']').trim());
+    let key = match line.starts_with('[') {
+        true => None,
+        false => line
+            .split_once('=')
+            .map(|(key, _)| key.trim().trim_matches('"')),
+    };
+    let name = match (table, key) {
+        (Some(table), Some(key)) => format!("{table}.{key}"),
+        (Some(name), None) | (None, Some(name)) => name.to_owned(),
+        (None, None) => return format!("line {}: {message}", line_index + 1),
+    };
+    format!("{name} (line {}): {message}", line_index + 1)
+}
+
 fn one_line(message: &str) -> String {
     message
         .lines()
@@ -496,6 +539,26 @@ mod tests {
         let error = parse(&text).unwrap_err();
         assert!(error.contains("unknown field `consumr`"), "{error}");
         assert!(!error.contains('\n'), "{error}");
+    }
+
+    /// A bad value names its key with its table and what is accepted; a missing key names
+    /// its table (they once gave only a line and column, or "missing field `consumer`").
+    #[test]
+    fn type_errors_name_the_key_and_what_is_accepted() {
+        let text = format!("{MINIMAL}\n[pipeline.limits]\nfuel = -1\n");
+        let error = parse(&text).unwrap_err();
+        assert!(
+            error.starts_with("pipeline.limits.fuel (line ")
+                && error.contains("expected u64 (a whole number, 0 or more)"),
+            "{error}"
+        );
+        let text = MINIMAL.replace("consumer = \"weir\"", "");
+        let error = parse(&text).unwrap_err();
+        assert!(
+            error.starts_with("pipeline.input (line ")
+                && error.contains("missing field `consumer`"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -149,7 +149,11 @@ pub async fn run(
                 message: join_error.to_string(),
             },
         };
-        tracing::error!(%error, "stopping every pipeline");
+        // A pipeline that cannot start is reported once, as weir's error line; one that
+        // fails while running is logged where it happened, too.
+        if !matches!(error, Error::Start { .. }) {
+            tracing::error!(%error, "stopping every pipeline");
+        }
         shutdown.cancel();
         failure.get_or_insert(error);
     }

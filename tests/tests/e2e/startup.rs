@@ -193,6 +193,140 @@ async fn an_existing_consumer_with_another_filter_is_refused() {
     );
 }
 
+/// Each start-up error names the key to change and what to do: they once said only "No such
+/// file or directory", "Not a directory", a line and column, "missing field `consumer`", or
+/// "is nats-server running?" for a server that refused the credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_errors_name_the_key_and_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let unreachable = format!("nats://127.0.0.1:{}", free_port());
+    let orders = plugin("orders");
+    let expect = |config: &Path, code: i32, wanted: &[&str]| {
+        let (got, message) = failure(&weir_run(config));
+        assert_eq!(got, code, "{message}");
+        for part in wanted {
+            assert!(message.contains(part), "{part:?} not in: {message}");
+        }
+    };
+    let missing = dir.path().join("missing.wasm");
+    let config = write_config(dir.path(), &unreachable, &missing, "");
+    expect(
+        &config,
+        2,
+        &[
+            "missing.wasm",
+            "set the pipeline's `plugin` to a component file",
+        ],
+    );
+    let config = write_config(dir.path(), &unreachable, dir.path(), "");
+    expect(
+        &config,
+        2,
+        &[
+            "Is a directory",
+            "set the pipeline's `plugin` to a component file",
+        ],
+    );
+
+    // A store_dir under a regular file: `weir run` and `weir check` both refuse it.
+    std::fs::write(dir.path().join("a-file"), "").unwrap();
+    let text =
+        std::fs::read_to_string(write_config(dir.path(), &unreachable, &orders, "")).unwrap();
+    let store = format!("{:?}", dir.path().join("store").display().to_string());
+    let under_file = format!(
+        "{:?}",
+        dir.path().join("a-file/store").display().to_string()
+    );
+    std::fs::write(&config, text.replace(&store, &under_file)).unwrap();
+    expect(
+        &config,
+        1,
+        &[
+            "a-file/store",
+            "set the pipeline's `store_dir` to a directory",
+        ],
+    );
+    let checked = Command::new(weir_binary())
+        .args(["check", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&checked.stdout);
+    assert_eq!(checked.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("a-file is a file, not a directory"),
+        "{report}"
+    );
+
+    // Values of the wrong type or range, and missing keys, by key and table.
+    let with_fuel = write_config(
+        dir.path(),
+        &unreachable,
+        &orders,
+        "[pipeline.limits]\nfuel = -1\n",
+    );
+    expect(
+        &with_fuel,
+        2,
+        &[
+            "pipeline.limits.fuel (line ",
+            "expected u64 (a whole number, 0 or more)",
+        ],
+    );
+    std::fs::write(&config, text.replace("consumer = \"weir\"\n", "")).unwrap();
+    expect(
+        &config,
+        2,
+        &["pipeline.input (line ", "missing field `consumer`"],
+    );
+
+    // No server there: with the default log level, weir's error is the first line (the
+    // retries are not logged), and it says how long weir tried.
+    let text = std::fs::read_to_string(write_config(dir.path(), &unreachable, &orders, ""))
+        .unwrap()
+        .replace(
+            &format!("url = \"{unreachable}\""),
+            &format!("url = \"{unreachable}\"\nconnect_timeout_ms = 500"),
+        );
+    std::fs::write(&config, text).unwrap();
+    let output = Command::new(weir_binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("weir: pipeline \"orders\": cannot connect to NATS")
+            && first.contains("pipeline.nats.connect_timeout_ms = 500"),
+        "{stderr}"
+    );
+
+    // A server that refuses the credentials is reachable: the hint says so.
+    let server =
+        NatsServer::start_with_config(false, "authorization { user: weir, password: right }");
+    let config = write_config(dir.path(), &server.url(), &orders, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("url = \"{}\"", server.url()),
+        &format!(
+            "url = \"{}\"\nuser = \"weir\"\npassword = \"wrong\"",
+            server.url()
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    expect(
+        &config,
+        1,
+        &[
+            "authorization violation",
+            "refused weir's credentials: check pipeline.nats user and password",
+        ],
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weir_check_reports_every_problem_and_changes_nothing() {
     let server = NatsServer::start();
