@@ -197,6 +197,94 @@ fn spawn_nats_server(config_file: &Path) -> Child {
     }
 }
 
+/// Three nats-server processes in one cluster (JetStream on each, `sync_interval: always`),
+/// on free loopback ports, killed on drop.
+pub struct NatsCluster {
+    nodes: Vec<Option<Child>>,
+    ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// Starts the three nodes and waits until JetStream answers (a meta leader is elected).
+    pub async fn start() -> NatsCluster {
+        let dir = tempfile::tempdir().expect("a temp dir for the cluster");
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for node in 0..3 {
+            let others: Vec<String> = (0..3)
+                .filter(|&other| other != node)
+                .map(|other| format!("nats-route://127.0.0.1:{}", routes[other]))
+                .collect();
+            let config_file = dir.path().join(format!("n{node}.conf"));
+            std::fs::write(
+                &config_file,
+                format!(
+                    "server_name: n{node}\nlisten: 127.0.0.1:{}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\ncluster {{\n  name: weir\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    ports[node],
+                    dir.path().join(format!("n{node}")).display().to_string(),
+                    routes[node],
+                    others.join(", ")
+                ),
+            )
+            .expect("write the node's configuration");
+            nodes.push(Some(spawn_nats_server(&config_file)));
+        }
+        let cluster = NatsCluster {
+            nodes,
+            ports,
+            _dir: dir,
+        };
+        for &port in &cluster.ports {
+            wait_for(
+                "a cluster node to listen",
+                Duration::from_secs(20),
+                || async move { TcpStream::connect(("127.0.0.1", port)).is_ok() },
+            )
+            .await;
+        }
+        let client = connect_client(&cluster.url(0)).await;
+        let js = jetstream::new(client.expect("connect to the cluster"));
+        wait_for(
+            "the cluster's JetStream",
+            Duration::from_secs(30),
+            || async { js.query_account().await.is_ok() },
+        )
+        .await;
+        cluster
+    }
+
+    /// The client URL of node `node`.
+    pub fn url(&self, node: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.ports[node])
+    }
+
+    /// Every node's URL, separated by commas (as `nats.url` takes them).
+    pub fn urls(&self) -> String {
+        (0..3)
+            .map(|node| self.url(node))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills node `node` (SIGKILL).
+    pub fn kill(&mut self, node: usize) {
+        if let Some(mut process) = self.nodes[node].take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in 0..self.nodes.len() {
+            self.kill(node);
+        }
+    }
+}
+
 /// A small deterministic generator, so that a failing run can be replayed with its seed.
 pub struct SeededRng(pub u64);
 
