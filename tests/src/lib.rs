@@ -200,7 +200,7 @@ fn spawn_nats_server(config_file: &Path) -> Child {
 /// Three nats-server processes in one cluster (JetStream on each, `sync_interval: always`),
 /// on free loopback ports, killed on drop.
 pub struct NatsCluster {
-    nodes: Vec<Option<Child>>,
+    nodes: Vec<Child>,
     ports: Vec<u16>,
     _dir: tempfile::TempDir,
 }
@@ -229,7 +229,7 @@ impl NatsCluster {
                 ),
             )
             .expect("write the node's configuration");
-            nodes.push(Some(spawn_nats_server(&config_file)));
+            nodes.push(spawn_nats_server(&config_file));
         }
         let cluster = NatsCluster {
             nodes,
@@ -267,20 +267,13 @@ impl NatsCluster {
             .collect::<Vec<_>>()
             .join(",")
     }
-
-    /// Kills node `node` (SIGKILL).
-    pub fn kill(&mut self, node: usize) {
-        if let Some(mut process) = self.nodes[node].take() {
-            let _ = process.kill();
-            let _ = process.wait();
-        }
-    }
 }
 
 impl Drop for NatsCluster {
     fn drop(&mut self) {
-        for node in 0..self.nodes.len() {
-            self.kill(node);
+        for mut process in self.nodes.drain(..) {
+            let _ = process.kill();
+            let _ = process.wait();
         }
     }
 }
