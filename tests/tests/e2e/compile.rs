@@ -46,6 +46,16 @@ fn sandbox_table(cache: &Path, settings: &str) -> String {
     )
 }
 
+/// A configuration of one pipeline running `component`, whose server is never reached
+/// (the plugin is loaded first), with `[sandbox]` `settings` and its own compile cache.
+fn unreached_pipeline(dir: &Path, cache: &Path, component: &Path, settings: &str) -> PathBuf {
+    let config = dir.join("weir.toml");
+    let store = dir.join("store");
+    let pipeline = PipelineToml::plain("bomb", "nats://127.0.0.1:1", component, &store);
+    std::fs::write(&config, sandbox_table(cache, settings) + &pipeline.render()).unwrap();
+    config
+}
+
 #[test]
 fn components_past_the_measured_limits_are_refused_before_compiling_with_their_numbers() {
     let dir = tempfile::tempdir().unwrap();
@@ -93,19 +103,7 @@ fn compiling_past_the_memory_limit_is_refused_with_the_limit() {
         "bomb.wasm",
         &wat::slow_to_compile(2_000, 50_000),
     );
-    let config = dir.path().join("weir.toml");
-    std::fs::write(
-        &config,
-        sandbox_table(&cache, "compile_memory_bytes = 67108864")
-            + &PipelineToml::plain(
-                "bomb",
-                "nats://127.0.0.1:1",
-                &bomb,
-                &dir.path().join("store"),
-            )
-            .render(),
-    )
-    .unwrap();
+    let config = unreached_pipeline(dir.path(), &cache, &bomb, "compile_memory_bytes = 67108864");
     let output = Command::new(weir_binary())
         .args(["run", "--config"])
         .arg(&config)
@@ -222,19 +220,7 @@ async fn weir_stops_at_once_while_compiling_and_its_compiler_dies_with_it() {
         "bomb.wasm",
         &wat::slow_to_compile(10_000, 90_000),
     );
-    let config = dir.path().join("weir.toml");
-    std::fs::write(
-        &config,
-        sandbox_table(&cache, "")
-            + &PipelineToml::plain(
-                "bomb",
-                "nats://127.0.0.1:1",
-                &bomb,
-                &dir.path().join("store"),
-            )
-            .render(),
-    )
-    .unwrap();
+    let config = unreached_pipeline(dir.path(), &cache, &bomb, "");
     for signal in [libc::SIGTERM, libc::SIGKILL] {
         let mut weir = std::process::Command::new(weir_binary())
             .args(["run", "--config"])

@@ -15,13 +15,22 @@ fn write_config(dir: &Path, url: &str, plugin: &Path, extra: &str) -> std::path:
     .write(dir, "weir.toml")
 }
 
-fn weir_run(config: &Path) -> Output {
+/// `weir <command> --config <config>`, run to its end without logs.
+fn weir(command: &str, config: &Path) -> Output {
     Command::new(weir_binary())
-        .args(["run", "--config"])
+        .args([command, "--config"])
         .arg(config)
         .env("RUST_LOG", "off")
         .output()
         .expect("run weir")
+}
+
+fn weir_run(config: &Path) -> Output {
+    weir("run", config)
+}
+
+fn weir_check(config: &Path) -> Output {
+    weir("check", config)
 }
 
 /// The exit code and the one stderr line of a failed run.
@@ -246,12 +255,7 @@ async fn start_up_errors_name_the_key_and_what_to_do() {
             "set the pipeline's `store_dir` to a directory",
         ],
     );
-    let checked = Command::new(weir_binary())
-        .args(["check", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
+    let checked = weir_check(&config);
     let report = String::from_utf8_lossy(&checked.stdout);
     assert_eq!(checked.status.code(), Some(1), "{report}");
     assert!(
@@ -427,12 +431,7 @@ async fn a_list_of_cluster_urls_is_taken_and_a_dead_first_url_is_passed_over() {
         cluster.url(2)
     );
     let config = write_config(dir.path(), &urls, &plugin("orders"), "");
-    let checked = Command::new(weir_binary())
-        .args(["check", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
+    let checked = weir_check(&config);
     let report = String::from_utf8_lossy(&checked.stdout);
     assert!(checked.status.success(), "{report}");
 
