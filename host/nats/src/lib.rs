@@ -346,6 +346,51 @@ impl Broker {
         Ok(source)
     }
 
+    /// Makes the server hand out again, at once, every input the consumer delivered and
+    /// never had acked. A previous weir on this consumer (killed, or stopped with inputs
+    /// pulled but not finished) holds them until `ack_wait` otherwise, and with enough of
+    /// them the consumer's unacked limit stops all delivery. Only where a store tells which
+    /// inputs are done (exactly-once): a reset also redelivers inputs acked out of order.
+    /// Needs nats-server 2.14 or later (consumer reset, ADR-60); on an older server the
+    /// inputs wait out `ack_wait`, as they would without it. Returns how many were held.
+    pub async fn redeliver_pending(&self, input: &InputConfig) -> Result<u64, BrokerError> {
+        let version = self.client.server_info().version;
+        let mut numbers = version.split('.').map(|n| n.parse::<u64>().unwrap_or(0));
+        if (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) < (2, 14) {
+            return Ok(0);
+        }
+        let Some(stream) = self.find_stream(&input.stream).await? else {
+            return Ok(0);
+        };
+        let held = stream
+            .consumer_info(&input.consumer)
+            .await
+            .map_err(|e| {
+                BrokerError::jetstream(format!("cannot look up consumer {:?}", input.consumer), e)
+            })?
+            .num_ack_pending as u64;
+        if held == 0 {
+            return Ok(0);
+        }
+        // An empty request rewinds the consumer to its ack floor.
+        let reply = self
+            .client
+            .request(
+                format!("$JS.API.CONSUMER.RESET.{}.{}", input.stream, input.consumer),
+                Bytes::new(),
+            )
+            .await
+            .map_err(|e| BrokerError::jetstream("cannot reset the consumer", e))?;
+        let answer: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+        if let Some(error) = answer.get("error") {
+            return Err(BrokerError::jetstream(
+                format!("cannot reset consumer {:?}", input.consumer),
+                error.to_string(),
+            ));
+        }
+        Ok(held)
+    }
+
     pub fn publisher(&self) -> Publisher {
         Publisher {
             jetstream: self.jetstream.clone(),

@@ -92,6 +92,21 @@ impl Pipeline {
             .consume(&config.input, &config.batch)
             .await
             .map_err(|e| fail(e.into()))?;
+        // What a previous weir on this consumer pulled and never finished is handed out
+        // again at once, not after ack_wait: the store tells which of it is done.
+        if let Delivery::ExactlyOnce { .. } = pipeline.delivery() {
+            match broker.redeliver_pending(&config.input).await {
+                Ok(0) => {}
+                Ok(held) => tracing::info!(
+                    held,
+                    "inputs a previous run delivered and never acked are redelivered now"
+                ),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "inputs a previous run held wait out input.ack_wait_ms"
+                ),
+            }
+        }
         tracing::info!(
             plugin = %config.plugin.display(),
             plugin_sha256 = plugin.sha256(),

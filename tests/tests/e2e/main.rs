@@ -17,5 +17,6 @@ mod poison;
 mod props;
 mod python;
 mod refusals;
+mod restart;
 mod scaffold;
 mod startup;
