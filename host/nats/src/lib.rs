@@ -460,6 +460,14 @@ fn connect_hint(error: &async_nats::ConnectError, config: &NatsConfig) -> String
     }
 }
 
+/// The consumer's limit of inputs delivered and not yet acked, for batches of `max_messages`:
+/// weir's three batches in flight and one pulled ahead, and never below the server's default.
+fn max_ack_pending(max_messages: usize) -> i64 {
+    i64::try_from(4 * max_messages)
+        .unwrap_or(i64::MAX)
+        .max(1000)
+}
+
 /// Batches of input messages from the durable consumer.
 pub struct MessageSource {
     jetstream: jetstream::Context,
@@ -494,6 +502,10 @@ impl MessageSource {
                     filter_subject: self.input.subject.clone(),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: Duration::from_millis(self.input.ack_wait_ms),
+                    // What weir holds unacked at most: three batches in flight and one
+                    // pulled ahead. The server's default (1 000) is below that for batches
+                    // past 250 inputs, and would throttle the pipeline.
+                    max_ack_pending: max_ack_pending(self.max_messages),
                     ..Default::default()
                 },
             )
