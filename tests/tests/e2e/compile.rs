@@ -46,14 +46,19 @@ fn sandbox_table(cache: &Path, settings: &str) -> String {
     )
 }
 
-/// A configuration of one pipeline running `component`, whose server is never reached
-/// (the plugin is loaded first), with `[sandbox]` `settings` and its own compile cache.
-fn unreached_pipeline(dir: &Path, cache: &Path, component: &Path, settings: &str) -> PathBuf {
-    let config = dir.join("weir.toml");
-    let store = dir.join("store");
-    let pipeline = PipelineToml::plain("bomb", "nats://127.0.0.1:1", component, &store);
-    std::fs::write(&config, sandbox_table(cache, settings) + &pipeline.render()).unwrap();
-    config
+/// Writes `component` and a configuration of one pipeline running it, whose server is never
+/// reached (the plugin is loaded first), with `[sandbox]` `settings` and a compile cache of
+/// its own. Returns the configuration and the cache directory.
+fn unreached_pipeline(dir: &Path, component: &[u8], settings: &str) -> (PathBuf, PathBuf) {
+    let (config, cache, store) = (dir.join("weir.toml"), dir.join("cache"), dir.join("store"));
+    let component = write_component(dir, "bomb.wasm", component);
+    let pipeline = PipelineToml::plain("bomb", "nats://127.0.0.1:1", &component, &store);
+    std::fs::write(
+        &config,
+        sandbox_table(&cache, settings) + &pipeline.render(),
+    )
+    .unwrap();
+    (config, cache)
 }
 
 #[test]
@@ -96,14 +101,9 @@ fn components_past_the_measured_limits_are_refused_before_compiling_with_their_n
 #[test]
 fn compiling_past_the_memory_limit_is_refused_with_the_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache");
     // About 100 MiB to compile.
-    let bomb = write_component(
-        dir.path(),
-        "bomb.wasm",
-        &wat::slow_to_compile(2_000, 50_000),
-    );
-    let config = unreached_pipeline(dir.path(), &cache, &bomb, "compile_memory_bytes = 67108864");
+    let bomb = wat::slow_to_compile(2_000, 50_000);
+    let (config, cache) = unreached_pipeline(dir.path(), &bomb, "compile_memory_bytes = 67108864");
     let output = Command::new(weir_binary())
         .args(["run", "--config"])
         .arg(&config)
@@ -214,13 +214,8 @@ fn children_running(parent: u32, needle: &str) -> Vec<u32> {
 #[tokio::test]
 async fn weir_stops_at_once_while_compiling_and_its_compiler_dies_with_it() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache");
-    let bomb = write_component(
-        dir.path(),
-        "bomb.wasm",
-        &wat::slow_to_compile(10_000, 90_000),
-    );
-    let config = unreached_pipeline(dir.path(), &cache, &bomb, "");
+    let bomb = wat::slow_to_compile(10_000, 90_000);
+    let (config, _cache) = unreached_pipeline(dir.path(), &bomb, "");
     for signal in [libc::SIGTERM, libc::SIGKILL] {
         let mut weir = std::process::Command::new(weir_binary())
             .args(["run", "--config"])
