@@ -200,7 +200,7 @@ fn spawn_nats_server(config_file: &Path) -> Child {
 /// Three nats-server processes in one cluster (JetStream on each, `sync_interval: always`),
 /// on free loopback ports, killed on drop.
 pub struct NatsCluster {
-    nodes: Vec<Child>,
+    nodes: Vec<Option<Child>>,
     ports: Vec<u16>,
     _dir: tempfile::TempDir,
 }
@@ -229,7 +229,7 @@ impl NatsCluster {
                 ),
             )
             .expect("write the node's configuration");
-            nodes.push(spawn_nats_server(&config_file));
+            nodes.push(Some(spawn_nats_server(&config_file)));
         }
         let cluster = NatsCluster {
             nodes,
@@ -269,11 +269,20 @@ impl NatsCluster {
     }
 }
 
-impl Drop for NatsCluster {
-    fn drop(&mut self) {
-        for mut process in self.nodes.drain(..) {
+impl NatsCluster {
+    /// Kills node `node` (SIGKILL).
+    pub fn kill(&mut self, node: usize) {
+        if let Some(mut process) = self.nodes[node].take() {
             let _ = process.kill();
             let _ = process.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in 0..self.nodes.len() {
+            self.kill(node);
         }
     }
 }

@@ -61,6 +61,22 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
+    /// Whether the server did not answer in time: a timeout, no responders, or JetStream
+    /// "temporarily unavailable". A cluster electing its leaders does this for seconds after
+    /// a node dies. (async-nats reports these in several error types; their words are what
+    /// they share.)
+    pub fn is_unanswered(&self) -> bool {
+        match self {
+            BrokerError::JetStream { source, .. } => {
+                let text = source.to_string();
+                ["timed out", "no responders", "temporarily unavailable"]
+                    .iter()
+                    .any(|words| text.contains(words))
+            }
+            _ => false,
+        }
+    }
+
     fn jetstream(
         action: impl Into<String>,
         error: impl Into<Box<dyn std::error::Error + Send + Sync>>,

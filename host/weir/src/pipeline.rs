@@ -65,19 +65,20 @@ impl Pipeline {
         let broker = Broker::connect(&config.nats, &format!("weir-{}", config.name))
             .await
             .map_err(|e| fail(e.into()))?;
-        broker
-            .ensure_input_stream(&config.input)
+        // A cluster may not answer for seconds (electing leaders after a node died): the
+        // set-up waits for it as the connection waits for a restarting server.
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(config.nats.connect_timeout_ms);
+        answered(deadline, || broker.ensure_input_stream(&config.input))
             .await
             .map_err(|e| fail(e.into()))?;
-        broker
-            .ensure_output_streams(&config.output)
+        answered(deadline, || broker.ensure_output_streams(&config.output))
             .await
             .map_err(|e| fail(e.into()))?;
         // What the server and the streams accept, checked before publishing rather than
         // learnt from a refusal.
         let message_limit = async |subject: &str| -> Result<usize, Error> {
-            let stream_limit = broker
-                .stream_message_limit(subject)
+            let stream_limit = answered(deadline, || broker.stream_message_limit(subject))
                 .await
                 .map_err(|e| fail(e.into()))?;
             Ok([broker.max_payload(), MAX_STORED_MESSAGE]
@@ -88,8 +89,7 @@ impl Pipeline {
         };
         let output_limit = message_limit(&format!("{}.probe", config.output.prefix)).await?;
         let dlq_limit = message_limit(&config.output.dlq_subject).await?;
-        let source = broker
-            .consume(&config.input, &config.batch)
+        let source = answered(deadline, || broker.consume(&config.input, &config.batch))
             .await
             .map_err(|e| fail(e.into()))?;
         // What a previous weir on this consumer pulled and never finished is handed out
@@ -163,5 +163,28 @@ impl Pipeline {
                 Fatal::Store(source) => Error::Stopped { pipeline, source },
                 Fatal::PluginCrashed(message) => Error::Crashed { pipeline, message },
             })
+    }
+}
+
+/// Runs a start-up request again while the server does not answer it in time
+/// (`BrokerError::is_unanswered`), as long as the failed attempt began before `deadline`.
+async fn answered<T, F>(
+    deadline: tokio::time::Instant,
+    mut request: impl FnMut() -> F,
+) -> Result<T, weir_nats::BrokerError>
+where
+    F: Future<Output = Result<T, weir_nats::BrokerError>>,
+{
+    loop {
+        // Compared with when the request began: one that times out (10 s) past the deadline
+        // is still asked again once.
+        let began = tokio::time::Instant::now();
+        match request().await {
+            Err(error) if error.is_unanswered() && began < deadline => {
+                tracing::info!(%error, "the server does not answer yet (a cluster electing its leaders?); retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            result => return result,
+        }
     }
 }

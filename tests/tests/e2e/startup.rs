@@ -444,3 +444,59 @@ async fn a_list_of_cluster_urls_is_taken_and_a_dead_first_url_is_passed_over() {
     assert!(terminate(&mut weir).success());
     verify_orders_exactly_once(&js, &payloads).await;
 }
+
+/// A weir started while its input stream has no leader (for seconds after the node that led
+/// it dies, until the others elect one) waits for the cluster within `connect_timeout_ms`:
+/// it exited 1 ("cannot look up stream \"ORDERS\": … timed out").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weir_started_while_its_stream_has_no_leader_waits_for_one() {
+    let mut cluster = NatsCluster::start().await;
+    let js = async_nats::jetstream::new(connect_client(&cluster.url(0)).await.unwrap());
+    let mut stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.in.>".into()],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let payloads = order_workload(50, 0);
+    publish_all(&js, "orders.in.new", &payloads).await;
+    let leader = stream
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .clone()
+        .unwrap()
+        .leader
+        .unwrap();
+    let leader: usize = leader.trim_start_matches('n').parse().unwrap();
+    let live: Vec<usize> = (0..3).filter(|&node| node != leader).collect();
+    cluster.kill(leader);
+
+    let dir = tempfile::tempdir().unwrap();
+    let urls = format!("{}, {}", cluster.url(live[0]), cluster.url(live[1]));
+    let config = write_config(dir.path(), &urls, &plugin("orders"), "");
+    let log = dir.path().join("weir.log");
+    let mut weir = spawn_weir(&config, Some(&log), None);
+    let js = async_nats::jetstream::new(
+        async_nats::ConnectOptions::new()
+            .connect(vec![cluster.url(live[0]), cluster.url(live[1])])
+            .await
+            .unwrap(),
+    );
+    let processed = tokio::time::timeout(
+        Duration::from_secs(90),
+        wait_until_orders_processed(&js, &payloads, Duration::from_secs(90)),
+    )
+    .await;
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        processed.is_ok(),
+        "weir did not process the orders:\n{log_text}"
+    );
+    assert!(terminate(&mut weir).success(), "{log_text}");
+    verify_orders_exactly_once(&js, &payloads).await;
+}
