@@ -246,13 +246,9 @@ impl Sandbox {
         let component = match &*slot {
             Some(component) => component.clone(),
             None => {
-                let component = self.compile(path, &sha256, &bytes).inspect_err(|_| {
-                    // Nothing of a refused component is kept, not even its empty slot.
-                    self.compiled
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .remove(&sha256);
-                })?;
+                let component = self
+                    .compile(path, &sha256, &bytes)
+                    .inspect_err(|_| self.forget(&sha256))?;
                 *slot = Some(component.clone());
                 component
             }
@@ -364,15 +360,20 @@ impl Sandbox {
         limits: &LimitsConfig,
     ) -> Result<Plugin, LoadError> {
         let sha256 = file.sha256.clone();
-        self.check(path, file, limits).inspect_err(|_| {
-            self.compiled
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .remove(&sha256);
-            if let Some(dir) = &self.compile_cache {
-                compile_cache::forget(&self.engine, dir, &sha256);
-            }
-        })
+        self.check(path, file, limits)
+            .inspect_err(|_| self.forget(&sha256))
+    }
+
+    /// Forgets a component weir refused: its slot in this process (compiled or not) and its
+    /// compile cache entry, if it has one.
+    fn forget(&self, sha256: &str) {
+        self.compiled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(sha256);
+        if let Some(dir) = &self.compile_cache {
+            compile_cache::forget(&self.engine, dir, sha256);
+        }
     }
 
     /// Checks a compiled component against the contract and limits, and pre-instantiates it.

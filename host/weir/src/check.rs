@@ -186,12 +186,6 @@ fn check_store(dir: &Path, settings: StoreSettings) -> Result<String, String> {
             Err(error) => Err(error.to_string()),
         };
     }
-    if dir.exists() && !dir.is_dir() {
-        return Err(format!(
-            "store_dir {} is a file: point store_dir at an empty or new directory",
-            dir.display()
-        ));
-    }
     let ancestor = dir
         .ancestors()
         .find(|a| a.exists())
