@@ -34,6 +34,9 @@ pub struct World {
 struct WorldState {
     inputs: Vec<Input>,
     acked: HashSet<u64>,
+    /// Inputs delivered and handed back, in order (a stream sequence each time).
+    delivered: Vec<u64>,
+    handed_back: Vec<u64>,
     /// Every message the output streams store, in order.
     stored: Vec<OutboundMessage>,
     /// The ids inside the duplicate window.
@@ -118,6 +121,23 @@ impl World {
         lock(&self.state).stored.clone()
     }
 
+    /// Every input delivered and never acked, in order, and every input handed back, in
+    /// order, once per hand back.
+    pub fn unacked_and_handed_back(&self) -> (Vec<u64>, Vec<u64>) {
+        let state = lock(&self.state);
+        let mut unacked: Vec<u64> = state
+            .delivered
+            .iter()
+            .copied()
+            .filter(|sequence| !state.acked.contains(sequence))
+            .collect();
+        unacked.sort_unstable();
+        unacked.dedup();
+        let mut handed_back = state.handed_back.clone();
+        handed_back.sort_unstable();
+        (unacked, handed_back)
+    }
+
     /// How many inputs are acked.
     pub fn acked(&self) -> usize {
         lock(&self.state).acked.len()
@@ -168,8 +188,8 @@ impl Source for FakeSource {
 
     async fn next_batch(&mut self) -> Result<Vec<FakeDelivery>, FakeError> {
         let batch: Vec<FakeDelivery> = {
-            let state = lock(&self.world.state);
-            state
+            let mut state = lock(&self.world.state);
+            let batch: Vec<FakeDelivery> = state
                 .inputs
                 .iter()
                 .filter(|input| {
@@ -181,7 +201,10 @@ impl Source for FakeSource {
                     world: self.world.clone(),
                     input: input.clone(),
                 })
-                .collect()
+                .collect();
+            let sequences = batch.iter().map(|delivery| delivery.input.stream_sequence);
+            state.delivered.extend(sequences);
+            batch
         };
         if batch.is_empty() {
             // Nothing left: wait, as a pull that gets nothing does, until shutdown.
@@ -191,6 +214,9 @@ impl Source for FakeSource {
             .extend(batch.iter().map(|delivery| delivery.input.stream_sequence));
         Ok(batch)
     }
+
+    /// Nothing to hand back: a fake batch is taken whole, never received ahead.
+    async fn stop(&mut self) {}
 }
 
 pub struct FakeDelivery {
@@ -228,6 +254,16 @@ impl Delivery for FakeDelivery {
     }
 
     async fn progress(&self) {}
+
+    async fn hand_back(&self) {
+        let mut state = lock(&self.world.state);
+        let sequence = self.input.stream_sequence;
+        assert!(
+            !state.acked.contains(&sequence),
+            "input {sequence} handed back after its ack"
+        );
+        state.handed_back.push(sequence);
+    }
 }
 
 /// Publishes into the world's output streams.

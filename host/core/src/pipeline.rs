@@ -103,8 +103,9 @@ where
     R: PluginRuntime,
     Pr: Probe,
 {
-    /// Runs until `shutdown` fires, then finishes the batches in hand and returns. Returns
-    /// an error only for a fault that retrying cannot heal.
+    /// Runs until `shutdown` fires, then finishes the batches in hand, hands back to the
+    /// server what it pulled and did not finish, and returns. Returns an error only for a
+    /// fault that retrying cannot heal.
     ///
     /// Three batches are in flight at once: while one is acked, the next is published, and
     /// the one after it is fetched, executed and committed. Each batch still keeps the
@@ -120,6 +121,9 @@ where
             self.commit_and_publish(&mut source, to_ack, &shutdown),
             self.ack_stage(published),
         );
+        // What was pulled and never processed goes back to the server now, for the next
+        // owner of the consumer, instead of waiting out `ack_wait`.
+        source.stop().await;
         tracing::info!(stats = ?self.stats.snapshot(), "pipeline stopped");
         result
     }
@@ -160,7 +164,10 @@ where
                     committed = Some(CommittedBatch { batch, staged })
                 }
                 // Shut down before the commit: nothing of this batch is acked.
-                Some(Ok((_, None))) => break,
+                Some(Ok((batch, None))) => {
+                    hand_back(&batch).await;
+                    break;
+                }
                 Some(Err(fatal)) => return Err(fatal),
             }
         }
@@ -231,9 +238,14 @@ where
             .with_keepalive(&batch, self.publish_stage(&batch, staged, shutdown))
             .await?;
         tracing::debug!(inputs = batch.len(), took = ?started.elapsed(), "batch published");
-        if let Some(published) = published {
+        match published {
             // The ack stage outlives this stage: it stops only once every sender is gone.
-            let _ = to_ack.send(PublishedBatch { batch, published }).await;
+            Some(published) => {
+                let _ = to_ack.send(PublishedBatch { batch, published }).await;
+            }
+            // Shut down while publishing: committed and in the outbox, it is published
+            // again by whoever gets it next.
+            None => hand_back(&batch).await,
         }
         Ok(())
     }
@@ -808,6 +820,12 @@ where
             messages: vec![self.dead_letters.letter(input, key, kind, reason)],
         }
     }
+}
+
+/// Hands a batch the pipeline stops before finishing back to the server.
+async fn hand_back<D: Delivery>(batch: &[D]) {
+    futures::future::join_all(batch.iter().map(Delivery::hand_back)).await;
+    tracing::debug!(inputs = batch.len(), "unfinished batch handed back");
 }
 
 fn fatal_store(error: impl Fault) -> Fatal {

@@ -481,6 +481,13 @@ async fn shutdown_while_a_stage_retries_acks_nothing_of_that_batch() {
         )
         .await;
         assert_eq!(world.acked(), 0, "{stage}: nothing acked");
+        // What was delivered is handed back at once, each input once, for the next owner
+        // of the consumer. (A stuck lookup stops the outbox replay first: then nothing is.)
+        let (unacked, handed_back) = world.unacked_and_handed_back();
+        assert_eq!(handed_back, unacked, "{stage}: the stuck batch handed back");
+        if stage != "lookup" {
+            assert_eq!(handed_back.len(), BATCH, "{stage}: a whole batch delivered");
+        }
         // Healed, a restart finishes the job.
         store.fail_next(0);
         store.fail_commits(0);

@@ -26,6 +26,10 @@ pub trait Delivery: Send + Sync + 'static {
     fn ack_unconfirmed(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// Tells the server it is still being worked on, so that it is not redelivered.
     fn progress(&self) -> impl Future<Output = ()> + Send;
+    /// Hands it back unsettled (a nak), for the server to redeliver at once rather than
+    /// after `ack_wait`: the pipeline stops before it is done with it. Best effort: a hand
+    /// back that fails leaves it to `ack_wait`.
+    fn hand_back(&self) -> impl Future<Output = ()> + Send;
 }
 
 /// Where inputs come from: the durable consumer.
@@ -34,11 +38,16 @@ pub trait Source: Send {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// The next batch: waits for a first input, then takes what arrives within the batch
-    /// wait. Cancel-safe: dropping the future loses nothing. An error is transient: the core
+    /// wait. Cancel-safe: what a dropped future had received is kept for the next call (or
+    /// `stop`). An error is transient: the core
     /// waits and asks again.
     fn next_batch(
         &mut self,
     ) -> impl Future<Output = Result<Vec<Self::Delivery>, Self::Error>> + Send;
+    /// Stops consuming and hands back (as [`Delivery::hand_back`] does) every input delivered
+    /// to this source that no batch returned: those of a batch cancelled in the making, and
+    /// those received ahead. Returns within seconds, even when the server is away.
+    fn stop(&mut self) -> impl Future<Output = ()> + Send;
 }
 
 /// Why the server did not take a message.

@@ -357,6 +357,8 @@ impl Broker {
             max_wait: Duration::from_millis(batch.max_wait_ms),
             messages: None,
             stream_created_unix_ns: 0,
+            arriving: None,
+            taken: Vec::new(),
         };
         source.consumer().await?;
         Ok(source)
@@ -495,7 +497,18 @@ pub struct MessageSource {
     /// dedup key, so that a stream deleted and re-created under the same name does not make
     /// its new messages look processed.
     stream_created_unix_ns: u64,
+    /// A message received while its metadata is read, and the batch in the making: kept
+    /// here rather than in the batch's future, so that what a cancelled future had
+    /// received is neither lost nor left to `ack_wait` (`next_batch` goes on with it, and
+    /// `stop` hands it back).
+    arriving: Option<jetstream::Message>,
+    taken: Vec<InputMessage>,
 }
+
+/// How long `stop` waits for the server to confirm the end of pulling (the messages it
+/// sent before arrive meanwhile) and to take the hand-backs. Only a server that is away
+/// takes this long; it then gets the inputs back after `ack_wait`.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 
 impl MessageSource {
     /// The durable consumer, created if missing; refused if it exists with another filter.
@@ -560,48 +573,65 @@ impl MessageSource {
         Ok(())
     }
 
-    /// Waits for the next message. Cancel-safe: dropping the future loses nothing.
-    pub async fn next_message(&mut self) -> Result<InputMessage, BrokerError> {
-        if self.messages.is_none() {
-            self.restart().await?;
+    /// Waits for the next message and adds it to the batch in the making. Cancel-safe.
+    async fn take_next(&mut self) -> Result<(), BrokerError> {
+        if self.arriving.is_none() {
+            if self.messages.is_none() {
+                self.restart().await?;
+            }
+            // `restart` either set the stream or returned an error.
+            let messages = self.messages.as_mut().expect("restart sets the stream");
+            match messages.next().await {
+                Some(Ok(message)) => self.arriving = Some(message),
+                Some(Err(error)) => {
+                    // Pull the consumer afresh: this heals a deleted consumer as well as a
+                    // missed heartbeat.
+                    self.messages = None;
+                    return Err(BrokerError::jetstream("pulling messages failed", error));
+                }
+                None => {
+                    self.messages = None;
+                    return Err(BrokerError::jetstream(
+                        "pulling messages failed",
+                        "the message stream ended",
+                    ));
+                }
+            }
         }
-        // `restart` either set the stream or returned an error.
-        let messages = self.messages.as_mut().expect("restart sets the stream");
-        match messages.next().await {
-            Some(Ok(message)) => {
-                InputMessage::new(message, self.stream_created_unix_ns, &self.jetstream).await
+        self.take_arriving().await;
+        Ok(())
+    }
+
+    /// Adds the message received last to the batch in the making, once its metadata is
+    /// read. Cancel-safe: the message stays `arriving` until then.
+    async fn take_arriving(&mut self) {
+        let Some(message) = &self.arriving else {
+            return;
+        };
+        match InputMessage::read(message, self.stream_created_unix_ns, &self.jetstream).await {
+            Ok(input) => {
+                let message = self.arriving.take().expect("checked above");
+                self.taken.push(InputMessage { input, message });
             }
-            Some(Err(error)) => {
-                // Pull the consumer afresh: this heals a deleted consumer as well as a
-                // missed heartbeat.
-                self.messages = None;
-                Err(BrokerError::jetstream("pulling messages failed", error))
-            }
-            None => {
-                self.messages = None;
-                Err(BrokerError::jetstream(
-                    "pulling messages failed",
-                    "the message stream ended",
-                ))
+            Err(error) => {
+                self.arriving = None;
+                tracing::warn!(%error, "skipping a message without metadata");
             }
         }
     }
 
-    /// Adds to `batch` whatever arrives within the batch wait, up to the batch size.
-    pub async fn fill_batch(&mut self, batch: &mut Vec<InputMessage>) {
+    /// Adds to the batch in the making whatever arrives within the batch wait, up to the
+    /// batch size.
+    async fn fill_batch(&mut self) {
         let deadline = tokio::time::Instant::now() + self.max_wait;
-        while batch.len() < self.max_messages {
+        while self.taken.len() < self.max_messages {
             let Some(messages) = self.messages.as_mut() else {
                 return;
             };
             match tokio::time::timeout_at(deadline, messages.next()).await {
                 Ok(Some(Ok(message))) => {
-                    match InputMessage::new(message, self.stream_created_unix_ns, &self.jetstream)
-                        .await
-                    {
-                        Ok(message) => batch.push(message),
-                        Err(error) => tracing::warn!(%error, "skipping a message without metadata"),
-                    }
+                    self.arriving = Some(message);
+                    self.take_arriving().await;
                 }
                 Ok(Some(Err(error))) => {
                     tracing::warn!(%error, "pulling messages failed; will pull afresh");
@@ -616,6 +646,77 @@ impl MessageSource {
             }
         }
     }
+
+    /// Ends pulling and hands back every message delivered here and not returned in a
+    /// batch: the batch in the making, and what the pull received ahead of it (up to a
+    /// batch and a half), which arrives until the server confirms the end of pulling. A
+    /// message the server sent in the instant it took the end is not seen: it waits out
+    /// `ack_wait` (or the reset at an exactly-once start).
+    pub async fn stop(&mut self) {
+        let mut unsettled: Vec<jetstream::Message> = std::mem::take(&mut self.taken)
+            .into_iter()
+            .map(|taken| taken.message)
+            .collect();
+        unsettled.extend(self.arriving.take());
+        if let Some(mut messages) = self.messages.take() {
+            let drained = async {
+                messages
+                    .drain()
+                    .await
+                    .map_err(|e| BrokerError::jetstream("cannot end pulling", e))?;
+                while let Some(message) = messages.next().await {
+                    match message {
+                        Ok(message) => unsettled.push(message),
+                        Err(error) => {
+                            return Err(BrokerError::jetstream("cannot end pulling", error));
+                        }
+                    }
+                }
+                Ok(())
+            };
+            match tokio::time::timeout(STOP_WAIT, drained).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "what was pulled ahead waits out ack_wait")
+                }
+                Err(_elapsed) => tracing::warn!(
+                    waited = ?STOP_WAIT,
+                    "the server did not confirm the end of pulling; what was pulled ahead waits out ack_wait"
+                ),
+            }
+        }
+        if unsettled.is_empty() {
+            return;
+        }
+        let handed_back = async {
+            for message in &unsettled {
+                message
+                    .ack_with(AckKind::Nak(None))
+                    .await
+                    .map_err(|e| BrokerError::jetstream("cannot hand back an input", e))?;
+            }
+            // The hand-backs are plain publishes: flushed, they are on their way before
+            // the process exits.
+            self.jetstream
+                .client()
+                .flush()
+                .await
+                .map_err(|e| BrokerError::jetstream("cannot hand back inputs", e))
+        };
+        match tokio::time::timeout(STOP_WAIT, handed_back).await {
+            Ok(Ok(())) => tracing::info!(
+                inputs = unsettled.len(),
+                "handed back the inputs pulled and not processed"
+            ),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, inputs = unsettled.len(), "the inputs pulled and not processed wait out ack_wait")
+            }
+            Err(_elapsed) => tracing::warn!(
+                inputs = unsettled.len(),
+                "the server did not take the hand-backs; the inputs pulled and not processed wait out ack_wait"
+            ),
+        }
+    }
 }
 
 /// One input message: what the core sees of it, and the handle to ack it with.
@@ -625,17 +726,18 @@ pub struct InputMessage {
 }
 
 impl InputMessage {
-    async fn new(
-        message: jetstream::Message,
+    /// The input as the core sees it.
+    async fn read(
+        message: &jetstream::Message,
         stream_created_unix_ns: u64,
         jetstream: &jetstream::Context,
-    ) -> Result<InputMessage, BrokerError> {
+    ) -> Result<Input, BrokerError> {
         let info = message
             .info()
             .map_err(|e| BrokerError::jetstream("message has no JetStream metadata", e))?;
         let stream_sequence = info.stream_sequence;
         let published_unix_ns = u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0);
-        let unreadable_headers = match unreadable_reason(&message) {
+        let unreadable_headers = match unreadable_reason(message) {
             Some(reason) => {
                 let stream = info.stream.to_owned();
                 tracing::warn!(
@@ -649,17 +751,14 @@ impl InputMessage {
             }
             None => None,
         };
-        Ok(InputMessage {
-            input: Input {
-                subject: message.subject.to_string(),
-                headers: sorted_headers(message.headers.as_ref()),
-                payload: message.payload.clone(),
-                stream_sequence,
-                stream_created_unix_ns,
-                published_unix_ns,
-                unreadable_headers,
-            },
-            message,
+        Ok(Input {
+            subject: message.subject.to_string(),
+            headers: sorted_headers(message.headers.as_ref()),
+            payload: message.payload.clone(),
+            stream_sequence,
+            stream_created_unix_ns,
+            published_unix_ns,
+            unreadable_headers,
         })
     }
 
@@ -685,6 +784,13 @@ impl InputMessage {
             tracing::debug!(%error, "progress ack failed");
         }
     }
+
+    /// Hands the message back (a nak), for the server to redeliver at once.
+    pub async fn hand_back(&self) {
+        if let Err(error) = self.message.ack_with(AckKind::Nak(None)).await {
+            tracing::debug!(%error, "hand back failed; the input waits out ack_wait");
+        }
+    }
 }
 
 impl Delivery for InputMessage {
@@ -705,6 +811,10 @@ impl Delivery for InputMessage {
     async fn progress(&self) {
         InputMessage::progress(self).await
     }
+
+    async fn hand_back(&self) {
+        InputMessage::hand_back(self).await
+    }
 }
 
 impl Source for MessageSource {
@@ -713,10 +823,15 @@ impl Source for MessageSource {
 
     /// Waits for a first message, then takes what arrives within the batch wait.
     async fn next_batch(&mut self) -> Result<Vec<InputMessage>, BrokerError> {
-        let first = self.next_message().await?;
-        let mut batch = vec![first];
-        self.fill_batch(&mut batch).await;
-        Ok(batch)
+        if self.taken.is_empty() {
+            self.take_next().await?;
+        }
+        self.fill_batch().await;
+        Ok(std::mem::take(&mut self.taken))
+    }
+
+    async fn stop(&mut self) {
+        MessageSource::stop(self).await
     }
 }
 

@@ -2,12 +2,14 @@
 //! predecessor held (delivered, never acked), instead of waiting out `ack_wait`: once, they
 //! stayed pending for `ack_wait` (30 s by default), and after a few kills they filled the
 //! consumer's unacked limit and the restarted weir got nothing. The store tells which of them
-//! are done, so handing them all out again is safe. Each test prints the time from restart to
-//! the first new output.
+//! are done, so handing them all out again is safe. A clean stop hands back what it pulled
+//! and did not process, so that the consumer holds nothing for anyone. Each test prints the
+//! time from restart to the first new output.
 
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use weir_tests::*;
 
 /// Far beyond the tests' waits: an input left to `ack_wait` fails them.
@@ -28,6 +30,50 @@ async fn rig(messages: usize) -> FaultRig {
 async fn held(rig: &FaultRig) -> u64 {
     let stream = rig.js.get_stream("ORDERS").await.unwrap();
     stream.consumer_info("weir").await.unwrap().num_ack_pending as u64
+}
+
+/// How many inputs a client pulling from the consumer gets redelivered within a second
+/// (each handed back again, so that weir's restart processes them).
+async fn redelivered_at_once(rig: &FaultRig) -> u64 {
+    let stream = rig.js.get_stream("ORDERS").await.unwrap();
+    let consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("weir").await.unwrap();
+    let mut messages = consumer
+        .fetch()
+        .max_messages(1000)
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await
+        .unwrap();
+    let mut fetched = Vec::new();
+    while let Some(message) = messages.next().await {
+        fetched.push(message.unwrap());
+    }
+    let mut redelivered = 0;
+    for message in fetched {
+        if message.info().unwrap().delivered > 1 {
+            redelivered += 1;
+        }
+        message
+            .ack_with(async_nats::jetstream::AckKind::Nak(None))
+            .await
+            .unwrap();
+    }
+    redelivered
+}
+
+/// How many inputs a stopping weir says it handed back.
+fn handed_back_by_the_log(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|line| line.contains("handed back the inputs pulled and not processed"))
+        .unwrap_or_else(|| panic!("no hand back logged:\n{log}"));
+    let count = line
+        .split("inputs=")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{line}"));
+    let digits: String = count.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap_or_else(|_| panic!("{line}"))
 }
 
 /// Restarts weir and returns how long it took to the first output beyond `before` and to
@@ -72,9 +118,10 @@ async fn a_restart_after_a_clean_stop_redelivers_what_was_pulled_at_once() {
     // the one in hand are never finished.
     let marker = rig.dir.path().join("paused");
     let marker_text = marker.display().to_string();
+    let log = rig.dir.path().join("weir.log");
     let mut weir = spawn_weir_with_env(
         &rig.config,
-        None,
+        Some(&log),
         &[
             ("WEIR_FAULT", "committed:3:pause"),
             ("WEIR_FAULT_MARKER", &marker_text),
@@ -85,14 +132,24 @@ async fn a_restart_after_a_clean_stop_redelivers_what_was_pulled_at_once() {
     })
     .await;
     assert!(terminate(&mut weir).success());
+    // Handed back as it stopped: the next owner of the consumer gets every input the
+    // stopped weir left unacked at once, which it did only after ack_wait (100 to 400
+    // inputs per stop).
+    let handed_back = handed_back_by_the_log(&std::fs::read_to_string(&log).unwrap());
     let held = held(&rig).await;
-    assert!(
-        held > 0,
-        "the stopped weir left inputs delivered and unacked"
+    assert!(held > 0, "the stopped weir had pulled inputs ahead");
+    assert_eq!(
+        handed_back, held,
+        "what the stopped weir says it handed back"
+    );
+    assert_eq!(
+        redelivered_at_once(&rig).await,
+        held,
+        "inputs the next owner got again within a second"
     );
     let (first_output, all) = restart_and_verify(&rig).await;
     println!(
-        "after SIGTERM leaving {held} inputs (ack_wait {ACK_WAIT_MS} ms): first new output {:.2} s, all {:.2} s after the restart",
+        "after SIGTERM handing back {handed_back} inputs (ack_wait {ACK_WAIT_MS} ms): first new output {:.2} s, all {:.2} s after the restart",
         first_output.as_secs_f64(),
         all.as_secs_f64()
     );

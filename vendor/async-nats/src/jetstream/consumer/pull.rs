@@ -909,6 +909,8 @@ pub struct Stream {
     pending_request: bool,
     task_handle: JoinHandle<()>,
     terminated: bool,
+    /// Set by [Stream::drain]: no pull requests any more, only what the server sent before.
+    draining: bool,
     heartbeat_timeout: Option<Pin<Box<tokio::time::Sleep>>>,
     started: Option<tokio::sync::oneshot::Sender<()>>,
     /// Set only for [PriorityPolicy::PinnedClient] consumers, so a `Nats-Pin-Id` header stored
@@ -929,6 +931,16 @@ impl Stream {
     fn terminate(&mut self) {
         self.terminated = true;
         self.task_handle.abort();
+    }
+
+    /// Stops pulling, keeping what the server has already sent: no further pull request is
+    /// sent, and the subscription is unsubscribed and flushed. The stream then yields the
+    /// messages that arrived before the server took the unsubscribe, and ends, so that they
+    /// can be acked or handed back (nak) instead of waiting out the consumer's `ack_wait`.
+    pub async fn drain(&mut self) -> Result<(), crate::UnsubscribeError> {
+        self.task_handle.abort();
+        self.draining = true;
+        self.subscriber.drain().await
     }
 
     async fn stream(
@@ -1044,6 +1056,7 @@ impl Stream {
             context: consumer.context.clone(),
             pending_request: false,
             terminated: false,
+            draining: false,
             heartbeat_timeout: None,
             started: Some(started_tx),
             #[cfg(feature = "server_2_11")]
@@ -1164,6 +1177,25 @@ impl futures_util::Stream for Stream {
 
         loop {
             trace!("pending messages: {}", self.pending_messages);
+            if self.draining {
+                return match self.subscriber.receiver.poll_recv(cx) {
+                    Poll::Ready(Some(message))
+                        if message.status.unwrap_or(StatusCode::OK) == StatusCode::OK =>
+                    {
+                        Poll::Ready(Some(Ok(jetstream::Message {
+                            context: self.context.clone(),
+                            message,
+                        })))
+                    }
+                    // Heartbeats and the status of the ended pull requests.
+                    Poll::Ready(Some(_)) => continue,
+                    Poll::Ready(None) => {
+                        self.terminated = true;
+                        Poll::Ready(None)
+                    }
+                    Poll::Pending => Poll::Pending,
+                };
+            }
             if (self.pending_messages <= self.batch_config.batch / 2
                 || (self.batch_config.max_bytes > 0
                     && self.pending_bytes <= self.batch_config.max_bytes / 2))
