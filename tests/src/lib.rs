@@ -202,7 +202,7 @@ fn spawn_nats_server(config_file: &Path) -> Child {
 pub struct NatsCluster {
     nodes: Vec<Option<Child>>,
     ports: Vec<u16>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl NatsCluster {
@@ -231,11 +231,7 @@ impl NatsCluster {
             .expect("write the node's configuration");
             nodes.push(Some(spawn_nats_server(&config_file)));
         }
-        let cluster = NatsCluster {
-            nodes,
-            ports,
-            _dir: dir,
-        };
+        let cluster = NatsCluster { nodes, ports, dir };
         for &port in &cluster.ports {
             wait_for(
                 "a cluster node to listen",
@@ -276,6 +272,21 @@ impl NatsCluster {
             let _ = process.kill();
             let _ = process.wait();
         }
+    }
+
+    /// Starts killed node `node` again, on its port and store, and waits until it listens
+    /// (it then catches up with the others by itself).
+    pub async fn restart(&mut self, node: usize) {
+        assert!(self.nodes[node].is_none(), "node {node} is running");
+        let config_file = self.dir.path().join(format!("n{node}.conf"));
+        self.nodes[node] = Some(spawn_nats_server(&config_file));
+        let port = self.ports[node];
+        wait_for(
+            "a restarted cluster node to listen",
+            Duration::from_secs(20),
+            || async move { TcpStream::connect(("127.0.0.1", port)).is_ok() },
+        )
+        .await;
     }
 }
 

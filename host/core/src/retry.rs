@@ -7,8 +7,9 @@ use tokio_util::sync::CancellationToken;
 
 /// The first retry waits up to this long.
 const FIRST_DELAY: Duration = Duration::from_millis(50);
-/// No retry waits longer than this: a healed fault is noticed within seconds.
-const MAX_DELAY: Duration = Duration::from_secs(5);
+/// No retry waits longer than this: a healed fault (a cluster that elected a new leader, a
+/// disk with room again) is noticed within a second. A retry costs the server one request.
+const MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Delays for successive retries: each up to twice the last, capped, chosen uniformly at
 /// random below that ceiling so that many hosts do not retry in lockstep.

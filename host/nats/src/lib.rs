@@ -359,6 +359,7 @@ impl Broker {
             stream_created_unix_ns: 0,
             arriving: None,
             taken: Vec::new(),
+            failed_restarts: 0,
         };
         source.consumer().await?;
         Ok(source)
@@ -503,12 +504,23 @@ pub struct MessageSource {
     /// `stop` hands it back).
     arriving: Option<jetstream::Message>,
     taken: Vec<InputMessage>,
+    /// Tries to pull afresh that failed in a row (see `restart_timeout`).
+    failed_restarts: u32,
 }
 
 /// How long `stop` waits for the server to confirm the end of pulling (the messages it
 /// sent before arrive meanwhile) and to take the hand-backs. Only a server that is away
 /// takes this long; it then gets the inputs back after `ack_wait`.
 const STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a try to pull afresh is given after `failures` tries in a row failed: a second
+/// while an election may still be going on (they take 4 to 10 s), so that the first try
+/// after it gets through; then twice as long each time, up to 16 s, for a server that is
+/// merely slow to answer.
+fn restart_timeout(failures: u32) -> Duration {
+    const QUICK_TRIES: u32 = 10;
+    Duration::from_secs(1) * 2u32.pow(failures.saturating_sub(QUICK_TRIES).min(4))
+}
 
 impl MessageSource {
     /// The durable consumer, created if missing; refused if it exists with another filter.
@@ -549,8 +561,28 @@ impl MessageSource {
         Ok((consumer, created))
     }
 
+    /// Pulls afresh, within `restart_timeout`: while a cluster elects a leader for the
+    /// stream or the consumer, a request is never answered, and waiting out the client's
+    /// own timeout (5 s a request, two requests) past the election kept weir idle for 10 s.
     async fn restart(&mut self) -> Result<(), BrokerError> {
         self.messages = None;
+        let timeout = restart_timeout(self.failed_restarts);
+        self.failed_restarts += 1;
+        let messages = tokio::time::timeout(timeout, self.pull())
+            .await
+            .map_err(|_elapsed| {
+                BrokerError::jetstream(
+                    "cannot start pulling messages",
+                    format!("no answer within {timeout:?} (a cluster electing a leader?)"),
+                )
+            })??;
+        self.messages = Some(messages);
+        self.failed_restarts = 0;
+        Ok(())
+    }
+
+    /// The consumer, checked, and a pull on it.
+    async fn pull(&mut self) -> Result<pull::Stream, BrokerError> {
         let (consumer, created) = self.consumer().await?;
         if self.stream_created_unix_ns != 0 && created != self.stream_created_unix_ns {
             tracing::warn!(
@@ -559,7 +591,7 @@ impl MessageSource {
             );
         }
         self.stream_created_unix_ns = created;
-        let messages = consumer
+        consumer
             .stream()
             .max_messages_per_batch(self.max_messages)
             // A missed heartbeat is how a pull notices a server that went away without
@@ -568,9 +600,7 @@ impl MessageSource {
             .expires(Duration::from_secs(10))
             .messages()
             .await
-            .map_err(|e| BrokerError::jetstream("cannot start pulling messages", e))?;
-        self.messages = Some(messages);
-        Ok(())
+            .map_err(|e| BrokerError::jetstream("cannot start pulling messages", e))
     }
 
     /// Waits for the next message and adds it to the batch in the making. Cancel-safe.

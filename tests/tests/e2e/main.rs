@@ -3,6 +3,7 @@
 //! scripts/test.sh does both.
 
 mod chaos;
+mod cluster;
 mod compile;
 mod crash;
 mod disk;
