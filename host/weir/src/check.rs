@@ -165,6 +165,18 @@ async fn check_pipeline(
     );
 }
 
+/// Whether this process may create entries in `dir`, as the kernel decides it for this user
+/// (access(2): write and search permission, a read-only filesystem), rather than guessed from
+/// the mode bits, which say nothing of whose the directory is.
+fn may_create_in(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `path` is a NUL-terminated string that outlives the call, which only reads it.
+    unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
 /// An existing store must open (and not be locked by a running host); a missing one must
 /// be creatable, which is checked on its nearest existing ancestor.
 fn check_store(dir: &Path, settings: StoreSettings) -> Result<String, String> {
@@ -197,17 +209,14 @@ fn check_store(dir: &Path, settings: StoreSettings) -> Result<String, String> {
             ancestor.display()
         ));
     }
-    let writable = std::fs::metadata(ancestor)
-        .map(|m| !m.permissions().readonly())
-        .unwrap_or(false);
-    if writable {
+    if may_create_in(ancestor) {
         Ok(format!(
             "{} is new or empty; weir will create the store there",
             dir.display()
         ))
     } else {
         Err(format!(
-            "store_dir {} cannot be created: {} is not writable",
+            "store_dir {} cannot be created: {} is not writable by this user (or is on a read-only filesystem); set store_dir to a directory weir can create and write",
             dir.display(),
             ancestor.display()
         ))

@@ -15,9 +15,13 @@ struct SmallDisk {
 
 impl SmallDisk {
     fn mount(size: &str) -> SmallDisk {
+        SmallDisk::mount_with(&format!("size={size}"))
+    }
+
+    fn mount_with(options: &str) -> SmallDisk {
         let dir = tempfile::tempdir().unwrap();
         let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
             .arg(dir.path())
             .status()
             .expect("run mount");
@@ -130,4 +134,46 @@ async fn a_full_disk_stops_acks_and_processing_resumes_when_space_returns() {
         "every output exactly once"
     );
     assert_eq!(stats.executed, published as u64, "{stats:?}");
+}
+
+/// A store_dir weir may not create (here on a read-only filesystem, which stops root too; a
+/// user without write permission is the same case to the kernel): `weir check` said "ok"
+/// from the directory's mode bits while `weir run` failed. Both refuse it, naming the key.
+#[test]
+fn a_store_dir_weir_may_not_create_is_refused_by_check_as_by_run() {
+    let server = NatsServer::start();
+    let disk = SmallDisk::mount_with("ro,size=1m");
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = plugin("orders");
+    let store = disk.path().join("store");
+    let config =
+        PipelineToml::orders(&server.url(), &plugin, &store).write(dir.path(), "weir.toml");
+    let weir = |command: &str| {
+        Command::new(weir_binary())
+            .args([command, "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "off")
+            .output()
+            .expect("run weir")
+    };
+
+    let checked = weir("check");
+    let report = String::from_utf8_lossy(&checked.stdout);
+    assert_eq!(checked.status.code(), Some(1), "{report}");
+    let store_line = report
+        .lines()
+        .find(|line| line.contains("store"))
+        .unwrap_or_else(|| panic!("no store line:\n{report}"));
+    assert!(
+        store_line.contains("FAIL") && store_line.contains("not writable"),
+        "{report}"
+    );
+
+    let ran = weir("run");
+    let stderr = String::from_utf8_lossy(&ran.stderr);
+    assert_eq!(ran.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("store_dir") && stderr.contains(&store.display().to_string()),
+        "{stderr}"
+    );
 }
