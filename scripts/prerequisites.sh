@@ -22,6 +22,12 @@ fi
 missing_apt=()
 command -v clang >/dev/null 2>&1 || missing_apt+=(clang)
 [ -n "$(ls /usr/lib/llvm-*/lib/libclang*.so* 2>/dev/null)" ] || missing_apt+=(libclang-dev)
+# Chromium: the tests load the admin port's status page in a real (headless) browser. Only
+# the test command asks for it (WEIR_NEEDS_BROWSER=1); the demo does not need it.
+if [ "${WEIR_NEEDS_BROWSER:-0}" = 1 ] && [ -z "${WEIR_CHROMIUM:-}" ] \
+   && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  missing_apt+=(chromium)
+fi
 if [ ${#missing_apt[@]} -gt 0 ]; then
   as_root=()
   if [ "$(id -u)" -ne 0 ]; then
@@ -33,7 +39,7 @@ if [ ${#missing_apt[@]} -gt 0 ]; then
     fi
   fi
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "prerequisites: ${missing_apt[*]} missing and there is no apt-get; install clang and libclang with your package manager" >&2
+    echo "prerequisites: ${missing_apt[*]} missing and there is no apt-get; install them with your package manager" >&2
     exit 1
   fi
   echo "prerequisites: installing ${missing_apt[*]} with apt-get"

@@ -4,6 +4,8 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
+# The status page's test needs a real browser: prerequisites.sh installs Chromium too.
+export WEIR_NEEDS_BROWSER=1
 source scripts/prerequisites.sh
 scripts/build-plugins.sh
 cargo build --workspace

@@ -131,7 +131,7 @@ pub async fn run(plan: ChaosPlan) -> ChaosReport {
     }
     .render()
     .replace("store_dir = ", "dedup = \"msg-id\"\nstore_dir = ");
-    std::fs::write(&config, text).expect("write weir.toml");
+    std::fs::write(&config, ADMIN_OFF.to_owned() + &text).expect("write weir.toml");
 
     let payloads = order_workload(plan.messages, 50);
     let messages: Vec<(String, Vec<u8>)> = payloads

@@ -368,6 +368,13 @@ pub fn spawn_weir_with_env(config: &Path, log: Option<&Path>, env: &[(&str, &str
 /// behind to hold its store or disturb the next test.
 pub struct WeirProcess(Child);
 
+impl From<Child> for WeirProcess {
+    /// A weir started some other way (other arguments, another log format).
+    fn from(child: Child) -> WeirProcess {
+        WeirProcess(child)
+    }
+}
+
 impl std::ops::Deref for WeirProcess {
     type Target = Child;
 
@@ -402,6 +409,8 @@ pub fn free_port() -> u16 {
 /// A message as read back from a stream.
 #[derive(Debug, Clone)]
 pub struct StoredMessage {
+    /// Its sequence in the stream.
+    pub sequence: u64,
     pub subject: String,
     /// When the stream stored it, in Unix nanoseconds (the server's clock).
     pub stored_unix_ns: i128,
@@ -460,11 +469,11 @@ pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<StoredMes
                     .map(move |v| (name.to_string(), v.as_str().to_owned()))
             })
             .collect();
-        let stored_unix_ns = message
-            .info()
-            .map(|info| info.published.unix_timestamp_nanos())
-            .unwrap_or(0);
+        let info = message.info().expect("a JetStream message's reply subject");
+        let (sequence, stored_unix_ns) =
+            (info.stream_sequence, info.published.unix_timestamp_nanos());
         out.push(StoredMessage {
+            sequence,
             subject: message.subject.to_string(),
             stored_unix_ns,
             msg_id: headers
@@ -651,6 +660,10 @@ pub fn publish_raw(port: u16, messages: &[(&str, Vec<u8>, Vec<u8>)]) {
     }
 }
 
+/// The `[admin]` table of a test's configuration: off, so that weirs running side by side
+/// do not contend for the default port. The admin tests listen on a free port of their own.
+pub const ADMIN_OFF: &str = "[admin]\nlisten = \"\"\n";
+
 /// A weir configuration for one pipeline, as TOML. `extra` is appended verbatim (e.g. a
 /// `[pipeline.limits]` table). Start from `orders` or `plain` and override what differs.
 pub struct PipelineToml<'a> {
@@ -705,7 +718,8 @@ impl<'a> PipelineToml<'a> {
     /// Writes the configuration to `dir/file` and returns its path.
     pub fn write(&self, dir: &Path, file: &str) -> PathBuf {
         let path = dir.join(file);
-        std::fs::write(&path, self.render()).expect("write the weir configuration");
+        std::fs::write(&path, ADMIN_OFF.to_owned() + &self.render())
+            .expect("write the weir configuration");
         path
     }
 

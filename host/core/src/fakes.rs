@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use crate::input::Input;
-use crate::plugin::{Outcome, PluginOutput, TransformInput};
+use crate::plugin::{CallCost, Outcome, PluginOutput, TransformInput};
 use crate::ports::{
     Committed, DedupStore, Delivery, Fault, PluginRuntime, Point, Probe, PublishError, Publisher,
     RunError, Source,
@@ -215,8 +215,14 @@ impl Source for FakeSource {
         Ok(batch)
     }
 
+    async fn ready(&mut self) -> Result<(), FakeError> {
+        Ok(())
+    }
+
     /// Nothing to hand back: a fake batch is taken whole, never received ahead.
-    async fn stop(&mut self) {}
+    async fn stop(&mut self) -> usize {
+        0
+    }
 }
 
 pub struct FakeDelivery {
@@ -502,7 +508,10 @@ impl PluginRuntime for FakeRuntime {
         "fake"
     }
 
-    async fn run_all(&self, inputs: Vec<TransformInput>) -> Result<Vec<Outcome>, RunError> {
+    async fn run_all(
+        &self,
+        inputs: Vec<TransformInput>,
+    ) -> Result<Vec<(Outcome, CallCost)>, RunError> {
         if self.panic_next.swap(false, Ordering::SeqCst) {
             return Err(RunError::Panicked("index out of bounds".into()));
         }
@@ -516,7 +525,10 @@ impl PluginRuntime for FakeRuntime {
             ));
         }
         self.calls.fetch_add(inputs.len(), Ordering::SeqCst);
-        Ok(inputs.iter().map(FakeRuntime::transform).collect())
+        Ok(inputs
+            .iter()
+            .map(|input| (FakeRuntime::transform(input), CallCost::default()))
+            .collect())
     }
 }
 

@@ -7,8 +7,9 @@
 //! input's identity is ([`input::dedup_key`]), what a plugin's outputs become
 //! ([`policy::OutputPolicy`], used alike by the pipeline and `weir plugin test`), what a dead
 //! letter says ([`dead_letter`], built and parsed by the same code), what the store records
-//! per input ([`record`]), NATS subject and header syntax, and how transient faults are
-//! retried.
+//! per input ([`record`]), NATS subject and header syntax, how transient faults are
+//! retried, and what a pipeline counts ([`metrics`]) and where it is ([`status`]) for the
+//! operator's admin port.
 //!
 //! **Boundary:** weir-core does not depend on wasmtime, rocksdb, async-nats or an HTTP
 //! framework (`.ci/check-crate-graph` fails the build if it does). The adapters
@@ -19,6 +20,7 @@ pub mod dead_letter;
 mod fakes;
 pub mod headers;
 pub mod input;
+pub mod metrics;
 pub mod pipeline;
 #[cfg(test)]
 mod pipeline_tests;
@@ -27,9 +29,10 @@ pub mod policy;
 pub mod ports;
 pub mod record;
 pub mod retry;
-pub mod stats;
+pub mod status;
 pub mod subject;
 pub mod text;
+pub mod trace;
 
 use serde::Deserialize;
 

@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterHeaders, DeadLetterSchema};
 use crate::input::{DedupMode, Input, dedup_key};
+use crate::metrics::PipelineMetrics;
 use crate::plugin::{FailureKind, Outcome};
 use crate::policy::OutputPolicy;
 use crate::ports::{
@@ -50,8 +51,9 @@ use crate::ports::{
 };
 use crate::record::{Disposition, DoneRecord, OutboundMessage};
 use crate::retry::{Backoff, sleep_unless_shutdown};
-use crate::stats::Stats;
+use crate::status::{Phase, PipelineStatus};
 use crate::text;
+use crate::trace::TraceContext;
 
 /// How many outbox records are re-published per round on start.
 const OUTBOX_REPLAY_CHUNK: usize = 1000;
@@ -78,6 +80,8 @@ pub struct Settings {
     pub dedup: DedupMode,
     /// The input stream's name: part of every dedup key.
     pub input_stream: String,
+    /// The durable consumer's name, for each message's span.
+    pub consumer: String,
     /// While a batch is in hand, the server is told every half of it that it is being
     /// worked on, so that it is not redelivered.
     pub ack_wait: Duration,
@@ -93,7 +97,8 @@ pub struct Pipeline<St, Pu, R, Pr> {
     pub probe: Pr,
     pub policy: OutputPolicy,
     pub dead_letters: DeadLetterSchema,
-    pub stats: Arc<Stats>,
+    pub metrics: PipelineMetrics,
+    pub status: Arc<PipelineStatus>,
 }
 
 impl<St, Pu, R, Pr> Pipeline<St, Pu, R, Pr>
@@ -115,7 +120,12 @@ where
     where
         S: Source,
     {
-        self.replay_outbox(&shutdown).await?;
+        self.status.enter(Phase::Replaying);
+        if let Err(fatal) = self.replay_outbox(&shutdown).await {
+            self.status.stopped(&fatal.to_string());
+            return Err(fatal);
+        }
+        self.status.enter(Phase::Running);
         let (to_ack, published) = tokio::sync::mpsc::channel(1);
         let (result, ()) = tokio::join!(
             self.commit_and_publish(&mut source, to_ack, &shutdown),
@@ -123,8 +133,16 @@ where
         );
         // What was pulled and never processed goes back to the server now, for the next
         // owner of the consumer, instead of waiting out `ack_wait`.
-        source.stop().await;
-        tracing::info!(stats = ?self.stats.snapshot(), "pipeline stopped");
+        let handed_back = source.stop().await;
+        self.metrics.handed_back.inc_by(handed_back as u64);
+        self.status.stopped(
+            match &result {
+                Ok(()) => "shut down".into(),
+                Err(fatal) => fatal.to_string(),
+            }
+            .as_str(),
+        );
+        tracing::info!(stats = ?self.metrics.snapshot(), "pipeline stopped");
         result
     }
 
@@ -165,7 +183,7 @@ where
                 }
                 // Shut down before the commit: nothing of this batch is acked.
                 Some(Ok((batch, None))) => {
-                    hand_back(&batch).await;
+                    self.hand_back(&batch).await;
                     break;
                 }
                 Some(Err(fatal)) => return Err(fatal),
@@ -180,8 +198,21 @@ where
         source: &mut S,
         shutdown: &CancellationToken,
     ) -> Option<Vec<S::Delivery>> {
-        let mut backoff = Backoff::new();
+        let mut retrier = Retrier::new(Step::Fetch, self, shutdown);
         loop {
+            let ready = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return None,
+                ready = source.ready() => ready,
+            };
+            if let Err(error) = ready {
+                if !retrier.failed(error).await {
+                    return None;
+                }
+                continue;
+            }
+            // Consuming again: the step is no longer retrying, whenever the next input comes.
+            retrier.recovered();
             let next = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return None,
@@ -191,9 +222,7 @@ where
                 Ok(batch) if !batch.is_empty() => return Some(batch),
                 Ok(_) => continue,
                 Err(error) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(%error, retry_in = ?delay, "fetch failed");
-                    if !sleep_unless_shutdown(delay, shutdown).await {
+                    if !retrier.failed(error).await {
                         return None;
                     }
                 }
@@ -237,6 +266,7 @@ where
         let published = self
             .with_keepalive(&batch, self.publish_stage(&batch, staged, shutdown))
             .await?;
+        self.metrics.stage("publish", started.elapsed());
         tracing::debug!(inputs = batch.len(), took = ?started.elapsed(), "batch published");
         match published {
             // The ack stage outlives this stage: it stops only once every sender is gone.
@@ -245,7 +275,7 @@ where
             }
             // Shut down while publishing: committed and in the outbox, it is published
             // again by whoever gets it next.
-            None => hand_back(&batch).await,
+            None => self.hand_back(&batch).await,
         }
         Ok(())
     }
@@ -270,11 +300,20 @@ where
                 },
             ))
             .await;
+            self.metrics.stage("ack", started.elapsed());
+            let now = unix_now_ns();
+            for (delivery, result) in batch.iter().zip(&acks) {
+                if result.is_ok() {
+                    let stored = delivery.input().published_unix_ns;
+                    let seconds = now.saturating_sub(stored) as f64 / 1e9;
+                    self.metrics.end_to_end_seconds.observe(seconds);
+                }
+            }
             let acked = acks.iter().filter(|result| result.is_ok()).count();
             if let Some(Err(error)) = acks.into_iter().find(Result::is_err) {
                 tracing::warn!(%error, failed = batch.len() - acked, "some acks failed; those inputs will be redelivered and deduplicated");
             }
-            Stats::add(&self.stats.acked, acked);
+            self.metrics.acked.inc_by(acked as u64);
             self.probe.reached(Point::Acked).await;
             let published_keys: Vec<String> = published.into_iter().flatten().collect();
             if !published_keys.is_empty() {
@@ -284,13 +323,20 @@ where
         }
     }
 
+    /// Hands a batch the pipeline stops before finishing back to the server.
+    async fn hand_back<D: Delivery>(&self, batch: &[D]) {
+        futures::future::join_all(batch.iter().map(Delivery::hand_back)).await;
+        self.metrics.handed_back.inc_by(batch.len() as u64);
+        tracing::debug!(inputs = batch.len(), "unfinished batch handed back");
+    }
+
     /// Re-publishes what was committed but not confirmed published before the last stop.
     /// Fails only on a fault retrying cannot heal.
     async fn replay_outbox(&self, shutdown: &CancellationToken) -> Result<(), Fatal> {
         let Some(store) = &self.store else {
             return Ok(());
         };
-        let mut retrier = Retrier::new("read the outbox", shutdown);
+        let mut retrier = Retrier::new(Step::ReadOutbox, self, shutdown);
         let pending = loop {
             let store = store.clone();
             match blocking(move || store.pending_outbox()).await {
@@ -334,7 +380,8 @@ where
     ) -> Result<Option<Staged>, Fatal> {
         self.probe.reached(Point::Fetched).await;
         let started = Instant::now();
-        Stats::add(&self.stats.received, batch.len());
+        self.metrics.received.inc_by(batch.len() as u64);
+        self.metrics.batch_inputs.observe(batch.len() as f64);
         let keys: Vec<String> = batch
             .iter()
             .map(|delivery| {
@@ -347,7 +394,7 @@ where
             .collect();
 
         // 1. Which inputs are already committed? (In at-least-once mode, none are known.)
-        let mut retrier = Retrier::new("look up the store", shutdown);
+        let mut retrier = Retrier::new(Step::Lookup, self, shutdown);
         let committed = loop {
             let Some(store) = self.store.clone() else {
                 break vec![None; keys.len()];
@@ -373,10 +420,8 @@ where
         // A committed input is re-published only as far as its outbox entry says the server
         // has not acknowledged it: a re-publish of what it has, after the duplicate window,
         // would be a real duplicate.
-        Stats::add(
-            &self.stats.deduplicated,
-            committed.iter().filter(|c| c.is_some()).count(),
-        );
+        let deduplicated = committed.iter().filter(|c| c.is_some()).count();
+        self.metrics.deduplicated.inc_by(deduplicated as u64);
         let committed_earlier: Vec<usize> = (0..committed.len())
             .filter(|&index| committed[index].is_some())
             .collect();
@@ -400,7 +445,8 @@ where
         };
         let executed_at = started.elapsed();
         self.probe.reached(Point::Executed).await;
-        Stats::add(&self.stats.executed, outcomes.len());
+        self.metrics.executed.inc_by(outcomes.len() as u64);
+        self.metrics.stage("execute", executed_at - looked_up_at);
         let mut new_records = Vec::with_capacity(outcomes.len());
         for (&index, outcome) in to_execute.iter().zip(outcomes) {
             let record = Arc::new(self.record_for(batch[index].input(), &keys[index], outcome));
@@ -412,6 +458,8 @@ where
         if !self.commit(new_records, shutdown).await? {
             return Ok(None);
         }
+        self.metrics
+            .stage("commit", started.elapsed() - executed_at);
 
         tracing::debug!(inputs = batch.len(), ?looked_up_at, ?executed_at, committed_at = ?started.elapsed(), "batch committed");
         self.probe.reached(Point::Committed).await;
@@ -458,14 +506,22 @@ where
                 unreadable.into_iter().map(unreadable_outcome).collect(),
             ));
         }
-        let mut retrier = Retrier::new("run the plugin", shutdown);
+        let mut retrier = Retrier::new(Step::Execute, self, shutdown);
         loop {
             let inputs = readable
                 .iter()
                 .map(|&index| batch[index].input().transform_input(&keys[index]))
                 .collect();
             match self.runtime.run_all(inputs).await {
-                Ok(outcomes) => {
+                Ok(calls) => {
+                    let mut outcomes = Vec::with_capacity(calls.len());
+                    for (outcome, cost) in calls {
+                        self.metrics
+                            .plugin_call_seconds
+                            .observe(cost.elapsed.as_secs_f64());
+                        self.metrics.plugin_fuel.observe(cost.fuel as f64);
+                        outcomes.push(outcome);
+                    }
                     // Back in the order of `indexes`.
                     let mut outcomes = outcomes.into_iter();
                     return Ok(Some(
@@ -508,7 +564,7 @@ where
             return Ok(true);
         }
         let records = Arc::new(records);
-        let mut retrier = Retrier::new("commit to the store", shutdown);
+        let mut retrier = Retrier::new(Step::Commit, self, shutdown);
         loop {
             let committing = store.clone();
             let records = records.clone();
@@ -609,7 +665,7 @@ where
         inputs: &[&Input],
         shutdown: &CancellationToken,
     ) -> Result<bool, Fatal> {
-        let mut retrier = Retrier::new("publish", shutdown);
+        let mut retrier = Retrier::new(Step::Publish, self, shutdown);
         loop {
             let sending: Vec<(usize, usize)> = publications
                 .iter()
@@ -643,7 +699,7 @@ where
                     }
                 }
             }
-            Stats::add(&self.stats.published, acknowledged);
+            self.metrics.published.inc_by(acknowledged as u64);
 
             let mut rejected = HashSet::new();
             for (at, index, refusal) in refused {
@@ -655,7 +711,7 @@ where
                 match self.reject(publication, input, index, &refusal) {
                     Some(record) => {
                         if publication.record.disposition == Disposition::Transformed {
-                            Stats::add(&self.stats.dead_lettered, 1);
+                            self.metrics.dead_letter(FailureKind::OutputRejected);
                         }
                         publication.replace(record)
                     }
@@ -738,6 +794,10 @@ where
         let reason = format!(
             "the server refused output {index} for good ({refusal}); {published} of the input's outputs were published before"
         );
+        let trace = TraceContext::of(&input.headers);
+        let _entered = self
+            .message_span(input, &publication.key, trace.as_ref())
+            .entered();
         Some(self.dead_letter_record(
             input,
             &publication.key,
@@ -791,8 +851,11 @@ where
 
     /// Turns a plugin's outcome into the exact messages to publish for this input.
     fn record_for(&self, input: &Input, key: &str, outcome: Outcome) -> DoneRecord {
+        let trace = TraceContext::of(&input.headers);
+        let span = self.message_span(input, key, trace.as_ref());
+        let _entered = span.enter();
         let (kind, reason) = match outcome {
-            Outcome::Outputs(outputs) => match self.policy.outbound(key, outputs) {
+            Outcome::Outputs(outputs) => match self.policy.outbound(key, trace.as_ref(), outputs) {
                 Ok(messages) => {
                     return DoneRecord {
                         disposition: Disposition::Transformed,
@@ -803,8 +866,30 @@ where
             },
             Outcome::Failed { kind, reason } => (kind, reason),
         };
-        Stats::add(&self.stats.dead_lettered, 1);
+        self.metrics.dead_letter(kind);
         self.dead_letter_record(input, key, kind, &reason)
+    }
+
+    /// The span of one input's processing: what is logged of an input is logged in it,
+    /// which joins a log line to the input's trace and names the input as OpenTelemetry's
+    /// messaging conventions do.
+    fn message_span(
+        &self,
+        input: &Input,
+        key: &str,
+        trace: Option<&TraceContext>,
+    ) -> tracing::Span {
+        tracing::info_span!(
+            "message",
+            trace_id = trace.map(|trace| trace.trace_id.as_str()),
+            parent_span_id = trace.map(|trace| trace.parent_id.as_str()),
+            messaging.system = "nats",
+            messaging.destination.name = %input.subject,
+            messaging.consumer.group.name = %self.settings.consumer,
+            messaging.nats.stream = %self.settings.input_stream,
+            messaging.nats.stream_sequence = input.stream_sequence,
+            dedup_key = key,
+        )
     }
 
     fn dead_letter_record(
@@ -814,18 +899,12 @@ where
         kind: FailureKind,
         reason: &str,
     ) -> DoneRecord {
-        tracing::info!(dedup_key = key, kind = kind.as_str(), reason = %text::escaped(reason, LOGGED_REASON), "input dead-lettered");
+        tracing::info!(kind = kind.as_str(), reason = %text::escaped(reason, LOGGED_REASON), "input dead-lettered");
         DoneRecord {
             disposition: Disposition::DeadLettered,
             messages: vec![self.dead_letters.letter(input, key, kind, reason)],
         }
     }
-}
-
-/// Hands a batch the pipeline stops before finishing back to the server.
-async fn hand_back<D: Delivery>(batch: &[D]) {
-    futures::future::join_all(batch.iter().map(Delivery::hand_back)).await;
-    tracing::debug!(inputs = batch.len(), "unfinished batch handed back");
 }
 
 fn fatal_store(error: impl Fault) -> Fatal {
@@ -852,6 +931,15 @@ impl<E: Fault> Fault for Blocking<E> {
 }
 
 /// Runs a store call on the blocking pool.
+/// Now, as nanoseconds since the Unix epoch (0 on a clock set before it).
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+        })
+}
+
 async fn blocking<T: Send + 'static, E: Fault>(
     call: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, Blocking<E>> {
@@ -938,32 +1026,104 @@ struct Staged {
     keys: Vec<String>,
 }
 
-/// Paces the retries of one transient operation: logs each failure and waits with backoff.
+/// A step of the message path that retries transient faults.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Fetch,
+    Lookup,
+    Execute,
+    Commit,
+    Publish,
+    ReadOutbox,
+}
+
+impl Step {
+    /// Its `step` label in the metrics and the status.
+    fn label(self) -> &'static str {
+        match self {
+            Step::Fetch => "fetch",
+            Step::Lookup => "lookup",
+            Step::Execute => "execute",
+            Step::Commit => "commit",
+            Step::Publish => "publish",
+            Step::ReadOutbox => "read-outbox",
+        }
+    }
+
+    /// What it does, for the log.
+    fn doing(self) -> &'static str {
+        match self {
+            Step::Fetch => "fetch",
+            Step::Lookup => "look up the store",
+            Step::Execute => "run the plugin",
+            Step::Commit => "commit to the store",
+            Step::Publish => "publish",
+            Step::ReadOutbox => "read the outbox",
+        }
+    }
+}
+
+/// Paces the retries of one transient operation: logs and counts each failure, shows the
+/// step as retrying in the status until it is over, and waits with backoff.
 struct Retrier<'a> {
-    what: &'static str,
+    step: Step,
+    metrics: &'a PipelineMetrics,
+    status: &'a PipelineStatus,
     shutdown: &'a CancellationToken,
     backoff: Backoff,
+    failed: bool,
 }
 
 impl<'a> Retrier<'a> {
-    fn new(what: &'static str, shutdown: &'a CancellationToken) -> Retrier<'a> {
+    fn new<St, Pu, R, Pr>(
+        step: Step,
+        pipeline: &'a Pipeline<St, Pu, R, Pr>,
+        shutdown: &'a CancellationToken,
+    ) -> Retrier<'a> {
         Retrier {
-            what,
+            step,
+            metrics: &pipeline.metrics,
+            status: &pipeline.status,
             shutdown,
             backoff: Backoff::new(),
+            failed: false,
         }
     }
 
     /// Records a failure and waits before the next try; false if shutdown came first.
     async fn failed(&mut self, error: impl std::fmt::Display) -> bool {
         let delay = self.backoff.next_delay();
-        let what = self.what;
-        tracing::warn!(%error, retry_in = ?delay, "{what} failed; retrying");
+        let (label, doing) = (self.step.label(), self.step.doing());
+        tracing::warn!(%error, retry_in = ?delay, "{doing} failed; retrying");
+        self.metrics
+            .retries
+            .get_or_create(&crate::metrics::StepLabel { step: label })
+            .inc();
+        self.status
+            .retry_failed(label, error.to_string(), !self.failed);
+        self.failed = true;
         if sleep_unless_shutdown(delay, self.shutdown).await {
             true
         } else {
-            tracing::warn!("shutting down with {what} unfinished; its inputs stay unacked");
+            tracing::warn!("shutting down with {doing} unfinished; its inputs stay unacked");
             false
         }
+    }
+}
+
+impl Retrier<'_> {
+    /// The operation works again, though the retrier goes on (and keeps its backoff, should
+    /// it fail again at once).
+    fn recovered(&mut self) {
+        if self.failed {
+            self.status.retry_over(self.step.label());
+            self.failed = false;
+        }
+    }
+}
+
+impl Drop for Retrier<'_> {
+    fn drop(&mut self) {
+        self.recovered();
     }
 }

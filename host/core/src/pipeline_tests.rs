@@ -13,10 +13,11 @@ use crate::dead_letter::{DeadLetterHeaders, DeadLetterSchema};
 use crate::fakes::{CrashProbe, FakePublisher, FakeRuntime, FakeSource, FakeStore, World};
 use crate::headers::MSG_ID_HEADER;
 use crate::input::DedupMode;
+use crate::metrics::PipelineMetrics;
 use crate::pipeline::{Fatal, Pipeline, Settings};
 use crate::policy::OutputPolicy;
 use crate::ports::{NoProbe, Point, Probe};
-use crate::stats::Stats;
+use crate::status::PipelineStatus;
 
 const BATCH: usize = 4;
 
@@ -32,6 +33,7 @@ fn pipeline<Pr: Probe>(
             name: "p".into(),
             dedup,
             input_stream: "IN".into(),
+            consumer: "c".into(),
             ack_wait: Duration::from_secs(30),
         },
         store: store.cloned(),
@@ -54,7 +56,8 @@ fn pipeline<Pr: Probe>(
             plugin_sha256: "fake".into(),
             max_message_bytes: 1 << 20,
         },
-        stats: Arc::new(Stats::default()),
+        metrics: PipelineMetrics::default(),
+        status: Arc::new(PipelineStatus::default()),
     }
 }
 

@@ -98,6 +98,15 @@ impl FailureKind {
     }
 }
 
+/// What one plugin call cost, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallCost {
+    /// Fuel used: about one unit per wasm instruction.
+    pub fuel: u64,
+    /// Wall-clock time, instantiation included.
+    pub elapsed: std::time::Duration,
+}
+
 /// The result of running one input through a plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

@@ -13,6 +13,7 @@ use crate::headers::{self, MAX_HEADER_BLOCK, MSG_ID_HEADER};
 use crate::plugin::{FailureKind, Outcome, PluginOutput};
 use crate::record::OutboundMessage;
 use crate::text;
+use crate::trace::{TRACEPARENT, TraceContext};
 
 /// The longest subject an output may have, prefix included: far below the server's
 /// control-line limit (4 KiB by default), which would drop the connection.
@@ -45,10 +46,12 @@ pub struct OutputPolicy {
 
 impl OutputPolicy {
     /// The messages to publish for a plugin's outputs, or why the input is dead-lettered
-    /// instead (always `output-rejected`).
+    /// instead (always `output-rejected`). An input's `trace` goes on into each output, as
+    /// a child span (unless the plugin set the output's `traceparent` itself).
     pub fn outbound(
         &self,
         dedup_key: &str,
+        trace: Option<&TraceContext>,
         outputs: Vec<PluginOutput>,
     ) -> Result<Vec<OutboundMessage>, String> {
         if outputs.len() > self.max_outputs {
@@ -68,7 +71,7 @@ impl OutputPolicy {
         outputs
             .into_iter()
             .enumerate()
-            .map(|(index, output)| self.message(dedup_key, index, output))
+            .map(|(index, output)| self.message(dedup_key, trace, index, output))
             .collect()
     }
 
@@ -77,7 +80,7 @@ impl OutputPolicy {
     /// do without publishing.
     pub fn judge(&self, dedup_key: &str, outcome: Outcome) -> Outcome {
         match outcome {
-            Outcome::Outputs(outputs) => match self.outbound(dedup_key, outputs.clone()) {
+            Outcome::Outputs(outputs) => match self.outbound(dedup_key, None, outputs.clone()) {
                 Ok(_) => Outcome::Outputs(outputs),
                 Err(reason) => Outcome::failed(FailureKind::OutputRejected, reason),
             },
@@ -88,6 +91,7 @@ impl OutputPolicy {
     fn message(
         &self,
         dedup_key: &str,
+        trace: Option<&TraceContext>,
         index: usize,
         output: PluginOutput,
     ) -> Result<OutboundMessage, String> {
@@ -136,6 +140,13 @@ impl OutputPolicy {
                 ));
             }
             kept.push((name, value));
+        }
+        if let Some(trace) = trace
+            && !kept
+                .iter()
+                .any(|(name, _)| name.eq_ignore_ascii_case(TRACEPARENT))
+        {
+            kept.extend(trace.child_headers(dedup_key, index));
         }
         let message = OutboundMessage {
             subject,
@@ -197,7 +208,7 @@ mod tests {
     }
 
     fn refusal(outputs: Vec<PluginOutput>) -> String {
-        policy().outbound("k", outputs).unwrap_err()
+        policy().outbound("k", None, outputs).unwrap_err()
     }
 
     #[test]
@@ -205,6 +216,7 @@ mod tests {
         let messages = policy()
             .outbound(
                 "k",
+                None,
                 vec![
                     output("a.b", &[("Content-Type", "json"), ("nats-msg-id", "mine")]),
                     output("c", &[]),
@@ -218,6 +230,44 @@ mod tests {
             messages[0].headers,
             [("Content-Type".to_owned(), "json".to_owned())],
             "the plugin's own Nats-Msg-Id is dropped"
+        );
+    }
+
+    #[test]
+    fn outputs_carry_the_inputs_trace_as_child_spans_unless_the_plugin_set_one() {
+        let input_headers = [
+            (
+                "traceparent".to_owned(),
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+            ),
+            ("tracestate".to_owned(), "congo=t61rcWkgMzE".to_owned()),
+        ];
+        let trace = TraceContext::of(&input_headers).unwrap();
+        let own = "00-11111111111111111111111111111111-2222222222222222-00";
+        let outputs = || {
+            vec![
+                output("a", &[("Content-Type", "json")]),
+                output("b", &[]),
+                output("c", &[("traceparent", own)]),
+            ]
+        };
+        let messages = policy().outbound("k", Some(&trace), outputs()).unwrap();
+        assert_eq!(
+            messages[0].headers[1..],
+            trace.child_headers("k", 0)[..],
+            "{:?}",
+            messages[0].headers
+        );
+        assert_eq!(messages[1].headers, trace.child_headers("k", 1));
+        assert_ne!(messages[0].headers[1], messages[1].headers[0]);
+        assert_eq!(
+            messages[2].headers,
+            [("traceparent".to_owned(), own.to_owned())]
+        );
+        // Byte-identical when made again (a re-publish after a crash).
+        assert_eq!(
+            policy().outbound("k", Some(&trace), outputs()).unwrap(),
+            messages
         );
     }
 
@@ -256,7 +306,7 @@ mod tests {
         let fits = "v".repeat(MAX_HEADER_BLOCK - 200);
         assert!(
             policy()
-                .outbound("k", vec![output("a", &[("h", &fits)])])
+                .outbound("k", None, vec![output("a", &[("h", &fits)])])
                 .is_ok()
         );
     }
@@ -272,7 +322,7 @@ mod tests {
         let three = vec![output("a", &[]), output("b", &[]), output("c", &[])];
         assert!(
             policy
-                .outbound("k", three)
+                .outbound("k", None, three)
                 .unwrap_err()
                 .contains("limits.max_outputs")
         );
@@ -280,7 +330,7 @@ mod tests {
         big.payload = vec![0; 101];
         assert!(
             policy
-                .outbound("k", vec![big])
+                .outbound("k", None, vec![big])
                 .unwrap_err()
                 .contains("limits.max_output_bytes")
         );
@@ -288,7 +338,7 @@ mod tests {
         wide.payload = vec![0; 40];
         assert!(
             policy
-                .outbound("k", vec![wide])
+                .outbound("k", None, vec![wide])
                 .unwrap_err()
                 .contains("server and output stream")
         );

@@ -5,7 +5,7 @@
 use std::future::Future;
 
 use crate::input::Input;
-use crate::plugin::{Outcome, TransformInput};
+use crate::plugin::{CallCost, Outcome, TransformInput};
 use crate::record::{DoneRecord, OutboundMessage};
 
 /// A failure of an adapter, and whether retrying may heal it.
@@ -44,10 +44,16 @@ pub trait Source: Send {
     fn next_batch(
         &mut self,
     ) -> impl Future<Output = Result<Vec<Self::Delivery>, Self::Error>> + Send;
+    /// Makes sure the source is consuming (pulling afresh after a failure), without
+    /// waiting for an input: `Ok` once it is, which tells a source that failed and
+    /// recovered from one that is still failing, however long no input arrives. An error
+    /// is transient.
+    fn ready(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// Stops consuming and hands back (as [`Delivery::hand_back`] does) every input delivered
     /// to this source that no batch returned: those of a batch cancelled in the making, and
-    /// those received ahead. Returns within seconds, even when the server is away.
-    fn stop(&mut self) -> impl Future<Output = ()> + Send;
+    /// those received ahead. Returns within seconds, even when the server is away, with
+    /// how many it handed back.
+    fn stop(&mut self) -> impl Future<Output = usize> + Send;
 }
 
 /// Why the server did not take a message.
@@ -117,11 +123,12 @@ pub enum RunError {
 pub trait PluginRuntime: Send + Sync + 'static {
     /// The sha256 of the plugin, recorded with every dead letter.
     fn sha256(&self) -> &str;
-    /// Runs each input in a fresh instance; the outcomes are in input order.
+    /// Runs each input in a fresh instance; the outcomes, with what each call cost, are in
+    /// input order.
     fn run_all(
         &self,
         inputs: Vec<TransformInput>,
-    ) -> impl Future<Output = Result<Vec<Outcome>, RunError>> + Send;
+    ) -> impl Future<Output = Result<Vec<(Outcome, CallCost)>, RunError>> + Send;
 }
 
 impl<T: PluginRuntime> PluginRuntime for std::sync::Arc<T> {
@@ -132,7 +139,7 @@ impl<T: PluginRuntime> PluginRuntime for std::sync::Arc<T> {
     fn run_all(
         &self,
         inputs: Vec<TransformInput>,
-    ) -> impl Future<Output = Result<Vec<Outcome>, RunError>> + Send {
+    ) -> impl Future<Output = Result<Vec<(Outcome, CallCost)>, RunError>> + Send {
         (**self).run_all(inputs)
     }
 }

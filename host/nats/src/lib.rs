@@ -237,6 +237,36 @@ impl Broker {
         }
     }
 
+    /// Whether the connection is up now, and how many times it was re-established.
+    pub fn connection(&self) -> (bool, u64) {
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        let connects = self
+            .client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (connected, connects.saturating_sub(1))
+    }
+
+    /// What the durable consumer's own info says of its backlog, if it answers.
+    pub async fn consumer_state(&self, input: &InputConfig) -> Result<ConsumerState, BrokerError> {
+        let stream =
+            self.find_stream(&input.stream)
+                .await?
+                .ok_or_else(|| BrokerError::MissingStream {
+                    stream: input.stream.clone(),
+                    subject: input.subject.clone(),
+                })?;
+        let info = stream.consumer_info(&input.consumer).await.map_err(|e| {
+            BrokerError::jetstream(format!("cannot look up consumer {:?}", input.consumer), e)
+        })?;
+        Ok(ConsumerState {
+            pending: info.num_pending,
+            ack_pending: info.num_ack_pending as u64,
+            redelivered: info.num_redelivered as u64,
+        })
+    }
+
     /// The largest message (payload and headers) the server accepts.
     pub fn max_payload(&self) -> usize {
         self.client.server_info().max_payload
@@ -487,6 +517,17 @@ fn max_ack_pending(max_messages: usize) -> i64 {
         .max(1000)
 }
 
+/// A durable consumer's backlog, from its info.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsumerState {
+    /// Messages in the stream not yet delivered (the lag).
+    pub pending: u64,
+    /// Delivered and not acknowledged.
+    pub ack_pending: u64,
+    /// Delivered more than once and not acknowledged.
+    pub redelivered: u64,
+}
+
 /// Batches of input messages from the durable consumer.
 pub struct MessageSource {
     jetstream: jetstream::Context,
@@ -681,8 +722,8 @@ impl MessageSource {
     /// batch: the batch in the making, and what the pull received ahead of it (up to a
     /// batch and a half), which arrives until the server confirms the end of pulling. A
     /// message the server sent in the instant it took the end is not seen: it waits out
-    /// `ack_wait` (or the reset at an exactly-once start).
-    pub async fn stop(&mut self) {
+    /// `ack_wait` (or the reset at an exactly-once start). Returns how many it handed back.
+    pub async fn stop(&mut self) -> usize {
         let mut unsettled: Vec<jetstream::Message> = std::mem::take(&mut self.taken)
             .into_iter()
             .map(|taken| taken.message)
@@ -716,7 +757,7 @@ impl MessageSource {
             }
         }
         if unsettled.is_empty() {
-            return;
+            return 0;
         }
         let handed_back = async {
             for message in &unsettled {
@@ -734,10 +775,13 @@ impl MessageSource {
                 .map_err(|e| BrokerError::jetstream("cannot hand back inputs", e))
         };
         match tokio::time::timeout(STOP_WAIT, handed_back).await {
-            Ok(Ok(())) => tracing::info!(
-                inputs = unsettled.len(),
-                "handed back the inputs pulled and not processed"
-            ),
+            Ok(Ok(())) => {
+                tracing::info!(
+                    inputs = unsettled.len(),
+                    "handed back the inputs pulled and not processed"
+                );
+                return unsettled.len();
+            }
             Ok(Err(error)) => {
                 tracing::warn!(%error, inputs = unsettled.len(), "the inputs pulled and not processed wait out ack_wait")
             }
@@ -746,6 +790,7 @@ impl MessageSource {
                 "the server did not take the hand-backs; the inputs pulled and not processed wait out ack_wait"
             ),
         }
+        0
     }
 }
 
@@ -860,7 +905,14 @@ impl Source for MessageSource {
         Ok(std::mem::take(&mut self.taken))
     }
 
-    async fn stop(&mut self) {
+    async fn ready(&mut self) -> Result<(), BrokerError> {
+        if self.messages.is_none() {
+            self.restart().await?;
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self) -> usize {
         MessageSource::stop(self).await
     }
 }
@@ -934,6 +986,13 @@ fn sorted_headers(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
     pairs
 }
 
+/// Where a stream stands: its last sequence and how many messages it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamMark {
+    pub last_sequence: u64,
+    pub messages: u64,
+}
+
 /// A message as stored in a stream, read back by the operator tools.
 pub struct StoredMessage {
     pub stream_sequence: u64,
@@ -999,6 +1058,65 @@ impl Broker {
         }
         let _ = handle.delete_consumer(&reader.cached_info().name).await;
         Ok(stored)
+    }
+
+    /// The last (at most) `count` messages of `stream` on `subject`, newest first, found by
+    /// reading back from the stream's last sequence at most `scan` messages (a stream that
+    /// also stores other subjects may hold fewer of them in that span). `None` when the
+    /// stream's mark (its last sequence and message count, which a deletion changes) is
+    /// still `unless`: nothing was added or removed since the caller read it.
+    pub async fn recent_messages(
+        &self,
+        stream: &str,
+        subject: &str,
+        count: usize,
+        scan: u64,
+        unless: Option<StreamMark>,
+    ) -> Result<Option<(StreamMark, Vec<StoredMessage>)>, BrokerError> {
+        let action = || format!("cannot read the last of {subject:?} from stream {stream:?}");
+        let mut handle = self
+            .jetstream
+            .get_stream(stream)
+            .await
+            .map_err(|e| BrokerError::jetstream(action(), e))?;
+        let state = handle
+            .info()
+            .await
+            .map_err(|e| BrokerError::jetstream(action(), e))?
+            .state
+            .clone();
+        let mark = StreamMark {
+            last_sequence: state.last_sequence,
+            messages: state.messages,
+        };
+        if unless == Some(mark) {
+            return Ok(None);
+        }
+        let mut recent = Vec::with_capacity(count);
+        let lowest = state
+            .first_sequence
+            .max(state.last_sequence.saturating_sub(scan.saturating_sub(1)));
+        for sequence in (lowest..=state.last_sequence).rev() {
+            if recent.len() == count || state.messages == 0 {
+                break;
+            }
+            // A sequence deleted since (a replayed dead letter) or of another subject is
+            // passed over.
+            let Ok(message) = handle.get_raw_message(sequence).await else {
+                continue;
+            };
+            if message.subject.as_str() != subject {
+                continue;
+            }
+            recent.push(StoredMessage {
+                stream_sequence: message.sequence,
+                stored_unix_ns: u64::try_from(message.time.unix_timestamp_nanos()).unwrap_or(0),
+                subject: message.subject.to_string(),
+                headers: sorted_headers(Some(&message.headers)),
+                payload: message.payload,
+            });
+        }
+        Ok(Some((mark, recent)))
     }
 
     /// One stored message, by sequence.

@@ -22,7 +22,7 @@ use wasmtime::{
     ResourceLimiter, Store, Trap,
 };
 
-use weir_core::plugin::{FailureKind, Outcome, PluginOutput, TransformInput, sha256_hex};
+use weir_core::plugin::{CallCost, FailureKind, Outcome, PluginOutput, TransformInput, sha256_hex};
 use weir_core::ports::PluginRuntime;
 pub use weir_core::ports::RunError;
 
@@ -476,7 +476,10 @@ impl PluginRuntime for Plugin {
         Plugin::sha256(self)
     }
 
-    async fn run_all(&self, inputs: Vec<TransformInput>) -> Result<Vec<Outcome>, RunError> {
+    async fn run_all(
+        &self,
+        inputs: Vec<TransformInput>,
+    ) -> Result<Vec<(Outcome, CallCost)>, RunError> {
         Plugin::run_all(self, inputs).await
     }
 }
@@ -528,8 +531,11 @@ impl Plugin {
 
     /// Runs each input in a fresh instance, spread over the sandbox's threads (blocking
     /// threads of the tokio runtime it is awaited in, at most `sandbox.threads` calls at once
-    /// across all pipelines). The outcomes are in input order.
-    pub async fn run_all(&self, inputs: Vec<TransformInput>) -> Result<Vec<Outcome>, RunError> {
+    /// across all pipelines). The outcomes, with what each call cost, are in input order.
+    pub async fn run_all(
+        &self,
+        inputs: Vec<TransformInput>,
+    ) -> Result<Vec<(Outcome, CallCost)>, RunError> {
         let count = inputs.len();
         let width = self.share.as_ref().unwrap_or(&self.threads).count;
         let per_thread = count.div_ceil(width).max(MIN_INPUTS_PER_THREAD);
@@ -562,8 +568,16 @@ impl Plugin {
                 tokio::task::spawn_blocking(move || {
                     share
                         .into_iter()
-                        .map(|input| plugin.try_run(input).map(|(outcome, _)| outcome))
-                        .collect::<Result<Vec<Outcome>, RunError>>()
+                        .map(|input| {
+                            plugin.try_run(input).map(|(outcome, usage)| {
+                                let cost = CallCost {
+                                    fuel: usage.fuel,
+                                    elapsed: usage.elapsed,
+                                };
+                                (outcome, cost)
+                            })
+                        })
+                        .collect::<Result<Vec<_>, RunError>>()
                 })
                 .await
                 .map_err(|e| RunError::Panicked(e.to_string()))?
@@ -1023,7 +1037,7 @@ mod tests {
             .with_thread_share(1);
         let outcomes = other.run_all(vec![input("fine", 1)]).await.unwrap();
         assert!(
-            matches!(outcomes[0], Outcome::Outputs(_)),
+            matches!(outcomes[0].0, Outcome::Outputs(_)),
             "{:?}",
             outcomes[0]
         );
@@ -1032,7 +1046,7 @@ mod tests {
             "the other call did not wait for the spinning ones"
         );
         let spun = running.await.unwrap().unwrap();
-        assert!(spun.iter().all(|outcome| matches!(
+        assert!(spun.iter().all(|(outcome, _cost)| matches!(
             outcome,
             Outcome::Failed {
                 kind: FailureKind::FuelExhausted,

@@ -97,6 +97,16 @@ pub struct StoreSettings {
     pub cache_bytes: usize,
 }
 
+/// How big a store is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Done records (RocksDB's estimate; expired ones count until compaction drops them).
+    pub estimated_keys: u64,
+    /// The files of the store's directory: tables, write-ahead log, manifest.
+    pub size_bytes: u64,
+    pub block_cache_bytes: u64,
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `path`, and takes its lock.
     pub fn open(path: &Path, settings: StoreSettings) -> Result<Store, StoreError> {
@@ -122,6 +132,32 @@ impl Store {
         db.take();
         *db = Some(open_db(&self.path, self.settings)?);
         Ok(())
+    }
+
+    /// The store's size, for the metrics: its keys and block cache as RocksDB estimates
+    /// them (zeros while the database is closed, between a failed write and its
+    /// reopening), and what its directory holds on disk.
+    pub fn stats(&self) -> StoreStats {
+        let stats = self
+            .with_db("stats", |db| {
+                let property = |name: &str, property: &str| -> u64 {
+                    db.property_int_value_cf(family(db, name), property)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                };
+                Ok(StoreStats {
+                    estimated_keys: property(DONE, "rocksdb.estimate-num-keys"),
+                    size_bytes: 0,
+                    // Both families share one cache: read it through one of them.
+                    block_cache_bytes: property(DONE, "rocksdb.block-cache-usage"),
+                })
+            })
+            .unwrap_or_default();
+        StoreStats {
+            size_bytes: directory_bytes(&self.path),
+            ..stats
+        }
     }
 
     /// Where the store's memory goes, as RocksDB estimates it (for the benchmarks).
@@ -339,6 +375,19 @@ fn outbox_options(cache: &Cache) -> Options {
     options.set_block_based_table_factory(&table);
     options.set_write_buffer_size(MEMTABLE_BYTES);
     options
+}
+
+/// What the files directly in `dir` take on disk (a store has no subdirectories): the table
+/// files, and the write-ahead log that holds what is not yet in them.
+fn directory_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.metadata().ok())
+        .filter(|metadata| metadata.is_file())
+        .map(|metadata| metadata.len())
+        .sum()
 }
 
 fn open_db(path: &Path, settings: StoreSettings) -> Result<DB, StoreError> {

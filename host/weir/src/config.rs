@@ -25,6 +25,9 @@ pub struct Config {
     /// Engine-wide sandbox settings, shared by every pipeline's plugin.
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    /// The admin port: metrics, health, readiness, status.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// The pipelines to run, each with its own consumer, plugin and store.
     #[serde(rename = "pipeline")]
     pub pipelines: Vec<PipelineConfig>,
@@ -78,15 +81,48 @@ fn default_dedup_retention_secs() -> u64 {
     7 * 24 * 3600
 }
 
+/// The `[admin]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `host:port` the admin port listens on; `""` turns it off.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> AdminConfig {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    weir_admin::DEFAULT_LISTEN.to_owned()
+}
+
+impl AdminConfig {
+    /// The address to listen on, `None` when the admin port is off.
+    pub fn address(&self) -> Option<&str> {
+        Some(self.listen.trim()).filter(|listen| !listen.is_empty())
+    }
+}
+
 /// A configuration every value of which is usable: only [`Config::validate`] (and
 /// [`Config::load`]) make one, so that nothing can run an unchecked one.
 #[derive(Debug, Clone)]
 pub struct ValidConfig {
     sandbox: SandboxConfig,
+    admin: AdminConfig,
     pipelines: Vec<ValidPipeline>,
 }
 
 impl ValidConfig {
+    pub fn admin(&self) -> &AdminConfig {
+        &self.admin
+    }
+
     pub fn sandbox(&self) -> &SandboxConfig {
         &self.sandbox
     }
@@ -193,6 +229,7 @@ impl Config {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ValidConfig {
             sandbox: self.sandbox,
+            admin: self.admin,
             pipelines,
         })
     }
@@ -273,6 +310,14 @@ impl Config {
             problems.push(
                 "sandbox.compile_timeout_ms must be at least 100 (leave it out for 120 000)".into(),
             );
+        }
+        if let Some(listen) = self.admin.address()
+            && listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            problems.push(format!(
+                "admin.listen {listen:?} is not an address and port (e.g. \"{}\"; \"\" turns the admin port off)",
+                weir_admin::DEFAULT_LISTEN
+            ));
         }
         let mut names = HashSet::new();
         let mut store_dirs = HashSet::new();

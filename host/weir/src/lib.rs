@@ -15,7 +15,7 @@ pub mod pipeline;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, ValidConfig};
-pub use weir_core::stats::StatsSnapshot;
+pub use weir_core::metrics::StatsSnapshot;
 pub use weir_sandbox::Compiler;
 
 /// Why weir could not run.
@@ -33,6 +33,8 @@ pub enum Error {
     Skipped(usize),
     #[error(transparent)]
     Dlq(#[from] dlq::DlqError),
+    #[error(transparent)]
+    Admin(#[from] weir_admin::AdminError),
     #[error(
         "pipeline {pipeline:?} stopped: {source} (restore the store from a backup, or move it aside to start afresh with a new consumer)"
     )]
@@ -92,7 +94,9 @@ pub fn own_compiler() -> Result<Compiler, Error> {
 /// Starts every pipeline of `config`, each as soon as its own checks pass (one whose plugin
 /// takes long to compile delays no other), runs them until `shutdown` fires, lets each
 /// finish the batch in hand, and returns what they did. A pipeline that cannot start stops
-/// the others, as a failing one does. Plugins are compiled by `compiler`.
+/// the others, as a failing one does. Plugins are compiled by `compiler`. The admin port,
+/// unless turned off, is bound before anything starts and serves until every pipeline has
+/// stopped (its readiness says why each is not ready meanwhile).
 pub async fn run(
     config: ValidConfig,
     compiler: Compiler,
@@ -103,13 +107,39 @@ pub async fn run(
             .map_err(|e| Error::Engine(format!("{e:#}")))?;
     let sandbox = std::sync::Arc::new(sandbox);
     let share = weir_core::plugin::thread_share(config.sandbox().threads, config.pipelines().len());
-    let mut report = RunReport {
-        pipelines: Vec::new(),
+    let watched: Vec<std::sync::Arc<weir_admin::Watched>> = config
+        .pipelines()
+        .iter()
+        .map(|pipeline| {
+            let store_dir = match pipeline.delivery() {
+                config::Delivery::ExactlyOnce { store_dir } => {
+                    Some(store_dir.display().to_string())
+                }
+                config::Delivery::AtLeastOnce => None,
+            };
+            std::sync::Arc::new(weir_admin::Watched::new(
+                pipeline.config().name.clone(),
+                store_dir,
+            ))
+        })
+        .collect();
+    let admin_stop = CancellationToken::new();
+    let admin = match config.admin().address() {
+        Some(address) => {
+            let listener = weir_admin::bind(address).await?;
+            tracing::info!(%address, "admin port listening (metrics, health, readiness, status)");
+            let admin = weir_admin::Admin::new(env!("CARGO_PKG_VERSION"), watched.clone());
+            Some(tokio::spawn(weir_admin::serve(
+                listener,
+                std::sync::Arc::new(admin),
+                admin_stop.clone(),
+            )))
+        }
+        None => None,
     };
     let mut running = tokio::task::JoinSet::new();
-    for (index, pipeline) in config.into_pipelines().into_iter().enumerate() {
+    for (pipeline, watched) in config.into_pipelines().into_iter().zip(watched.clone()) {
         let name = pipeline.config().name.clone();
-        report.pipelines.push((name.clone(), Default::default()));
         let sandbox = sandbox.clone();
         let shutdown = shutdown.clone();
         // Every line a pipeline logs carries its name, through the span it runs in.
@@ -117,15 +147,18 @@ pub async fn run(
         running.spawn(tracing::Instrument::instrument(
             async move {
                 let started = tokio::select! {
-                    started = pipeline::Pipeline::start(pipeline, &sandbox, share) => started,
-                    () = shutdown.cancelled() => return (index, None, Ok(())),
+                    started = pipeline::Pipeline::start(pipeline, &sandbox, share, &watched) => started,
+                    () = shutdown.cancelled() => {
+                        watched.status.stopped("shut down while starting");
+                        return Ok(());
+                    }
                 };
                 match started {
-                    Ok(pipeline) => {
-                        let stats = pipeline.stats();
-                        (index, Some(stats), pipeline.run(shutdown).await)
+                    Ok(pipeline) => pipeline.run(shutdown).await,
+                    Err(error) => {
+                        watched.status.stopped(&error.to_string());
+                        Err(error)
                     }
-                    Err(error) => (index, None, Err(error)),
                 }
             },
             span,
@@ -134,16 +167,10 @@ pub async fn run(
     // The first pipeline to fail stops the others: a host that runs only some of its
     // pipelines would look healthy while one of them made no progress.
     let mut failure = None;
-    let mut all_stats = Vec::new();
     while let Some(joined) = running.join_next().await {
         let error = match joined {
-            Ok((index, stats, result)) => {
-                all_stats.extend(stats.map(|stats| (index, stats)));
-                match result {
-                    Ok(()) => continue,
-                    Err(error) => error,
-                }
-            }
+            Ok(Ok(())) => continue,
+            Ok(Err(error)) => error,
             Err(join_error) => Error::Crashed {
                 pipeline: "?".into(),
                 message: join_error.to_string(),
@@ -157,9 +184,16 @@ pub async fn run(
         shutdown.cancel();
         failure.get_or_insert(error);
     }
-    for (index, stats) in all_stats {
-        report.pipelines[index].1 = stats.snapshot();
+    admin_stop.cancel();
+    if let Some(admin) = admin {
+        let _ = admin.await;
     }
+    let report = RunReport {
+        pipelines: watched
+            .iter()
+            .map(|watched| (watched.name.clone(), watched.metrics.snapshot()))
+            .collect(),
+    };
     // The sandbox (and its epoch thread) lives until every pipeline has stopped.
     drop(sandbox);
     match failure {

@@ -7,15 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use weir_core::dead_letter::DeadLetterSchema;
+use weir_core::dead_letter::{DeadLetterHeaders, DeadLetterSchema};
 use weir_core::pipeline::{Fatal, Settings};
 use weir_core::policy::{MAX_STORED_MESSAGE, OutputPolicy};
-use weir_core::stats::Stats;
+use weir_core::status::PipelineStatus;
 
 use crate::config::{Delivery, ValidPipeline};
 use crate::fault::FaultProbe;
 use crate::{Error, StartError};
-use weir_nats::{Broker, MessageSource, Publisher};
+use weir_admin::{PluginIdentity, RECENT_DEAD_LETTERS, RecentDeadLetter, Watched};
+use weir_nats::{Broker, InputConfig, MessageSource, Publisher, StreamMark};
 use weir_sandbox::{Plugin, Sandbox};
 use weir_store::Store;
 
@@ -23,6 +24,21 @@ use weir_store::Store;
 pub struct Pipeline {
     path: weir_core::pipeline::Pipeline<Store, Publisher, Plugin, FaultProbe>,
     source: MessageSource,
+    poller: Poller,
+}
+
+/// How often the connection's state, and the consumer's and store's sizes, are read into
+/// the status and the metrics.
+const CONNECTION_POLL: Duration = Duration::from_secs(1);
+const SIZES_POLL: Duration = Duration::from_secs(5);
+
+/// Reads what the message path does not see into the pipeline's status and metrics.
+struct Poller {
+    broker: Broker,
+    input: InputConfig,
+    dlq_subject: String,
+    store: Option<Arc<Store>>,
+    watched: Arc<Watched>,
 }
 
 impl Pipeline {
@@ -33,8 +49,11 @@ impl Pipeline {
         pipeline: ValidPipeline,
         sandbox: &Arc<Sandbox>,
         thread_share: usize,
+        watched: &Arc<Watched>,
     ) -> Result<Pipeline, Error> {
         let config = pipeline.config();
+        let status: &PipelineStatus = &watched.status;
+        status.starting("loading the plugin");
         let fail = |source: StartError| Error::Start {
             pipeline: config.name.clone(),
             source,
@@ -56,15 +75,26 @@ impl Pipeline {
             })?
             .map_err(|e| fail(e.into()))?
             .with_thread_share(thread_share);
+        let _ = watched.plugin.set(PluginIdentity {
+            sha256: plugin.sha256().to_owned(),
+            contract: weir_sandbox::CONTRACT_EXPORT.to_owned(),
+        });
+        watched
+            .metrics
+            .plugin_loaded(plugin.sha256(), weir_sandbox::CONTRACT_EXPORT);
+        status.starting("opening the store");
         let store = match pipeline.delivery() {
             Delivery::ExactlyOnce { store_dir } => Some(Arc::new(
                 Store::open(store_dir, config.store_settings()).map_err(|e| fail(e.into()))?,
             )),
             Delivery::AtLeastOnce => None,
         };
+        status.starting("connecting to NATS");
         let broker = Broker::connect(&config.nats, &format!("weir-{}", config.name))
             .await
             .map_err(|e| fail(e.into()))?;
+        status.set_connected(true);
+        status.starting("checking the streams and the consumer");
         // A cluster may not answer for seconds (electing leaders after a node died): the
         // set-up waits for it as the connection waits for a restarting server.
         let deadline =
@@ -119,6 +149,7 @@ impl Pipeline {
                 name: config.name.clone(),
                 dedup: config.dedup,
                 input_stream: config.input.stream.clone(),
+                consumer: config.input.consumer.clone(),
                 ack_wait: Duration::from_millis(config.input.ack_wait_ms),
             },
             policy: OutputPolicy {
@@ -137,32 +168,159 @@ impl Pipeline {
             },
             publisher: broker.publisher(),
             runtime: plugin,
-            store,
+            store: store.clone(),
             probe: FaultProbe,
-            stats: Arc::default(),
+            metrics: watched.metrics.clone(),
+            status: watched.status.clone(),
         };
-        Ok(Pipeline { path, source })
+        let poller = Poller {
+            broker,
+            input: config.input.clone(),
+            dlq_subject: config.output.dlq_subject.clone(),
+            store,
+            watched: watched.clone(),
+        };
+        Ok(Pipeline {
+            path,
+            source,
+            poller,
+        })
     }
 
     pub fn name(&self) -> &str {
         &self.path.settings.name
     }
 
-    pub fn stats(&self) -> Arc<Stats> {
-        self.path.stats.clone()
-    }
-
     /// Runs until `shutdown` fires, then finishes the batches in hand and returns. Returns
     /// an error only for a fault that retrying cannot heal (a corrupt store, a host bug).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let pipeline = self.path.settings.name.clone();
-        self.path
-            .run(self.source, shutdown)
-            .await
-            .map_err(|fatal| match fatal {
-                Fatal::Store(source) => Error::Stopped { pipeline, source },
-                Fatal::PluginCrashed(message) => Error::Crashed { pipeline, message },
+        let ran = tokio::select! {
+            ran = self.path.run(self.source, shutdown) => ran,
+            never = self.poller.run() => match never {},
+        };
+        ran.map_err(|fatal| match fatal {
+            Fatal::Store(source) => Error::Stopped { pipeline, source },
+            Fatal::PluginCrashed(message) => Error::Crashed { pipeline, message },
+        })
+    }
+}
+
+impl Poller {
+    /// Polls until dropped.
+    async fn run(&self) -> std::convert::Infallible {
+        let mut reconnects = 0;
+        let mut connection_ticker = tokio::time::interval(CONNECTION_POLL);
+        let mut sizes_ticker = tokio::time::interval(SIZES_POLL);
+        for ticker in [&mut connection_ticker, &mut sizes_ticker] {
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        // The DLQ stream's mark when its dead letters were last read: they are read again
+        // only when it moves (or a read failed).
+        let mut dlq_read_at = None;
+        loop {
+            tokio::select! {
+                _ = connection_ticker.tick() => self.poll_connection(&mut reconnects),
+                _ = sizes_ticker.tick() => self.poll_sizes(&mut dlq_read_at).await,
+            }
+        }
+    }
+
+    /// Whether the connection is up, and how many times it came back since `reconnects`.
+    fn poll_connection(&self, reconnects: &mut u64) {
+        let (connected, now_reconnects) = self.broker.connection();
+        self.watched.status.set_connected(connected);
+        self.watched
+            .metrics
+            .reconnects
+            .inc_by(now_reconnects.saturating_sub(*reconnects));
+        *reconnects = now_reconnects;
+    }
+
+    /// The consumer's backlog, the store's size and the last dead letters. A server that
+    /// does not answer leaves the last figures in place.
+    async fn poll_sizes(&self, dlq_read_at: &mut Option<StreamMark>) {
+        let metrics = &self.watched.metrics;
+        let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        let consumer = tokio::time::timeout(SIZES_POLL, self.broker.consumer_state(&self.input));
+        if let Ok(Ok(consumer)) = consumer.await {
+            metrics.consumer_pending.set(gauge(consumer.pending));
+            metrics
+                .consumer_ack_pending
+                .set(gauge(consumer.ack_pending));
+            metrics
+                .consumer_redelivered
+                .set(gauge(consumer.redelivered));
+        }
+        if let Some(store) = &self.store {
+            let store = store.clone();
+            if let Ok(stats) = tokio::task::spawn_blocking(move || store.stats()).await {
+                metrics.store_keys.set(gauge(stats.estimated_keys));
+                metrics.store_bytes.set(gauge(stats.size_bytes));
+                metrics
+                    .store_block_cache_bytes
+                    .set(gauge(stats.block_cache_bytes));
+            }
+        }
+        let recent = tokio::time::timeout(SIZES_POLL, self.recent_dead_letters(*dlq_read_at));
+        match recent.await {
+            Ok(Ok(Some((mark, recent)))) => {
+                *self
+                    .watched
+                    .recent_dead_letters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = recent;
+                *dlq_read_at = mark;
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "cannot read the last dead letters for the status");
+                *dlq_read_at = None;
+            }
+            Err(_elapsed) => *dlq_read_at = None,
+        }
+    }
+
+    /// The last dead letters in the DLQ stream and the stream's mark, or `None` when that
+    /// is still `read_at`. A DLQ stream that also stores other subjects is read back no
+    /// further than `DLQ_SCAN` messages.
+    async fn recent_dead_letters(
+        &self,
+        read_at: Option<StreamMark>,
+    ) -> Result<Option<(Option<StreamMark>, Vec<RecentDeadLetter>)>, weir_nats::BrokerError> {
+        const DLQ_SCAN: u64 = 64;
+        let Some(stream) = self.broker.stream_storing(&self.dlq_subject).await? else {
+            return Ok(Some((None, Vec::new())));
+        };
+        let Some((mark, stored)) = self
+            .broker
+            .recent_messages(
+                &stream,
+                &self.dlq_subject,
+                RECENT_DEAD_LETTERS,
+                DLQ_SCAN,
+                read_at,
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let recent = stored
+            .into_iter()
+            .map(|message| {
+                let headers = DeadLetterHeaders::parse(&message.headers);
+                RecentDeadLetter {
+                    sequence: message.stream_sequence,
+                    stored_unix_ms: message.stored_unix_ns / 1_000_000,
+                    kind: headers.kind,
+                    reason: headers.reason,
+                    input_stream: headers.input_stream,
+                    input_sequence: headers.input_sequence,
+                    input_subject: headers.input_subject,
+                }
             })
+            .collect();
+        Ok(Some((Some(mark), recent)))
     }
 }
 

@@ -55,13 +55,14 @@ async fn main() {
         "malformed" => malformed(count(50_000)).await,
         "store" => store_scale(count(10_000_000)),
         "fairness" => fairness(count(2_000)).await,
+        "observability" => observability(count(50_000), rounds).await,
         // Plugin calls block: off the async workers, as in the pipeline.
         "sandbox" => tokio::task::spawn_blocking(sandbox_overhead)
             .await
             .expect("the sandbox benchmark"),
         other => {
             eprintln!(
-                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox, fairness"
+                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox, fairness, observability"
             );
             std::process::exit(2);
         }
@@ -157,7 +158,7 @@ async fn drain_beside(
         text = format!("[sandbox]\nthreads = 2\n{text}");
     }
     let config = dir.path().join("weir.toml");
-    std::fs::write(&config, text).expect("write weir.toml");
+    std::fs::write(&config, ADMIN_OFF.to_owned() + &text).expect("write weir.toml");
     let mut weir = Command::new(weir_binary())
         .args(["run", "--config"])
         .arg(&config)
@@ -291,6 +292,71 @@ async fn throughput(count: usize, sync_always: bool, rounds: usize) {
         .expect("the sandbox benchmark");
 }
 
+/// What observability costs: weir (exactly-once, identity plugin) with its admin port off
+/// (a); on, with /metrics scraped every second (b); and on, with every input carrying a W3C
+/// traceparent that weir carries into its outputs (c). The three alternate for a few rounds
+/// and the medians are the figures.
+async fn observability(count: usize, rounds: usize) {
+    let server = NatsServer::start();
+    let js = server.jetstream().await;
+    println!("{count} messages per run, identity plugin, exactly-once");
+    let identity = identity_payloads(count);
+    let tags: Vec<[String; 3]> = (1..=rounds)
+        .map(|round| {
+            [
+                format!("OA{round}"),
+                format!("OB{round}"),
+                format!("OC{round}"),
+            ]
+        })
+        .collect();
+    let (mut off, mut on, mut traced) = (Vec::new(), Vec::new(), Vec::new());
+    for (round, [off_tag, on_tag, traced_tag]) in tags.iter().enumerate() {
+        let plain = WeirRun::new(&server, off_tag, "hostile");
+        let a = plain.process(&js, &identity, count, "weir").await;
+
+        let mut scraped = WeirRun::new(&server, on_tag, "hostile");
+        let admin = format!("127.0.0.1:{}", free_port());
+        scraped.admin = Some(admin.clone());
+        // Prometheus scrapes every 15 s or so by default: every second is well above it.
+        let scraper = tokio::spawn(async move {
+            loop {
+                // Before weir listens, and after it stops, there is nothing to scrape.
+                let _ = weir_admin::fetch(&admin, "/metrics").await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let b = scraped.process(&js, &identity, count, "weir").await;
+        scraper.abort();
+
+        let mut tracing_run = WeirRun::new(&server, traced_tag, "hostile");
+        tracing_run.admin = Some(format!("127.0.0.1:{}", free_port()));
+        tracing_run.traceparent = true;
+        let c = tracing_run.process(&js, &identity, count, "weir").await;
+        println!("  round {} of {rounds}", round + 1);
+        println!("    (a) admin port off              {:>9.0} msgs/s", a.rate);
+        println!(
+            "    (b) admin port on, scraped 1/s  {:>9.0} msgs/s  b/a = {:.3}",
+            b.rate,
+            b.rate / a.rate
+        );
+        println!(
+            "    (c) on, inputs with traceparent {:>9.0} msgs/s  c/a = {:.3}",
+            c.rate,
+            c.rate / a.rate
+        );
+        off.push(a.rate);
+        on.push(b.rate / a.rate);
+        traced.push(c.rate / a.rate);
+    }
+    println!(
+        "  median: (a) {:.0} msgs/s, b/a = {:.3} (target: within 0.02 of 1), c/a = {:.3}",
+        median(&mut off),
+        median(&mut on),
+        median(&mut traced)
+    );
+}
+
 /// The baseline: fetch → publish with Nats-Msg-Id → await PublishAcks → double ack, in
 /// batches like weir's, and nothing else.
 async fn passthrough(
@@ -382,6 +448,10 @@ struct WeirRun<'a> {
     dir: tempfile::TempDir,
     /// Run in `at-least-once` mode instead of the default exactly-once.
     at_least_once: bool,
+    /// The admin port's address; off when `None`.
+    admin: Option<String>,
+    /// Publish every input with a W3C traceparent.
+    traceparent: bool,
 }
 
 impl<'a> WeirRun<'a> {
@@ -392,6 +462,8 @@ impl<'a> WeirRun<'a> {
             plugin: plugin(plugin_name),
             dir: tempfile::tempdir().expect("a temp dir"),
             at_least_once: false,
+            admin: None,
+            traceparent: false,
         }
     }
 
@@ -424,7 +496,11 @@ impl<'a> WeirRun<'a> {
             text
         };
         let config = self.dir.path().join(format!("{consumer}.toml"));
-        std::fs::write(&config, text).expect("write weir.toml");
+        let admin = match &self.admin {
+            Some(address) => format!("[admin]\nlisten = \"{address}\"\n"),
+            None => ADMIN_OFF.to_owned(),
+        };
+        std::fs::write(&config, admin + &text).expect("write weir.toml");
         Command::new(weir_binary())
             .args(["run", "--config"])
             .arg(&config)
@@ -457,8 +533,12 @@ impl<'a> WeirRun<'a> {
             })
             .await
             .expect("create the input stream");
-            for chunk in payloads.chunks(1000) {
-                publish_all(js, &format!("in{tag}.x"), chunk).await;
+            for (at, chunk) in payloads.chunks(1000).enumerate() {
+                if self.traceparent {
+                    publish_traced(js, &format!("in{tag}.x"), chunk, at).await;
+                } else {
+                    publish_all(js, &format!("in{tag}.x"), chunk).await;
+                }
             }
         }
         let inputs = stream_len(js, &input).await;
@@ -515,6 +595,33 @@ impl<'a> WeirRun<'a> {
             peak_rss,
             cpu,
         }
+    }
+}
+
+/// Publishes `payloads`, each with a traceparent of its own trace, and awaits the acks.
+async fn publish_traced(
+    js: &jetstream::Context,
+    subject: &str,
+    payloads: &[Vec<u8>],
+    chunk: usize,
+) {
+    let mut acks = Vec::with_capacity(payloads.len());
+    for (index, payload) in payloads.iter().enumerate() {
+        let mut headers = async_nats::HeaderMap::new();
+        let traceparent = format!(
+            "00-{:032x}-{:016x}-01",
+            (chunk << 20) + index + 1,
+            index + 1
+        );
+        headers.insert("traceparent", traceparent.as_str());
+        let ack = js
+            .publish_with_headers(subject.to_owned(), headers, payload.clone().into())
+            .await
+            .expect("publish a traced input");
+        acks.push(ack);
+    }
+    for ack in acks {
+        ack.await.expect("the input stream stores it");
     }
 }
 

@@ -28,6 +28,9 @@ async fn main() {
         ..PipelineToml::orders(&server.url(), &plugin, &store_dir)
     }
     .render();
+    // The admin port on a free port, so that the demo runs beside a weir already on 7464.
+    let admin = format!("127.0.0.1:{}", free_port());
+    let toml = format!("[admin]\nlisten = \"{admin}\"\n\n{toml}");
     std::fs::write(&config, &toml).expect("write weir.toml");
     println!(
         "demo: configuration ({})\n{}",
@@ -71,6 +74,14 @@ async fn main() {
     )
     .await;
     let elapsed = started.elapsed();
+    println!(
+        "\ndemo: weir status --admin {admin} (the status page is http://{admin}/ while weir runs)"
+    );
+    let shown = Command::new(weir_binary())
+        .args(["status", "--admin", &admin])
+        .status()
+        .expect("run weir status");
+    assert!(shown.success(), "weir status failed");
     let status = terminate(&mut weir);
 
     let outputs = read_stream(&js, "ORDERS_OUT").await;

@@ -41,7 +41,7 @@ fn cache_entries(dir: &Path) -> Vec<PathBuf> {
 /// A `[sandbox]` table with its own compile cache and `settings`.
 fn sandbox_table(cache: &Path, settings: &str) -> String {
     format!(
-        "[sandbox]\ncompile_cache_dir = {:?}\n{settings}\n",
+        "{ADMIN_OFF}[sandbox]\ncompile_cache_dir = {:?}\n{settings}\n",
         cache.display().to_string()
     )
 }

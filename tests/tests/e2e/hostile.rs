@@ -32,7 +32,9 @@ async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
     let config_path = dir.path().join("weir.toml");
     std::fs::write(
         &config_path,
-        hostile_pipeline.render() + &PipelineToml::orders(&url, &orders, &orders_store).render(),
+        ADMIN_OFF.to_owned()
+            + &hostile_pipeline.render()
+            + &PipelineToml::orders(&url, &orders, &orders_store).render(),
     )
     .unwrap();
     // Pipelines start in order: once the second one's stream exists, so does the first's.
@@ -282,7 +284,13 @@ async fn a_batch_spread_over_threads_comes_back_in_input_order() {
         tokio::task::spawn_blocking(move || each.into_iter().map(|i| sequential.run(i)).collect())
             .await
             .unwrap();
-    let spread = orders.run_all(inputs).await.expect("no call panics");
+    let spread: Vec<Outcome> = orders
+        .run_all(inputs)
+        .await
+        .expect("no call panics")
+        .into_iter()
+        .map(|(outcome, _cost)| outcome)
+        .collect();
     assert_eq!(spread, one_by_one);
     assert!(
         spread

@@ -91,7 +91,9 @@ async fn a_plugin_holding_the_most_it_may_leaves_other_pipelines_alone() {
     let config_path = dir.path().join("weir.toml");
     std::fs::write(
         &config_path,
-        greedy_pipeline.render() + &PipelineToml::orders(&url, &orders, &orders_store).render(),
+        ADMIN_OFF.to_owned()
+            + &greedy_pipeline.render()
+            + &PipelineToml::orders(&url, &orders, &orders_store).render(),
     )
     .unwrap();
     let weir = InProcessWeir::start(&config_path, &js, "ORDERS").await;

@@ -2,6 +2,7 @@
 //! Build the plugins (scripts/build-plugins.sh) and the workspace before running them;
 //! scripts/test.sh does both.
 
+mod admin;
 mod chaos;
 mod cluster;
 mod compile;
@@ -21,3 +22,4 @@ mod refusals;
 mod restart;
 mod scaffold;
 mod startup;
+mod traces;

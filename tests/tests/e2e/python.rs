@@ -28,7 +28,11 @@ async fn a_python_plugin_runs_deterministically_in_a_pipeline() {
         ..PipelineToml::plain("second", &url, &stamp, &second_store)
     };
     let config = dir.path().join("weir.toml");
-    std::fs::write(&config, first.render() + &second.render()).unwrap();
+    std::fs::write(
+        &config,
+        ADMIN_OFF.to_owned() + &first.render() + &second.render(),
+    )
+    .unwrap();
     let log = dir.path().join("weir.log");
     let mut weir = spawn_weir(&config, Some(&log), None);
     wait_for_stream(&js, "AGAIN").await;

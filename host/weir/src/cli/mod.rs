@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 mod dlq;
 mod plugin;
 mod scaffold;
+mod status;
 
 /// A WebAssembly plugin host for JetStream stream transforms, with exactly-once effects.
 #[derive(Parser)]
@@ -40,6 +41,16 @@ enum Command {
         /// The TOML configuration file.
         #[arg(short, long)]
         config: PathBuf,
+    },
+    /// Show what a running `weir run` reports on its admin port: each pipeline's phase,
+    /// readiness, inputs per second, lag, dead letters and plugin.
+    Status {
+        /// The admin port's address, as `[admin] listen` sets it.
+        #[arg(long, value_name = "HOST:PORT", default_value = weir_admin::DEFAULT_LISTEN)]
+        admin: String,
+        /// Take the admin port's address from this configuration file instead.
+        #[arg(short, long, conflicts_with = "admin")]
+        config: Option<PathBuf>,
     },
     /// Make, build, inspect and test plugin components.
     Plugin {
@@ -191,6 +202,7 @@ pub fn main() -> ExitCode {
         Command::Run { config } => block_on(run(config)),
         Command::Check { config } => block_on(check(config)),
         Command::Dlq { command } => block_on(dlq::run(command)),
+        Command::Status { admin, config } => block_on(status(admin, config)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -250,6 +262,21 @@ async fn run(config_path: PathBuf) -> Result<(), crate::Error> {
         );
     }
     Ok(())
+}
+
+async fn status(admin: String, config: Option<PathBuf>) -> Result<(), crate::Error> {
+    let admin = match config {
+        Some(path) => match crate::Config::load(&path)?.admin().address() {
+            Some(address) => address.to_owned(),
+            None => {
+                return Err(crate::Error::Usage(format!(
+                    "{path:?} turns the admin port off (admin.listen = \"\"): there is no status to read"
+                )));
+            }
+        },
+        None => admin,
+    };
+    status::run(&admin).await
 }
 
 async fn check(config_path: PathBuf) -> Result<(), crate::Error> {
