@@ -218,12 +218,21 @@ impl Poller {
         // The DLQ stream's mark when its dead letters were last read: they are read again
         // only when it moves (or a read failed).
         let mut dlq_read_at = None;
-        loop {
-            tokio::select! {
-                _ = connection_ticker.tick() => self.poll_connection(&mut reconnects),
-                _ = sizes_ticker.tick() => self.poll_sizes(&mut dlq_read_at).await,
+        // Apart, so that a server that does not answer the sizes' requests (for seconds)
+        // delays no news of the connection.
+        let connection = async {
+            loop {
+                connection_ticker.tick().await;
+                self.poll_connection(&mut reconnects);
             }
-        }
+        };
+        let sizes = async {
+            loop {
+                sizes_ticker.tick().await;
+                self.poll_sizes(&mut dlq_read_at).await;
+            }
+        };
+        tokio::join!(connection, sizes).0
     }
 
     /// Whether the connection is up, and how many times it came back since `reconnects`.

@@ -110,7 +110,8 @@ async fn inputs_with_unreadable_headers_are_dead_lettered_once_and_nothing_else_
     let named = log_text
         .lines()
         .filter(|line| {
-            line.contains("header block cannot be read") && line.contains("stream_sequence=")
+            line.contains("an input's header block cannot be read")
+                && line.contains("stream_sequence=")
         })
         .count();
     assert_eq!(named, 1000, "{log_text}");
