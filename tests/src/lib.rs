@@ -437,15 +437,29 @@ pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<StoredMes
     if total == 0 {
         return Vec::new();
     }
-    let reader = handle
-        .create_consumer(consumer::pull::Config {
-            ack_policy: consumer::AckPolicy::None,
-            deliver_policy: consumer::DeliverPolicy::All,
-            inactive_threshold: Duration::from_secs(60),
-            ..Default::default()
-        })
-        .await
-        .expect("create a reader consumer");
+    // On a cluster whose node just came back, the request can go unanswered for a while
+    // (the stream's replicas catching up): asked again for half a minute.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reader = loop {
+        let created = handle
+            .create_consumer(consumer::pull::Config {
+                ack_policy: consumer::AckPolicy::None,
+                deliver_policy: consumer::DeliverPolicy::All,
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(reader) => break reader,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!(
+                    "read_stream: creating a reader of {stream:?} failed ({error}); asking again"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => panic!("create a reader consumer of {stream:?}: {error}"),
+        }
+    };
     let mut messages = reader
         .stream()
         .max_messages_per_batch(1000)
