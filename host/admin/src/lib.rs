@@ -211,7 +211,9 @@ fn pipeline_report(watched: &Watched, samples: &VecDeque<Sample>) -> PipelineRep
     let not_ready_because = status.not_ready_because();
     let counters = watched.metrics.snapshot();
     let metrics = &watched.metrics;
-    let inputs_per_second = match (samples.back(), samples.iter().rev().nth(RATE_WINDOW)) {
+    // Over the last RATE_WINDOW samples, or all there are when the pipeline is younger.
+    let earliest = samples.iter().rev().nth(RATE_WINDOW).or(samples.front());
+    let inputs_per_second = match (samples.back(), earliest) {
         (Some(last), Some(earlier)) if last.at > earlier.at => {
             (last.acked - earlier.acked) as f64 / (last.at - earlier.at)
         }
@@ -453,4 +455,37 @@ pub async fn fetch(address: &str, path: &str) -> Result<(u16, String), AdminErro
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| failed(format!("not an HTTP status line: {head:?}")))?;
     Ok((code, body.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(acked: &[u64]) -> VecDeque<Sample> {
+        acked
+            .iter()
+            .enumerate()
+            .map(|(second, &acked)| Sample {
+                at: 1_000.0 + second as f64,
+                acked,
+                dead_lettered: 0,
+                lag: 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_rate_is_over_the_last_ten_seconds_or_all_a_young_pipeline_has() {
+        let watched = Watched::new("p".into(), None);
+        let rate = |acked: &[u64]| pipeline_report(&watched, &samples(acked)).inputs_per_second;
+        assert_eq!(rate(&[]), 0.0);
+        assert_eq!(rate(&[50]), 0.0, "one sample is no rate");
+        assert_eq!(rate(&[0, 100, 300]), 150.0);
+        // Twelve samples: a burst of 1 000 in the first second, then 10 a second; the burst
+        // is out of the window.
+        let after_a_burst: Vec<u64> = std::iter::once(0)
+            .chain((0..11).map(|second| 1_000 + second * 10))
+            .collect();
+        assert_eq!(rate(&after_a_burst), 10.0);
+    }
 }
