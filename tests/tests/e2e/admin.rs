@@ -54,19 +54,48 @@ async fn scrape(admin: &str) -> Scrape {
     Scrape::parse(text.lines().map(|line| Ok(line.to_owned()))).expect("parse /metrics")
 }
 
+/// A weir that has processed 60 orders, one in six malformed: 50 valid ones with two
+/// outputs each, 10 dead letters.
+struct KnownWorkload {
+    _server: NatsServer,
+    js: async_nats::jetstream::Context,
+    _dir: tempfile::TempDir,
+    /// The admin port's address.
+    admin: String,
+    weir: WeirProcess,
+}
+
+impl KnownWorkload {
+    async fn run() -> KnownWorkload {
+        let server = NatsServer::start();
+        let js = server.jetstream().await;
+        let dir = tempfile::tempdir().unwrap();
+        let admin = free_address();
+        let config = config_with_admin(dir.path(), &server.url(), &admin);
+        let payloads = order_workload(60, 6);
+        create_orders_stream(&js, None).await;
+        let weir = spawn_weir(&config, None, None);
+        publish_all(&js, "orders.in.new", &payloads).await;
+        wait_until_orders_processed(&js, &payloads, Duration::from_secs(60)).await;
+        KnownWorkload {
+            _server: server,
+            js,
+            _dir: dir,
+            admin,
+            weir,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_exactly_what_a_known_workload_did() {
-    let server = NatsServer::start();
-    let js = server.jetstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_address();
-    let config = config_with_admin(dir.path(), &server.url(), &admin);
-    // 60 orders, one in six malformed: 50 valid ones with two outputs each, 10 dead letters.
-    let payloads = order_workload(60, 6);
-    create_orders_stream(&js, None).await;
-    let mut weir = spawn_weir(&config, None, None);
-    publish_all(&js, "orders.in.new", &payloads).await;
-    wait_until_orders_processed(&js, &payloads, Duration::from_secs(60)).await;
+    let KnownWorkload {
+        _server,
+        js: _,
+        _dir,
+        admin,
+        mut weir,
+    } = KnownWorkload::run().await;
     let orders = [("pipeline", "orders")];
     // Acks are counted as they complete, and the consumer's and store's figures are polled
     // every few seconds: wait for both to settle.
@@ -332,17 +361,13 @@ fn field_text<'a>(html: &'a str, name: &str) -> &'a str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_a_known_workload_in_a_real_browser() {
-    let server = NatsServer::start();
-    let js = server.jetstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_address();
-    let config = config_with_admin(dir.path(), &server.url(), &admin);
-    // 60 orders, one in six malformed: 10 dead letters.
-    let payloads = order_workload(60, 6);
-    create_orders_stream(&js, None).await;
-    let mut weir = spawn_weir(&config, None, None);
-    publish_all(&js, "orders.in.new", &payloads).await;
-    wait_until_orders_processed(&js, &payloads, Duration::from_secs(60)).await;
+    let KnownWorkload {
+        _server,
+        js,
+        _dir,
+        admin,
+        mut weir,
+    } = KnownWorkload::run().await;
     // The dead letters and the store's size are read every few seconds: wait until the
     // status has them, so that the page has them too.
     let mut report = None;
