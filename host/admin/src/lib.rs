@@ -39,7 +39,7 @@ const RATE_WINDOW: usize = 10;
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error(
-        "cannot listen on admin.listen = {address:?}: {source} (set [admin] listen to a free address, or to \"\" to turn the admin port off)"
+        "cannot listen on admin.listen = {address:?}: {source} (is another weir running with it? set [admin] listen to a free address, or to \"\" to turn the admin port off)"
     )]
     Listen {
         address: String,

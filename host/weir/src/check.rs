@@ -35,6 +35,19 @@ pub async fn check(path: &Path) -> Result<Vec<Finding>, ConfigError> {
         item: "config",
         outcome: Err(problem),
     }));
+    if let Some(address) = config.admin.address()
+        && address.parse::<std::net::SocketAddr>().is_ok()
+    {
+        // Bound and let go at once: `weir run` would stop on an address it cannot take.
+        findings.push(Finding {
+            pipeline: None,
+            item: "admin port",
+            outcome: weir_admin::bind(address)
+                .await
+                .map(|_listener| format!("{address} is free"))
+                .map_err(|error| error.to_string()),
+        });
+    }
     let sandbox = match crate::own_compiler().and_then(|compiler| {
         Sandbox::new(&config.sandbox, config.largest_memory_limit(), compiler)
             .map_err(|e| crate::Error::Engine(format!("{e:#}")))

@@ -500,3 +500,44 @@ async fn a_weir_started_while_its_stream_has_no_leader_waits_for_one() {
     assert!(terminate(&mut weir).success(), "{log_text}");
     verify_orders_exactly_once(&js, &payloads).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_port_in_use_is_refused_by_run_and_check_alike() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let config = write_config(dir.path(), &server.url(), &plugin("orders"), "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(ADMIN_OFF, &format!("[admin]\nlisten = \"{address}\"\n"));
+    std::fs::write(&config, text).unwrap();
+
+    let (code, message) = failure(&weir_run(&config));
+    assert_eq!(code, 1, "{message}");
+    for part in [
+        &format!("admin.listen = \"{address}\""),
+        "set [admin] listen to a free address",
+    ] {
+        assert!(message.contains(part), "{part:?} not in: {message}");
+    }
+    let checked = weir_check(&config);
+    let report = String::from_utf8_lossy(&checked.stdout);
+    assert_eq!(checked.status.code(), Some(1), "{report}");
+    assert!(
+        report
+            .lines()
+            .any(|line| line.contains("FAIL  admin port") && line.contains("set [admin] listen")),
+        "{report}"
+    );
+
+    // Free again: both take it.
+    drop(taken);
+    let checked = weir_check(&config);
+    let report = String::from_utf8_lossy(&checked.stdout);
+    assert_eq!(checked.status.code(), Some(0), "{report}");
+    assert!(
+        report.contains(&format!("ok    admin port     {address} is free")),
+        "{report}"
+    );
+}
