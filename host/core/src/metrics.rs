@@ -42,9 +42,6 @@ pub struct PluginLabels {
     pub contract: String,
 }
 
-/// The stages timed per batch.
-pub const STAGES: [&str; 4] = ["execute", "commit", "publish", "ack"];
-
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// One pipeline's metrics. Cloning shares them.

@@ -930,7 +930,6 @@ impl<E: Fault> Fault for Blocking<E> {
     }
 }
 
-/// Runs a store call on the blocking pool.
 /// Now, as nanoseconds since the Unix epoch (0 on a clock set before it).
 fn unix_now_ns() -> u64 {
     std::time::SystemTime::now()
@@ -940,6 +939,7 @@ fn unix_now_ns() -> u64 {
         })
 }
 
+/// Runs a store call on the blocking pool.
 async fn blocking<T: Send + 'static, E: Fault>(
     call: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, Blocking<E>> {
@@ -1109,9 +1109,7 @@ impl<'a> Retrier<'a> {
             false
         }
     }
-}
 
-impl Retrier<'_> {
     /// The operation works again, though the retrier goes on (and keeps its backoff, should
     /// it fail again at once).
     fn recovered(&mut self) {

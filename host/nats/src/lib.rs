@@ -1074,17 +1074,13 @@ impl Broker {
         unless: Option<StreamMark>,
     ) -> Result<Option<(StreamMark, Vec<StoredMessage>)>, BrokerError> {
         let action = || format!("cannot read the last of {subject:?} from stream {stream:?}");
-        let mut handle = self
+        // Looking the stream up fetches its info: its state is as fresh as a second request's.
+        let handle = self
             .jetstream
             .get_stream(stream)
             .await
             .map_err(|e| BrokerError::jetstream(action(), e))?;
-        let state = handle
-            .info()
-            .await
-            .map_err(|e| BrokerError::jetstream(action(), e))?
-            .state
-            .clone();
+        let state = handle.cached_info().state.clone();
         let mark = StreamMark {
             last_sequence: state.last_sequence,
             messages: state.messages,
