@@ -25,9 +25,9 @@ HTTP = {"axum", "hyper"}
 # crate -> what it must never reach.
 RULES = {
     "weir-core": WASM | ROCKSDB | NATS | HTTP,
-    "weir-sandbox": ROCKSDB | NATS | HTTP | {"weir-store", "weir-nats", "weir"},
-    "weir-store": WASM | NATS | HTTP | {"weir-sandbox", "weir-nats", "weir"},
-    "weir-nats": WASM | ROCKSDB | HTTP | {"weir-sandbox", "weir-store", "weir"},
+    "weir-sandbox": ROCKSDB | NATS | HTTP | {"weir-store", "weir-nats", "weir-admin", "weir"},
+    "weir-store": WASM | NATS | HTTP | {"weir-sandbox", "weir-nats", "weir-admin", "weir"},
+    "weir-nats": WASM | ROCKSDB | HTTP | {"weir-sandbox", "weir-store", "weir-admin", "weir"},
     "weir-admin": WASM | ROCKSDB | NATS | {"weir-sandbox", "weir-store", "weir-nats", "weir"},
 }
 # crate -> what it must not import itself (it reaches them only through its adapters).

@@ -52,7 +52,7 @@ fn memory_returns_after_hostile_runs() {
     ];
     let run_all = || {
         for behaviour in behaviours {
-            let outcome = hostile.run(TransformInput {
+            let input = TransformInput {
                 subject: "in".into(),
                 headers: vec![],
                 payload: behaviour.as_bytes().to_vec(),
@@ -60,9 +60,10 @@ fn memory_returns_after_hostile_runs() {
                 data_time_unix_ns: 0,
                 dedup_key: "k".into(),
                 seed: 0,
-            });
+            };
+            let outcome = hostile.run(input.clone());
             if behaviour != "grow-within" {
-                let judged = policy.judge("k", outcome);
+                let judged = policy.judge(&input, outcome);
                 assert!(
                     matches!(judged, Outcome::Failed { .. }),
                     "{behaviour} was not refused"

@@ -22,7 +22,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use weir_core::metrics::PipelineMetrics;
+use weir_core::metrics::{Metrics, PipelineMetrics};
 use weir_core::status::PipelineStatus;
 
 /// The address the admin port listens on unless configured otherwise: loopback only, a
@@ -73,11 +73,11 @@ pub struct Watched {
 }
 
 impl Watched {
-    /// A pipeline about to start, with nothing counted yet.
-    pub fn new(name: String, store_dir: Option<String>) -> Watched {
+    /// A pipeline about to start, with nothing counted yet in `metrics`, its series.
+    pub fn new(name: String, store_dir: Option<String>, metrics: PipelineMetrics) -> Watched {
         Watched {
             name,
-            metrics: PipelineMetrics::default(),
+            metrics,
             status: Arc::default(),
             plugin: OnceLock::new(),
             store_dir,
@@ -132,19 +132,15 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Registers every pipeline's metrics under its `pipeline` label, and weir's version.
-    pub fn new(version: &str, pipelines: Vec<Arc<Watched>>) -> Admin {
+    /// Registers `metrics` (every pipeline's), and weir's version.
+    pub fn new(version: &str, metrics: &Metrics, pipelines: Vec<Arc<Watched>>) -> Admin {
         let mut registry = Registry::with_prefix("weir");
         registry.register(
             "build",
             "The weir build serving these metrics",
             Info::new(vec![("version", version.to_owned())]),
         );
-        for watched in &pipelines {
-            let labelled =
-                registry.sub_registry_with_label(("pipeline".into(), watched.name.clone().into()));
-            watched.metrics.register(labelled);
-        }
+        metrics.register(&mut registry);
         let history = Mutex::new(vec![VecDeque::new(); pipelines.len()]);
         Admin {
             registry,
@@ -476,7 +472,7 @@ mod tests {
 
     #[test]
     fn the_rate_is_over_the_last_ten_seconds_or_all_a_young_pipeline_has() {
-        let watched = Watched::new("p".into(), None);
+        let watched = Watched::new("p".into(), None, PipelineMetrics::default());
         let rate = |acked: &[u64]| pipeline_report(&watched, &samples(acked)).inputs_per_second;
         assert_eq!(rate(&[]), 0.0);
         assert_eq!(rate(&[50]), 0.0, "one sample is no rate");
@@ -487,5 +483,26 @@ mod tests {
             .chain((0..11).map(|second| 1_000 + second * 10))
             .collect();
         assert_eq!(rate(&after_a_burst), 10.0);
+    }
+
+    #[test]
+    fn each_metric_is_described_once_with_a_series_per_pipeline() {
+        let metrics = Metrics::default();
+        let pipelines: Vec<Arc<Watched>> = ["orders", "refunds"]
+            .into_iter()
+            .map(|name| Arc::new(Watched::new(name.into(), None, metrics.pipeline(name))))
+            .collect();
+        pipelines[0].metrics.received.inc_by(3);
+        pipelines[1].metrics.received.inc_by(5);
+        pipelines[1].metrics.retry("commit");
+        let text = Admin::new("0.0.0", &metrics, pipelines).metrics_text();
+        let mut described = std::collections::BTreeSet::new();
+        for line in text.lines().filter(|line| line.starts_with("# TYPE ")) {
+            assert!(described.insert(line), "{line:?} twice in:\n{text}");
+        }
+        assert!(described.contains("# TYPE weir_inputs_received counter"));
+        assert!(text.contains("weir_inputs_received_total{pipeline=\"orders\"} 3\n"));
+        assert!(text.contains("weir_inputs_received_total{pipeline=\"refunds\"} 5\n"));
+        assert!(text.contains("weir_retries_total{pipeline=\"refunds\",step=\"commit\"} 1\n"));
     }
 }

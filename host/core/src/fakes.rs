@@ -261,7 +261,7 @@ impl Delivery for FakeDelivery {
 
     async fn progress(&self) {}
 
-    async fn hand_back(&self) {
+    async fn hand_back(&self) -> bool {
         let mut state = lock(&self.world.state);
         let sequence = self.input.stream_sequence;
         assert!(
@@ -269,6 +269,7 @@ impl Delivery for FakeDelivery {
             "input {sequence} handed back after its ack"
         );
         state.handed_back.push(sequence);
+        true
     }
 }
 

@@ -1,10 +1,12 @@
 //! What a pipeline did, as Prometheus metrics: counted where the core decides, registered by
-//! the wiring under the pipeline's label, read by the admin server and the stop log.
+//! the wiring, read by the admin server and the stop log.
 //!
 //! Names follow Prometheus practice: base units (seconds), `_total` on counters (the
-//! encoder adds it), labels of low cardinality only (`kind`, `step`, `stage`: never a
-//! subject or a key). The gauges are set from outside the message path: the consumer's own
-//! info and the store's properties, polled by the wiring.
+//! encoder adds it), labels of low cardinality only (`pipeline`, `kind`, `step`, `stage`:
+//! never a subject or a key). Each metric is one family for the whole process, its series
+//! labelled by pipeline, so that `/metrics` describes it once however many pipelines run.
+//! The gauges are set from outside the message path: the consumer's own info and the
+//! store's properties, polled by the wiring.
 
 use std::time::Duration;
 
@@ -17,98 +19,154 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::plugin::FailureKind;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PipelineLabel {
+    pipeline: String,
+}
+
 /// A dead letter's kind, as its `Weir-Dlq-Kind` header spells it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabel {
-    pub kind: &'static str,
+struct KindLabels {
+    pipeline: String,
+    kind: &'static str,
 }
 
 /// A step of the message path that retries a transient fault.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StepLabel {
-    pub step: &'static str,
+struct StepLabels {
+    pipeline: String,
+    step: &'static str,
 }
 
 /// A stage of a batch's way through the pipeline.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StageLabel {
-    pub stage: &'static str,
+struct StageLabels {
+    pipeline: String,
+    stage: &'static str,
 }
 
 /// What a pipeline's plugin is: `weir_plugin_info` is 1 with these labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PluginLabels {
-    pub sha256: String,
-    pub contract: String,
+struct PluginLabels {
+    pipeline: String,
+    sha256: String,
+    contract: String,
 }
 
+type Counters = Family<PipelineLabel, Counter>;
+type Gauges = Family<PipelineLabel, Gauge>;
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
-
-/// One pipeline's metrics. Cloning shares them.
-#[derive(Clone, Debug)]
-pub struct PipelineMetrics {
-    pub received: Counter,
-    pub executed: Counter,
-    pub deduplicated: Counter,
-    pub dead_lettered: Family<KindLabel, Counter>,
-    pub published: Counter,
-    pub acked: Counter,
-    pub handed_back: Counter,
-    pub retries: Family<StepLabel, Counter>,
-    pub reconnects: Counter,
-    pub plugin_call_seconds: Histogram,
-    pub plugin_fuel: Histogram,
-    pub batch_inputs: Histogram,
-    pub stage_seconds: Histograms<StageLabel>,
-    pub end_to_end_seconds: Histogram,
-    pub consumer_pending: Gauge,
-    pub consumer_ack_pending: Gauge,
-    pub consumer_redelivered: Gauge,
-    pub store_keys: Gauge,
-    pub store_bytes: Gauge,
-    pub store_block_cache_bytes: Gauge,
-    pub plugin_info: Family<PluginLabels, Gauge>,
-}
 
 /// 100 µs to ~100 s, for plugin calls and stages alike.
 fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 4.0, 11))
 }
 
-impl Default for PipelineMetrics {
-    fn default() -> PipelineMetrics {
-        PipelineMetrics {
-            received: Counter::default(),
-            executed: Counter::default(),
-            deduplicated: Counter::default(),
+/// 1 000 to ~4 billion instructions' worth.
+fn fuel() -> Histogram {
+    Histogram::new(exponential_buckets(1000.0, 4.0, 12))
+}
+
+fn batch_inputs() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 14))
+}
+
+/// 1 ms to ~1000 s: an input may wait in its stream long before weir acks it.
+fn end_to_end_seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 4.0, 11))
+}
+
+/// Every pipeline's metrics: one family per metric. Cloning shares them.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    received: Counters,
+    executed: Counters,
+    deduplicated: Counters,
+    dead_lettered: Family<KindLabels, Counter>,
+    published: Counters,
+    acked: Counters,
+    handed_back: Counters,
+    retries: Family<StepLabels, Counter>,
+    reconnects: Counters,
+    plugin_call_seconds: Histograms<PipelineLabel>,
+    plugin_fuel: Histograms<PipelineLabel>,
+    batch_inputs: Histograms<PipelineLabel>,
+    stage_seconds: Histograms<StageLabels>,
+    end_to_end_seconds: Histograms<PipelineLabel>,
+    consumer_pending: Gauges,
+    consumer_ack_pending: Gauges,
+    consumer_redelivered: Gauges,
+    store_keys: Gauges,
+    store_bytes: Gauges,
+    store_block_cache_bytes: Gauges,
+    plugin_info: Family<PluginLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            received: Counters::default(),
+            executed: Counters::default(),
+            deduplicated: Counters::default(),
             dead_lettered: Family::default(),
-            published: Counter::default(),
-            acked: Counter::default(),
-            handed_back: Counter::default(),
+            published: Counters::default(),
+            acked: Counters::default(),
+            handed_back: Counters::default(),
             retries: Family::default(),
-            reconnects: Counter::default(),
-            plugin_call_seconds: seconds(),
-            // 1 000 to ~4 billion instructions' worth.
-            plugin_fuel: Histogram::new(exponential_buckets(1000.0, 4.0, 12)),
-            batch_inputs: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            reconnects: Counters::default(),
+            plugin_call_seconds: Family::new_with_constructor(seconds),
+            plugin_fuel: Family::new_with_constructor(fuel),
+            batch_inputs: Family::new_with_constructor(batch_inputs),
             stage_seconds: Family::new_with_constructor(seconds),
-            end_to_end_seconds: Histogram::new(exponential_buckets(0.001, 4.0, 11)),
-            consumer_pending: Gauge::default(),
-            consumer_ack_pending: Gauge::default(),
-            consumer_redelivered: Gauge::default(),
-            store_keys: Gauge::default(),
-            store_bytes: Gauge::default(),
-            store_block_cache_bytes: Gauge::default(),
+            end_to_end_seconds: Family::new_with_constructor(end_to_end_seconds),
+            consumer_pending: Gauges::default(),
+            consumer_ack_pending: Gauges::default(),
+            consumer_redelivered: Gauges::default(),
+            store_keys: Gauges::default(),
+            store_bytes: Gauges::default(),
+            store_block_cache_bytes: Gauges::default(),
             plugin_info: Family::default(),
         }
     }
 }
 
-impl PipelineMetrics {
-    /// Registers every metric in `registry` (the pipeline's sub-registry, which adds its
-    /// label), names without the `weir_` prefix the root registry adds.
+impl Metrics {
+    /// The series of pipeline `name`, created now so that every metric shows it (at 0)
+    /// before anything happens.
+    pub fn pipeline(&self, name: &str) -> PipelineMetrics {
+        let label = PipelineLabel {
+            pipeline: name.to_owned(),
+        };
+        let counter = |family: &Counters| family.get_or_create(&label).clone();
+        let gauge = |family: &Gauges| family.get_or_create(&label).clone();
+        let histogram = |family: &Histograms<PipelineLabel>| family.get_or_create(&label).clone();
+        PipelineMetrics {
+            name: name.to_owned(),
+            received: counter(&self.received),
+            executed: counter(&self.executed),
+            deduplicated: counter(&self.deduplicated),
+            published: counter(&self.published),
+            acked: counter(&self.acked),
+            handed_back: counter(&self.handed_back),
+            reconnects: counter(&self.reconnects),
+            plugin_call_seconds: histogram(&self.plugin_call_seconds),
+            plugin_fuel: histogram(&self.plugin_fuel),
+            batch_inputs: histogram(&self.batch_inputs),
+            end_to_end_seconds: histogram(&self.end_to_end_seconds),
+            consumer_pending: gauge(&self.consumer_pending),
+            consumer_ack_pending: gauge(&self.consumer_ack_pending),
+            consumer_redelivered: gauge(&self.consumer_redelivered),
+            store_keys: gauge(&self.store_keys),
+            store_bytes: gauge(&self.store_bytes),
+            store_block_cache_bytes: gauge(&self.store_block_cache_bytes),
+            families: self.clone(),
+        }
+    }
+
+    /// Registers every metric in `registry`, names without the `weir_` prefix the root
+    /// registry adds.
     pub fn register(&self, registry: &mut Registry) {
-        let counters: [(&str, &str, &Counter); 7] = [
+        let counters: [(&str, &str, &Counters); 7] = [
             (
                 "inputs_received",
                 "Inputs the consumer delivered, redeliveries included",
@@ -132,7 +190,7 @@ impl PipelineMetrics {
             ("inputs_acked", "Inputs acknowledged", &self.acked),
             (
                 "inputs_handed_back",
-                "Inputs handed back unprocessed (a nak) when the pipeline stopped",
+                "Inputs handed back unprocessed (a nak) for redelivery",
                 &self.handed_back,
             ),
             (
@@ -182,7 +240,7 @@ impl PipelineMetrics {
             Unit::Seconds,
             self.end_to_end_seconds.clone(),
         );
-        let gauges: [(&str, &str, &Gauge); 6] = [
+        let gauges: [(&str, &str, &Gauges); 6] = [
             (
                 "consumer_pending_messages",
                 "Inputs in the stream not yet delivered to the consumer (its lag)",
@@ -223,21 +281,72 @@ impl PipelineMetrics {
             self.plugin_info.clone(),
         );
     }
+}
 
+/// One pipeline's series of every metric. Cloning shares them.
+#[derive(Clone, Debug)]
+pub struct PipelineMetrics {
+    name: String,
+    pub received: Counter,
+    pub executed: Counter,
+    pub deduplicated: Counter,
+    pub published: Counter,
+    pub acked: Counter,
+    pub handed_back: Counter,
+    pub reconnects: Counter,
+    pub plugin_call_seconds: Histogram,
+    pub plugin_fuel: Histogram,
+    pub batch_inputs: Histogram,
+    pub end_to_end_seconds: Histogram,
+    pub consumer_pending: Gauge,
+    pub consumer_ack_pending: Gauge,
+    pub consumer_redelivered: Gauge,
+    pub store_keys: Gauge,
+    pub store_bytes: Gauge,
+    pub store_block_cache_bytes: Gauge,
+    /// The families of the metrics with labels beyond the pipeline's.
+    families: Metrics,
+}
+
+/// A pipeline's metrics registered nowhere, for tests.
+impl Default for PipelineMetrics {
+    fn default() -> PipelineMetrics {
+        Metrics::default().pipeline("")
+    }
+}
+
+impl PipelineMetrics {
     /// Records which plugin the pipeline runs.
     pub fn plugin_loaded(&self, sha256: &str, contract: &str) {
         let labels = PluginLabels {
+            pipeline: self.name.clone(),
             sha256: sha256.to_owned(),
             contract: contract.to_owned(),
         };
-        self.plugin_info.get_or_create(&labels).set(1);
+        self.families.plugin_info.get_or_create(&labels).set(1);
     }
 
-    /// Counts one dead letter of `kind`.
-    pub fn dead_letter(&self, kind: FailureKind) {
-        self.dead_lettered
-            .get_or_create(&KindLabel {
+    /// Counts `count` dead letters of `kind`, committed.
+    pub fn dead_letters(&self, kind: FailureKind, count: u64) {
+        if count == 0 {
+            return;
+        }
+        self.families
+            .dead_lettered
+            .get_or_create(&KindLabels {
+                pipeline: self.name.clone(),
                 kind: kind.as_str(),
+            })
+            .inc_by(count);
+    }
+
+    /// Counts one retry of `step`.
+    pub fn retry(&self, step: &'static str) {
+        self.families
+            .retries
+            .get_or_create(&StepLabels {
+                pipeline: self.name.clone(),
+                step,
             })
             .inc();
     }
@@ -247,10 +356,11 @@ impl PipelineMetrics {
         FailureKind::ALL
             .into_iter()
             .filter_map(|kind| {
-                let label = KindLabel {
+                let labels = KindLabels {
+                    pipeline: self.name.clone(),
                     kind: kind.as_str(),
                 };
-                let count = self.dead_lettered.get(&label)?.get();
+                let count = self.families.dead_lettered.get(&labels)?.get();
                 Some((kind.as_str(), count))
             })
             .collect()
@@ -258,8 +368,12 @@ impl PipelineMetrics {
 
     /// Times `elapsed` against `stage`.
     pub fn stage(&self, stage: &'static str, elapsed: Duration) {
-        self.stage_seconds
-            .get_or_create(&StageLabel { stage })
+        self.families
+            .stage_seconds
+            .get_or_create(&StageLabels {
+                pipeline: self.name.clone(),
+                stage,
+            })
             .observe(elapsed.as_secs_f64());
     }
 

@@ -325,9 +325,14 @@ where
 
     /// Hands a batch the pipeline stops before finishing back to the server.
     async fn hand_back<D: Delivery>(&self, batch: &[D]) {
-        futures::future::join_all(batch.iter().map(Delivery::hand_back)).await;
-        self.metrics.handed_back.inc_by(batch.len() as u64);
-        tracing::debug!(inputs = batch.len(), "unfinished batch handed back");
+        let handed_back = futures::future::join_all(batch.iter().map(Delivery::hand_back)).await;
+        let handed_back = handed_back.into_iter().filter(|&sent| sent).count();
+        self.metrics.handed_back.inc_by(handed_back as u64);
+        tracing::debug!(
+            inputs = batch.len(),
+            handed_back,
+            "unfinished batch handed back"
+        );
     }
 
     /// Re-publishes what was committed but not confirmed published before the last stop.
@@ -340,7 +345,10 @@ where
         let pending = loop {
             let store = store.clone();
             match blocking(move || store.pending_outbox()).await {
-                Ok(pending) => break pending,
+                Ok(pending) => {
+                    retrier.recovered();
+                    break pending;
+                }
                 Err(error) if !error.is_transient() => return Err(fatal_store(error)),
                 Err(error) => {
                     if !retrier.failed(error).await {
@@ -405,7 +413,11 @@ where
                 store.lookup(&refs)
             });
             match lookup.await {
-                Ok(committed) => break committed,
+                Ok(committed) => {
+                    // Not retrying any more, though the retrier lives to the batch's end.
+                    retrier.recovered();
+                    break committed;
+                }
                 Err(error) if !error.is_transient() => return Err(fatal_store(error)),
                 Err(error) => {
                     if !retrier.failed(error).await {
@@ -445,21 +457,28 @@ where
         };
         let executed_at = started.elapsed();
         self.probe.reached(Point::Executed).await;
-        self.metrics.executed.inc_by(outcomes.len() as u64);
         self.metrics.stage("execute", executed_at - looked_up_at);
         let mut new_records = Vec::with_capacity(outcomes.len());
+        let mut dead_letters = Vec::new();
         for (&index, outcome) in to_execute.iter().zip(outcomes) {
-            let record = Arc::new(self.record_for(batch[index].input(), &keys[index], outcome));
+            let (record, dead_letter) =
+                self.record_for(batch[index].input(), &keys[index], outcome);
+            let record = Arc::new(record);
+            dead_letters.extend(dead_letter);
             new_records.push((keys[index].clone(), record.clone()));
             records[index] = Some(record);
         }
 
         // 3. Commit the new records in one synced write.
+        let committing_at = started.elapsed();
         if !self.commit(new_records, shutdown).await? {
             return Ok(None);
         }
         self.metrics
-            .stage("commit", started.elapsed() - executed_at);
+            .stage("commit", started.elapsed() - committing_at);
+        for kind in dead_letters {
+            self.metrics.dead_letters(kind, 1);
+        }
 
         tracing::debug!(inputs = batch.len(), ?looked_up_at, ?executed_at, committed_at = ?started.elapsed(), "batch committed");
         self.probe.reached(Point::Committed).await;
@@ -514,6 +533,7 @@ where
                 .collect();
             match self.runtime.run_all(inputs).await {
                 Ok(calls) => {
+                    self.metrics.executed.inc_by(calls.len() as u64);
                     let mut outcomes = Vec::with_capacity(calls.len());
                     for (outcome, cost) in calls {
                         self.metrics
@@ -702,6 +722,8 @@ where
             self.metrics.published.inc_by(acknowledged as u64);
 
             let mut rejected = HashSet::new();
+            // Outputs turned into dead letters: counted once the store has them.
+            let mut outputs_rejected = 0;
             for (at, index, refusal) in refused {
                 if !rejected.insert(at) {
                     continue;
@@ -711,7 +733,7 @@ where
                 match self.reject(publication, input, index, &refusal) {
                     Some(record) => {
                         if publication.record.disposition == Disposition::Transformed {
-                            self.metrics.dead_letter(FailureKind::OutputRejected);
+                            outputs_rejected += 1;
                         }
                         publication.replace(record)
                     }
@@ -737,6 +759,8 @@ where
                 if !self.commit(records, shutdown).await? {
                     return Ok(false);
                 }
+                self.metrics
+                    .dead_letters(FailureKind::OutputRejected, outputs_rejected);
             }
             if let Some(failure) = transient {
                 self.narrow_outbox(publications).await;
@@ -849,25 +873,34 @@ where
         }
     }
 
-    /// Turns a plugin's outcome into the exact messages to publish for this input.
-    fn record_for(&self, input: &Input, key: &str, outcome: Outcome) -> DoneRecord {
+    /// Turns a plugin's outcome into the exact messages to publish for this input, and the
+    /// kind of dead letter it is, if it is one.
+    fn record_for(
+        &self,
+        input: &Input,
+        key: &str,
+        outcome: Outcome,
+    ) -> (DoneRecord, Option<FailureKind>) {
         let trace = TraceContext::of(&input.headers);
         let span = self.message_span(input, key, trace.as_ref());
         let _entered = span.enter();
         let (kind, reason) = match outcome {
             Outcome::Outputs(outputs) => match self.policy.outbound(key, trace.as_ref(), outputs) {
                 Ok(messages) => {
-                    return DoneRecord {
+                    let record = DoneRecord {
                         disposition: Disposition::Transformed,
                         messages,
                     };
+                    return (record, None);
                 }
                 Err(reason) => (FailureKind::OutputRejected, reason),
             },
             Outcome::Failed { kind, reason } => (kind, reason),
         };
-        self.metrics.dead_letter(kind);
-        self.dead_letter_record(input, key, kind, &reason)
+        (
+            self.dead_letter_record(input, key, kind, &reason),
+            Some(kind),
+        )
     }
 
     /// The span of one input's processing: what is logged of an input is logged in it,
@@ -1095,10 +1128,7 @@ impl<'a> Retrier<'a> {
         let delay = self.backoff.next_delay();
         let (label, doing) = (self.step.label(), self.step.doing());
         tracing::warn!(%error, retry_in = ?delay, "{doing} failed; retrying");
-        self.metrics
-            .retries
-            .get_or_create(&crate::metrics::StepLabel { step: label })
-            .inc();
+        self.metrics.retry(label);
         self.status
             .retry_failed(label, error.to_string(), !self.failed);
         self.failed = true;

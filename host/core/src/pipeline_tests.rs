@@ -431,6 +431,44 @@ async fn an_input_with_an_unreadable_header_block_is_dead_lettered_without_the_p
     );
 }
 
+/// The metrics count what happened: the plugin's calls (an unreadable input is none), and a
+/// dead letter once the store has it, not when a commit that then fails was attempted.
+#[tokio::test(start_paused = true)]
+async fn metrics_count_plugin_calls_and_dead_letters_once_committed() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    world.publish_inputs(&["o-1", "bad-2"]);
+    world.publish_unreadable_input(
+        "o-3",
+        "header isn't valid utf-8",
+        b"NATS/1.0\r\n\xff\r\n\r\n",
+    );
+    store.fail_commits(1_000);
+    let pipeline = default_pipeline(&world, &store, &runtime);
+    run_then_shut_down(
+        &pipeline,
+        &world,
+        tokio::time::sleep(Duration::from_secs(20)),
+    )
+    .await;
+    assert_eq!(pipeline.metrics.dead_letters_by_kind(), []);
+    assert_eq!(pipeline.metrics.executed.get(), 2);
+    store.fail_commits(0);
+    run_until_all_acked(&pipeline, &world).await;
+    assert_eq!(
+        pipeline.metrics.executed.get(),
+        runtime.calls.load(Ordering::SeqCst) as u64
+    );
+    assert_eq!(
+        pipeline.metrics.dead_letters_by_kind(),
+        [("invalid-input", 1), ("unreadable-input", 1)]
+    );
+    assert_eq!(
+        pipeline.metrics.handed_back.get(),
+        3,
+        "the stuck batch, once"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_message_refused_for_good_becomes_a_dead_letter_and_the_batch_goes_on() {
     let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));

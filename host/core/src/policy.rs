@@ -10,10 +10,10 @@
 //! letters and replays are recognised by them), more outputs or bytes than the limits allow.
 
 use crate::headers::{self, MAX_HEADER_BLOCK, MSG_ID_HEADER};
-use crate::plugin::{FailureKind, Outcome, PluginOutput};
+use crate::plugin::{FailureKind, Outcome, PluginOutput, TransformInput};
 use crate::record::OutboundMessage;
 use crate::text;
-use crate::trace::{TRACEPARENT, TraceContext};
+use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 
 /// The longest subject an output may have, prefix included: far below the server's
 /// control-line limit (4 KiB by default), which would drop the connection.
@@ -77,13 +77,16 @@ impl OutputPolicy {
 
     /// A plugin's outcome as the pipeline would treat it: outputs the policy refuses become
     /// an `output-rejected` failure. For `weir plugin test`, which reports what weir would
-    /// do without publishing.
-    pub fn judge(&self, dedup_key: &str, outcome: Outcome) -> Outcome {
+    /// do without publishing: the outputs of `input`, trace headers included.
+    pub fn judge(&self, input: &TransformInput, outcome: Outcome) -> Outcome {
+        let trace = TraceContext::of(&input.headers);
         match outcome {
-            Outcome::Outputs(outputs) => match self.outbound(dedup_key, None, outputs.clone()) {
-                Ok(_) => Outcome::Outputs(outputs),
-                Err(reason) => Outcome::failed(FailureKind::OutputRejected, reason),
-            },
+            Outcome::Outputs(outputs) => {
+                match self.outbound(&input.dedup_key, trace.as_ref(), outputs.clone()) {
+                    Ok(_) => Outcome::Outputs(outputs),
+                    Err(reason) => Outcome::failed(FailureKind::OutputRejected, reason),
+                }
+            }
             failed => failed,
         }
     }
@@ -141,12 +144,22 @@ impl OutputPolicy {
             }
             kept.push((name, value));
         }
+        // A plugin that sets its own traceparent owns the output's trace context; one that
+        // sets only a tracestate changes the state the output's child span carries.
+        let sets = |header: &str| {
+            kept.iter()
+                .any(|(name, _)| name.eq_ignore_ascii_case(header))
+        };
         if let Some(trace) = trace
-            && !kept
-                .iter()
-                .any(|(name, _)| name.eq_ignore_ascii_case(TRACEPARENT))
+            && !sets(TRACEPARENT)
         {
-            kept.extend(trace.child_headers(dedup_key, index));
+            let plugin_state = sets(TRACESTATE);
+            kept.extend(
+                trace
+                    .child_headers(dedup_key, index)
+                    .into_iter()
+                    .filter(|(name, _)| !(plugin_state && name == TRACESTATE)),
+            );
         }
         let message = OutboundMessage {
             subject,
@@ -249,6 +262,7 @@ mod tests {
                 output("a", &[("Content-Type", "json")]),
                 output("b", &[]),
                 output("c", &[("traceparent", own)]),
+                output("d", &[("tracestate", "mine=1")]),
             ]
         };
         let messages = policy().outbound("k", Some(&trace), outputs()).unwrap();
@@ -263,6 +277,14 @@ mod tests {
         assert_eq!(
             messages[2].headers,
             [("traceparent".to_owned(), own.to_owned())]
+        );
+        // The plugin's tracestate replaces the input's: one tracestate, on weir's child span.
+        assert_eq!(
+            messages[3].headers,
+            [
+                ("tracestate".to_owned(), "mine=1".to_owned()),
+                trace.child_headers("k", 3)[0].clone(),
+            ]
         );
         // Byte-identical when made again (a re-publish after a crash).
         assert_eq!(
@@ -351,9 +373,43 @@ mod tests {
         assert!(!reason.contains('\u{1b}') && reason.len() < 300, "{reason}");
     }
 
+    fn input(headers: &[(&str, &str)]) -> TransformInput {
+        TransformInput {
+            subject: "in".into(),
+            headers: headers
+                .iter()
+                .map(|&(name, value)| (name.to_owned(), value.to_owned()))
+                .collect(),
+            payload: Vec::new(),
+            stream_sequence: 1,
+            data_time_unix_ns: 0,
+            dedup_key: "k".into(),
+            seed: 0,
+        }
+    }
+
+    #[test]
+    fn judge_counts_the_trace_headers_the_pipeline_would_add() {
+        let traced = input(&[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )]);
+        // Headers that fit alone, and not with the child span's traceparent beside them.
+        let value = "v".repeat(MAX_HEADER_BLOCK - 80);
+        let outcome = || Outcome::Outputs(vec![output("a", &[("h", &value)])]);
+        assert_eq!(policy().judge(&input(&[]), outcome()), outcome());
+        assert!(matches!(
+            policy().judge(&traced, outcome()),
+            Outcome::Failed {
+                kind: FailureKind::OutputRejected,
+                ..
+            }
+        ));
+    }
+
     #[test]
     fn judge_turns_refused_outputs_into_output_rejected() {
-        let judged = policy().judge("k", Outcome::Outputs(vec![output("a.>", &[])]));
+        let judged = policy().judge(&input(&[]), Outcome::Outputs(vec![output("a.>", &[])]));
         assert!(matches!(
             judged,
             Outcome::Failed {
@@ -362,6 +418,6 @@ mod tests {
             }
         ));
         let fine = Outcome::Outputs(vec![output("a", &[])]);
-        assert_eq!(policy().judge("k", fine.clone()), fine);
+        assert_eq!(policy().judge(&input(&[]), fine.clone()), fine);
     }
 }

@@ -28,8 +28,8 @@ pub trait Delivery: Send + Sync + 'static {
     fn progress(&self) -> impl Future<Output = ()> + Send;
     /// Hands it back unsettled (a nak), for the server to redeliver at once rather than
     /// after `ack_wait`: the pipeline stops before it is done with it. Best effort: a hand
-    /// back that fails leaves it to `ack_wait`.
-    fn hand_back(&self) -> impl Future<Output = ()> + Send;
+    /// back that fails leaves it to `ack_wait`. True if it was handed back.
+    fn hand_back(&self) -> impl Future<Output = bool> + Send;
 }
 
 /// Where inputs come from: the durable consumer.

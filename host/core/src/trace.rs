@@ -55,7 +55,8 @@ impl TraceContext {
             .chain_update(b"weir-span\0")
             .chain_update(dedup_key.as_bytes())
             .chain_update(b"\0")
-            .chain_update(index.to_le_bytes())
+            // As 8 bytes whatever the platform's usize, for the same id on every host.
+            .chain_update((index as u64).to_le_bytes())
             .finalize();
         let mut span = [0u8; 8];
         span.copy_from_slice(&digest[..8]);

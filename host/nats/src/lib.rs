@@ -860,10 +860,15 @@ impl InputMessage {
         }
     }
 
-    /// Hands the message back (a nak), for the server to redeliver at once.
-    pub async fn hand_back(&self) {
-        if let Err(error) = self.message.ack_with(AckKind::Nak(None)).await {
-            tracing::debug!(%error, "hand back failed; the input waits out ack_wait");
+    /// Hands the message back (a nak), for the server to redeliver at once. True if the
+    /// nak was sent.
+    pub async fn hand_back(&self) -> bool {
+        match self.message.ack_with(AckKind::Nak(None)).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(%error, "hand back failed; the input waits out ack_wait");
+                false
+            }
         }
     }
 }
@@ -887,7 +892,7 @@ impl Delivery for InputMessage {
         InputMessage::progress(self).await
     }
 
-    async fn hand_back(&self) {
+    async fn hand_back(&self) -> bool {
         InputMessage::hand_back(self).await
     }
 }

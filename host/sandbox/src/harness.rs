@@ -55,9 +55,9 @@ fn policy_of(plugin: &Plugin) -> OutputPolicy {
 
 /// The plugin's outcome for `input`, as the pipeline would treat it, and what it used.
 fn judged_run(plugin: &Plugin, policy: &OutputPolicy, input: TransformInput) -> (Outcome, Usage) {
-    let key = input.dedup_key.clone();
+    let judged = input.clone();
     let (outcome, usage) = plugin.run_measured(input);
-    (policy.judge(&key, outcome), usage)
+    (policy.judge(&judged, outcome), usage)
 }
 
 /// One fixture file.
@@ -211,7 +211,7 @@ pub fn run_case(plugin: &Plugin, fixture: &Fixture, update: bool) -> std::io::Re
     } else {
         let used = plugin
             .run_in_used_instance(input())
-            .map(|outcome| policy.judge(&input().dedup_key, outcome));
+            .map(|outcome| policy.judge(&input(), outcome));
         match used {
             Some(outcome) if outcome != first => Some((
                 "a second call in the same instance (the plugin keeps state between calls)",

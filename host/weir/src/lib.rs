@@ -107,6 +107,7 @@ pub async fn run(
             .map_err(|e| Error::Engine(format!("{e:#}")))?;
     let sandbox = std::sync::Arc::new(sandbox);
     let share = weir_core::plugin::thread_share(config.sandbox().threads, config.pipelines().len());
+    let metrics = weir_core::metrics::Metrics::default();
     let watched: Vec<std::sync::Arc<weir_admin::Watched>> = config
         .pipelines()
         .iter()
@@ -117,9 +118,11 @@ pub async fn run(
                 }
                 config::Delivery::AtLeastOnce => None,
             };
+            let name = &pipeline.config().name;
             std::sync::Arc::new(weir_admin::Watched::new(
-                pipeline.config().name.clone(),
+                name.clone(),
                 store_dir,
+                metrics.pipeline(name),
             ))
         })
         .collect();
@@ -128,7 +131,8 @@ pub async fn run(
         Some(address) => {
             let listener = weir_admin::bind(address).await?;
             tracing::info!(%address, "admin port listening (metrics, health, readiness, status)");
-            let admin = weir_admin::Admin::new(env!("CARGO_PKG_VERSION"), watched.clone());
+            let admin =
+                weir_admin::Admin::new(env!("CARGO_PKG_VERSION"), &metrics, watched.clone());
             Some(tokio::spawn(weir_admin::serve(
                 listener,
                 std::sync::Arc::new(admin),

@@ -34,7 +34,7 @@ fn table(admin: &str, report: &StatusReport) -> String {
     let _ = writeln!(
         out,
         "weir {} at {admin}: {}",
-        report.version,
+        shown(&report.version),
         if report.ready { "ready" } else { "NOT READY" }
     );
     let header = [
@@ -111,7 +111,7 @@ fn row(pipeline: &PipelineReport) -> [String; 8] {
     });
     [
         shown(&pipeline.name),
-        pipeline.phase.clone(),
+        shown(&pipeline.phase),
         if pipeline.ready { "yes" } else { "no" }.to_owned(),
         format!("{:.1}", pipeline.inputs_per_second),
         pipeline.lag.to_string(),
