@@ -3,7 +3,7 @@
 //! plugin that fills its memory stops. (Its own test binary, so that no other test's
 //! allocations blur the measurement.)
 
-use weir_core::plugin::TransformInput;
+use weir_core::plugin::{Call, TransformInput};
 use weir_sandbox::{LimitsConfig, Sandbox, SandboxConfig};
 
 /// The plugin's memory limit, and what its start function dirties just under it.
@@ -83,7 +83,7 @@ fn resident_memory_is_bounded_by_threads_times_the_memory_limit() {
         .enable_all()
         .build()
         .unwrap();
-    let inputs = |round: u64| -> Vec<TransformInput> {
+    let inputs = |round: u64| -> Vec<Call> {
         (0..64)
             .map(|i| TransformInput {
                 subject: "in".into(),
@@ -94,6 +94,7 @@ fn resident_memory_is_bounded_by_threads_times_the_memory_limit() {
                 dedup_key: format!("k{round}-{i}"),
                 seed: i,
             })
+            .map(Call::stateless)
             .collect()
     };
     // Warm up: the first calls fault in the engine's code and the pool's first slots.

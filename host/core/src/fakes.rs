@@ -10,12 +10,13 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use crate::input::Input;
-use crate::plugin::{CallCost, Outcome, PluginOutput, TransformInput};
+use crate::plugin::{Call, CallCost, CallResult, FailureKind, Outcome, PluginOutput};
 use crate::ports::{
     Committed, DedupStore, Delivery, Fault, PluginRuntime, Point, Probe, PublishError, Publisher,
     RunError, Source,
 };
 use crate::record::{DoneRecord, OutboundMessage};
+use crate::state::{KeyState, StateChanges, StateView};
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
@@ -316,6 +317,8 @@ pub struct FakeStore {
 struct StoreState {
     done: BTreeMap<String, DoneRecord>,
     outbox: BTreeMap<String, DoneRecord>,
+    /// Every state key's entries.
+    state: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     /// The next this many calls fail transiently.
     failing: usize,
     /// Every call fails: a corrupt record.
@@ -369,6 +372,11 @@ impl FakeStore {
         lock(&self.state).outbox.len()
     }
 
+    /// Every state key's committed entries.
+    pub fn state(&self) -> BTreeMap<String, BTreeMap<String, Vec<u8>>> {
+        lock(&self.state).state.clone()
+    }
+
     fn call<T>(&self, work: impl FnOnce(&mut StoreState) -> T) -> Result<T, FakeStoreError> {
         let mut state = lock(&self.state);
         if std::mem::take(&mut state.panic_next) {
@@ -408,7 +416,11 @@ impl DedupStore for FakeStore {
         })
     }
 
-    fn commit(&self, records: &[(&str, &DoneRecord)]) -> Result<(), FakeStoreError> {
+    fn commit(
+        &self,
+        records: &[(&str, &DoneRecord)],
+        changes: &[(&str, &StateChanges)],
+    ) -> Result<(), FakeStoreError> {
         {
             let mut state = lock(&self.state);
             if state.failing_commits > 0 {
@@ -425,6 +437,26 @@ impl DedupStore for FakeStore {
                 state.done.insert(key.to_string(), (*record).clone());
                 state.outbox.insert(key.to_string(), (*record).clone());
             }
+            for (key, changes) in changes {
+                let entries = state.state.entry(key.to_string()).or_default();
+                for (name, change) in changes.iter() {
+                    match change {
+                        Some(value) => entries.insert(name.clone(), value.clone()),
+                        None => entries.remove(name),
+                    };
+                }
+            }
+        })
+    }
+
+    fn load_state(&self, keys: &[&str]) -> Result<Vec<KeyState>, FakeStoreError> {
+        self.call(|state| {
+            keys.iter()
+                .map(|key| {
+                    let entries = state.state.get(*key).cloned().unwrap_or_default();
+                    KeyState::from_entries(entries)
+                })
+                .collect()
         })
     }
 
@@ -462,9 +494,11 @@ impl DedupStore for FakeStore {
     }
 }
 
-/// A plugin that is a function of the input. By default: a payload `bad…` is invalid input,
-/// `two…` makes two outputs, `big…` one output of 1000 bytes, anything else one output with
-/// the payload.
+/// A plugin that is a function of the input and its key's state. A payload `bad…` is
+/// invalid input, `two…` makes two outputs, `big…` one output of 1000 bytes, anything else
+/// one output with the payload. With state, a payload that is a number (`+5`, `-3`) is a
+/// transaction: it adds to the key's `balance` entry and outputs the balance after it, unless
+/// that would go below zero (invalid input); `hoard…` writes an entry past any limit.
 pub struct FakeRuntime {
     pub calls: AtomicUsize,
     /// The next call panics (a host bug).
@@ -482,15 +516,28 @@ impl FakeRuntime {
         }
     }
 
-    pub fn transform(input: &TransformInput) -> Outcome {
+    pub fn transform(call: &mut Call) -> Outcome {
+        let input = &call.input;
         let payload = String::from_utf8_lossy(&input.payload).into_owned();
         let output = |subject: &str, payload: Vec<u8>| PluginOutput {
             subject: subject.into(),
             headers: Vec::new(),
             payload,
         };
+        if let Some(state) = &mut call.state {
+            if payload.starts_with("hoard") {
+                state
+                    .set("note", b"hoarding".to_vec())
+                    .expect("a note fits");
+                if let Err(exceeded) = state.set("hoard", vec![0; 10 << 20]) {
+                    return Outcome::failed(FailureKind::StateLimit, exceeded.0);
+                }
+            } else if let Ok(amount) = payload.parse::<i64>() {
+                return FakeRuntime::transact(state, amount);
+            }
+        }
         if payload.starts_with("bad") {
-            Outcome::failed(crate::plugin::FailureKind::InvalidInput, "not an order")
+            Outcome::failed(FailureKind::InvalidInput, "not an order")
         } else if payload.starts_with("two") {
             Outcome::Outputs(vec![
                 output("a", payload.clone().into_bytes()),
@@ -504,15 +551,35 @@ impl FakeRuntime {
     }
 }
 
+impl FakeRuntime {
+    fn transact(state: &mut StateView, amount: i64) -> Outcome {
+        let balance: i64 = state
+            .get("balance")
+            .map(|value| String::from_utf8_lossy(value).parse().expect("a balance"))
+            .unwrap_or(0);
+        let after = balance + amount;
+        // Written before the check: the host, not the plugin, keeps a failed call's
+        // changes out of the state.
+        state
+            .set("balance", after.to_string().into_bytes())
+            .expect("a balance fits");
+        if after < 0 {
+            return Outcome::failed(FailureKind::InvalidInput, "overdraft");
+        }
+        Outcome::Outputs(vec![PluginOutput {
+            subject: format!("balance.{}", state.key()),
+            headers: Vec::new(),
+            payload: after.to_string().into_bytes(),
+        }])
+    }
+}
+
 impl PluginRuntime for FakeRuntime {
     fn sha256(&self) -> &str {
         "fake"
     }
 
-    async fn run_all(
-        &self,
-        inputs: Vec<TransformInput>,
-    ) -> Result<Vec<(Outcome, CallCost)>, RunError> {
+    async fn run_all(&self, calls: Vec<Call>) -> Result<Vec<CallResult>, RunError> {
         if self.panic_next.swap(false, Ordering::SeqCst) {
             return Err(RunError::Panicked("index out of bounds".into()));
         }
@@ -525,10 +592,14 @@ impl PluginRuntime for FakeRuntime {
                 "maximum concurrent limit of 128".into(),
             ));
         }
-        self.calls.fetch_add(inputs.len(), Ordering::SeqCst);
-        Ok(inputs
-            .iter()
-            .map(|input| (FakeRuntime::transform(input), CallCost::default()))
+        self.calls.fetch_add(calls.len(), Ordering::SeqCst);
+        Ok(calls
+            .into_iter()
+            .map(|mut call| CallResult {
+                outcome: FakeRuntime::transform(&mut call),
+                cost: CallCost::default(),
+                changes: call.state.map(StateView::into_changes).unwrap_or_default(),
+            })
             .collect())
     }
 }

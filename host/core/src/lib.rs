@@ -29,6 +29,7 @@ pub mod policy;
 pub mod ports;
 pub mod record;
 pub mod retry;
+pub mod state;
 pub mod status;
 pub mod subject;
 pub mod text;

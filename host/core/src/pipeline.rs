@@ -34,7 +34,7 @@
 //! steps 1 and 3 do nothing, and only the deterministic output ids stand between a
 //! redelivery and a duplicate.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dead_letter::{DeadLetterHeaders, DeadLetterSchema};
 use crate::input::{DedupMode, Input, dedup_key};
 use crate::metrics::PipelineMetrics;
-use crate::plugin::{FailureKind, Outcome};
+use crate::plugin::{Call, CallResult, FailureKind, Outcome};
 use crate::policy::OutputPolicy;
 use crate::ports::{
     DedupStore, Delivery, Fault, PluginRuntime, Point, Probe, PublishError, Publisher, RunError,
@@ -51,6 +51,7 @@ use crate::ports::{
 };
 use crate::record::{Disposition, DoneRecord, OutboundMessage};
 use crate::retry::{Backoff, sleep_unless_shutdown};
+use crate::state::{KeyState, StateChanges, StateSettings, StateView};
 use crate::status::{Phase, PipelineStatus};
 use crate::text;
 use crate::trace::TraceContext;
@@ -85,6 +86,8 @@ pub struct Settings {
     /// While a batch is in hand, the server is told every half of it that it is being
     /// worked on, so that it is not redelivered.
     pub ack_wait: Duration,
+    /// A stateful pipeline's state; `None` for a stateless one. Needs a store.
+    pub state: Option<StateSettings>,
 }
 
 /// One pipeline's message path, over its ports. `store` is `None` in at-least-once mode,
@@ -452,26 +455,24 @@ where
                 }
             }
         }
-        let Some(outcomes) = self.execute(batch, &keys, &to_execute, shutdown).await? else {
+        let Some(executed) = self.execute(batch, &keys, &to_execute, shutdown).await? else {
             return Ok(None);
         };
         let executed_at = started.elapsed();
         self.probe.reached(Point::Executed).await;
         self.metrics.stage("execute", executed_at - looked_up_at);
-        let mut new_records = Vec::with_capacity(outcomes.len());
+        let mut new_records = Vec::with_capacity(executed.records.len());
         let mut dead_letters = Vec::new();
-        for (&index, outcome) in to_execute.iter().zip(outcomes) {
-            let (record, dead_letter) =
-                self.record_for(batch[index].input(), &keys[index], outcome);
+        for (&index, (record, dead_letter)) in to_execute.iter().zip(executed.records) {
             let record = Arc::new(record);
             dead_letters.extend(dead_letter);
             new_records.push((keys[index].clone(), record.clone()));
             records[index] = Some(record);
         }
 
-        // 3. Commit the new records in one synced write.
+        // 3. Commit the new records, and the state they changed, in one synced write.
         let committing_at = started.elapsed();
-        if !self.commit(new_records, shutdown).await? {
+        if !self.commit(new_records, executed.state, shutdown).await? {
             return Ok(None);
         }
         self.metrics
@@ -496,63 +497,165 @@ where
         }))
     }
 
-    /// Runs the plugin on the inputs at `indexes`. `None` on shutdown while the runtime is
-    /// out of instances (retried meanwhile: that is never the input's fault).
+    /// Runs the plugin on the inputs at `indexes` and turns each outcome into its record
+    /// (in `indexes` order). In a stateful pipeline the inputs of one state key run one after
+    /// another, each on the state the one before left; a call's changes count only if its
+    /// input is transformed. `None` on shutdown while the store or the runtime is retried
+    /// (that is never the input's fault).
     async fn execute<D: Delivery>(
         &self,
         batch: &[D],
         keys: &[String],
         indexes: &[usize],
         shutdown: &CancellationToken,
-    ) -> Result<Option<Vec<Outcome>>, Fatal> {
-        // An input whose headers could not be read never reaches the plugin: it is a poison
-        // input of the stream's, not the plugin's to judge.
-        let (unreadable, readable): (Vec<usize>, Vec<usize>) = indexes
-            .iter()
-            .partition(|&&index| batch[index].input().unreadable_headers.is_some());
-        let unreadable_outcome = |index: usize| {
-            let unreadable = batch[index].input().unreadable_headers.as_ref();
-            Outcome::failed(
-                FailureKind::UnreadableInput,
-                format!(
-                    "its header block cannot be read: {}",
-                    unreadable.map_or("", |u| u.reason.as_str())
-                ),
-            )
-        };
-        if readable.is_empty() {
-            return Ok(Some(
-                unreadable.into_iter().map(unreadable_outcome).collect(),
-            ));
-        }
-        let mut retrier = Retrier::new(Step::Execute, self, shutdown);
-        loop {
-            let inputs = readable
-                .iter()
-                .map(|&index| batch[index].input().transform_input(&keys[index]))
-                .collect();
-            match self.runtime.run_all(inputs).await {
-                Ok(calls) => {
-                    self.metrics.executed.inc_by(calls.len() as u64);
-                    let mut outcomes = Vec::with_capacity(calls.len());
-                    for (outcome, cost) in calls {
-                        self.metrics
-                            .plugin_call_seconds
-                            .observe(cost.elapsed.as_secs_f64());
-                        self.metrics.plugin_fuel.observe(cost.fuel as f64);
-                        outcomes.push(outcome);
+    ) -> Result<Option<Executed>, Fatal> {
+        let mut records: Vec<Option<(DoneRecord, Option<FailureKind>)>> =
+            (0..indexes.len()).map(|_| None).collect();
+        // Each input the plugin is to see, by wave: the nth input of every state key runs in
+        // wave n (all of them in wave 0 without state). An input whose headers could not be
+        // read never reaches the plugin: it is a poison input of the stream's, not the
+        // plugin's to judge; nor does one without a state key, which has no place in order.
+        let mut waves: Vec<Vec<(usize, Option<String>)>> = Vec::new();
+        let mut inputs_of_key: HashMap<String, usize> = HashMap::new();
+        for (at, &index) in indexes.iter().enumerate() {
+            let input = batch[index].input();
+            let key = &keys[index];
+            if let Some(unreadable) = &input.unreadable_headers {
+                let reason = format!("its header block cannot be read: {}", unreadable.reason);
+                let outcome = Outcome::failed(FailureKind::UnreadableInput, reason);
+                records[at] = Some(self.record_for(input, key, outcome));
+                continue;
+            }
+            let (wave, state_key) = match &self.settings.state {
+                None => (0, None),
+                Some(state) => match state.key.key_of(input) {
+                    Ok(state_key) => {
+                        let earlier = inputs_of_key.entry(state_key.clone()).or_default();
+                        *earlier += 1;
+                        (*earlier - 1, Some(state_key))
                     }
-                    // Back in the order of `indexes`.
-                    let mut outcomes = outcomes.into_iter();
+                    Err(reason) => {
+                        let outcome = Outcome::failed(FailureKind::InvalidInput, reason);
+                        records[at] = Some(self.record_for(input, key, outcome));
+                        continue;
+                    }
+                },
+            };
+            if waves.len() <= wave {
+                waves.push(Vec::new());
+            }
+            waves[wave].push((at, state_key));
+        }
+        let Some(mut states) = self
+            .load_state(inputs_of_key.into_keys().collect(), shutdown)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut changed: BTreeMap<String, StateChanges> = BTreeMap::new();
+        for wave in waves {
+            let calls = || {
+                wave.iter()
+                    .map(|(at, state_key)| {
+                        let index = indexes[*at];
+                        let input = batch[index].input().transform_input(&keys[index]);
+                        let state = state_key.as_ref().zip(self.settings.state.as_ref()).map(
+                            |(state_key, settings)| {
+                                let base = states[state_key].clone();
+                                StateView::new(state_key.clone(), base, settings.limits)
+                            },
+                        );
+                        Call { input, state }
+                    })
+                    .collect()
+            };
+            let Some(results) = self.run_wave(calls, shutdown).await? else {
+                return Ok(None);
+            };
+            for ((at, state_key), result) in wave.into_iter().zip(results) {
+                let index = indexes[at];
+                let (record, dead_letter) =
+                    self.record_for(batch[index].input(), &keys[index], result.outcome);
+                if let Some(state_key) = state_key
+                    && dead_letter.is_none()
+                    && !result.changes.is_empty()
+                {
+                    let state = states.get_mut(&state_key).expect("loaded for its inputs");
+                    Arc::make_mut(state).apply(&result.changes);
+                    changed.entry(state_key).or_default().extend(result.changes);
+                }
+                records[at] = Some((record, dead_letter));
+            }
+        }
+        Ok(Some(Executed {
+            records: records
+                .into_iter()
+                .map(|record| record.expect("every input has a record"))
+                .collect(),
+            state: changed.into_iter().collect(),
+        }))
+    }
+
+    /// The state of `keys`, read from the store, retrying transient faults. `None` on
+    /// shutdown first.
+    async fn load_state(
+        &self,
+        keys: Vec<String>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<HashMap<String, Arc<KeyState>>>, Fatal> {
+        // Without a store (which a stateful pipeline's configuration refuses) every key
+        // starts empty.
+        let Some(store) = self.store.as_ref().filter(|_| !keys.is_empty()) else {
+            return Ok(Some(
+                keys.into_iter().map(|key| (key, Arc::default())).collect(),
+            ));
+        };
+        let keys = Arc::new(keys);
+        let mut retrier = Retrier::new(Step::LoadState, self, shutdown);
+        loop {
+            let (store, loading) = (store.clone(), keys.clone());
+            let loaded = blocking(move || {
+                let refs: Vec<&str> = loading.iter().map(String::as_str).collect();
+                store.load_state(&refs)
+            });
+            match loaded.await {
+                Ok(states) => {
                     return Ok(Some(
-                        indexes
-                            .iter()
-                            .map(|&index| match batch[index].input().unreadable_headers {
-                                Some(_) => unreadable_outcome(index),
-                                None => outcomes.next().expect("an outcome per readable input"),
-                            })
+                        keys.iter()
+                            .cloned()
+                            .zip(states.into_iter().map(Arc::new))
                             .collect(),
                     ));
+                }
+                Err(error) if !error.is_transient() => return Err(fatal_store(error)),
+                Err(error) => {
+                    if !retrier.failed(error).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one wave of plugin calls, retrying while the runtime has no instance free.
+    /// `None` on shutdown first.
+    async fn run_wave(
+        &self,
+        calls: impl Fn() -> Vec<Call>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<CallResult>>, Fatal> {
+        let mut retrier = Retrier::new(Step::Execute, self, shutdown);
+        loop {
+            match self.runtime.run_all(calls()).await {
+                Ok(results) => {
+                    self.metrics.executed.inc_by(results.len() as u64);
+                    for result in &results {
+                        self.metrics
+                            .plugin_call_seconds
+                            .observe(result.cost.elapsed.as_secs_f64());
+                        self.metrics.plugin_fuel.observe(result.cost.fuel as f64);
+                    }
+                    return Ok(Some(results));
                 }
                 // Nothing was committed: when the host goes down, the batch is redelivered.
                 Err(RunError::Panicked(message)) => {
@@ -575,6 +678,7 @@ where
     async fn commit(
         &self,
         records: Vec<(String, Arc<DoneRecord>)>,
+        state: Vec<(String, StateChanges)>,
         shutdown: &CancellationToken,
     ) -> Result<bool, Fatal> {
         let Some(store) = &self.store else {
@@ -584,16 +688,21 @@ where
             return Ok(true);
         }
         let records = Arc::new(records);
+        let state = Arc::new(state);
         let mut retrier = Retrier::new(Step::Commit, self, shutdown);
         loop {
             let committing = store.clone();
-            let records = records.clone();
+            let (records, state) = (records.clone(), state.clone());
             let commit = blocking(move || {
                 let refs: Vec<(&str, &DoneRecord)> = records
                     .iter()
                     .map(|(key, record)| (key.as_str(), &**record))
                     .collect();
-                committing.commit(&refs)
+                let state: Vec<(&str, &StateChanges)> = state
+                    .iter()
+                    .map(|(key, changes)| (key.as_str(), changes))
+                    .collect();
+                committing.commit(&refs, &state)
             });
             match commit.await {
                 Ok(()) => return Ok(true),
@@ -756,7 +865,7 @@ where
                         )
                     })
                     .collect();
-                if !self.commit(records, shutdown).await? {
+                if !self.commit(records, Vec::new(), shutdown).await? {
                     return Ok(false);
                 }
                 self.metrics
@@ -1048,6 +1157,13 @@ struct CommittedBatch<D> {
     staged: Staged,
 }
 
+/// What executing a batch's new inputs gave: each one's record and the kind of dead letter
+/// it is, if it is one; and the state changes of the transformed ones, by state key.
+struct Executed {
+    records: Vec<(DoneRecord, Option<FailureKind>)>,
+    state: Vec<(String, StateChanges)>,
+}
+
 /// What the commit stage leaves for the publish stage.
 struct Staged {
     /// What to publish per input; `None` where nothing needs publishing.
@@ -1068,6 +1184,7 @@ enum Step {
     Commit,
     Publish,
     ReadOutbox,
+    LoadState,
 }
 
 impl Step {
@@ -1080,6 +1197,7 @@ impl Step {
             Step::Commit => "commit",
             Step::Publish => "publish",
             Step::ReadOutbox => "read-outbox",
+            Step::LoadState => "load-state",
         }
     }
 
@@ -1092,6 +1210,7 @@ impl Step {
             Step::Commit => "commit to the store",
             Step::Publish => "publish",
             Step::ReadOutbox => "read the outbox",
+            Step::LoadState => "load the state",
         }
     }
 }

@@ -2,7 +2,7 @@
 //! list, each in milliseconds, on tokio's paused clock (retries and keepalives advance it;
 //! no test sleeps on a real one).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use crate::metrics::PipelineMetrics;
 use crate::pipeline::{Fatal, Pipeline, Settings};
 use crate::policy::OutputPolicy;
 use crate::ports::{NoProbe, Point, Probe};
+use crate::state::{StateKeyRule, StateLimits, StateSettings};
 use crate::status::PipelineStatus;
 
 const BATCH: usize = 4;
@@ -35,6 +36,7 @@ fn pipeline<Pr: Probe>(
             input_stream: "IN".into(),
             consumer: "c".into(),
             ack_wait: Duration::from_secs(30),
+            state: None,
         },
         store: store.cloned(),
         publisher: FakePublisher {
@@ -553,4 +555,178 @@ async fn at_least_once_keeps_no_store_and_relies_on_the_window() {
             counts
         });
     assert_eq!(by_subject["dlq"], 2);
+}
+
+/// A stateful pipeline: each input's state key is its `Account` header.
+fn stateful<Pr: Probe>(
+    mut pipeline: Pipeline<FakeStore, FakePublisher, Arc<FakeRuntime>, Pr>,
+) -> Pipeline<FakeStore, FakePublisher, Arc<FakeRuntime>, Pr> {
+    pipeline.settings.state = Some(StateSettings {
+        key: StateKeyRule::parse("header:Account").unwrap(),
+        limits: StateLimits::default(),
+    });
+    pipeline
+}
+
+/// Transactions over three accounts, some of them overdrafts, as (account, amount).
+fn transactions(count: usize) -> Vec<(String, i64)> {
+    (0..count)
+        .map(|i| {
+            let account = format!("acct-{}", i * 7 % 3);
+            let amount = [40, -25, 10, -60, 5, -5][i * 5 % 6];
+            (account, amount)
+        })
+        .collect()
+}
+
+fn publish_transactions(world: &World, transactions: &[(String, i64)]) {
+    for (account, amount) in transactions {
+        world.publish_input_with_headers(&format!("{amount:+}"), &[("Account", account)]);
+    }
+}
+
+/// What the workload alone says: per input, its message id and the balance it outputs (or
+/// `None` for an overdraft's dead letter); and every account's final balance.
+type Model = (Vec<(String, Option<String>)>, BTreeMap<String, i64>);
+
+fn model(transactions: &[(String, i64)]) -> Model {
+    let mut balances: BTreeMap<String, i64> = BTreeMap::new();
+    let outputs = transactions
+        .iter()
+        .enumerate()
+        .map(|(index, (account, amount))| {
+            let key = format!("IN@1#{}", index + 1);
+            let balance = balances.entry(account.clone()).or_default();
+            if *balance + amount < 0 {
+                return (format!("p:{key}:dlq"), None);
+            }
+            *balance += amount;
+            (format!("p:{key}:0"), Some(balance.to_string()))
+        })
+        .collect();
+    (outputs, balances)
+}
+
+/// Every output exactly once with the model's balance at that point, every input acked,
+/// and the store's state the model's.
+fn assert_balances(world: &World, store: &FakeStore, transactions: &[(String, i64)]) {
+    let (outputs, balances) = model(transactions);
+    let mut stored: Vec<(String, Option<String>)> = world
+        .stored()
+        .into_iter()
+        .map(|m| {
+            let balance =
+                (m.subject != "dlq").then(|| String::from_utf8(m.payload.to_vec()).unwrap());
+            (m.msg_id, balance)
+        })
+        .collect();
+    stored.sort();
+    let mut expected = outputs;
+    expected.sort();
+    assert_eq!(
+        stored, expected,
+        "each balance exactly once, with the model's value"
+    );
+    assert_eq!(world.acked(), transactions.len(), "every input acked");
+    let state: BTreeMap<String, i64> = store
+        .state()
+        .into_iter()
+        .map(|(account, entries)| {
+            let balance = String::from_utf8(entries["balance"].clone()).unwrap();
+            (account, balance.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(state, balances, "the committed state is the model's");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_keys_inputs_see_the_state_the_ones_before_left_within_and_across_batches() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    let workload = transactions(30);
+    publish_transactions(&world, &workload);
+    let pipeline = stateful(default_pipeline(&world, &store, &runtime));
+    run_until_all_acked(&pipeline, &world).await;
+    assert_balances(&world, &store, &workload);
+    let overdrafts = model(&workload)
+        .0
+        .iter()
+        .filter(|(_, b)| b.is_none())
+        .count();
+    assert!(overdrafts > 0, "the workload has overdrafts");
+    assert_eq!(runtime.calls.load(Ordering::SeqCst), workload.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_state_a_crash_at_each_point_then_a_restart_leaves_state_and_outputs_consistent() {
+    for at in [
+        Point::Fetched,
+        Point::Executed,
+        Point::Committed,
+        Point::Published,
+        Point::Acked,
+    ] {
+        for nth in [1, 2, 3] {
+            let (world, store, runtime) =
+                (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+            let workload = transactions(24);
+            publish_transactions(&world, &workload);
+            let probe = CrashProbe::new(at, nth);
+            let crashed = probe.crashed.clone();
+            let killed = stateful(pipeline(
+                &world,
+                Some(&store),
+                &runtime,
+                probe,
+                DedupMode::StreamSequence,
+            ));
+            tokio::select! {
+                result = killed.run(FakeSource::new(&world, BATCH), CancellationToken::new()) => {
+                    panic!("the pipeline stopped on its own: {result:?}")
+                }
+                () = crashed.notified() => {}
+                () = world.all_acked() => panic!("{at:?} {nth}: never reached"),
+            }
+            drop(killed);
+            let restarted = stateful(default_pipeline(&world, &store, &runtime));
+            run_until_all_acked(&restarted, &world).await;
+            assert_balances(&world, &store, &workload);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_lettered_input_changes_no_state_and_one_without_a_key_is_invalid() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    world.publish_input_with_headers("+10", &[("Account", "a")]);
+    world.publish_input_with_headers("hoard", &[("Account", "a")]);
+    world.publish_inputs(&["+5"]);
+    world.publish_input_with_headers("-4", &[("Account", "a")]);
+    let pipeline = stateful(default_pipeline(&world, &store, &runtime));
+    run_until_all_acked(&pipeline, &world).await;
+    let stored = world.stored();
+    let kinds: Vec<(String, String)> = stored
+        .iter()
+        .map(|m| match m.subject.as_str() {
+            "dlq" => ("dlq".into(), DeadLetterHeaders::parse(&m.headers).kind),
+            _ => (
+                m.subject.clone(),
+                String::from_utf8(m.payload.to_vec()).unwrap(),
+            ),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("out.balance.a".to_owned(), "10".to_owned()),
+            ("dlq".into(), "state-limit".into()),
+            ("dlq".into(), "invalid-input".into()),
+            ("out.balance.a".into(), "6".into()),
+        ]
+    );
+    assert_eq!(store.state()["a"].keys().collect::<Vec<_>>(), ["balance"]);
+    assert_eq!(
+        runtime.calls.load(Ordering::SeqCst),
+        3,
+        "the input without a key never ran"
+    );
 }

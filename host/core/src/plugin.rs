@@ -4,6 +4,8 @@
 
 use sha2::{Digest, Sha256};
 
+use crate::state::{StateChanges, StateView};
+
 /// One input, as the plugin sees it.
 #[derive(Debug, Clone)]
 pub struct TransformInput {
@@ -59,11 +61,14 @@ pub enum FailureKind {
     /// The input's header block could not be read as headers (invalid UTF-8, a line without
     /// a colon, a bad header name): the plugin never saw it.
     UnreadableInput,
+    /// The plugin wrote more state than `[pipeline.state]` allows (an entry or a key too
+    /// large): the call ended there, and none of its changes applied.
+    StateLimit,
 }
 
 impl FailureKind {
     /// Every kind, in the order the docs list them.
-    pub const ALL: [FailureKind; 9] = [
+    pub const ALL: [FailureKind; 10] = [
         FailureKind::InvalidInput,
         FailureKind::PluginFailed,
         FailureKind::Trap,
@@ -73,6 +78,7 @@ impl FailureKind {
         FailureKind::StackOverflow,
         FailureKind::OutputRejected,
         FailureKind::UnreadableInput,
+        FailureKind::StateLimit,
     ];
 
     /// The stable name used in DLQ headers, fixtures and logs.
@@ -87,6 +93,7 @@ impl FailureKind {
             FailureKind::StackOverflow => "stack-overflow",
             FailureKind::OutputRejected => "output-rejected",
             FailureKind::UnreadableInput => "unreadable-input",
+            FailureKind::StateLimit => "state-limit",
         }
     }
 
@@ -105,6 +112,30 @@ pub struct CallCost {
     pub fuel: u64,
     /// Wall-clock time, instantiation included.
     pub elapsed: std::time::Duration,
+}
+
+/// One plugin call: an input and, in a stateful pipeline, its key's state as the inputs
+/// before it left it.
+#[derive(Debug)]
+pub struct Call {
+    pub input: TransformInput,
+    pub state: Option<StateView>,
+}
+
+impl Call {
+    /// A call of a pipeline without state.
+    pub fn stateless(input: TransformInput) -> Call {
+        Call { input, state: None }
+    }
+}
+
+/// What one plugin call gave back: its outcome, its cost, and the changes it made to its
+/// key's state (which apply only if the input is transformed).
+#[derive(Debug)]
+pub struct CallResult {
+    pub outcome: Outcome,
+    pub cost: CallCost,
+    pub changes: StateChanges,
 }
 
 /// The result of running one input through a plugin.

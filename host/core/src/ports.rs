@@ -5,8 +5,9 @@
 use std::future::Future;
 
 use crate::input::Input;
-use crate::plugin::{CallCost, Outcome, TransformInput};
+use crate::plugin::{Call, CallResult};
 use crate::record::{DoneRecord, OutboundMessage};
+use crate::state::{KeyState, StateChanges};
 
 /// A failure of an adapter, and whether retrying may heal it.
 pub trait Fault: std::error::Error + Send + Sync + 'static {
@@ -94,15 +95,21 @@ pub trait DedupStore: Send + Sync + 'static {
     /// The committed records of `keys`, in order; `None` for keys never committed (or
     /// forgotten after the retention).
     fn lookup(&self, keys: &[&str]) -> Result<Vec<Option<Committed>>, Self::Error>;
-    /// Durably records done inputs and their outbox entries (the whole record), all or
-    /// nothing, before returning.
-    fn commit(&self, records: &[(&str, &DoneRecord)]) -> Result<(), Self::Error>;
+    /// Durably records done inputs and their outbox entries (the whole record), and the
+    /// changes to the state of the keys in `state`, all or nothing, before returning.
+    fn commit(
+        &self,
+        records: &[(&str, &DoneRecord)],
+        state: &[(&str, &StateChanges)],
+    ) -> Result<(), Self::Error>;
     /// Narrows outbox entries to what is left to publish (`None`: nothing, the entry goes).
     fn narrow_outbox(&self, entries: &[(&str, Option<&DoneRecord>)]) -> Result<(), Self::Error>;
     /// Removes outbox entries whose messages are all acknowledged.
     fn clear_outbox(&self, keys: &[&str]) -> Result<(), Self::Error>;
     /// Every outbox entry: what was committed but not known to be published.
     fn pending_outbox(&self) -> Result<Vec<(String, DoneRecord)>, Self::Error>;
+    /// The state of each of `keys`, in order (empty for a key never written).
+    fn load_state(&self, keys: &[&str]) -> Result<Vec<KeyState>, Self::Error>;
     /// Makes the store writable again after a failed write.
     fn reopen(&self) -> Result<(), Self::Error>;
 }
@@ -123,12 +130,12 @@ pub enum RunError {
 pub trait PluginRuntime: Send + Sync + 'static {
     /// The sha256 of the plugin, recorded with every dead letter.
     fn sha256(&self) -> &str;
-    /// Runs each input in a fresh instance; the outcomes, with what each call cost, are in
-    /// input order.
+    /// Runs each call in a fresh instance; the results are in call order. No two calls
+    /// share a state key: each may change its key's state.
     fn run_all(
         &self,
-        inputs: Vec<TransformInput>,
-    ) -> impl Future<Output = Result<Vec<(Outcome, CallCost)>, RunError>> + Send;
+        calls: Vec<Call>,
+    ) -> impl Future<Output = Result<Vec<CallResult>, RunError>> + Send;
 }
 
 impl<T: PluginRuntime> PluginRuntime for std::sync::Arc<T> {
@@ -138,9 +145,9 @@ impl<T: PluginRuntime> PluginRuntime for std::sync::Arc<T> {
 
     fn run_all(
         &self,
-        inputs: Vec<TransformInput>,
-    ) -> impl Future<Output = Result<Vec<(Outcome, CallCost)>, RunError>> + Send {
-        (**self).run_all(inputs)
+        calls: Vec<Call>,
+    ) -> impl Future<Output = Result<Vec<CallResult>, RunError>> + Send {
+        (**self).run_all(calls)
     }
 }
 

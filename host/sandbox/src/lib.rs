@@ -22,9 +22,12 @@ use wasmtime::{
     ResourceLimiter, Store, Trap,
 };
 
-use weir_core::plugin::{CallCost, FailureKind, Outcome, PluginOutput, TransformInput, sha256_hex};
+use weir_core::plugin::{
+    Call, CallCost, CallResult, FailureKind, Outcome, PluginOutput, TransformInput, sha256_hex,
+};
 use weir_core::ports::PluginRuntime;
 pub use weir_core::ports::RunError;
+use weir_core::state::StateChanges;
 
 use serde::Deserialize;
 
@@ -476,11 +479,8 @@ impl PluginRuntime for Plugin {
         Plugin::sha256(self)
     }
 
-    async fn run_all(
-        &self,
-        inputs: Vec<TransformInput>,
-    ) -> Result<Vec<(Outcome, CallCost)>, RunError> {
-        Plugin::run_all(self, inputs).await
+    async fn run_all(&self, calls: Vec<Call>) -> Result<Vec<CallResult>, RunError> {
+        Plugin::run_all(self, calls).await
     }
 }
 
@@ -529,20 +529,18 @@ impl Plugin {
         self.run_measured(input).0
     }
 
-    /// Runs each input in a fresh instance, spread over the sandbox's threads (blocking
+    /// Runs each call in a fresh instance, spread over the sandbox's threads (blocking
     /// threads of the tokio runtime it is awaited in, at most `sandbox.threads` calls at once
-    /// across all pipelines). The outcomes, with what each call cost, are in input order.
-    pub async fn run_all(
-        &self,
-        inputs: Vec<TransformInput>,
-    ) -> Result<Vec<(Outcome, CallCost)>, RunError> {
-        let count = inputs.len();
+    /// across all pipelines). The results are in call order. A component of contract 0.1.0
+    /// has no access to state: its calls change none.
+    pub async fn run_all(&self, calls: Vec<Call>) -> Result<Vec<CallResult>, RunError> {
+        let count = calls.len();
         let width = self.share.as_ref().unwrap_or(&self.threads).count;
         let per_thread = count.div_ceil(width).max(MIN_INPUTS_PER_THREAD);
-        let mut inputs = inputs.into_iter().peekable();
+        let mut calls = calls.into_iter().peekable();
         let mut shares = Vec::new();
-        while inputs.peek().is_some() {
-            let share: Vec<TransformInput> = inputs.by_ref().take(per_thread).collect();
+        while calls.peek().is_some() {
+            let share: Vec<Call> = calls.by_ref().take(per_thread).collect();
             let plugin = self.clone();
             shares.push(async move {
                 // The pipeline's share first, then a thread of the sandbox's: a pipeline at
@@ -568,14 +566,17 @@ impl Plugin {
                 tokio::task::spawn_blocking(move || {
                     share
                         .into_iter()
-                        .map(|input| {
-                            plugin.try_run(input).map(|(outcome, usage)| {
-                                let cost = CallCost {
-                                    fuel: usage.fuel,
-                                    elapsed: usage.elapsed,
-                                };
-                                (outcome, cost)
-                            })
+                        .map(|call| {
+                            plugin
+                                .try_run(call.input)
+                                .map(|(outcome, usage)| CallResult {
+                                    outcome,
+                                    cost: CallCost {
+                                        fuel: usage.fuel,
+                                        elapsed: usage.elapsed,
+                                    },
+                                    changes: StateChanges::new(),
+                                })
                         })
                         .collect::<Result<Vec<_>, RunError>>()
                 })
@@ -1019,7 +1020,7 @@ mod tests {
             .load(&hostile_plugin(), &limits)
             .expect("scripts/build-plugins.sh built plugins/dist/hostile.wasm")
             .with_thread_share(1);
-        let inputs = (0..64).map(|i| input("loop", i)).collect();
+        let inputs = (0..64).map(|i| Call::stateless(input("loop", i))).collect();
         let running = tokio::spawn(async move { spinning.run_all(inputs).await });
         // Its calls start (the state itself is awaited), holding one thread of the two.
         while sandbox.threads.permits.available_permits() == 2 {
@@ -1035,19 +1036,22 @@ mod tests {
             .load(&hostile_plugin(), &limits)
             .unwrap()
             .with_thread_share(1);
-        let outcomes = other.run_all(vec![input("fine", 1)]).await.unwrap();
+        let results = other
+            .run_all(vec![Call::stateless(input("fine", 1))])
+            .await
+            .unwrap();
         assert!(
-            matches!(outcomes[0].0, Outcome::Outputs(_)),
+            matches!(results[0].outcome, Outcome::Outputs(_)),
             "{:?}",
-            outcomes[0]
+            results[0]
         );
         assert!(
             !running.is_finished(),
             "the other call did not wait for the spinning ones"
         );
         let spun = running.await.unwrap().unwrap();
-        assert!(spun.iter().all(|(outcome, _cost)| matches!(
-            outcome,
+        assert!(spun.iter().all(|result| matches!(
+            result.outcome,
             Outcome::Failed {
                 kind: FailureKind::FuelExhausted,
                 ..

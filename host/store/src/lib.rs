@@ -15,6 +15,10 @@
 //!   holds its own copy so that retention, which drops old `done` entries, can never drop an
 //!   output that was not yet published.
 //!
+//! - `state`: a stateful pipeline's state, one RocksDB key per entry: the state key's length
+//!   (4 bytes, big-endian), the state key, the entry's name → its value. Written with the
+//!   commit of the inputs that changed it, so that state and outputs never disagree.
+//!
 //! All of a batch's writes go into one `WriteBatch` written with sync on: one fsync per
 //! batch, and either every input of the batch is committed or none is. A lock on the file
 //! `weir.lock` in the directory (taken before RocksDB opens it) keeps a second process from
@@ -32,9 +36,11 @@ use rocksdb::{
 
 use weir_core::ports::{Committed, DedupStore, Fault};
 use weir_core::record::DoneRecord;
+use weir_core::state::{KeyState, StateChanges};
 
 const DONE: &str = "done";
 const OUTBOX: &str = "outbox";
+const STATE: &str = "state";
 
 /// A store failure. `Locked` and `Open` stop the host at start; `Io` and `Closed` at run
 /// time are retried, after reopening the database (nothing is acked until a commit
@@ -258,8 +264,13 @@ impl Store {
         })
     }
 
-    /// Durably records a batch of done inputs and their outbox entries, in one synced write.
-    pub fn commit(&self, records: &[(&str, &DoneRecord)]) -> Result<(), StoreError> {
+    /// Durably records a batch of done inputs and their outbox entries, and the state they
+    /// changed, in one synced write.
+    pub fn commit(
+        &self,
+        records: &[(&str, &DoneRecord)],
+        state: &[(&str, &StateChanges)],
+    ) -> Result<(), StoreError> {
         let committed_ms = unix_millis().to_be_bytes();
         self.with_db("commit", |db| {
             let mut batch = WriteBatch::default();
@@ -268,12 +279,50 @@ impl Store {
                 batch.put_cf(family(db, DONE), key.as_bytes(), &value);
                 batch.put_cf(family(db, OUTBOX), key.as_bytes(), value);
             }
+            for (state_key, changes) in state {
+                for (name, change) in changes.iter() {
+                    let entry = state_entry_key(state_key, name);
+                    match change {
+                        Some(value) => batch.put_cf(family(db, STATE), entry, value),
+                        None => batch.delete_cf(family(db, STATE), entry),
+                    }
+                }
+            }
             let mut options = WriteOptions::default();
             options.set_sync(true);
             db.write_opt(batch, &options).map_err(|e| StoreError::Io {
                 operation: "commit",
                 source: e,
             })
+        })
+    }
+
+    /// The entries of each state key, in order (none for a key never written).
+    pub fn load_state(&self, keys: &[&str]) -> Result<Vec<KeyState>, StoreError> {
+        self.with_db("state read", |db| {
+            keys.iter()
+                .map(|state_key| {
+                    let prefix = state_entry_key(state_key, "");
+                    let mut entries = Vec::new();
+                    let from = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+                    for entry in db.iterator_cf(family(db, STATE), from) {
+                        let (key, value) = entry.map_err(|e| StoreError::Io {
+                            operation: "state read",
+                            source: e,
+                        })?;
+                        let Some(name) = key.strip_prefix(prefix.as_slice()) else {
+                            break;
+                        };
+                        let name =
+                            String::from_utf8(name.to_vec()).map_err(|_| StoreError::Corrupt {
+                                key: (*state_key).to_owned(),
+                                message: "a state entry's name is not UTF-8".into(),
+                            })?;
+                        entries.push((name, value.into_vec()));
+                    }
+                    Ok(KeyState::from_entries(entries))
+                })
+                .collect()
         })
     }
 
@@ -343,8 +392,16 @@ impl DedupStore for Store {
         Store::lookup(self, keys)
     }
 
-    fn commit(&self, records: &[(&str, &DoneRecord)]) -> Result<(), StoreError> {
-        Store::commit(self, records)
+    fn commit(
+        &self,
+        records: &[(&str, &DoneRecord)],
+        state: &[(&str, &StateChanges)],
+    ) -> Result<(), StoreError> {
+        Store::commit(self, records, state)
+    }
+
+    fn load_state(&self, keys: &[&str]) -> Result<Vec<KeyState>, StoreError> {
+        Store::load_state(self, keys)
     }
 
     fn narrow_outbox(&self, entries: &[(&str, Option<&DoneRecord>)]) -> Result<(), StoreError> {
@@ -367,8 +424,9 @@ impl DedupStore for Store {
 /// Each memtable of each column family (RocksDB keeps up to two per family).
 const MEMTABLE_BYTES: usize = 16 << 20;
 
-/// The outbox holds a batch or two at a time: small memtables, the shared cache.
-fn outbox_options(cache: &Cache) -> Options {
+/// The outbox (a batch or two at a time) and the state: tables read through the shared
+/// cache, memtables as the `done` family's.
+fn cached_options(cache: &Cache) -> Options {
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(cache);
     let mut options = Options::default();
@@ -427,7 +485,9 @@ fn open_db(path: &Path, settings: StoreSettings) -> Result<DB, StoreError> {
     );
     let families = [
         ColumnFamilyDescriptor::new(DONE, done_options),
-        ColumnFamilyDescriptor::new(OUTBOX, outbox_options(&cache)),
+        ColumnFamilyDescriptor::new(OUTBOX, cached_options(&cache)),
+        // A store from before state gains the family when it opens.
+        ColumnFamilyDescriptor::new(STATE, cached_options(&cache)),
     ];
     // weir.lock is held: RocksDB's own LOCK can only be contended by a process that is not
     // weir, and then its error says so.
@@ -471,6 +531,16 @@ fn family<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
     // Both families are created by `open_db`; a missing one is a bug, not an input.
     db.cf_handle(name)
         .expect("open_db creates every column family")
+}
+
+/// The RocksDB key of entry `name` of `state_key`: the state key's length first, so that
+/// no key's entries run into another's.
+fn state_entry_key(state_key: &str, name: &str) -> Vec<u8> {
+    let mut entry = Vec::with_capacity(4 + state_key.len() + name.len());
+    entry.extend_from_slice(&(state_key.len() as u32).to_be_bytes());
+    entry.extend_from_slice(state_key.as_bytes());
+    entry.extend_from_slice(name.as_bytes());
+    entry
 }
 
 /// The commit time at the front of a `done` value.
@@ -586,7 +656,7 @@ mod tests {
         {
             let store = Store::open(dir.path(), settings(Duration::from_secs(3600))).unwrap();
             let (a, b) = (record(b"a"), record(b"b"));
-            store.commit(&[("k1", &a), ("k2", &b)]).unwrap();
+            store.commit(&[("k1", &a), ("k2", &b)], &[]).unwrap();
             store.clear_outbox(&["k1"]).unwrap();
         }
         let store = Store::open(dir.path(), settings(Duration::from_secs(3600))).unwrap();
@@ -609,12 +679,46 @@ mod tests {
     }
 
     #[test]
+    fn state_commits_with_its_records_per_key_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let changes = |entries: &[(&str, Option<&str>)]| -> StateChanges {
+            entries
+                .iter()
+                .map(|&(name, value)| (name.to_owned(), value.map(|v| v.as_bytes().to_vec())))
+                .collect()
+        };
+        {
+            let store = Store::open(dir.path(), settings(Duration::from_secs(3600))).unwrap();
+            let first = changes(&[("balance", Some("10")), ("seen", Some("1"))]);
+            // Key "a" and key "ab" must not read each other's entries.
+            let other = changes(&[("balance", Some("99"))]);
+            store
+                .commit(&[("k1", &record(b"a"))], &[("a", &first), ("ab", &other)])
+                .unwrap();
+            let second = changes(&[("balance", Some("6")), ("seen", None)]);
+            store
+                .commit(&[("k2", &record(b"b"))], &[("a", &second)])
+                .unwrap();
+        }
+        let store = Store::open(dir.path(), settings(Duration::from_secs(3600))).unwrap();
+        let loaded = store.load_state(&["a", "ab", "never"]).unwrap();
+        assert_eq!(
+            loaded,
+            [
+                KeyState::from_entries([("balance".to_owned(), b"6".to_vec())]),
+                KeyState::from_entries([("balance".to_owned(), b"99".to_vec())]),
+                KeyState::default(),
+            ]
+        );
+    }
+
+    #[test]
     fn records_older_than_the_retention_count_as_absent_and_compact_away() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), settings(Duration::from_millis(300))).unwrap();
         let (old, published) = (record(b"old"), record(b"published"));
         store
-            .commit(&[("old", &old), ("published", &published)])
+            .commit(&[("old", &old), ("published", &published)], &[])
             .unwrap();
         store.clear_outbox(&["published"]).unwrap();
         assert!(
@@ -623,7 +727,7 @@ mod tests {
         );
         std::thread::sleep(Duration::from_millis(400));
         let young = record(b"young");
-        store.commit(&[("young", &young)]).unwrap();
+        store.commit(&[("young", &young)], &[]).unwrap();
         let found = store.lookup(&["old", "published", "young"]).unwrap();
         assert_eq!(found[0], None, "expired");
         assert_eq!(found[1], None, "expired");
@@ -662,7 +766,7 @@ mod tests {
             msg_id: "weir:p:k:1".into(),
             ..two.messages[0].clone()
         });
-        store.commit(&[("k", &two), ("done", &two)]).unwrap();
+        store.commit(&[("k", &two), ("done", &two)], &[]).unwrap();
         let rest = DoneRecord {
             disposition: two.disposition,
             messages: two.messages[1..].to_vec(),

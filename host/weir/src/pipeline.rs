@@ -151,6 +151,8 @@ impl Pipeline {
                 input_stream: config.input.stream.clone(),
                 consumer: config.input.consumer.clone(),
                 ack_wait: Duration::from_millis(config.input.ack_wait_ms),
+                // Contract 0.1.0, the only one the sandbox runs yet, has no state.
+                state: None,
             },
             policy: OutputPolicy {
                 pipeline: config.name.clone(),

@@ -891,7 +891,7 @@ fn store_scale(count: usize) {
         let keys: Vec<String> = (start..(start + batch_size).min(count)).map(key).collect();
         let records: Vec<(&str, &DoneRecord)> =
             keys.iter().map(|k| (k.as_str(), &record)).collect();
-        store.commit(&records).expect("commit");
+        store.commit(&records, &[]).expect("commit");
         store
             .clear_outbox(&keys.iter().map(String::as_str).collect::<Vec<_>>())
             .expect("clear the outbox");

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use weir_core::plugin::{FailureKind, Outcome, PluginOutput, TransformInput};
+use weir_core::plugin::{Call, FailureKind, Outcome, PluginOutput, TransformInput};
 use weir_sandbox::LimitsConfig;
 use weir_sandbox::Sandbox;
 use weir_tests::*;
@@ -285,11 +285,11 @@ async fn a_batch_spread_over_threads_comes_back_in_input_order() {
             .await
             .unwrap();
     let spread: Vec<Outcome> = orders
-        .run_all(inputs)
+        .run_all(inputs.into_iter().map(Call::stateless).collect())
         .await
         .expect("no call panics")
         .into_iter()
-        .map(|(outcome, _cost)| outcome)
+        .map(|result| result.outcome)
         .collect();
     assert_eq!(spread, one_by_one);
     assert!(
