@@ -49,7 +49,7 @@ for app in "$repo"/plugins/*-py/app.py; do
   dir=$(dirname "$app")
   name=$(basename "$dir")
   # componentize-py reads the module from the working directory (its __pycache__ is ignored).
-  (cd "$dir" && "$componentize" --wit-path "$repo/wit" --world plugin \
+  (cd "$dir" && "$componentize" --wit-path "$repo/wit/0.1.0" --world plugin \
     componentize app --output "$out/$name.wasm" >/dev/null)
   printf 'build-plugins: %-28s %9d bytes\n' "plugins/dist/$name.wasm" "$(stat -c %s "$out/$name.wasm")"
 done

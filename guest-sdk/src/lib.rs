@@ -51,7 +51,7 @@
 //! assert!(matches!(Welcomer::transform(bad), Err(TransformError::InvalidInput(_))));
 //! ```
 //!
-//! The contract these types come from is `wit/transform.wit` (`weir:transform@0.1.0`).
+//! The contract these types come from is `wit/0.1.0/transform.wit` (`weir:transform@0.1.0`).
 #![no_std]
 #![warn(missing_docs)]
 
@@ -72,7 +72,7 @@ pub use wit_bindgen as __wit_bindgen;
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "../wit/0.1.0",
         world: "plugin",
         pub_export_macro: true,
         export_macro_name: "__export_plugin",

@@ -185,7 +185,7 @@ impl OutputPolicy {
 }
 
 /// What an output counts against `limits.max_output_bytes`.
-fn output_bytes(output: &PluginOutput) -> usize {
+pub fn output_bytes(output: &PluginOutput) -> usize {
     output.subject.len()
         + output.payload.len()
         + output

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig,
     ResourceLimiter, Store, Trap,
@@ -27,7 +27,7 @@ use weir_core::plugin::{
 };
 use weir_core::ports::PluginRuntime;
 pub use weir_core::ports::RunError;
-use weir_core::state::StateChanges;
+use weir_core::state::{StateChanges, StateView};
 
 use serde::Deserialize;
 
@@ -38,17 +38,13 @@ pub mod harness;
 pub use compile::{Compiler, child_main as compile_child_main};
 mod wasi;
 
-mod bindings {
-    wasmtime::component::bindgen!({
-        path: "../../wit",
-        world: "plugin",
-    });
-}
+mod contract;
 
-use bindings::exports::weir::transform::transformer::{Message, Output, TransformError};
+use contract::{Refusal, v1, v2};
+pub use contract::{V1_EXPORT, V2_EXPORT};
 
-/// The contract version this host speaks, as it appears in a plugin's export name.
-pub const CONTRACT_EXPORT: &str = "weir:transform/transformer@0.1.0";
+/// The contracts this host runs, as their exports are named, oldest first.
+pub const CONTRACT_EXPORTS: [&str; 2] = [V1_EXPORT, V2_EXPORT];
 
 /// How much of each used memory and table slot stays resident between instances: enough
 /// for what a typical Rust plugin touches (about 1 MiB), so that a fresh instance is reset
@@ -131,7 +127,8 @@ pub enum LoadError {
         imports: String,
     },
     #[error(
-        "plugin {path:?} does not export {CONTRACT_EXPORT} (it exports: {exports}): build it against weir's wit/ contract with the weir guest SDK"
+        "plugin {path:?} does not export {} (the contracts this weir runs; it exports: {exports}): build it against weir's wit/ contract with the weir guest SDK",
+        CONTRACT_EXPORTS.join(" or ")
     )]
     MissingExport {
         path: std::path::PathBuf,
@@ -145,10 +142,11 @@ pub enum LoadError {
         reason: String,
     },
     #[error(
-        "plugin {path:?} exports {CONTRACT_EXPORT} with a different shape than this host's contract: {reason}"
+        "plugin {path:?} exports {export} with a different shape than this host's contract: {reason}"
     )]
     Mismatch {
         path: std::path::PathBuf,
+        export: &'static str,
         reason: String,
     },
 }
@@ -395,7 +393,7 @@ impl Sandbox {
             .collect();
         let foreign: Vec<String> = imports
             .iter()
-            .filter(|name| !wasi::provides(name))
+            .filter(|name| !wasi::provides(name) && !contract::provides(name))
             .map(|name| format!("`{name}`"))
             .collect();
         if !foreign.is_empty() {
@@ -408,7 +406,12 @@ impl Sandbox {
             .exports(&self.engine)
             .map(|(name, _)| name.to_owned())
             .collect();
-        if !exports.iter().any(|name| name == CONTRACT_EXPORT) {
+        // The newest contract a component exports is the one it speaks.
+        let Some(export) = CONTRACT_EXPORTS
+            .into_iter()
+            .rev()
+            .find(|contract| exports.iter().any(|name| name == contract))
+        else {
             let exports = if exports.is_empty() {
                 "nothing".to_owned()
             } else {
@@ -418,21 +421,30 @@ impl Sandbox {
                 path: path.to_owned(),
                 exports,
             });
-        }
+        };
+        let mismatch = |e: wasmtime::Error| LoadError::Mismatch {
+            path: path.to_owned(),
+            export,
+            reason: one_line(&format!("{e:#}")),
+        };
         let mut linker: Linker<CallState> = Linker::new(&self.engine);
-        if !imports.is_empty() {
-            wasi::add_to_linker(&mut linker).map_err(|e| LoadError::Mismatch {
-                path: path.to_owned(),
-                reason: one_line(&format!("{e:#}")),
-            })?;
+        if imports.iter().any(|name| wasi::provides(name)) {
+            wasi::add_to_linker(&mut linker).map_err(mismatch)?;
         }
-        let pre = linker
-            .instantiate_pre(&component)
-            .and_then(bindings::PluginPre::new)
-            .map_err(|e| LoadError::Mismatch {
-                path: path.to_owned(),
-                reason: one_line(&format!("{e:#}")),
-            })?;
+        let instance_pre = if export == V2_EXPORT {
+            v2::Plugin::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| state)
+                .map_err(mismatch)?;
+            linker
+                .instantiate_pre(&component)
+                .and_then(v2::PluginPre::new)
+                .map(Pre::V2)
+        } else {
+            linker
+                .instantiate_pre(&component)
+                .and_then(v1::PluginPre::new)
+                .map(Pre::V1)
+        };
+        let pre = instance_pre.map_err(mismatch)?;
         let plugin = Plugin {
             engine: self.engine.clone(),
             pre,
@@ -444,19 +456,23 @@ impl Sandbox {
         // Instantiate once now, so that a component that can never start (a memory larger
         // than the limit, a start function that traps) is refused at load, not per message.
         // The export's types are checked apart, after: a mismatch is not a limit.
-        let mut store = plugin.new_store(wasi::Inputs::default());
-        let instance = plugin
-            .pre
-            .instance_pre()
-            .instantiate(&mut store)
-            .map_err(|e| LoadError::Instantiate {
-                path: path.to_owned(),
-                reason: one_line(&format!("{e:#}")),
-            })?;
-        bindings::Plugin::new(&mut store, &instance).map_err(|e| LoadError::Mismatch {
-            path: path.to_owned(),
-            reason: one_line(&format!("{e:#}")),
-        })?;
+        let mut store = plugin.new_store(wasi::Inputs::default(), None);
+        let instance_pre = match &plugin.pre {
+            Pre::V1(pre) => pre.instance_pre(),
+            Pre::V2(pre) => pre.instance_pre(),
+        };
+        let instance =
+            instance_pre
+                .instantiate(&mut store)
+                .map_err(|e| LoadError::Instantiate {
+                    path: path.to_owned(),
+                    reason: one_line(&format!("{e:#}")),
+                })?;
+        match &plugin.pre {
+            Pre::V1(_) => v1::Plugin::new(&mut store, &instance).map(drop),
+            Pre::V2(_) => v2::Plugin::new(&mut store, &instance).map(drop),
+        }
+        .map_err(mismatch)?;
         Ok(plugin)
     }
 }
@@ -465,13 +481,22 @@ impl Sandbox {
 #[derive(Clone)]
 pub struct Plugin {
     engine: Engine,
-    pre: bindings::PluginPre<CallState>,
+    pre: Pre,
     sha256: String,
     limits: LimitsConfig,
     /// The calls that may run at once across all pipelines (`sandbox.threads`).
     threads: Arc<Threads>,
     /// The calls this plugin's pipeline may run at once, if it is held to a share.
     share: Option<Arc<Threads>>,
+}
+
+/// A component ready to instantiate, by the contract it speaks.
+#[derive(Clone)]
+enum Pre {
+    /// Returns its outputs; keeps no state.
+    V1(v1::PluginPre<CallState>),
+    /// Emits its outputs; reads and writes its key's state.
+    V2(v2::PluginPre<CallState>),
 }
 
 impl PluginRuntime for Plugin {
@@ -512,6 +537,15 @@ impl Plugin {
     /// The hex sha256 of the component file, recorded with every dead letter.
     pub fn sha256(&self) -> &str {
         &self.sha256
+    }
+
+    /// The export of the contract the plugin speaks: `weir:transform/transformer@0.1.0` or
+    /// `@0.2.0`.
+    pub fn contract(&self) -> &'static str {
+        match self.pre {
+            Pre::V1(_) => V1_EXPORT,
+            Pre::V2(_) => V2_EXPORT,
+        }
     }
 
     /// The limits this plugin runs under.
@@ -568,14 +602,14 @@ impl Plugin {
                         .into_iter()
                         .map(|call| {
                             plugin
-                                .try_run(call.input)
-                                .map(|(outcome, usage)| CallResult {
+                                .try_run(call)
+                                .map(|(outcome, usage, changes)| CallResult {
                                     outcome,
                                     cost: CallCost {
                                         fuel: usage.fuel,
                                         elapsed: usage.elapsed,
                                     },
-                                    changes: StateChanges::new(),
+                                    changes,
                                 })
                         })
                         .collect::<Result<Vec<_>, RunError>>()
@@ -596,8 +630,8 @@ impl Plugin {
     pub fn run_measured(&self, input: TransformInput) -> (Outcome, Usage) {
         let mut pause = Duration::from_millis(1);
         loop {
-            match self.try_run(input.clone()) {
-                Ok(measured) => return measured,
+            match self.try_run(Call::stateless(input.clone())) {
+                Ok((outcome, usage, _changes)) => return (outcome, usage),
                 Err(_) => {
                     thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(100));
@@ -606,30 +640,39 @@ impl Plugin {
         }
     }
 
-    /// Runs one input in a fresh instance; `Err` only when the engine has no instance,
-    /// memory or table free for it, which is the host's fault, never the input's.
-    fn try_run(&self, input: TransformInput) -> Result<(Outcome, Usage), RunError> {
+    /// Runs one call in a fresh instance: its outcome, what it used and its state changes.
+    /// `Err` only when the engine has no instance, memory or table free for it, which is the
+    /// host's fault, never the input's.
+    fn try_run(&self, call: Call) -> Result<(Outcome, Usage, StateChanges), RunError> {
         let started = std::time::Instant::now();
-        let mut store = self.new_store(wasi::Inputs::of(&input));
-        let message = message_of(input);
-        let plugin = match self.pre.instantiate(&mut store) {
-            Ok(plugin) => plugin,
+        let dedup_key = call.input.dedup_key.clone();
+        let mut store = self.new_store(wasi::Inputs::of(&call.input), call.state);
+        let instantiated = match &self.pre {
+            Pre::V1(pre) => pre.instantiate(&mut store).map(Instance::V1),
+            Pre::V2(pre) => pre.instantiate(&mut store).map(Instance::V2),
+        };
+        let outcome = match instantiated {
+            Ok(instance) => {
+                let result = instance.call(&mut store, call.input);
+                self.outcome(&mut store, result)
+            }
             Err(error) if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
                 return Err(RunError::Exhausted(one_line(&format!("{error:#}"))));
             }
-            Err(error) => {
-                return Ok((
-                    self.outcome(&store, Err(error)),
-                    self.usage(&store, started),
-                ));
-            }
+            Err(error) => self.outcome(&mut store, Err(error)),
         };
-        let result = plugin
-            .weir_transform_transformer()
-            .call_transform(&mut store, &message);
-        let outcome = self.outcome(&store, result);
-        store.data().wasi.log_output(&message.dedup_key);
-        Ok((outcome, self.usage(&store, started)))
+        store.data().wasi.log_output(&dedup_key);
+        let usage = self.usage(&store, started);
+        let changes = match &outcome {
+            Outcome::Outputs(_) => store
+                .data_mut()
+                .state
+                .take()
+                .map(StateView::into_changes)
+                .unwrap_or_default(),
+            Outcome::Failed { .. } => StateChanges::new(),
+        };
+        Ok((outcome, usage, changes))
     }
 
     fn usage(&self, store: &Store<CallState>, started: std::time::Instant) -> Usage {
@@ -641,62 +684,56 @@ impl Plugin {
     }
 
     /// Runs an input twice in one instance and returns the second call's outcome. WASI's
-    /// clocks and generators are rewound in between, and the fuel and deadline renewed, so a
-    /// plugin that keeps no state between calls gives what it gives in a fresh instance. The
-    /// harness's determinism check uses it to catch plugins whose results depend on earlier
-    /// calls; the pipeline itself never reuses an instance.
+    /// clocks and generators are rewound in between, the fuel and deadline renewed, and what
+    /// the first call emitted or wrote forgotten, so a plugin that keeps no state of its own
+    /// between calls gives what it gives in a fresh instance. The harness's determinism
+    /// check uses it to catch plugins whose results depend on earlier calls; the pipeline
+    /// itself never reuses an instance.
     ///
     /// `None` when the comparison would prove nothing: the second call drew random bytes,
     /// and a runtime that lazily initialises itself in its first call (CPython does) draws
     /// them at a different point of the stream than a fresh instance would.
     pub fn run_in_used_instance(&self, input: TransformInput) -> Option<Outcome> {
-        let mut store = self.new_store(wasi::Inputs::of(&input));
-        let message = message_of(input);
-        let plugin = match self.pre.instantiate(&mut store) {
-            Ok(plugin) => plugin,
-            Err(error) => return Some(self.outcome(&store, Err(error))),
+        let mut store = self.new_store(wasi::Inputs::of(&input), None);
+        let instantiated = match &self.pre {
+            Pre::V1(pre) => pre.instantiate(&mut store).map(Instance::V1),
+            Pre::V2(pre) => pre.instantiate(&mut store).map(Instance::V2),
         };
-        let transformer = plugin.weir_transform_transformer();
+        let instance = match instantiated {
+            Ok(instance) => instance,
+            Err(error) => return Some(self.outcome(&mut store, Err(error))),
+        };
         store.data_mut().wasi.checkpoint();
-        let first = transformer.call_transform(&mut store, &message);
+        let first = instance.call(&mut store, input.clone());
         if first.is_err() {
             // A trap leaves the instance unusable; the fresh run saw the same trap.
-            return Some(self.outcome(&store, first));
+            return Some(self.outcome(&mut store, first));
         }
         store.data_mut().wasi.rewind();
+        store.data_mut().forget_call();
         self.renew_budget(&mut store);
-        let second = transformer.call_transform(&mut store, &message);
+        let second = instance.call(&mut store, input);
         if store.data().wasi.drew_randomness() {
             return None;
         }
-        Some(self.outcome(&store, second))
+        Some(self.outcome(&mut store, second))
     }
 
     /// What a call's result means, in weir's terms.
     fn outcome(
         &self,
-        store: &Store<CallState>,
-        result: wasmtime::Result<Result<Vec<Output>, TransformError>>,
+        store: &mut Store<CallState>,
+        result: wasmtime::Result<Result<Vec<PluginOutput>, Refusal>>,
     ) -> Outcome {
         match result {
             // The output policy (weir-core) judges the outputs: the sandbox only runs.
-            Ok(Ok(outputs)) => Outcome::Outputs(
-                outputs
-                    .into_iter()
-                    .map(|o| PluginOutput {
-                        subject: o.subject,
-                        headers: o.headers,
-                        payload: o.payload,
-                    })
-                    .collect(),
-            ),
-            Ok(Err(TransformError::InvalidInput(reason))) => {
-                Outcome::failed(FailureKind::InvalidInput, reason)
-            }
-            Ok(Err(TransformError::PluginFailed(reason))) => {
-                Outcome::failed(FailureKind::PluginFailed, reason)
-            }
+            Ok(Ok(outputs)) => Outcome::Outputs(outputs),
+            Ok(Err(Refusal { kind, reason })) => Outcome::failed(kind, reason),
             Err(error) => {
+                // A host function that ended the call said why.
+                if let Some(Refusal { kind, reason }) = store.data_mut().refusal.take() {
+                    return Outcome::failed(kind, reason);
+                }
                 let kind = if store.data().memory_denied {
                     FailureKind::MemoryLimit
                 } else {
@@ -731,8 +768,9 @@ impl Plugin {
         }
     }
 
-    /// A store for one call, with this plugin's fuel, deadline and memory limit.
-    fn new_store(&self, wasi_inputs: wasi::Inputs) -> Store<CallState> {
+    /// A store for one call, with this plugin's fuel, deadline and memory and output limits,
+    /// and the state of the input's key, if its pipeline keeps state.
+    fn new_store(&self, wasi_inputs: wasi::Inputs, state: Option<StateView>) -> Store<CallState> {
         let mut store = Store::new(
             &self.engine,
             CallState {
@@ -740,6 +778,12 @@ impl Plugin {
                 memory_denied: false,
                 peak_memory_bytes: 0,
                 wasi: wasi::State::new(wasi_inputs),
+                state,
+                emitted: Vec::new(),
+                emitted_bytes: 0,
+                max_outputs: self.limits.max_outputs,
+                max_output_bytes: self.limits.max_output_bytes,
+                refusal: None,
             },
         );
         store.limiter(|state| state as &mut dyn ResourceLimiter);
@@ -762,26 +806,115 @@ impl Plugin {
     }
 }
 
-fn message_of(input: TransformInput) -> Message {
-    Message {
-        subject: input.subject,
-        headers: input.headers,
-        payload: input.payload,
-        stream_sequence: input.stream_sequence,
-        data_time_unix_ns: input.data_time_unix_ns,
-        dedup_key: input.dedup_key,
-        seed: input.seed,
+/// An instance of a plugin, by its contract.
+enum Instance {
+    V1(v1::Plugin),
+    V2(v2::Plugin),
+}
+
+impl Instance {
+    /// Calls `transform` on `input`: the outputs it returned (0.1.0) or emitted (0.2.0),
+    /// or why it refused the input.
+    fn call(
+        &self,
+        store: &mut Store<CallState>,
+        input: TransformInput,
+    ) -> wasmtime::Result<Result<Vec<PluginOutput>, Refusal>> {
+        match self {
+            Instance::V1(plugin) => {
+                use v1::exports::weir::transform::transformer::{Message, TransformError};
+                let message = Message {
+                    subject: input.subject,
+                    headers: input.headers,
+                    payload: input.payload,
+                    stream_sequence: input.stream_sequence,
+                    data_time_unix_ns: input.data_time_unix_ns,
+                    dedup_key: input.dedup_key,
+                    seed: input.seed,
+                };
+                let result = plugin
+                    .weir_transform_transformer()
+                    .call_transform(&mut *store, &message)?;
+                Ok(match result {
+                    Ok(outputs) => Ok(outputs
+                        .into_iter()
+                        .map(|o| PluginOutput {
+                            subject: o.subject,
+                            headers: o.headers,
+                            payload: o.payload,
+                        })
+                        .collect()),
+                    Err(TransformError::InvalidInput(reason)) => Err(Refusal {
+                        kind: FailureKind::InvalidInput,
+                        reason,
+                    }),
+                    Err(TransformError::PluginFailed(reason)) => Err(Refusal {
+                        kind: FailureKind::PluginFailed,
+                        reason,
+                    }),
+                })
+            }
+            Instance::V2(plugin) => {
+                use v2::weir::transform::types::{Message, TransformError};
+                let state_key = store
+                    .data()
+                    .state
+                    .as_ref()
+                    .map(|state| state.key().to_owned())
+                    .unwrap_or_default();
+                let message = Message {
+                    subject: input.subject,
+                    headers: input.headers,
+                    payload: input.payload,
+                    stream_sequence: input.stream_sequence,
+                    data_time_unix_ns: input.data_time_unix_ns,
+                    dedup_key: input.dedup_key,
+                    seed: input.seed,
+                    state_key,
+                };
+                let result = plugin
+                    .weir_transform_transformer()
+                    .call_transform(&mut *store, &message)?;
+                Ok(match result {
+                    Ok(()) => Ok(std::mem::take(&mut store.data_mut().emitted)),
+                    Err(TransformError::InvalidInput(reason)) => Err(Refusal {
+                        kind: FailureKind::InvalidInput,
+                        reason,
+                    }),
+                    Err(TransformError::PluginFailed(reason)) => Err(Refusal {
+                        kind: FailureKind::PluginFailed,
+                        reason,
+                    }),
+                })
+            }
+        }
     }
 }
 
 /// Per-call store data: the memory limit, and whether the plugin ran into it (so a trap
-/// that follows can be reported as what it is).
+/// that follows can be reported as what it is); for a 0.2.0 plugin, its key's state, what it
+/// emitted so far, and why a host function ended the call.
 struct CallState {
     memory_limit: usize,
     memory_denied: bool,
     peak_memory_bytes: usize,
     /// What a plugin that imports WASI sees; built on its first WASI call only.
     wasi: wasi::State,
+    state: Option<StateView>,
+    emitted: Vec<PluginOutput>,
+    emitted_bytes: usize,
+    max_outputs: usize,
+    max_output_bytes: usize,
+    refusal: Option<Refusal>,
+}
+
+impl CallState {
+    /// Forgets what a call emitted and wrote, for another call in the same instance.
+    fn forget_call(&mut self) {
+        self.emitted.clear();
+        self.emitted_bytes = 0;
+        self.refusal = None;
+    }
 }
 
 impl ResourceLimiter for CallState {
@@ -1057,5 +1190,88 @@ mod tests {
                 ..
             }
         )));
+    }
+
+    /// A 0.2.0 plugin reads and writes its key's state through the host and emits its
+    /// outputs; the changes of a call that fails come back empty, and a write past a state
+    /// limit or an emit past an output limit ends the call with its own kind.
+    #[test]
+    fn a_stateful_plugin_changes_its_keys_state_and_emits_within_the_limits() {
+        use weir_core::state::{KeyState, StateLimits};
+        let balances =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins/dist/balances.wasm");
+        let sandbox = Sandbox::new(
+            &SandboxConfig {
+                compile_cache: false,
+                ..SandboxConfig::default()
+            },
+            LimitsConfig::default().memory_bytes,
+            Compiler::InThisProcess,
+        )
+        .unwrap();
+        let load = |limits: &LimitsConfig| {
+            sandbox
+                .load(&balances, limits)
+                .expect("scripts/build-plugins.sh built plugins/dist/balances.wasm")
+        };
+        let plugin = load(&LimitsConfig::default());
+        assert_eq!(plugin.contract(), V2_EXPORT);
+        let call = |plugin: &Plugin, amount: &str, balance: Option<&str>, limits: StateLimits| {
+            let base = KeyState::from_entries(
+                balance.map(|b| ("balance".to_owned(), b.as_bytes().to_vec())),
+            );
+            let state = StateView::new("acct-7".into(), Arc::new(base), limits);
+            let call = Call {
+                input: input(amount, 1),
+                state: Some(state),
+            };
+            plugin.try_run(call).unwrap()
+        };
+        let (outcome, _, changes) = call(&plugin, "+40", Some("2"), StateLimits::default());
+        let Outcome::Outputs(outputs) = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert_eq!(
+            (outputs[0].subject.as_str(), outputs[0].payload.as_slice()),
+            ("balance.acct-7", &b"42"[..])
+        );
+        assert_eq!(changes["balance"].as_deref(), Some(&b"42"[..]));
+
+        let (overdraft, _, changes) = call(&plugin, "-50", Some("42"), StateLimits::default());
+        assert!(
+            matches!(&overdraft, Outcome::Failed { kind: FailureKind::InvalidInput, reason } if reason.contains("overdraft")),
+            "{overdraft:?}"
+        );
+        assert!(changes.is_empty(), "a failed call changes nothing");
+
+        // "balance" and "1" are 8 bytes.
+        let tiny = StateLimits {
+            max_entry_bytes: 7,
+            max_key_bytes: 100,
+        };
+        let (over, _, changes) = call(&plugin, "+1", None, tiny);
+        assert!(
+            matches!(&over, Outcome::Failed { kind: FailureKind::StateLimit, reason } if reason.contains("state.max_entry_bytes")),
+            "{over:?}"
+        );
+        assert!(changes.is_empty());
+
+        let no_outputs = load(&LimitsConfig {
+            max_outputs: 0,
+            ..LimitsConfig::default()
+        });
+        let (refused, _, changes) = call(&no_outputs, "+1", None, StateLimits::default());
+        assert!(
+            matches!(&refused, Outcome::Failed { kind: FailureKind::OutputRejected, reason } if reason.contains("limits.max_outputs")),
+            "{refused:?}"
+        );
+        assert!(changes.is_empty());
+
+        // Without state (a pipeline with no [pipeline.state]), a write fails the call.
+        let (stateless, _, _) = plugin.try_run(Call::stateless(input("+1", 1))).unwrap();
+        assert!(
+            matches!(&stateless, Outcome::Failed { kind: FailureKind::PluginFailed, reason } if reason.contains("[pipeline.state]")),
+            "{stateless:?}"
+        );
     }
 }

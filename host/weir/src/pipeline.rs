@@ -77,11 +77,11 @@ impl Pipeline {
             .with_thread_share(thread_share);
         let _ = watched.plugin.set(PluginIdentity {
             sha256: plugin.sha256().to_owned(),
-            contract: weir_sandbox::CONTRACT_EXPORT.to_owned(),
+            contract: plugin.contract().to_owned(),
         });
         watched
             .metrics
-            .plugin_loaded(plugin.sha256(), weir_sandbox::CONTRACT_EXPORT);
+            .plugin_loaded(plugin.sha256(), plugin.contract());
         status.starting("opening the store");
         let store = match pipeline.delivery() {
             Delivery::ExactlyOnce { store_dir } => Some(Arc::new(

@@ -20,7 +20,7 @@ wit_bindgen::generate!({
             export weir:transform/transformer@0.1.0;
         }
     ",
-    path: "../../wit",
+    path: "../../wit/0.1.0",
     world: "acme:sneaky/plugin",
     // No `std` feature: the error impls it gates stay out of this no_std build.
     std_feature,

@@ -56,7 +56,10 @@ pub fn inspect(file: PathBuf) -> Result<(), crate::Error> {
     };
     println!("imports:  {}", list(&inspection.imports));
     println!("exports:  {}", list(&inspection.exports));
-    println!("contract: weir expects {}", weir_sandbox::CONTRACT_EXPORT);
+    println!(
+        "contract: weir runs {}",
+        weir_sandbox::CONTRACT_EXPORTS.join(" or ")
+    );
     match inspection.verdict {
         Ok(()) => {
             println!("runnable: yes");
