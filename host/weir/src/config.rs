@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 pub use weir_core::Mode;
 pub use weir_core::input::DedupMode;
+use weir_core::state::{StateKeyRule, StateLimits, StateSettings};
 use weir_core::subject;
 pub use weir_nats::{BatchConfig, InputConfig, NatsConfig, OutputConfig};
 pub use weir_sandbox::{LimitsConfig, MAX_THREADS, MAX_WASM_STACK, SandboxConfig};
@@ -71,10 +72,51 @@ pub struct PipelineConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub batch: BatchConfig,
+    /// A stateful pipeline's keyed state, for a plugin of contract 0.2.0.
+    pub state: Option<StateConfig>,
 }
 
 fn default_store_cache_mb() -> u64 {
     64
+}
+
+/// The `[pipeline.state]` table: the keyed state a plugin of contract 0.2.0 reads and
+/// writes, committed with its outputs. Needs mode = "exactly-once".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Which part of an input names its state key: `"subject-token:N"` (the subject's Nth
+    /// token, from 1) or `"header:Name"` (the first value of header `Name`). Inputs of one
+    /// key run in stream order, each on the state the one before left.
+    pub key: String,
+    /// The largest entry, name and value together, in bytes. By default 65536.
+    #[serde(default = "default_max_entry_bytes")]
+    pub max_entry_bytes: usize,
+    /// The most a key's entries may hold together, names and values, in bytes. By default
+    /// 1048576.
+    #[serde(default = "default_max_key_bytes")]
+    pub max_key_bytes: usize,
+}
+
+fn default_max_entry_bytes() -> usize {
+    StateLimits::default().max_entry_bytes
+}
+
+fn default_max_key_bytes() -> usize {
+    StateLimits::default().max_key_bytes
+}
+
+impl StateConfig {
+    /// The state as the core keeps it; `Err` says what is wrong with `key`.
+    pub fn settings(&self) -> Result<StateSettings, String> {
+        Ok(StateSettings {
+            key: StateKeyRule::parse(&self.key)?,
+            limits: StateLimits {
+                max_entry_bytes: self.max_entry_bytes,
+                max_key_bytes: self.max_key_bytes,
+            },
+        })
+    }
 }
 
 fn default_dedup_retention_secs() -> u64 {
@@ -474,6 +516,23 @@ impl PipelineConfig {
         if limits.memory_bytes > 4 << 30 {
             problems.push("limits.memory_bytes must be at most 4 GiB (wasm32's limit)".into());
         }
+        if let Some(state) = &self.state {
+            if let Err(reason) = state.settings() {
+                problems.push(format!("state.key {reason}"));
+            }
+            if self.mode == Mode::AtLeastOnce {
+                problems.push(
+                    "[pipeline.state] needs mode = \"exactly-once\": state is committed with the dedup store"
+                        .into(),
+                );
+            }
+            if state.max_entry_bytes == 0 || state.max_key_bytes < state.max_entry_bytes {
+                problems.push(
+                    "state.max_entry_bytes must be greater than 0 and at most state.max_key_bytes"
+                        .into(),
+                );
+            }
+        }
         problems
     }
 }
@@ -615,6 +674,32 @@ mod tests {
         let text = MINIMAL.replace("\"orders.out\"", "\"orders\"");
         let error = parse(&text).unwrap_err();
         assert!(error.contains("would come back as inputs"), "{error}");
+    }
+
+    #[test]
+    fn a_state_table_names_its_key_and_needs_exactly_once() {
+        let text = format!("{MINIMAL}\n[pipeline.state]\nkey = \"header:Account\"\n");
+        let state = parse(&text).unwrap().pipelines[0].state.clone().unwrap();
+        let settings = state.settings().unwrap();
+        assert_eq!(settings.key, StateKeyRule::Header("Account".into()));
+        assert_eq!(settings.limits, StateLimits::default());
+        let text = format!("{MINIMAL}\n[pipeline.state]\nkey = \"account\"\n");
+        let error = parse(&text).unwrap_err();
+        assert!(
+            error.contains("state.key") && error.contains("subject-token:N"),
+            "{error}"
+        );
+        let text = format!(
+            "{}\n[pipeline.state]\nkey = \"subject-token:2\"\n",
+            MINIMAL.replace("store_dir = \"store\"", "mode = \"at-least-once\"")
+        );
+        let error = parse(&text).unwrap_err();
+        assert!(error.contains("needs mode = \"exactly-once\""), "{error}");
+        let text = format!(
+            "{MINIMAL}\n[pipeline.state]\nkey = \"subject-token:2\"\nmax_entry_bytes = 10\nmax_key_bytes = 5\n"
+        );
+        let error = parse(&text).unwrap_err();
+        assert!(error.contains("at most state.max_key_bytes"), "{error}");
     }
 
     #[test]

@@ -62,6 +62,13 @@ pub enum StartError {
     Store(#[from] weir_store::StoreError),
     #[error(transparent)]
     Broker(#[from] weir_nats::BrokerError),
+    #[error(
+        "[pipeline.state] is set, and plugin {plugin:?} exports {contract}, which keeps no state: build it against wit/0.2.0 (weir:transform@0.2.0), or remove [pipeline.state]"
+    )]
+    StatelessPlugin {
+        plugin: std::path::PathBuf,
+        contract: &'static str,
+    },
 }
 
 /// What each pipeline did, reported when `run` returns.

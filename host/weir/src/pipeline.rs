@@ -75,6 +75,17 @@ impl Pipeline {
             })?
             .map_err(|e| fail(e.into()))?
             .with_thread_share(thread_share);
+        // Validated with the configuration.
+        let state = config
+            .state
+            .as_ref()
+            .and_then(|state| state.settings().ok());
+        if state.is_some() && plugin.contract() == weir_sandbox::V1_EXPORT {
+            return Err(fail(StartError::StatelessPlugin {
+                plugin: config.plugin.clone(),
+                contract: plugin.contract(),
+            }));
+        }
         let _ = watched.plugin.set(PluginIdentity {
             sha256: plugin.sha256().to_owned(),
             contract: plugin.contract().to_owned(),
@@ -151,8 +162,7 @@ impl Pipeline {
                 input_stream: config.input.stream.clone(),
                 consumer: config.input.consumer.clone(),
                 ack_wait: Duration::from_millis(config.input.ack_wait_ms),
-                // Contract 0.1.0, the only one the sandbox runs yet, has no state.
-                state: None,
+                state,
             },
             policy: OutputPolicy {
                 pipeline: config.name.clone(),

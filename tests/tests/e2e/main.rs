@@ -22,4 +22,5 @@ mod refusals;
 mod restart;
 mod scaffold;
 mod startup;
+mod state;
 mod traces;

@@ -99,6 +99,32 @@ fn config_errors_name_the_problem() {
     assert!(message.contains("cannot connect to NATS"), "{message}");
 }
 
+/// A pipeline with state and a plugin of contract 0.1.0, which cannot reach state: refused
+/// before anything is consumed, saying which contract to build against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_with_a_stateless_plugin_is_refused_and_nothing_is_consumed() {
+    let server = NatsServer::start();
+    let js = server.jetstream().await;
+    create_orders_stream(&js, None).await;
+    publish_all(&js, "orders.in.x", &order_workload(5, 0)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = "[pipeline.state]\nkey = \"subject-token:3\"\n";
+    let config = write_config(dir.path(), &server.url(), &plugin("orders"), state);
+    let (code, message) = failure(&weir_run(&config));
+    assert_eq!(code, 2);
+    assert!(
+        message.contains("exports weir:transform/transformer@0.1.0, which keeps no state")
+            && message.contains("wit/0.2.0"),
+        "{message}"
+    );
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    assert!(
+        stream.consumer_info("weir").await.is_err(),
+        "no consumer was created"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mismatched_component_is_refused_and_nothing_is_consumed() {
     let server = NatsServer::start();

@@ -237,7 +237,7 @@ fn exit_code(error: &crate::Error) -> u8 {
             ..
         } => 1,
         Error::Start {
-            source: StartError::Plugin(_),
+            source: StartError::Plugin(_) | StartError::StatelessPlugin { .. },
             ..
         } => 2,
         _ => 1,

@@ -1,0 +1,182 @@
+//! Exactly-once state under `kill -9`: the balances plugin (contract 0.2.0) keeps a running
+//! balance per account in the pipeline's state, and weir is killed at random moments while
+//! it works and restarted each time. In the end every account's committed state equals a
+//! model computed from the workload alone, and every output (the balance after each
+//! transaction) is in the output stream exactly once with the model's value at that point;
+//! every overdraft is dead-lettered exactly once and changed nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use weir_tests::*;
+
+const TRANSACTIONS: usize = 20_000;
+const ACCOUNTS: u64 = 200;
+const KILLS: usize = 20;
+
+/// The transactions, as (account, amount): mostly deposits and small withdrawals, some
+/// large enough to overdraw.
+fn workload(rng: &mut SeededRng) -> Vec<(String, i64)> {
+    (0..TRANSACTIONS)
+        .map(|_| {
+            let account = format!("acct-{}", rng.below(ACCOUNTS));
+            let amount = match rng.below(10) {
+                0..=4 => rng.below(100) as i64 + 1,
+                5..=8 => -(rng.below(60) as i64 + 1),
+                _ => -(rng.below(400) as i64 + 100),
+            };
+            (account, amount)
+        })
+        .collect()
+}
+
+/// Per input sequence, the balance it outputs (`None`: an overdraft, dead-lettered); and
+/// every account's final balance.
+fn model(transactions: &[(String, i64)]) -> (Vec<Option<i64>>, BTreeMap<String, i64>) {
+    let mut balances: BTreeMap<String, i64> = BTreeMap::new();
+    let outputs = transactions
+        .iter()
+        .map(|(account, amount)| {
+            let balance = balances.entry(account.clone()).or_default();
+            if *balance + amount < 0 {
+                return None;
+            }
+            *balance += amount;
+            Some(*balance)
+        })
+        .collect();
+    (outputs, balances)
+}
+
+/// The input sequence a message id (`balances:IN@<created>#<sequence>:<index>`) names.
+fn input_sequence(msg_id: &str) -> u64 {
+    let after = msg_id.rsplit_once('#').expect("a stream-sequence key").1;
+    after
+        .split_once(':')
+        .expect("an output index")
+        .0
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balances_are_exactly_once_in_state_and_outputs_across_repeated_sigkills() {
+    let seed = seed_from_env("WEIR_STATE_SEED");
+    println!("state test seed: {seed} (rerun with WEIR_STATE_SEED={seed})");
+    let mut rng = SeededRng(seed);
+    let transactions = workload(&mut rng);
+    let (expected_outputs, expected_balances) = model(&transactions);
+
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = server.jetstream().await;
+    let plugin = plugin("balances");
+    let store_dir = dir.path().join("store");
+    let config = PipelineToml {
+        extra: "[pipeline.batch]\nmax_messages = 64\n\n[pipeline.state]\nkey = \"subject-token:2\"\n",
+        ..PipelineToml::plain("balances", &server.url(), &plugin, &store_dir)
+    }
+    .write(dir.path(), "weir.toml");
+    let log = dir.path().join("weir.log");
+
+    let mut weir = spawn_weir(&config, Some(&log), None);
+    wait_for_stream(&js, "IN").await;
+    // In chunks: the client holds only so many unawaited acks before it waits for them.
+    for chunk in transactions.chunks(1000) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for (account, amount) in chunk {
+            let ack = js
+                .publish(format!("in.{account}"), format!("{amount:+}").into())
+                .await
+                .expect("publish a transaction");
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await
+                .expect("the input stream stores every transaction");
+        }
+    }
+
+    // Each kill lands at a random moment after the restarted weir has made progress.
+    let mut outputs_before = 0;
+    for kill in 0..KILLS {
+        wait_for("weir to make progress", Duration::from_secs(60), || async {
+            stream_len(&js, "OUT").await > outputs_before
+        })
+        .await;
+        let pause = rng.below(250);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        weir.kill().expect("SIGKILL weir");
+        weir.wait().unwrap();
+        outputs_before = stream_len(&js, "OUT").await;
+        println!("kill {kill}, {pause} ms after progress: {outputs_before} outputs so far");
+        weir = spawn_weir(&config, Some(&log), None);
+    }
+    wait_until_drained(&js, "IN", "weir").await;
+    let status = terminate(&mut weir);
+    assert!(status.success(), "SIGTERM stops weir cleanly, got {status}");
+
+    // Every balance exactly once, with the model's value after its transaction.
+    let mut seen: HashMap<u64, i64> = HashMap::new();
+    for message in read_stream(&js, "OUT").await {
+        let sequence = input_sequence(message.msg_id.as_deref().expect("an id"));
+        let balance: i64 = String::from_utf8(message.payload).unwrap().parse().unwrap();
+        let (account, _) = &transactions[sequence as usize - 1];
+        assert_eq!(message.subject, format!("out.balance.{account}"));
+        assert!(
+            seen.insert(sequence, balance).is_none(),
+            "the balance after input {sequence} is stored twice"
+        );
+    }
+    let mut dead: Vec<u64> = read_stream(&js, "DLQ")
+        .await
+        .iter()
+        .map(|letter| input_sequence(letter.msg_id.as_deref().expect("an id")))
+        .collect();
+    dead.sort_unstable();
+    let before_dedup = dead.len();
+    dead.dedup();
+    assert_eq!(
+        dead.len(),
+        before_dedup,
+        "each overdraft dead-lettered once"
+    );
+    for (index, expected) in expected_outputs.iter().enumerate() {
+        let sequence = index as u64 + 1;
+        match expected {
+            Some(balance) => assert_eq!(
+                seen.get(&sequence),
+                Some(balance),
+                "the balance after input {sequence}"
+            ),
+            None => assert!(
+                dead.binary_search(&sequence).is_ok(),
+                "overdraft {sequence} dead-lettered"
+            ),
+        }
+    }
+    assert_eq!(seen.len() + dead.len(), TRANSACTIONS, "nothing else stored");
+    let overdrafts = expected_outputs.iter().filter(|o| o.is_none()).count();
+    println!(
+        "{TRANSACTIONS} transactions over {ACCOUNTS} accounts, {overdrafts} overdrafts, {KILLS} kills"
+    );
+
+    // The committed state is the model's, account by account.
+    let store = weir_store::Store::open(
+        &store_dir,
+        weir_store::StoreSettings {
+            retention: Duration::from_secs(3600),
+            cache_bytes: 8 << 20,
+        },
+    )
+    .expect("the store opens once weir has stopped");
+    let accounts: Vec<&str> = expected_balances.keys().map(String::as_str).collect();
+    let state = store.load_state(&accounts).unwrap();
+    for (account, state) in accounts.iter().zip(state) {
+        // An account whose every transaction overdrew it has no state.
+        let balance: i64 = state.entries().get("balance").map_or(0, |stored| {
+            String::from_utf8(stored.clone()).unwrap().parse().unwrap()
+        });
+        assert_eq!(balance, expected_balances[*account], "{account}'s state");
+    }
+}
