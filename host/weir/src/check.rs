@@ -85,14 +85,23 @@ async fn check_pipeline(
             "plugin",
             sandbox
                 .load(&pipeline.plugin, &pipeline.limits)
-                .map(|plugin| {
-                    format!(
-                        "{} (sha256 {})",
+                .map_err(|e| e.to_string())
+                .and_then(|plugin| {
+                    // As `weir run` refuses it.
+                    if pipeline.state.is_some() && plugin.contract() == weir_sandbox::V1_EXPORT {
+                        return Err(crate::StartError::StatelessPlugin {
+                            plugin: pipeline.plugin.clone(),
+                            contract: plugin.contract(),
+                        }
+                        .to_string());
+                    }
+                    Ok(format!(
+                        "{} (sha256 {}, {})",
                         pipeline.plugin.display(),
-                        &plugin.sha256()[..12]
-                    )
-                })
-                .map_err(|e| e.to_string()),
+                        &plugin.sha256()[..12],
+                        plugin.contract()
+                    ))
+                }),
         );
     }
     if let Some(store_dir) = &pipeline.store_dir {

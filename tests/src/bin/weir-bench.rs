@@ -56,13 +56,14 @@ async fn main() {
         "store" => store_scale(count(10_000_000)),
         "fairness" => fairness(count(2_000)).await,
         "observability" => observability(count(100_000), rounds).await,
+        "state" => state(count(50_000), rounds).await,
         // Plugin calls block: off the async workers, as in the pipeline.
         "sandbox" => tokio::task::spawn_blocking(sandbox_overhead)
             .await
             .expect("the sandbox benchmark"),
         other => {
             eprintln!(
-                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox, fairness, observability"
+                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox, fairness, observability, state"
             );
             std::process::exit(2);
         }
@@ -368,6 +369,68 @@ async fn observability(count: usize, rounds: usize) {
     );
 }
 
+/// What state costs: the balances plugin with `[pipeline.state]` (s), against the same
+/// inputs through the stateless identity plugin (b), both exactly-once, inputs spread over
+/// 1 000 accounts. The runs alternate for a few rounds and the medians are the figures;
+/// the store's growth per key is the stateful store's size on disk less the stateless
+/// one's, per account.
+async fn state(count: usize, rounds: usize) {
+    const ACCOUNTS: usize = 1000;
+    let server = NatsServer::start_with_sync(false);
+    let js = server.jetstream().await;
+    println!(
+        "{count} transactions per run over {ACCOUNTS} accounts, exactly-once, nats-server default sync"
+    );
+    let payloads: Vec<Vec<u8>> = (0..count)
+        .map(|i| format!("+{}", i % 97 + 1).into_bytes())
+        .collect();
+    let (mut ratios, mut growths) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let (b_tag, s_tag) = (format!("SB{round}"), format!("SS{round}"));
+        let mut stateless = WeirRun::new(&server, &b_tag, "hostile");
+        stateless.accounts = Some(ACCOUNTS);
+        let b = stateless.process(&js, &payloads, count, "weir").await;
+        let mut stateful = WeirRun::new(&server, &s_tag, "balances");
+        stateful.accounts = Some(ACCOUNTS);
+        stateful.stateful = true;
+        let s = stateful.process(&js, &payloads, count, "weir").await;
+        let size = |run: &WeirRun| directory_bytes(&run.dir.path().join("store")) as f64;
+        let growth = (size(&stateful) - size(&stateless)) / ACCOUNTS as f64;
+        println!("  round {round} of {rounds}");
+        println!(
+            "    (b) stateless identity   {:>9.0} msgs/s              {}",
+            b.rate, b.cpu
+        );
+        println!(
+            "    (s) stateful balances    {:>9.0} msgs/s  s/b = {:.3}  {}",
+            s.rate,
+            s.rate / b.rate,
+            s.cpu
+        );
+        println!("        store: {growth:+.0} bytes per account against (b)'s");
+        ratios.push(s.rate / b.rate);
+        growths.push(growth);
+    }
+    println!(
+        "  medians: s/b = {:.3} (what state costs per input), store growth {:+.0} bytes per account",
+        median(&mut ratios),
+        median(&mut growths)
+    );
+}
+
+/// What the files directly in `dir` take on disk.
+fn directory_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok()?.metadata().ok())
+                .filter(|metadata| metadata.is_file())
+                .map(|metadata| metadata.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// The baseline: fetch → publish with Nats-Msg-Id → await PublishAcks → double ack, in
 /// batches like weir's, and nothing else.
 async fn passthrough(
@@ -463,6 +526,10 @@ struct WeirRun<'a> {
     admin: Option<String>,
     /// Publish every input with a W3C traceparent value in this header.
     trace_header: Option<&'static str>,
+    /// Publish input `i` on `in<tag>.acct-<i mod accounts>` instead of one subject, and
+    /// give the pipeline `[pipeline.state] key = "subject-token:2"` (the account).
+    accounts: Option<usize>,
+    stateful: bool,
 }
 
 impl<'a> WeirRun<'a> {
@@ -475,6 +542,8 @@ impl<'a> WeirRun<'a> {
             at_least_once: false,
             admin: None,
             trace_header: None,
+            accounts: None,
+            stateful: false,
         }
     }
 
@@ -497,6 +566,11 @@ impl<'a> WeirRun<'a> {
         }
         .render()
         .replace("ack_wait_ms = 2000", "ack_wait_ms = 30000");
+        let text = if self.stateful {
+            text + "\n[pipeline.state]\nkey = \"subject-token:2\"\n"
+        } else {
+            text
+        };
         let text = if self.at_least_once {
             let store_line = text
                 .lines()
@@ -545,7 +619,18 @@ impl<'a> WeirRun<'a> {
             .await
             .expect("create the input stream");
             for (at, chunk) in payloads.chunks(1000).enumerate() {
-                if let Some(header) = self.trace_header {
+                if let Some(accounts) = self.accounts {
+                    let mut acks = Vec::with_capacity(chunk.len());
+                    for (i, payload) in chunk.iter().enumerate() {
+                        let account = (at * 1000 + i) % accounts;
+                        let subject = format!("in{tag}.acct-{account}");
+                        let ack = js.publish(subject, payload.clone().into()).await;
+                        acks.push(ack.expect("publish an input"));
+                    }
+                    for ack in acks {
+                        ack.await.expect("input acknowledged by JetStream");
+                    }
+                } else if let Some(header) = self.trace_header {
                     publish_traced(js, &format!("in{tag}.x"), chunk, at, header).await;
                 } else {
                     publish_all(js, &format!("in{tag}.x"), chunk).await;

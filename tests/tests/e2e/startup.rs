@@ -118,6 +118,11 @@ async fn state_with_a_stateless_plugin_is_refused_and_nothing_is_consumed() {
             && message.contains("wit/0.2.0"),
         "{message}"
     );
+    // weir check says the same of the plugin.
+    let checked = weir_check(&config);
+    let report = String::from_utf8_lossy(&checked.stdout);
+    assert_eq!(checked.status.code(), Some(1), "{report}");
+    assert!(report.contains("which keeps no state"), "{report}");
     let stream = js.get_stream("ORDERS").await.unwrap();
     assert!(
         stream.consumer_info("weir").await.is_err(),
