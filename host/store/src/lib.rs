@@ -301,27 +301,7 @@ impl Store {
     pub fn load_state(&self, keys: &[&str]) -> Result<Vec<KeyState>, StoreError> {
         self.with_db("state read", |db| {
             keys.iter()
-                .map(|state_key| {
-                    let prefix = state_entry_key(state_key, "");
-                    let mut entries = Vec::new();
-                    let from = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
-                    for entry in db.iterator_cf(family(db, STATE), from) {
-                        let (key, value) = entry.map_err(|e| StoreError::Io {
-                            operation: "state read",
-                            source: e,
-                        })?;
-                        let Some(name) = key.strip_prefix(prefix.as_slice()) else {
-                            break;
-                        };
-                        let name =
-                            String::from_utf8(name.to_vec()).map_err(|_| StoreError::Corrupt {
-                                key: (*state_key).to_owned(),
-                                message: "a state entry's name is not UTF-8".into(),
-                            })?;
-                        entries.push((name, value.into_vec()));
-                    }
-                    Ok(KeyState::from_entries(entries))
-                })
+                .map(|state_key| state_of(db, family(db, STATE), state_key))
                 .collect()
         })
     }
@@ -533,6 +513,135 @@ fn family<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
         .expect("open_db creates every column family")
 }
 
+/// The entries of `state_key` in the state family `state`.
+fn state_of(
+    db: &DB,
+    state: &rocksdb::ColumnFamily,
+    state_key: &str,
+) -> Result<KeyState, StoreError> {
+    let prefix = state_entry_key(state_key, "");
+    let mut entries = Vec::new();
+    let from = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+    for entry in db.iterator_cf(state, from) {
+        let (key, value) = entry.map_err(|e| StoreError::Io {
+            operation: "state read",
+            source: e,
+        })?;
+        let Some(name) = key.strip_prefix(prefix.as_slice()) else {
+            break;
+        };
+        let name = String::from_utf8(name.to_vec()).map_err(|_| StoreError::Corrupt {
+            key: state_key.to_owned(),
+            message: "a state entry's name is not UTF-8".into(),
+        })?;
+        entries.push((name, value.into_vec()));
+    }
+    Ok(KeyState::from_entries(entries))
+}
+
+/// A store's state, read from another process while its weir runs (or not): RocksDB's
+/// secondary instance, which reads what the primary has written, write-ahead log included,
+/// and takes no lock. For `weir state`.
+pub struct StateReader {
+    db: DB,
+    /// The secondary instance's own files (its info log), removed on drop.
+    scratch: PathBuf,
+}
+
+impl StateReader {
+    pub fn open(path: &Path) -> Result<StateReader, StoreError> {
+        let open_error = |message: String| StoreError::Open {
+            path: path.to_owned(),
+            source: message.into(),
+        };
+        if !path.join("CURRENT").is_file() {
+            return Err(open_error(
+                "no weir store is there: has the pipeline run with this store_dir?".into(),
+            ));
+        }
+        let mut options = Options::default();
+        // A secondary instance must keep every table file open to follow the primary.
+        options.set_max_open_files(-1);
+        let families = DB::list_cf(&options, path).map_err(|e| open_error(e.to_string()))?;
+        if !families.iter().any(|name| name == STATE) {
+            return Err(open_error(
+                "the store holds no state: a weir from before state wrote it".into(),
+            ));
+        }
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos());
+        let scratch =
+            std::env::temp_dir().join(format!("weir-state-{}-{nanos}", std::process::id()));
+        let db = DB::open_cf_as_secondary(&options, path, &scratch, &families)
+            .map_err(|e| open_error(e.to_string()))?;
+        db.try_catch_up_with_primary()
+            .map_err(|e| open_error(format!("cannot catch up with the running weir: {e}")))?;
+        Ok(StateReader { db, scratch })
+    }
+
+    /// The entries of `state_key`.
+    pub fn entries(&self, state_key: &str) -> Result<KeyState, StoreError> {
+        state_of(&self.db, family(&self.db, STATE), state_key)
+    }
+
+    /// Up to `limit` state keys after `after` (from the first, if empty), in the store's
+    /// order (by length, then bytes), each with its entry count and bytes.
+    pub fn keys(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, usize, usize)>, StoreError> {
+        let start = if after.is_empty() {
+            Vec::new()
+        } else {
+            // Past every entry of `after`: its prefix with the highest byte appended (an
+            // entry name is UTF-8, which never holds 0xff).
+            let mut past = state_entry_key(after, "");
+            past.push(0xff);
+            past
+        };
+        let mut keys: Vec<(String, usize, usize)> = Vec::new();
+        let from = IteratorMode::From(&start, rocksdb::Direction::Forward);
+        for entry in self.db.iterator_cf(family(&self.db, STATE), from) {
+            let (key, value) = entry.map_err(|e| StoreError::Io {
+                operation: "state read",
+                source: e,
+            })?;
+            let corrupt = |message: &str| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                message: message.into(),
+            };
+            let len = key
+                .get(..4)
+                .map(|len| u32::from_be_bytes(len.try_into().expect("4 bytes")) as usize)
+                .ok_or_else(|| corrupt("a state entry's key is shorter than its length"))?;
+            let state_key = key
+                .get(4..4 + len)
+                .and_then(|bytes| std::str::from_utf8(bytes).ok())
+                .ok_or_else(|| corrupt("a state key is cut short or not UTF-8"))?;
+            let bytes = key.len() - 4 - len + value.len();
+            if let Some((last, entries, total)) = keys.last_mut()
+                && last == state_key
+            {
+                *entries += 1;
+                *total += bytes;
+            } else if keys.len() == limit {
+                break;
+            } else {
+                keys.push((state_key.to_owned(), 1, bytes));
+            }
+        }
+        Ok(keys)
+    }
+}
+
+impl Drop for StateReader {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
 /// The RocksDB key of entry `name` of `state_key`: the state key's length first, so that
 /// no key's entries run into another's.
 fn state_entry_key(state_key: &str, name: &str) -> Vec<u8> {
@@ -709,6 +818,40 @@ mod tests {
                 KeyState::from_entries([("balance".to_owned(), b"99".to_vec())]),
                 KeyState::default(),
             ]
+        );
+    }
+
+    #[test]
+    fn a_state_reader_reads_a_store_in_use_and_pages_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), settings(Duration::from_secs(3600))).unwrap();
+        let changes: StateChanges = [
+            ("balance".to_owned(), Some(b"10".to_vec())),
+            ("seen".to_owned(), Some(b"1".to_vec())),
+        ]
+        .into_iter()
+        .collect();
+        let keys = ["a", "b", "c"];
+        let state: Vec<(&str, &StateChanges)> = keys.iter().map(|key| (*key, &changes)).collect();
+        store.commit(&[("k1", &record(b"a"))], &state).unwrap();
+        // The store stays open, locked, as a running weir holds it.
+        let reader = StateReader::open(dir.path()).unwrap();
+        assert_eq!(
+            reader.entries("b").unwrap(),
+            KeyState::from_entries([
+                ("balance".to_owned(), b"10".to_vec()),
+                ("seen".to_owned(), b"1".to_vec()),
+            ])
+        );
+        let page = reader.keys("", 2).unwrap();
+        assert_eq!(page, [("a".into(), 2, 14), ("b".into(), 2, 14)]);
+        assert_eq!(reader.keys("b", 2).unwrap(), [("c".into(), 2, 14)]);
+        let missing = StateReader::open(&dir.path().join("nothing"))
+            .err()
+            .unwrap();
+        assert!(
+            missing.to_string().contains("no weir store is there"),
+            "{missing}"
         );
     }
 

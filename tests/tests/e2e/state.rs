@@ -113,6 +113,39 @@ async fn balances_are_exactly_once_in_state_and_outputs_across_repeated_sigkills
         weir = spawn_weir(&config, Some(&log), None);
     }
     wait_until_drained(&js, "IN", "weir").await;
+
+    // An operator reads the state while weir runs: every account's balance, as the model.
+    let state_cli = |args: &[&str]| {
+        let output = std::process::Command::new(weir_binary())
+            .arg("state")
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("run weir state");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    };
+    for (account, balance) in expected_balances.iter().take(5) {
+        let shown = state_cli(&["get", "--key", account]);
+        let line = format!("  \"balance\" = \"{balance}\"");
+        assert!(
+            shown.lines().any(|l| l == line) || (*balance == 0 && shown.contains("0 entries")),
+            "{account}: {shown}"
+        );
+    }
+    let listed = state_cli(&["list", "--limit", "5"]);
+    assert!(
+        listed.starts_with("5 state keys of pipeline \"balances\"") && listed.contains("--after"),
+        "{listed}"
+    );
+    assert!(weir.try_wait().unwrap().is_none(), "weir ran throughout");
+
     let status = terminate(&mut weir);
     assert!(status.success(), "SIGTERM stops weir cleanly, got {status}");
 

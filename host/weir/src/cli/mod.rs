@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 mod dlq;
 mod plugin;
 mod scaffold;
+mod state;
 mod status;
 
 /// A WebAssembly plugin host for JetStream stream transforms, with exactly-once effects.
@@ -61,6 +62,11 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// Read a stateful pipeline's state, while it runs or not.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
     },
     /// weir's compiler process, which weir runs itself for each component it compiles.
     #[command(hide = true)]
@@ -185,6 +191,29 @@ enum DlqCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum StateCommand {
+    /// List the state keys, each with its entry count and bytes.
+    List {
+        #[command(flatten)]
+        target: PipelineArgs,
+        /// Start after this key (as the last page printed it).
+        #[arg(long, default_value = "")]
+        after: String,
+        /// The most keys to list.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one state key's entries and their values.
+    Get {
+        #[command(flatten)]
+        target: PipelineArgs,
+        /// The state key, as the pipeline's `[pipeline.state] key` reads it from an input.
+        #[arg(long)]
+        key: String,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Human,
@@ -202,6 +231,7 @@ pub fn main() -> ExitCode {
         Command::Run { config } => block_on(run(config)),
         Command::Check { config } => block_on(check(config)),
         Command::Dlq { command } => block_on(dlq::run(command)),
+        Command::State { command } => state::run(command),
         Command::Status { admin, config } => block_on(status(admin, config)),
     };
     match result {
