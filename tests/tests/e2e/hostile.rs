@@ -37,8 +37,9 @@ async fn misbehaving_inputs_are_dead_lettered_and_the_rest_flow() {
             + &PipelineToml::orders(&url, &orders, &orders_store).render(),
     )
     .unwrap();
-    // Pipelines start in order: once the second one's stream exists, so does the first's.
+    // The pipelines start each at its own pace: wait for both streams.
     let weir = InProcessWeir::start(&config_path, &js, "ORDERS").await;
+    wait_for_stream(&js, "IN").await;
     let orders = order_workload(100, 0);
     publish_all(&js, "orders.in.new", &orders[..50]).await;
     let inputs: Vec<Vec<u8>> = [

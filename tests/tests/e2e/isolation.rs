@@ -97,6 +97,8 @@ async fn a_plugin_holding_the_most_it_may_leaves_other_pipelines_alone() {
     )
     .unwrap();
     let weir = InProcessWeir::start(&config_path, &js, "ORDERS").await;
+    // The pipelines start each at its own pace: the greedy one's stream may come later.
+    wait_for_stream(&js, "IN").await;
     let spins: Vec<Vec<u8>> = (0..64).map(|i| format!("spin-{i}").into_bytes()).collect();
     publish_all(&js, "in.x", &spins).await;
     let payloads = order_workload(300, 0);
