@@ -543,6 +543,35 @@ pub async fn wait_until_drained(js: &jetstream::Context, stream: &str, consumer:
     .await;
 }
 
+/// Kills `weir` (SIGKILL) `kills` times and starts it again with `restart` each time;
+/// returns the last one started. Each kill lands at a random moment (0–250 ms, drawn from
+/// `rng`) after the weir of the moment has stored more in `output_stream`, so that it
+/// interrupts real work (fetching, running, committing, publishing or acking).
+pub async fn sigkill_while_working(
+    js: &jetstream::Context,
+    output_stream: &str,
+    kills: usize,
+    rng: &mut SeededRng,
+    mut weir: WeirProcess,
+    mut restart: impl FnMut() -> WeirProcess,
+) -> WeirProcess {
+    let mut outputs_before = 0;
+    for kill in 0..kills {
+        wait_for("weir to make progress", Duration::from_secs(60), || async {
+            stream_len(js, output_stream).await > outputs_before
+        })
+        .await;
+        let pause = rng.below(250);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        weir.kill().expect("SIGKILL weir");
+        weir.wait().unwrap();
+        outputs_before = stream_len(js, output_stream).await;
+        println!("kill {kill}, {pause} ms after progress: {outputs_before} outputs stored so far");
+        weir = restart();
+    }
+    weir
+}
+
 /// Sends `signal` (`libc::SIGTERM`, `libc::SIGKILL`, …) to a child process.
 pub fn send_signal(child: &Child, signal: i32) {
     // SAFETY: kill(2) on the pid of a child we own and have not reaped has no memory-safety

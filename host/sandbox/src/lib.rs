@@ -499,6 +499,15 @@ enum Pre {
     V2(v2::PluginPre<CallState>),
 }
 
+impl Pre {
+    fn instantiate(&self, store: &mut Store<CallState>) -> wasmtime::Result<Instance> {
+        match self {
+            Pre::V1(pre) => pre.instantiate(store).map(Instance::V1),
+            Pre::V2(pre) => pre.instantiate(store).map(Instance::V2),
+        }
+    }
+}
+
 impl PluginRuntime for Plugin {
     fn sha256(&self) -> &str {
         Plugin::sha256(self)
@@ -647,10 +656,7 @@ impl Plugin {
         let started = std::time::Instant::now();
         let dedup_key = call.input.dedup_key.clone();
         let mut store = self.new_store(wasi::Inputs::of(&call.input), call.state);
-        let instantiated = match &self.pre {
-            Pre::V1(pre) => pre.instantiate(&mut store).map(Instance::V1),
-            Pre::V2(pre) => pre.instantiate(&mut store).map(Instance::V2),
-        };
+        let instantiated = self.pre.instantiate(&mut store);
         let outcome = match instantiated {
             Ok(instance) => {
                 let result = instance.call(&mut store, call.input);
@@ -695,10 +701,7 @@ impl Plugin {
     /// them at a different point of the stream than a fresh instance would.
     pub fn run_in_used_instance(&self, input: TransformInput) -> Option<Outcome> {
         let mut store = self.new_store(wasi::Inputs::of(&input), None);
-        let instantiated = match &self.pre {
-            Pre::V1(pre) => pre.instantiate(&mut store).map(Instance::V1),
-            Pre::V2(pre) => pre.instantiate(&mut store).map(Instance::V2),
-        };
+        let instantiated = self.pre.instantiate(&mut store);
         let instance = match instantiated {
             Ok(instance) => instance,
             Err(error) => return Some(self.outcome(&mut store, Err(error))),

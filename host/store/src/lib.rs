@@ -417,7 +417,7 @@ fn cached_options(cache: &Cache) -> Options {
 
 /// What the files directly in `dir` take on disk (a store has no subdirectories): the table
 /// files, and the write-ahead log that holds what is not yet in them.
-fn directory_bytes(dir: &Path) -> u64 {
+pub fn directory_bytes(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };

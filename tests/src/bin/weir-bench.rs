@@ -394,7 +394,8 @@ async fn state(count: usize, rounds: usize) {
         stateful.accounts = Some(ACCOUNTS);
         stateful.stateful = true;
         let s = stateful.process(&js, &payloads, count, "weir").await;
-        let size = |run: &WeirRun| directory_bytes(&run.dir.path().join("store")) as f64;
+        let size =
+            |run: &WeirRun| weir_store::directory_bytes(&run.dir.path().join("store")) as f64;
         let growth = (size(&stateful) - size(&stateless)) / ACCOUNTS as f64;
         println!("  round {round} of {rounds}");
         println!(
@@ -416,19 +417,6 @@ async fn state(count: usize, rounds: usize) {
         median(&mut ratios),
         median(&mut growths)
     );
-}
-
-/// What the files directly in `dir` take on disk.
-fn directory_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|entry| entry.ok()?.metadata().ok())
-                .filter(|metadata| metadata.is_file())
-                .map(|metadata| metadata.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// The baseline: fetch → publish with Nats-Msg-Id → await PublishAcks → double ack, in

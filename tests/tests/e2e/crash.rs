@@ -35,28 +35,16 @@ async fn outputs_are_exactly_once_across_repeated_sigkills() {
     .write(dir.path(), "weir.toml");
     let log = dir.path().join("weir.log");
 
-    let mut weir = start_weir(&config, &log);
+    let weir = start_weir(&config, &log);
     wait_for_stream(&js, "ORDERS").await;
 
     // Publish while weir is being killed and restarted.
     let payloads = order_workload(INPUTS, MALFORMED_EVERY);
     let publisher = publish_orders_spread(&js, &payloads, Duration::from_millis(60));
-    // Each kill lands at a random moment after the restarted weir has made progress, so
-    // that it interrupts real work (fetching, running, committing, publishing or acking).
-    let mut outputs_before = 0;
-    for kill in 0..KILLS {
-        wait_for("weir to make progress", Duration::from_secs(60), || async {
-            stream_len(&js, "ORDERS_OUT").await > outputs_before
-        })
-        .await;
-        let pause = rng.below(250);
-        tokio::time::sleep(Duration::from_millis(pause)).await;
-        weir.kill().expect("SIGKILL weir");
-        weir.wait().unwrap();
-        outputs_before = stream_len(&js, "ORDERS_OUT").await;
-        println!("kill {kill}, {pause} ms after progress: {outputs_before} outputs stored so far");
-        weir = start_weir(&config, &log);
-    }
+    let mut weir = sigkill_while_working(&js, "ORDERS_OUT", KILLS, &mut rng, weir, || {
+        start_weir(&config, &log)
+    })
+    .await;
     publisher.await.unwrap();
 
     let started = Instant::now();

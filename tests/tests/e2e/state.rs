@@ -79,7 +79,7 @@ async fn balances_are_exactly_once_in_state_and_outputs_across_repeated_sigkills
     .write(dir.path(), "weir.toml");
     let log = dir.path().join("weir.log");
 
-    let mut weir = spawn_weir(&config, Some(&log), None);
+    let weir = spawn_weir(&config, Some(&log), None);
     wait_for_stream(&js, "IN").await;
     // In chunks: the client holds only so many unawaited acks before it waits for them.
     for chunk in transactions.chunks(1000) {
@@ -97,21 +97,10 @@ async fn balances_are_exactly_once_in_state_and_outputs_across_repeated_sigkills
         }
     }
 
-    // Each kill lands at a random moment after the restarted weir has made progress.
-    let mut outputs_before = 0;
-    for kill in 0..KILLS {
-        wait_for("weir to make progress", Duration::from_secs(60), || async {
-            stream_len(&js, "OUT").await > outputs_before
-        })
-        .await;
-        let pause = rng.below(250);
-        tokio::time::sleep(Duration::from_millis(pause)).await;
-        weir.kill().expect("SIGKILL weir");
-        weir.wait().unwrap();
-        outputs_before = stream_len(&js, "OUT").await;
-        println!("kill {kill}, {pause} ms after progress: {outputs_before} outputs so far");
-        weir = spawn_weir(&config, Some(&log), None);
-    }
+    let mut weir = sigkill_while_working(&js, "OUT", KILLS, &mut rng, weir, || {
+        spawn_weir(&config, Some(&log), None)
+    })
+    .await;
     wait_until_drained(&js, "IN", "weir").await;
 
     // An operator reads the state while weir runs: every account's balance, as the model.
