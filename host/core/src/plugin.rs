@@ -116,7 +116,7 @@ pub struct CallCost {
 
 /// One plugin call: an input and, in a stateful pipeline, its key's state as the inputs
 /// before it left it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Call {
     pub input: TransformInput,
     pub state: Option<StateView>,

@@ -143,7 +143,7 @@ pub struct StateLimitExceeded(pub String);
 /// What one plugin call sees of its key's state: the entries as earlier inputs left them,
 /// with its own changes on top. The changes reach the key only if the call's input is
 /// transformed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct StateView {
     /// The state key: the message tells the plugin which it is.
     key: String,

@@ -13,24 +13,51 @@
 //! }
 //! ```
 //!
-//! `expect` is either `{"outputs": [...]}` or `{"error": {"kind": "invalid-input", "reason":
-//! "…"}}` (kinds as in dead letters: `invalid-input`, `plugin-failed`, `trap`,
-//! `fuel-exhausted`, …). Each case runs three times: twice in fresh instances, as the pipeline
-//! runs it, and once more as the second call in an instance that has just run it. A result
-//! that differs fails the case as non-deterministic: the plugin depends on something other
-//! than its input, or keeps state between calls (which weir would silently drop, since each
-//! message gets a fresh instance). The third run is skipped when the plugin draws random
-//! bytes: a runtime that initialises itself lazily (CPython) draws them at another point of
-//! the seeded stream in a used instance, so a difference there would prove nothing.
+//! `expect` has either `"outputs": [...]` or `"error": {"kind": "invalid-input", "reason":
+//! "…"}` (kinds as in dead letters: `invalid-input`, `plugin-failed`, `trap`,
+//! `fuel-exhausted`, `state-limit`, …).
+//!
+//! A plugin of contract 0.2.0 keeps state per key. Its fixture may give the input's
+//! `"state_key"` (by default `"test"`) and the key's `"state"` before the input (entries by
+//! name, each value a payload); `expect` may give the `"state"` after it. An expectation
+//! without `"state"` says the state is unchanged, so a change cannot pass unnoticed. A case
+//! can also be a sequence of inputs on one key, each seeing the state the one before left
+//! (and a dead-lettered input leaving it as it was), as in a pipeline:
+//!
+//! ```json
+//! {
+//!   "state_key": "acct-7",
+//!   "state": {"balance": {"text": "10"}},
+//!   "sequence": [
+//!     {"subject": "tx.acct-7", "payload": {"text": "+5"},
+//!      "expect": {"outputs": [...], "state": {"balance": {"json": 15}}}},
+//!     {"subject": "tx.acct-7", "payload": {"text": "-20"},
+//!      "expect": {"error": {"kind": "invalid-input", "reason": "…"}}}
+//!   ]
+//! }
+//! ```
+//!
+//! State limits are the defaults of `[pipeline.state]`. Each input runs three times: twice
+//! in fresh instances, as the pipeline runs it, and once more as the second call in an
+//! instance that has just run it. A result (outputs, error or state) that differs fails the
+//! case as non-deterministic: the plugin depends on something other than its input and
+//! state, or keeps state of its own between calls (which weir would silently drop, since
+//! each message gets a fresh instance). The third run is skipped when the plugin draws
+//! random bytes: a runtime that initialises itself lazily (CPython) draws them at another
+//! point of the seeded stream in a used instance, so a difference there would prove
+//! nothing.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use weir_core::dead_letter::MAX_REASON_LEN;
-use weir_core::plugin::{FailureKind, Outcome, TransformInput};
+use weir_core::plugin::{Call, FailureKind, Outcome, TransformInput};
 use weir_core::policy::OutputPolicy;
+use weir_core::state::{KeyState, StateChanges, StateLimits, StateView};
 use weir_core::text;
 
 use crate::{LimitsConfig, Plugin, Sandbox, SandboxConfig, Usage};
@@ -53,17 +80,26 @@ fn policy_of(plugin: &Plugin) -> OutputPolicy {
     }
 }
 
-/// The plugin's outcome for `input`, as the pipeline would treat it, and what it used.
-fn judged_run(plugin: &Plugin, policy: &OutputPolicy, input: TransformInput) -> (Outcome, Usage) {
-    let judged = input.clone();
-    let (outcome, usage) = plugin.run_measured(input);
-    (policy.judge(&judged, outcome), usage)
+/// One fixture file: a case, which is one input or a sequence of inputs on one state key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Case {
+    /// The state key of the case's inputs, which a 0.2.0 plugin reads in its message.
+    pub state_key: String,
+    /// The key's state before the first input, by entry name.
+    pub state: BTreeMap<String, Payload>,
+    /// The inputs, in stream order, each with what it must produce.
+    pub steps: Vec<Step>,
+    /// Whether the file lists its inputs under `sequence` (else it is one input, inline).
+    pub is_sequence: bool,
 }
 
-/// One fixture file.
+/// The state key of a fixture that names none.
+pub const DEFAULT_STATE_KEY: &str = "test";
+
+/// One input of a case and what the plugin must make of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Case {
+pub struct Step {
     pub subject: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<(String, String)>,
@@ -74,6 +110,117 @@ pub struct Case {
     /// What the plugin must produce; missing until `--update` writes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect: Option<Expectation>,
+}
+
+/// A fixture file with one input, written inline.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SingleFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    state_key: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    state: BTreeMap<String, Payload>,
+    subject: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    headers: Vec<(String, String)>,
+    payload: Payload,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    data_time_unix_ns: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expect: Option<Expectation>,
+}
+
+/// A fixture file with a sequence of inputs on one key.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SequenceFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    state_key: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    state: BTreeMap<String, Payload>,
+    sequence: Vec<Step>,
+}
+
+impl Case {
+    /// Reads a fixture file's text: one input inline, or a `sequence` of them.
+    pub fn parse(text: &str) -> Result<Case, String> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let case = if value.get("sequence").is_some() {
+            let file: SequenceFile = serde_json::from_value(value).map_err(|e| e.to_string())?;
+            if file.sequence.is_empty() {
+                return Err("\"sequence\" is empty: list the inputs of the case in order".into());
+            }
+            Case {
+                state_key: file.state_key.unwrap_or_else(|| DEFAULT_STATE_KEY.into()),
+                state: file.state,
+                steps: file.sequence,
+                is_sequence: true,
+            }
+        } else {
+            let file: SingleFile = serde_json::from_value(value).map_err(|e| e.to_string())?;
+            Case {
+                state_key: file.state_key.unwrap_or_else(|| DEFAULT_STATE_KEY.into()),
+                state: file.state,
+                steps: vec![Step {
+                    subject: file.subject,
+                    headers: file.headers,
+                    payload: file.payload,
+                    data_time_unix_ns: file.data_time_unix_ns,
+                    expect: file.expect,
+                }],
+                is_sequence: false,
+            }
+        };
+        let payloads = case
+            .state
+            .values()
+            .chain(case.steps.iter().flat_map(|step| {
+                std::iter::once(&step.payload).chain(step.expect.iter().flat_map(|e| {
+                    e.state
+                        .iter()
+                        .flat_map(BTreeMap::values)
+                        .chain(e.outputs.iter().flatten().map(|output| &output.payload))
+                }))
+            }));
+        for payload in payloads {
+            if let Payload::Base64(text) = payload {
+                decode_base64(text)?;
+            }
+        }
+        for step in &case.steps {
+            if let Some(expect) = &step.expect
+                && expect.outputs.is_some() == expect.error.is_some()
+            {
+                return Err(
+                    "each \"expect\" names either \"outputs\" or \"error\", not both or neither"
+                        .into(),
+                );
+            }
+        }
+        Ok(case)
+    }
+
+    /// The fixture file's text, in the form it was read in.
+    pub fn to_text(&self) -> String {
+        let state_key = (self.state_key != DEFAULT_STATE_KEY).then(|| self.state_key.clone());
+        let text = match (self.is_sequence, self.steps.as_slice()) {
+            (false, [step]) => serde_json::to_string_pretty(&SingleFile {
+                state_key,
+                state: self.state.clone(),
+                subject: step.subject.clone(),
+                headers: step.headers.clone(),
+                payload: step.payload.clone(),
+                data_time_unix_ns: step.data_time_unix_ns,
+                expect: step.expect.clone(),
+            }),
+            _ => serde_json::to_string_pretty(&SequenceFile {
+                state_key,
+                state: self.state.clone(),
+                sequence: self.steps.clone(),
+            }),
+        };
+        text.expect("a case serialises") + "\n"
+    }
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -89,12 +236,25 @@ pub enum Payload {
     Base64(String),
 }
 
-/// What a case must produce.
+/// What an input must produce: `outputs` or an `error`, and the key's `state` after it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum Expectation {
-    Outputs(Vec<ExpectedOutput>),
-    Error { kind: String, reason: String },
+#[serde(deny_unknown_fields)]
+pub struct Expectation {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<Vec<ExpectedOutput>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ExpectedError>,
+    /// The key's entries after the input. Left out, the state must be as it was before the
+    /// input: a fixture cannot let a change go unnoticed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<BTreeMap<String, Payload>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectedError {
+    pub kind: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,16 +303,10 @@ pub fn load_fixtures(dir: &Path) -> Result<Vec<Fixture>, FixtureError> {
             path: path.clone(),
             source,
         })?;
-        let case: Case = serde_json::from_str(&text).map_err(|e| FixtureError::Invalid {
+        let case = Case::parse(&text).map_err(|message| FixtureError::Invalid {
             path: path.clone(),
-            message: e.to_string(),
+            message,
         })?;
-        if let Payload::Base64(text) = &case.payload {
-            decode_base64(text).map_err(|message| FixtureError::Invalid {
-                path: path.clone(),
-                message,
-            })?;
-        }
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -186,78 +340,154 @@ pub enum Verdict {
 
 pub struct CaseReport {
     pub verdict: Verdict,
+    /// What the case's inputs used together (fuel and time summed, the peak memory of any).
     pub usage: Usage,
-    /// Limits the case came within 20 % of.
+    /// Limits an input of the case came within 20 % of.
     pub near_limits: Vec<&'static str>,
+    /// Which input of a sequence the verdict is about: its number from 1, and the count.
+    pub at_step: Option<(usize, usize)>,
 }
 
-/// Runs one case twice and judges it; with `update`, writes the actual result into the
-/// fixture file instead of comparing.
-pub fn run_case(plugin: &Plugin, fixture: &Fixture, update: bool) -> std::io::Result<CaseReport> {
-    let input = || TransformInput {
-        subject: fixture.case.subject.clone(),
-        headers: fixture.case.headers.clone(),
-        payload: payload_bytes(&fixture.case.payload),
-        stream_sequence: 1,
-        data_time_unix_ns: fixture.case.data_time_unix_ns,
-        dedup_key: format!("fixture:{}", fixture.name),
-        seed: TransformInput::seed_for(&format!("fixture:{}", fixture.name)),
-    };
+/// What one input gave: its outcome as the pipeline judges it, and the key's state after.
+#[derive(PartialEq)]
+struct StepResult {
+    outcome: Outcome,
+    after: KeyState,
+}
+
+/// Runs a case's inputs in order, each one three times (see the module's text), and judges
+/// them; with `update`, writes the actual results into the fixture file instead of
+/// comparing. A 0.2.0 plugin's inputs share the case's state key, each seeing the state the
+/// one before left.
+pub fn run_case(plugin: &Plugin, fixture: &Fixture, update: bool) -> Result<CaseReport, String> {
+    let case = &fixture.case;
+    let stateful = plugin.contract() == crate::V2_EXPORT;
+    if !stateful && !case.state.is_empty() {
+        return Err(format!(
+            "fixture {}: gives \"state\", and the plugin speaks {}, which has no state (0.2.0 has)",
+            fixture.path.display(),
+            plugin.contract()
+        ));
+    }
     let policy = policy_of(plugin);
-    let (first, usage) = judged_run(plugin, &policy, input());
-    let (second, _) = judged_run(plugin, &policy, input());
-    let other = if first != second {
-        Some(("a second fresh instance", second))
-    } else {
-        let used = plugin
-            .run_in_used_instance(input())
-            .map(|outcome| policy.judge(&input(), outcome));
-        match used {
-            Some(outcome) if outcome != first => Some((
-                "a second call in the same instance (the plugin keeps state between calls)",
-                outcome,
-            )),
-            _ => None,
-        }
-    };
-    let limits = plugin.limits();
+    let mut state = KeyState::from_entries(
+        case.state
+            .iter()
+            .map(|(name, payload)| (name.clone(), payload_bytes(payload))),
+    );
+    let mut usage = Usage::default();
     let mut near_limits = Vec::new();
-    if usage.fuel * 5 > limits.fuel * 4 {
-        near_limits.push("limits.fuel");
-    }
-    if usage.peak_memory_bytes * 5 > limits.memory_bytes * 4 {
-        near_limits.push("limits.memory_bytes");
-    }
-    let actual = expectation_of(&first, fixture.case.expect.as_ref());
-    let verdict = match (other, &fixture.case.expect) {
-        (Some((other_run, other)), _) => {
-            let other = expectation_of(&other, fixture.case.expect.as_ref());
-            Verdict::NotDeterministic {
-                diff: diff(&render(&actual), &render(&other)),
-                other_run,
+    let mut steps = Vec::with_capacity(case.steps.len());
+    let mut verdict = None;
+    for (index, step) in case.steps.iter().enumerate() {
+        let dedup_key = match index {
+            0 => format!("fixture:{}", fixture.name),
+            _ => format!("fixture:{}#{}", fixture.name, index + 1),
+        };
+        let call = || Call {
+            input: TransformInput {
+                subject: step.subject.clone(),
+                headers: step.headers.clone(),
+                payload: payload_bytes(&step.payload),
+                stream_sequence: index as u64 + 1,
+                data_time_unix_ns: step.data_time_unix_ns,
+                seed: TransformInput::seed_for(&dedup_key),
+                dedup_key: dedup_key.clone(),
+            },
+            state: stateful.then(|| {
+                StateView::new(
+                    case.state_key.clone(),
+                    Arc::new(state.clone()),
+                    StateLimits::default(),
+                )
+            }),
+        };
+        let judged = |(outcome, changes): (Outcome, StateChanges)| {
+            let outcome = policy.judge(&call().input, outcome);
+            let mut after = state.clone();
+            if let Outcome::Outputs(_) = outcome {
+                after.apply(&changes);
             }
-        }
-        (None, Some(expected)) if !update => {
-            if *expected == actual {
-                Verdict::Pass
-            } else {
-                Verdict::Fail(diff(&render(expected), &render(&actual)))
+            StepResult { outcome, after }
+        };
+        let (outcome, step_usage, changes) = plugin.run_measured(call());
+        let first = judged((outcome, changes));
+        let (outcome, _, changes) = plugin.run_measured(call());
+        let second = judged((outcome, changes));
+        let other = if first != second {
+            Some(("a second fresh instance", second))
+        } else {
+            match plugin.run_in_used_instance(call()).map(judged) {
+                Some(used) if used != first => Some((
+                    "a second call in the same instance (the plugin keeps state between calls)",
+                    used,
+                )),
+                _ => None,
             }
+        };
+        usage.fuel += step_usage.fuel;
+        usage.elapsed += step_usage.elapsed;
+        usage.peak_memory_bytes = usage.peak_memory_bytes.max(step_usage.peak_memory_bytes);
+        let limits = plugin.limits();
+        if step_usage.fuel * 5 > limits.fuel * 4 && !near_limits.contains(&"limits.fuel") {
+            near_limits.push("limits.fuel");
         }
-        (None, _) => {
-            let case = Case {
-                expect: Some(actual),
-                ..fixture.case.clone()
+        if step_usage.peak_memory_bytes * 5 > limits.memory_bytes * 4
+            && !near_limits.contains(&"limits.memory_bytes")
+        {
+            near_limits.push("limits.memory_bytes");
+        }
+        let expected = step.expect.as_ref();
+        let actual = expectation_of(&first, &state, expected);
+        let at = (index + 1, case.steps.len());
+        if let Some((other_run, other)) = other {
+            // Both with their state (of a plugin that has one), so that a difference in it
+            // shows.
+            let with_state = |result: &StepResult| Expectation {
+                state: stateful.then(|| entries_like(&result.after, None)),
+                ..expectation_of(result, &state, expected)
             };
-            let text = serde_json::to_string_pretty(&case).expect("a case serialises");
-            std::fs::write(&fixture.path, text + "\n")?;
-            Verdict::Updated
+            verdict = Some((
+                Verdict::NotDeterministic {
+                    diff: diff(&render(&with_state(&first)), &render(&with_state(&other))),
+                    other_run,
+                },
+                at,
+            ));
+            break;
         }
+        if let Some(expected) = expected
+            && !update
+            && *expected != actual
+        {
+            verdict = Some((Verdict::Fail(diff(&render(expected), &render(&actual))), at));
+            break;
+        }
+        steps.push(Step {
+            expect: Some(actual),
+            ..step.clone()
+        });
+        state = first.after;
+    }
+    let needs_update = update || case.steps.iter().any(|step| step.expect.is_none());
+    let (verdict, at) = match verdict {
+        Some((verdict, at)) => (verdict, Some(at)),
+        None if needs_update => {
+            let updated = Case {
+                steps,
+                ..case.clone()
+            };
+            std::fs::write(&fixture.path, updated.to_text())
+                .map_err(|e| format!("cannot write {}: {e}", fixture.path.display()))?;
+            (Verdict::Updated, None)
+        }
+        None => (Verdict::Pass, None),
     };
     Ok(CaseReport {
         verdict,
         usage,
         near_limits,
+        at_step: at.filter(|_| case.is_sequence),
     })
 }
 
@@ -318,7 +548,11 @@ impl SuiteReport {
                 ),
                 _ => continue,
             };
-            text += &format!("    {heading}\n");
+            let at = match report.at_step {
+                Some((step, count)) => format!("input {step} of {count}: "),
+                None => String::new(),
+            };
+            text += &format!("    {at}{heading}\n");
             for line in diff.lines() {
                 text += &format!("    {line}\n");
             }
@@ -338,8 +572,7 @@ pub fn run_fixtures(plugin: &Plugin, dir: &Path, update: bool) -> Result<SuiteRe
     let fixtures = load_fixtures(dir).map_err(|e| e.to_string())?;
     let mut cases = Vec::with_capacity(fixtures.len());
     for fixture in fixtures {
-        let report = run_case(plugin, &fixture, update)
-            .map_err(|e| format!("cannot write {}: {e}", fixture.path.display()))?;
+        let report = run_case(plugin, &fixture, update)?;
         cases.push((fixture, report));
     }
     Ok(SuiteReport { cases })
@@ -382,6 +615,9 @@ pub fn check(component: &Path, fixtures_dir: &Path) -> Result<SuiteReport, Strin
 pub struct FuzzFinding {
     pub subject: String,
     pub payload: Vec<u8>,
+    /// The state key and state it ran with (those of the first fixture).
+    pub state_key: String,
+    pub state: BTreeMap<String, Payload>,
     pub kind: FailureKind,
     pub reason: String,
 }
@@ -390,54 +626,77 @@ impl FuzzFinding {
     /// The finding as a fixture file's text, ready to save next to the others.
     pub fn as_fixture(&self) -> String {
         let case = Case {
-            subject: self.subject.clone(),
-            headers: Vec::new(),
-            payload: payload_like(&self.payload, None),
-            data_time_unix_ns: 0,
-            expect: None,
+            state_key: self.state_key.clone(),
+            state: self.state.clone(),
+            steps: vec![Step {
+                subject: self.subject.clone(),
+                headers: Vec::new(),
+                payload: payload_like(&self.payload, None),
+                data_time_unix_ns: 0,
+                expect: None,
+            }],
+            is_sequence: false,
         };
-        serde_json::to_string_pretty(&case).expect("a case serialises")
+        case.to_text()
     }
 }
 
 /// Runs `count` generated inputs through the plugin, each in a fresh instance: mutations
 /// of the fixtures' payloads (bit flips, cuts, splices, repeats, stray bytes) and some
-/// random bytes, all from `seed`. An error the plugin returns is fine; a trap, running out
-/// of fuel, memory or time, or outputs weir would refuse are findings.
+/// random bytes, all from `seed`. A 0.2.0 plugin runs each with the first fixture's state
+/// key and state. An error the plugin returns is fine; a trap, running out of fuel, memory
+/// or time, or outputs weir would refuse are findings.
 pub fn fuzz(plugin: &Plugin, fixtures: &[Fixture], count: usize, seed: u64) -> Vec<FuzzFinding> {
     let corpus: Vec<Vec<u8>> = fixtures
         .iter()
-        .map(|fixture| payload_bytes(&fixture.case.payload))
+        .flat_map(|fixture| &fixture.case.steps)
+        .map(|step| payload_bytes(&step.payload))
         .collect();
-    let subject = fixtures
-        .first()
-        .map_or("fuzz", |fixture| fixture.case.subject.as_str());
+    let first = fixtures.first().map(|fixture| &fixture.case);
+    let subject = first
+        .and_then(|case| case.steps.first())
+        .map_or("fuzz", |step| step.subject.as_str());
+    let (state_key, state) = first.map_or_else(
+        || (DEFAULT_STATE_KEY.to_owned(), BTreeMap::new()),
+        |case| (case.state_key.clone(), case.state.clone()),
+    );
+    let key_state = Arc::new(KeyState::from_entries(
+        state
+            .iter()
+            .map(|(name, payload)| (name.clone(), payload_bytes(payload))),
+    ));
+    let stateful = plugin.contract() == crate::V2_EXPORT;
     let mut mutator = Mutator::new(seed);
     let mut findings = Vec::new();
     let policy = policy_of(plugin);
     for index in 0..count {
         let payload = mutator.input(&corpus);
         let dedup_key = format!("fuzz:{seed}:{index}");
-        let (outcome, _) = judged_run(
-            plugin,
-            &policy,
-            TransformInput {
-                subject: subject.to_owned(),
-                headers: Vec::new(),
-                payload: payload.clone(),
-                stream_sequence: index as u64 + 1,
-                data_time_unix_ns: 0,
-                seed: TransformInput::seed_for(&dedup_key),
-                dedup_key,
-            },
-        );
-        if let Outcome::Failed { kind, reason } = outcome
+        let input = TransformInput {
+            subject: subject.to_owned(),
+            headers: Vec::new(),
+            payload: payload.clone(),
+            stream_sequence: index as u64 + 1,
+            data_time_unix_ns: 0,
+            seed: TransformInput::seed_for(&dedup_key),
+            dedup_key,
+        };
+        let call = Call {
+            input: input.clone(),
+            state: stateful.then(|| {
+                StateView::new(state_key.clone(), key_state.clone(), StateLimits::default())
+            }),
+        };
+        let (outcome, _, _) = plugin.run_measured(call);
+        if let Outcome::Failed { kind, reason } = policy.judge(&input, outcome)
             && !matches!(kind, FailureKind::InvalidInput | FailureKind::PluginFailed)
             && !findings.iter().any(|f: &FuzzFinding| f.payload == payload)
         {
             findings.push(FuzzFinding {
                 subject: subject.to_owned(),
                 payload,
+                state_key: state_key.clone(),
+                state: state.clone(),
                 kind,
                 reason,
             });
@@ -509,37 +768,66 @@ impl Mutator {
     }
 }
 
-/// The outcome as an expectation, payloads written the way `expected` writes them (so a
+/// A step's result as an expectation, payloads written the way `expected` writes them (so a
 /// JSON payload compares as JSON, whatever its key order), else as JSON if they parse,
-/// text if UTF-8, base64 otherwise.
-fn expectation_of(outcome: &Outcome, expected: Option<&Expectation>) -> Expectation {
-    match outcome {
-        Outcome::Outputs(outputs) => Expectation::Outputs(
-            outputs
-                .iter()
-                .enumerate()
-                .map(|(index, output)| {
-                    let like = match expected {
-                        Some(Expectation::Outputs(expected)) => {
-                            expected.get(index).map(|e| &e.payload)
+/// text if UTF-8, base64 otherwise. The state is there if it changed from `before` or
+/// `expected` names it.
+fn expectation_of(
+    result: &StepResult,
+    before: &KeyState,
+    expected: Option<&Expectation>,
+) -> Expectation {
+    let expected_state = expected.and_then(|e| e.state.as_ref());
+    let state = (result.after != *before || expected_state.is_some())
+        .then(|| entries_like(&result.after, expected_state));
+    match &result.outcome {
+        Outcome::Outputs(outputs) => Expectation {
+            outputs: Some(
+                outputs
+                    .iter()
+                    .enumerate()
+                    .map(|(index, output)| {
+                        let like = expected
+                            .and_then(|e| e.outputs.as_ref())
+                            .and_then(|outputs| outputs.get(index))
+                            .map(|e| &e.payload);
+                        ExpectedOutput {
+                            subject: output.subject.clone(),
+                            headers: output.headers.clone(),
+                            payload: payload_like(&output.payload, like),
                         }
-                        _ => None,
-                    };
-                    ExpectedOutput {
-                        subject: output.subject.clone(),
-                        headers: output.headers.clone(),
-                        payload: payload_like(&output.payload, like),
-                    }
-                })
-                .collect(),
-        ),
+                    })
+                    .collect(),
+            ),
+            error: None,
+            state,
+        },
         // As the dead letter would carry it: escaped and bounded, so that neither a
         // terminal nor a fixture file gets what a plugin put in it.
-        Outcome::Failed { kind, reason } => Expectation::Error {
-            kind: kind.as_str().to_owned(),
-            reason: text::escaped(reason, MAX_REASON_LEN),
+        Outcome::Failed { kind, reason } => Expectation {
+            outputs: None,
+            error: Some(ExpectedError {
+                kind: kind.as_str().to_owned(),
+                reason: text::escaped(reason, MAX_REASON_LEN),
+            }),
+            state,
         },
     }
+}
+
+/// A key's entries as a fixture writes them, each in the form `like` gives its entry.
+fn entries_like(
+    state: &KeyState,
+    like: Option<&BTreeMap<String, Payload>>,
+) -> BTreeMap<String, Payload> {
+    state
+        .entries()
+        .iter()
+        .map(|(name, value)| {
+            let form = like.and_then(|like| like.get(name));
+            (name.clone(), payload_like(value, form))
+        })
+        .collect()
 }
 
 fn payload_like(bytes: &[u8], like: Option<&Payload>) -> Payload {
@@ -634,6 +922,61 @@ mod tests {
         assert_eq!(
             diff,
             "  …\n  7\n  8\n  9\n- 10\n+ ten\n  11\n  12\n  13\n  …\n"
+        );
+    }
+
+    #[test]
+    fn fixtures_are_written_back_in_the_form_they_were_read() {
+        let single = r#"{
+  "state_key": "acct-1",
+  "state": {
+    "balance": {
+      "text": "10"
+    }
+  },
+  "subject": "tx.acct-1",
+  "payload": {
+    "text": "+5"
+  }
+}
+"#;
+        let case = Case::parse(single).unwrap();
+        assert!(!case.is_sequence);
+        assert_eq!(case.steps.len(), 1);
+        assert_eq!(case.to_text(), single);
+
+        let sequence = r#"{
+  "sequence": [
+    {
+      "subject": "a",
+      "payload": {
+        "text": "1"
+      }
+    }
+  ]
+}
+"#;
+        let case = Case::parse(sequence).unwrap();
+        assert!(case.is_sequence);
+        assert_eq!(case.state_key, DEFAULT_STATE_KEY);
+        assert_eq!(case.to_text(), sequence);
+    }
+
+    #[test]
+    fn fixtures_that_cannot_be_judged_are_refused_with_the_reason() {
+        let refused = |text: &str| Case::parse(text).unwrap_err();
+        assert!(refused(r#"{"sequence": []}"#).contains("\"sequence\" is empty"));
+        let both = r#"{"subject": "a", "payload": {"text": ""},
+            "expect": {"outputs": [], "error": {"kind": "trap", "reason": ""}}}"#;
+        assert!(refused(both).contains("either \"outputs\" or \"error\""));
+        let neither = r#"{"subject": "a", "payload": {"text": ""}, "expect": {}}"#;
+        assert!(refused(neither).contains("either \"outputs\" or \"error\""));
+        let bad_state = r#"{"subject": "a", "payload": {"text": ""},
+            "state": {"x": {"base64": "%%"}}}"#;
+        assert!(refused(bad_state).contains("not base64"));
+        assert!(
+            refused(r#"{"subject": "a", "payload": {"text": ""}, "stat": {}}"#)
+                .contains("unknown field `stat`")
         );
     }
 

@@ -73,7 +73,7 @@ const MAX_TABLES_PER_PLUGIN: u32 = 4;
 const MIN_INPUTS_PER_THREAD: usize = 16;
 
 /// What one plugin call used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub fuel: u64,
     /// The largest the instance's linear memory grew to, in bytes.
@@ -569,7 +569,7 @@ impl Plugin {
     /// (`tokio::task::spawn_blocking`) or outside any async runtime, never from an async
     /// task, where a WASI plugin's output would make wasmtime-wasi's runtime panic.
     pub fn run(&self, input: TransformInput) -> Outcome {
-        self.run_measured(input).0
+        self.run_measured(Call::stateless(input)).0
     }
 
     /// Runs each call in a fresh instance, spread over the sandbox's threads (blocking
@@ -634,13 +634,15 @@ impl Plugin {
         Ok(outcomes)
     }
 
-    /// Like `run`, also reporting the fuel, memory and time the call used. When the engine
-    /// is out of instances (other calls hold them all), it waits for one.
-    pub fn run_measured(&self, input: TransformInput) -> (Outcome, Usage) {
+    /// Like `run`, for a call that may carry its key's state: also reports the fuel, memory
+    /// and time the call used, and its state changes (none unless it transformed the
+    /// input). When the engine is out of instances (other calls hold them all), it waits
+    /// for one.
+    pub fn run_measured(&self, call: Call) -> (Outcome, Usage, StateChanges) {
         let mut pause = Duration::from_millis(1);
         loop {
-            match self.try_run(Call::stateless(input.clone())) {
-                Ok((outcome, usage, _changes)) => return (outcome, usage),
+            match self.try_run(call.clone()) {
+                Ok(result) => return result,
                 Err(_) => {
                     thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(100));
@@ -669,15 +671,7 @@ impl Plugin {
         };
         store.data().wasi.log_output(&dedup_key);
         let usage = self.usage(&store, started);
-        let changes = match &outcome {
-            Outcome::Outputs(_) => store
-                .data_mut()
-                .state
-                .take()
-                .map(StateView::into_changes)
-                .unwrap_or_default(),
-            Outcome::Failed { .. } => StateChanges::new(),
-        };
+        let changes = store.data_mut().changes_if(&outcome);
         Ok((outcome, usage, changes))
     }
 
@@ -689,37 +683,41 @@ impl Plugin {
         }
     }
 
-    /// Runs an input twice in one instance and returns the second call's outcome. WASI's
-    /// clocks and generators are rewound in between, the fuel and deadline renewed, and what
-    /// the first call emitted or wrote forgotten, so a plugin that keeps no state of its own
-    /// between calls gives what it gives in a fresh instance. The harness's determinism
-    /// check uses it to catch plugins whose results depend on earlier calls; the pipeline
-    /// itself never reuses an instance.
+    /// Runs a call twice in one instance and returns the second call's outcome and state
+    /// changes. WASI's clocks and generators are rewound in between, the fuel and deadline
+    /// renewed, and what the first call emitted or wrote forgotten (the second call sees the
+    /// key's state as the first did), so a plugin that keeps no state of its own between
+    /// calls gives what it gives in a fresh instance. The harness's determinism check uses
+    /// it to catch plugins whose results depend on earlier calls; the pipeline itself never
+    /// reuses an instance.
     ///
     /// `None` when the comparison would prove nothing: the second call drew random bytes,
     /// and a runtime that lazily initialises itself in its first call (CPython does) draws
     /// them at a different point of the stream than a fresh instance would.
-    pub fn run_in_used_instance(&self, input: TransformInput) -> Option<Outcome> {
-        let mut store = self.new_store(wasi::Inputs::of(&input), None);
+    pub fn run_in_used_instance(&self, call: Call) -> Option<(Outcome, StateChanges)> {
+        let state_before = call.state.clone();
+        let mut store = self.new_store(wasi::Inputs::of(&call.input), call.state);
         let instantiated = self.pre.instantiate(&mut store);
         let instance = match instantiated {
             Ok(instance) => instance,
-            Err(error) => return Some(self.outcome(&mut store, Err(error))),
+            Err(error) => return Some((self.outcome(&mut store, Err(error)), StateChanges::new())),
         };
         store.data_mut().wasi.checkpoint();
-        let first = instance.call(&mut store, input.clone());
+        let first = instance.call(&mut store, call.input.clone());
         if first.is_err() {
             // A trap leaves the instance unusable; the fresh run saw the same trap.
-            return Some(self.outcome(&mut store, first));
+            return Some((self.outcome(&mut store, first), StateChanges::new()));
         }
         store.data_mut().wasi.rewind();
-        store.data_mut().forget_call();
+        store.data_mut().forget_call(state_before);
         self.renew_budget(&mut store);
-        let second = instance.call(&mut store, input);
+        let second = instance.call(&mut store, call.input);
         if store.data().wasi.drew_randomness() {
             return None;
         }
-        Some(self.outcome(&mut store, second))
+        let outcome = self.outcome(&mut store, second);
+        let changes = store.data_mut().changes_if(&outcome);
+        Some((outcome, changes))
     }
 
     /// What a call's result means, in weir's terms.
@@ -912,11 +910,25 @@ struct CallState {
 }
 
 impl CallState {
-    /// Forgets what a call emitted and wrote, for another call in the same instance.
-    fn forget_call(&mut self) {
+    /// Forgets what a call emitted and wrote, for another call in the same instance that
+    /// starts from `state`.
+    fn forget_call(&mut self, state: Option<StateView>) {
         self.emitted.clear();
         self.emitted_bytes = 0;
         self.refusal = None;
+        self.state = state;
+    }
+
+    /// The call's state changes, which count only if it transformed its input.
+    fn changes_if(&mut self, outcome: &Outcome) -> StateChanges {
+        match outcome {
+            Outcome::Outputs(_) => self
+                .state
+                .take()
+                .map(StateView::into_changes)
+                .unwrap_or_default(),
+            Outcome::Failed { .. } => StateChanges::new(),
+        }
     }
 }
 

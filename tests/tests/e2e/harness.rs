@@ -9,7 +9,7 @@ fn weir(args: &[&str]) -> Output {
     Command::new(weir_binary()).args(args).output().unwrap()
 }
 
-fn text(output: &Output) -> String {
+fn text_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
@@ -23,7 +23,7 @@ fn test_with_own_fixtures(name: &str) -> (Output, String) {
         "--fixtures",
         fixtures.to_str().unwrap(),
     ]);
-    let report = text(&output);
+    let report = text_of(&output);
     (output, report)
 }
 
@@ -53,11 +53,11 @@ fn fixtures_pass_fail_with_a_diff_and_update() {
     };
 
     let output = run(&[]);
-    assert!(output.status.success(), "{}", text(&output));
+    assert!(output.status.success(), "{}", text_of(&output));
     assert!(
-        text(&output).contains("4 passed, 0 failed"),
+        text_of(&output).contains("4 passed, 0 failed"),
         "{}",
-        text(&output)
+        text_of(&output)
     );
 
     // A wrong expectation: the total is 1299, the fixture now says 1300.
@@ -69,7 +69,7 @@ fn fixtures_pass_fail_with_a_diff_and_update() {
     )
     .unwrap();
     let output = run(&[]);
-    let report = text(&output);
+    let report = text_of(&output);
     assert_eq!(output.status.code(), Some(2), "{report}");
     assert!(report.contains("FAIL             two-items"), "{report}");
     let marked = |mark: char, line: &str| {
@@ -85,7 +85,7 @@ fn fixtures_pass_fail_with_a_diff_and_update() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("1 of 4 fixtures failed"));
 
     let output = run(&["--update"]);
-    assert!(output.status.success(), "{}", text(&output));
+    assert!(output.status.success(), "{}", text_of(&output));
     assert_eq!(
         std::fs::read_to_string(&case).unwrap(),
         original,
@@ -96,7 +96,7 @@ fn fixtures_pass_fail_with_a_diff_and_update() {
 #[test]
 fn inspect_tells_what_a_component_is_and_whether_weir_runs_it() {
     let output = weir(&["plugin", "inspect", plugin("orders").to_str().unwrap()]);
-    let report = text(&output);
+    let report = text_of(&output);
     assert!(output.status.success(), "{report}");
     assert!(report.contains("imports:  none"), "{report}");
     assert!(
@@ -110,7 +110,7 @@ fn inspect_tells_what_a_component_is_and_whether_weir_runs_it() {
         "inspect",
         plugin("sneaky-import").to_str().unwrap(),
     ]);
-    let report = text(&output);
+    let report = text_of(&output);
     assert!(!output.status.success());
     assert!(report.contains("imports:  acme:sneaky/clock"), "{report}");
     assert!(report.contains("runnable: no"), "{report}");
@@ -134,6 +134,65 @@ fn a_plugin_that_keeps_state_between_calls_is_caught() {
         report.contains("+         \"text\": \"message number 2\""),
         "{report}"
     );
+}
+
+#[test]
+fn stateful_fixtures_judge_the_state_after_each_input_of_a_sequence() {
+    let (output, report) = test_with_own_fixtures("balances");
+    assert!(output.status.success(), "{report}");
+    assert!(report.contains("3 passed, 0 failed"), "{report}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = repo_root().join("plugins/balances/fixtures");
+    for entry in std::fs::read_dir(&fixtures).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let run = |component: &str| {
+        weir(&[
+            "plugin",
+            "test",
+            plugin(component).to_str().unwrap(),
+            "--fixtures",
+            dir.path().to_str().unwrap(),
+        ])
+    };
+    // The last input of the sequence leaves the balance at 0; the fixture now says 1.
+    let sequence = dir.path().join("day-of-an-account.json");
+    let text = std::fs::read_to_string(&sequence).unwrap();
+    let at = text.rfind("\"json\": 0").unwrap();
+    let mut wrong = text.clone();
+    wrong.replace_range(at..at + "\"json\": 0".len(), "\"json\": 1");
+    std::fs::write(&sequence, wrong).unwrap();
+    // The deposit's expectation leaves out the state: it says the state is unchanged.
+    let deposit = dir.path().join("deposit.json");
+    let mut case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&deposit).unwrap()).unwrap();
+    case["expect"].as_object_mut().unwrap().remove("state");
+    std::fs::write(&deposit, case.to_string()).unwrap();
+
+    let output = run("balances");
+    let report = text_of(&output);
+    assert_eq!(output.status.code(), Some(2), "{report}");
+    assert!(
+        report.contains("FAIL             day-of-an-account"),
+        "{report}"
+    );
+    assert!(
+        report.contains("input 5 of 5: expected (-) vs actual (+):"),
+        "{report}"
+    );
+    assert!(report.contains("-       \"json\": 1"), "{report}");
+    assert!(report.contains("+       \"json\": 0"), "{report}");
+    assert!(report.contains("FAIL             deposit"), "{report}");
+    assert!(report.contains("+   \"state\": {"), "{report}");
+    assert!(report.contains("1 passed, 2 failed"), "{report}");
+
+    // A 0.1.0 plugin has no state to start from.
+    let output = run("orders");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("gives \"state\", and the plugin speaks weir:transform/transformer@0.1.0, which has no state"), "{stderr}");
 }
 
 #[test]
