@@ -1,10 +1,11 @@
 //! Write weir transform plugins in Rust.
 //!
-//! A plugin implements [`Transform`] for a type and exports it with [`export!`]. The crate
-//! is `no_std` + `alloc` at its core so that plugins build on any wasm32 target; the
-//! `runtime` feature supplies the global allocator and panic handler a `no_std` plugin needs,
-//! the `std` feature is for plugins built with the standard library, and the `json` feature
-//! (on by default) adds serde-based JSON helpers.
+//! A plugin implements [`Transform`] (outputs from an input) or [`StatefulTransform`]
+//! (outputs from an input and its key's state) for a type, and exports it with [`export!`]
+//! or [`export_stateful!`]. The crate is `no_std` + `alloc` at its core so that plugins build
+//! on any wasm32 target; the `runtime` feature supplies the global allocator and panic
+//! handler a `no_std` plugin needs, the `std` feature is for plugins built with the standard
+//! library, and the `json` feature (on by default) adds serde-based JSON helpers.
 //!
 //! ```
 //! use serde::{Deserialize, Serialize};
@@ -51,7 +52,44 @@
 //! assert!(matches!(Welcomer::transform(bad), Err(TransformError::InvalidInput(_))));
 //! ```
 //!
-//! The contract these types come from is `wit/0.1.0/transform.wit` (`weir:transform@0.1.0`).
+//! A stateful transform reads and writes the entries of its input's state key (the pipeline's
+//! `[pipeline.state] key` says which part of the input that is), and emits its outputs. The
+//! host commits the changes with the input's outputs, or, if the input is dead-lettered,
+//! undoes them: a transform may write before it decides.
+//!
+//! ```
+//! use weir_guest_sdk::{Context, Message, Output, StatefulTransform, TransformError};
+//!
+//! /// Counts each customer's orders, and says when one reaches ten.
+//! struct Loyalty;
+//!
+//! impl StatefulTransform for Loyalty {
+//!     fn transform(msg: Message, ctx: &mut Context) -> Result<(), TransformError> {
+//!         let orders: u64 = ctx.state.get_json("orders")?.unwrap_or(0) + 1;
+//!         ctx.state.set_json("orders", &orders)?;
+//!         if orders == 10 {
+//!             ctx.emit(Output::new(format!("loyal.{}", msg.state_key), "10 orders"));
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! // In the plugin crate: `weir_guest_sdk::export_stateful!(Loyalty);`
+//!
+//! // Natively, a `Context` keeps one key's state in memory, and `run` treats each input as
+//! // the host does: an error undoes its changes and drops its outputs.
+//! let mut ctx = Context::for_test();
+//! for _ in 0..9 {
+//!     assert!(ctx.run::<Loyalty>(Message::for_test("orders.c-7", "{}")).unwrap().is_empty());
+//! }
+//! let outputs = ctx.run::<Loyalty>(Message::for_test("orders.c-7", "{}")).unwrap();
+//! assert_eq!(outputs[0].subject, "loyal.test");
+//! assert_eq!(ctx.state.get("orders").as_deref(), Some(&b"10"[..]));
+//! ```
+//!
+//! Plugins built with this crate speak contract `weir:transform@0.2.0`
+//! (`wit/0.2.0/transform.wit`): a stateless [`Transform`]'s outputs are emitted one at a
+//! time as well, so weir's output limits apply as they arrive.
 #![no_std]
 #![warn(missing_docs)]
 
@@ -68,11 +106,11 @@ use alloc::vec::Vec;
 #[doc(hidden)]
 pub use wit_bindgen as __wit_bindgen;
 
-/// The bindings generated from the WIT contract; only the export macro reaches in here.
+/// The bindings generated from the WIT contract; only the export macros reach in here.
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit/0.1.0",
+        path: "../wit/0.2.0",
         world: "plugin",
         pub_export_macro: true,
         export_macro_name: "__export_plugin",
@@ -82,20 +120,40 @@ pub mod bindings {
     });
 }
 
-/// One input message: subject, headers, payload and the message's identity and data time.
-pub use bindings::exports::weir::transform::transformer::Message;
-/// One message for the host to publish, under the pipeline's output prefix.
-pub use bindings::exports::weir::transform::transformer::Output;
-/// Why a transform produced no outputs: the input goes to the dead-letter subject.
-pub use bindings::exports::weir::transform::transformer::TransformError;
+mod state;
+pub use state::{Context, MAX_NAMES, State};
 
-/// The one function a plugin implements.
+/// One input message: subject, headers, payload, the message's identity and data time, and
+/// its state key.
+pub use bindings::weir::transform::types::Message;
+/// One message for the host to publish, under the pipeline's output prefix.
+pub use bindings::weir::transform::types::Output;
+/// Why a transform did not succeed: the input goes to the dead-letter subject, and its state
+/// changes are undone.
+pub use bindings::weir::transform::types::TransformError;
+
+/// A transform without state: outputs from one input.
 ///
 /// The host calls it once per input message, each time in a fresh instance: statics do not
 /// survive between calls. It must be deterministic (the same message gives the same result),
 /// which the sandbox enforces by giving the plugin no clock, randomness or I/O; use
 /// [`Message::data_time_unix_ns`] and [`Message::seed`] instead.
-pub use bindings::exports::weir::transform::transformer::Guest as Transform;
+pub trait Transform {
+    /// The outputs of `msg`, in order, or why it has none.
+    fn transform(msg: Message) -> Result<Vec<Output>, TransformError>;
+}
+
+/// A transform with state: it reads and writes its input's key's entries through
+/// [`Context::state`] and emits outputs through [`Context::emit`].
+///
+/// Inputs of one key run in stream order, each seeing the state the one before left;
+/// inputs of different keys run in parallel. As with [`Transform`], each call gets a fresh
+/// instance and must be deterministic: the state is the only memory between calls.
+pub trait StatefulTransform {
+    /// Handles `msg`: `Ok` commits what it emitted and wrote, `Err` dead-letters the input
+    /// and undoes both.
+    fn transform(msg: Message, ctx: &mut Context) -> Result<(), TransformError>;
+}
 
 /// Exports a [`Transform`] implementation as the plugin's `transform` function.
 ///
@@ -104,16 +162,57 @@ pub use bindings::exports::weir::transform::transformer::Guest as Transform;
 /// component to export from, and a native library could not carry the export's name.
 #[macro_export]
 macro_rules! export {
-    ($plugin:ident) => {
+    ($plugin:ty) => {
         #[cfg(target_arch = "wasm32")]
-        $crate::bindings::__export_plugin!($plugin with_types_in $crate::bindings);
+        const _: () = {
+            struct Exported;
+            impl $crate::bindings::exports::weir::transform::transformer::Guest for Exported {
+                fn transform(msg: $crate::Message) -> Result<(), $crate::TransformError> {
+                    $crate::__emit_all(<$plugin as $crate::Transform>::transform(msg)?);
+                    Ok(())
+                }
+            }
+    $crate::bindings::__export_plugin!(Exported with_types_in $crate::bindings);
+        };
     };
+}
+
+/// Exports a [`StatefulTransform`] implementation as the plugin's `transform` function:
+/// `weir_guest_sdk::export_stateful!(MyPlugin);`, once, at the top level of the plugin
+/// crate. Like [`export!`], it exports only on wasm32.
+#[macro_export]
+macro_rules! export_stateful {
+    ($plugin:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            struct Exported;
+            impl $crate::bindings::exports::weir::transform::transformer::Guest for Exported {
+                fn transform(msg: $crate::Message) -> Result<(), $crate::TransformError> {
+                    <$plugin as $crate::StatefulTransform>::transform(
+                        msg,
+                        &mut $crate::Context::of_host(),
+                    )
+                }
+            }
+    $crate::bindings::__export_plugin!(Exported with_types_in $crate::bindings);
+        };
+    };
+}
+
+/// Emits a stateless transform's outputs to the host, in order.
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub fn __emit_all(outputs: Vec<Output>) {
+    let mut ctx = Context::of_host();
+    for output in outputs {
+        ctx.emit(output);
+    }
 }
 
 impl Message {
     /// A message for unit tests of transform logic, run natively with `cargo test`: the
-    /// given subject and payload, no headers, sequence 1, data time 0, dedup key `"test"`
-    /// and seed 0. Set the other fields directly when a test needs them.
+    /// given subject and payload, no headers, sequence 1, data time 0, dedup key `"test"`,
+    /// seed 0 and state key `"test"`. Set the other fields directly when a test needs them.
     pub fn for_test(subject: impl Into<String>, payload: impl Into<Vec<u8>>) -> Message {
         Message {
             subject: subject.into(),
@@ -123,6 +222,7 @@ impl Message {
             data_time_unix_ns: 0,
             dedup_key: "test".into(),
             seed: 0,
+            state_key: "test".into(),
         }
     }
 

@@ -145,7 +145,7 @@ async fn metrics_show_exactly_what_a_known_workload_did() {
             "weir_plugin_info",
             &[
                 ("sha256", &sha256),
-                ("contract", "weir:transform/transformer@0.1.0")
+                ("contract", "weir:transform/transformer@0.2.0")
             ]
         ),
         1.0

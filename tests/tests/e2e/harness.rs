@@ -98,9 +98,12 @@ fn inspect_tells_what_a_component_is_and_whether_weir_runs_it() {
     let output = weir(&["plugin", "inspect", plugin("orders").to_str().unwrap()]);
     let report = text_of(&output);
     assert!(output.status.success(), "{report}");
-    assert!(report.contains("imports:  none"), "{report}");
     assert!(
-        report.contains("exports:  weir:transform/transformer@0.1.0"),
+        report.contains("imports:  weir:transform/types@0.2.0, weir:transform/emitter@0.2.0"),
+        "{report}"
+    );
+    assert!(
+        report.contains("exports:  weir:transform/transformer@0.2.0"),
         "{report}"
     );
     assert!(report.contains("runnable: yes"), "{report}");
@@ -189,7 +192,7 @@ fn stateful_fixtures_judge_the_state_after_each_input_of_a_sequence() {
     assert!(report.contains("1 passed, 2 failed"), "{report}");
 
     // A 0.1.0 plugin has no state to start from.
-    let output = run("orders");
+    let output = run("echo-v1");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("gives \"state\", and the plugin speaks weir:transform/transformer@0.1.0, which has no state"), "{stderr}");

@@ -1,6 +1,6 @@
-//! `weir plugin new` makes a crate that passes its own native tests, `weir plugin build`
-//! turns it into a component weir runs (for wasm32-wasip2 and for wasm32-unknown-unknown),
-//! and the component passes its golden fixtures and a fuzz run.
+//! `weir plugin new` (stateless, and `--stateful`) makes a crate that passes its own native
+//! tests, `weir plugin build` turns it into a component weir runs (for wasm32-wasip2 and for
+//! wasm32-unknown-unknown), and the component passes its golden fixtures and a fuzz run.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -20,13 +20,24 @@ fn run(command: &mut Command) -> Output {
 
 #[test]
 fn a_new_plugin_builds_and_passes_its_tests() {
+    new_plugin_builds_and_passes_its_tests("greeter", &[]);
+}
+
+#[test]
+fn a_new_stateful_plugin_builds_and_passes_its_tests() {
+    new_plugin_builds_and_passes_its_tests("totals", &["--stateful"]);
+}
+
+fn new_plugin_builds_and_passes_its_tests(name: &str, flags: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let weir = weir_binary();
     run(Command::new(&weir)
-        .args(["plugin", "new", "greeter", "--dir"])
-        .arg(dir.path()));
-    let crate_dir = dir.path().join("greeter");
-    // A target directory that outlives the test keeps the dependencies built between runs.
+        .args(["plugin", "new", name, "--dir"])
+        .arg(dir.path())
+        .args(flags));
+    let crate_dir = dir.path().join(name);
+    // A target directory that outlives the test keeps the dependencies built between runs
+    // (and between the two scaffolds, which cargo's lock on it takes in turn).
     let target_dir = weir
         .parent()
         .and_then(Path::parent)
@@ -50,9 +61,17 @@ fn a_new_plugin_builds_and_passes_its_tests() {
             .arg(&crate_dir)
             .env("CARGO_TARGET_DIR", &target_dir));
         let report = String::from_utf8_lossy(&output.stdout);
-        assert!(report.contains("imports:  none"), "{target}: {report}");
+        assert!(
+            report.contains("exports:  weir:transform/transformer@0.2.0"),
+            "{target}: {report}"
+        );
+        // Only weir's own interfaces: a no_std plugin imports no WASI.
+        assert!(!report.contains("wasi:"), "{target}: {report}");
         assert!(report.contains("runnable: yes"), "{target}: {report}");
-        let component = target_dir.join(target).join("release/greeter.wasm");
+        let component = target_dir
+            .join(target)
+            .join("release")
+            .join(format!("{name}.wasm"));
 
         let output = run(Command::new(&weir)
             .args(["plugin", "test"])

@@ -110,7 +110,7 @@ async fn state_with_a_stateless_plugin_is_refused_and_nothing_is_consumed() {
 
     let dir = tempfile::tempdir().unwrap();
     let state = "[pipeline.state]\nkey = \"subject-token:3\"\n";
-    let config = write_config(dir.path(), &server.url(), &plugin("orders"), state);
+    let config = write_config(dir.path(), &server.url(), &plugin("echo-v1"), state);
     let (code, message) = failure(&weir_run(&config));
     assert_eq!(code, 2);
     assert!(

@@ -117,6 +117,10 @@ enum PluginCommand {
         /// weir was built from.
         #[arg(long)]
         sdk: Option<PathBuf>,
+        /// A stateful plugin (contract 0.2.0): running totals per state key, instead of a
+        /// stateless greeter.
+        #[arg(long)]
+        stateful: bool,
     },
     /// Build a plugin crate to a component (with the installed target, else the sysroot in
     /// WEIR_WASM_SYSROOT), then show what `inspect` shows.

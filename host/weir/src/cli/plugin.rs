@@ -25,7 +25,12 @@ pub fn run(command: PluginCommand) -> Result<(), crate::Error> {
             fuzz.map(|count| (count, seed)),
             limits.into_limits(),
         ),
-        PluginCommand::New { name, dir, sdk } => super::scaffold::new(&name, &dir, sdk),
+        PluginCommand::New {
+            name,
+            dir,
+            sdk,
+            stateful,
+        } => super::scaffold::new(&name, &dir, sdk, stateful),
         PluginCommand::Build { path, target } => super::scaffold::build(&path, &target),
     }
 }

@@ -12,7 +12,14 @@ pub const TARGETS: [&str; 2] = ["wasm32-wasip2", "wasm32-unknown-unknown"];
 /// The guest SDK of the source tree this weir was built from.
 const BUILT_WITH_SDK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../guest-sdk");
 
-pub fn new(name: &str, parent: &Path, sdk: Option<PathBuf>) -> Result<(), crate::Error> {
+/// Makes a plugin crate `name` in `parent`: a stateless greeter, or with `stateful`, running
+/// totals per state key (contract 0.2.0's state).
+pub fn new(
+    name: &str,
+    parent: &Path,
+    sdk: Option<PathBuf>,
+    stateful: bool,
+) -> Result<(), crate::Error> {
     let usage = crate::Error::Usage;
     let valid_name = name
         .chars()
@@ -50,17 +57,37 @@ pub fn new(name: &str, parent: &Path, sdk: Option<PathBuf>) -> Result<(), crate:
                 &format!("target/{DEFAULT_TARGET}/release/{lib_name}.wasm"),
             )
     };
+    let (lib, fixtures) = if stateful {
+        (
+            include_str!("template/stateful/lib.rs.in"),
+            [
+                (
+                    "fixtures/first-entry.json",
+                    include_str!("template/stateful/first-entry.json"),
+                ),
+                (
+                    "fixtures/entries-of-a-key.json",
+                    include_str!("template/stateful/entries-of-a-key.json"),
+                ),
+            ],
+        )
+    } else {
+        (
+            include_str!("template/lib.rs.in"),
+            [
+                ("fixtures/greets.json", include_str!("template/greets.json")),
+                (
+                    "fixtures/not-json.json",
+                    include_str!("template/not-json.json"),
+                ),
+            ],
+        )
+    };
     let files = [
         ("Cargo.toml", fill(include_str!("template/Cargo.toml.in"))),
-        ("src/lib.rs", fill(include_str!("template/lib.rs.in"))),
-        (
-            "fixtures/greets.json",
-            include_str!("template/greets.json").to_owned(),
-        ),
-        (
-            "fixtures/not-json.json",
-            include_str!("template/not-json.json").to_owned(),
-        ),
+        ("src/lib.rs", fill(lib)),
+        (fixtures[0].0, fixtures[0].1.to_owned()),
+        (fixtures[1].0, fixtures[1].1.to_owned()),
         ("README.md", fill(include_str!("template/README.md.in"))),
         (".gitignore", include_str!("template/gitignore").to_owned()),
     ];
