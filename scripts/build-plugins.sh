@@ -4,7 +4,8 @@
 # Rust plugins: uses the installed wasm32-wasip2 Rust target when there is one; otherwise the
 # no_std sysroot named by WEIR_WASM_SYSROOT (made by ../shared/toolchain/build-wasm-sysroot.sh);
 # otherwise stops and says how to get one of them.
-# Python plugins (plugins/*-py): componentize-py, from WEIR_COMPONENTIZE_PY or PATH.
+# Python plugins (plugins/*-py, the contract version in each one's wit-version file):
+# componentize-py, from WEIR_COMPONENTIZE_PY or PATH.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 target=wasm32-wasip2
@@ -48,8 +49,14 @@ fi
 for app in "$repo"/plugins/*-py/app.py; do
   dir=$(dirname "$app")
   name=$(basename "$dir")
+  # The contract version the plugin is written against, in its wit-version file.
+  version=$(cat "$dir/wit-version")
+  if [ ! -d "$repo/wit/$version" ]; then
+    echo "build-plugins: $dir/wit-version names $version, and wit/ has no such contract" >&2
+    exit 1
+  fi
   # componentize-py reads the module from the working directory (its __pycache__ is ignored).
-  (cd "$dir" && "$componentize" --wit-path "$repo/wit/0.1.0" --world plugin \
+  (cd "$dir" && "$componentize" --wit-path "$repo/wit/$version" --world plugin \
     componentize app --output "$out/$name.wasm" >/dev/null)
   printf 'build-plugins: %-28s %9d bytes\n' "plugins/dist/$name.wasm" "$(stat -c %s "$out/$name.wasm")"
 done

@@ -14,6 +14,7 @@ weir="${CARGO_TARGET_DIR:-$repo/target}/debug/weir"
 "$weir" plugin test plugins/dist/orders.wasm --fixtures plugins/orders/fixtures
 "$weir" plugin test plugins/dist/hostile.wasm --fixtures plugins/hostile/fixtures --fuel 10000000
 "$weir" plugin test plugins/dist/stamp-py.wasm --fixtures plugins/stamp-py/fixtures
+"$weir" plugin test plugins/dist/tally-py.wasm --fixtures plugins/tally-py/fixtures
 "$weir" plugin test plugins/dist/balances.wasm --fixtures plugins/balances/fixtures --fuzz 500
 "$weir" plugin test plugins/dist/window-counts.wasm --fixtures plugins/window-counts/fixtures --fuzz 500
 "$weir" plugin test plugins/dist/echo-v1.wasm --fixtures plugins/echo-v1/fixtures

@@ -444,7 +444,8 @@ pub fn run_case(plugin: &Plugin, fixture: &Fixture, update: bool) -> Result<Case
             // Both with their state (of a plugin that has one), so that a difference in it
             // shows.
             let with_state = |result: &StepResult| Expectation {
-                state: stateful.then(|| entries_like(&result.after, None)),
+                state: stateful
+                    .then(|| entries_like(&result.after, expected.and_then(|e| e.state.as_ref()))),
                 ..expectation_of(result, &state, expected)
             };
             verdict = Some((

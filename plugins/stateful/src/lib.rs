@@ -1,26 +1,28 @@
 //! A plugin with a bug weir's harness must catch: it counts the messages it has seen in a
-//! global, as if one instance handled a stream. weir gives every message a fresh instance, so
-//! in a pipeline the count would always be 1; `weir plugin test` reports the case as
-//! non-deterministic instead of letting the author believe the count works.
+//! global, as if one instance handled a stream, and writes the count to its key's state. weir
+//! gives every message a fresh instance, so in a pipeline the count would always be 1 (the
+//! count belongs in the state it reads, not in a global); `weir plugin test` reports the case
+//! as non-deterministic, from the state alone (its output does not change), instead of
+//! letting the author believe the count works.
 #![no_std]
 
 extern crate alloc;
 
 use alloc::format;
-use alloc::vec;
-use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
-use weir_guest_sdk::{Message, Output, Transform, TransformError};
+use weir_guest_sdk::{Context, Message, Output, StatefulTransform, TransformError};
 
 static SEEN: AtomicU64 = AtomicU64::new(0);
 
 struct Stateful;
 
-impl Transform for Stateful {
-    fn transform(_msg: Message) -> Result<Vec<Output>, TransformError> {
+impl StatefulTransform for Stateful {
+    fn transform(_msg: Message, ctx: &mut Context) -> Result<(), TransformError> {
         let seen = SEEN.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok(vec![Output::new("counted", format!("message number {seen}"))])
+        ctx.state.set("seen", format!("{seen}"));
+        ctx.emit(Output::new("counted", "one more message"));
+        Ok(())
     }
 }
 
-weir_guest_sdk::export!(Stateful);
+weir_guest_sdk::export_stateful!(Stateful);
