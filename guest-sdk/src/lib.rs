@@ -163,17 +163,10 @@ pub trait StatefulTransform {
 #[macro_export]
 macro_rules! export {
     ($plugin:ty) => {
-        #[cfg(target_arch = "wasm32")]
-        const _: () = {
-            struct Exported;
-            impl $crate::bindings::exports::weir::transform::transformer::Guest for Exported {
-                fn transform(msg: $crate::Message) -> Result<(), $crate::TransformError> {
-                    $crate::__emit_all(<$plugin as $crate::Transform>::transform(msg)?);
-                    Ok(())
-                }
-            }
-    $crate::bindings::__export_plugin!(Exported with_types_in $crate::bindings);
-        };
+        $crate::__export_transform!(|msg| {
+            $crate::__emit_all(<$plugin as $crate::Transform>::transform(msg)?);
+            Ok(())
+        });
     };
 }
 
@@ -183,15 +176,24 @@ macro_rules! export {
 #[macro_export]
 macro_rules! export_stateful {
     ($plugin:ty) => {
+        $crate::__export_transform!(|msg| {
+            <$plugin as $crate::StatefulTransform>::transform(msg, &mut $crate::Context::of_host())
+        });
+    };
+}
+
+/// The export both macros make, on wasm32: the contract's `transform`, whose body is `$call`
+/// on the message `$msg`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_transform {
+    (|$msg:ident| $call:expr) => {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             struct Exported;
             impl $crate::bindings::exports::weir::transform::transformer::Guest for Exported {
-                fn transform(msg: $crate::Message) -> Result<(), $crate::TransformError> {
-                    <$plugin as $crate::StatefulTransform>::transform(
-                        msg,
-                        &mut $crate::Context::of_host(),
-                    )
+                fn transform($msg: $crate::Message) -> Result<(), $crate::TransformError> {
+                    $call
                 }
             }
     $crate::bindings::__export_plugin!(Exported with_types_in $crate::bindings);
