@@ -4,6 +4,7 @@
 
 use weir_core::plugin::{Outcome, TransformInput};
 use weir_core::policy::OutputPolicy;
+use weir_core::ports::PluginRuntime;
 use weir_sandbox::Sandbox;
 use weir_sandbox::{LimitsConfig, SandboxConfig};
 use weir_tests::plugin;
@@ -63,7 +64,7 @@ fn memory_returns_after_hostile_runs() {
             };
             let outcome = hostile.run(input.clone());
             if behaviour != "grow-within" {
-                let judged = policy.judge(&input, outcome);
+                let judged = policy.judge(&input, &hostile.lineage(), outcome);
                 assert!(
                     matches!(judged, Outcome::Failed { .. }),
                     "{behaviour} was not refused"

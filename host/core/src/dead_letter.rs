@@ -10,15 +10,13 @@
 use crate::headers::{self, MAX_HEADER_BLOCK, MSG_ID_HEADER};
 use crate::input::{Input, MAX_INLINE_MSG_ID};
 use crate::plugin::FailureKind;
-use crate::record::OutboundMessage;
+use crate::record::{Lineage, OutboundMessage, PLUGIN_CONTRACT, PLUGIN_SHA256};
 use crate::text;
 
 /// `invalid-input`, `trap`, …: [`FailureKind::as_str`].
 pub const KIND: &str = "Weir-Dlq-Kind";
 /// What went wrong, escaped and at most [`MAX_REASON_LEN`] bytes.
 pub const REASON: &str = "Weir-Dlq-Reason";
-/// The sha256 of the plugin component that ran.
-pub const PLUGIN_SHA256: &str = "Weir-Plugin-Sha256";
 pub const INPUT_STREAM: &str = "Weir-Input-Stream";
 pub const INPUT_SEQUENCE: &str = "Weir-Input-Sequence";
 pub const INPUT_SUBJECT: &str = "Weir-Input-Subject";
@@ -45,29 +43,32 @@ pub struct DeadLetterSchema {
     pub pipeline: String,
     pub dlq_subject: String,
     pub input_stream: String,
-    pub plugin_sha256: String,
     /// The largest message the server and the DLQ stream accept.
     pub max_message_bytes: usize,
 }
 
 impl DeadLetterSchema {
-    /// The dead letter of `input`, recorded under `dedup_key`, for a failure of `kind`.
+    /// The dead letter of `input`, recorded under `dedup_key`, for a failure of `kind` under
+    /// the plugin `lineage` names (`None` for a record written before weir recorded it).
     pub fn letter(
         &self,
         input: &Input,
         dedup_key: &str,
+        lineage: Option<&Lineage>,
         kind: FailureKind,
         reason: &str,
     ) -> OutboundMessage {
         let mut weir_headers = vec![
             (KIND.to_owned(), kind.as_str().to_owned()),
             (REASON.to_owned(), text::escaped(reason, MAX_REASON_LEN)),
-            (PLUGIN_SHA256.to_owned(), self.plugin_sha256.clone()),
+        ];
+        weir_headers.extend(lineage.iter().flat_map(|lineage| lineage.headers()));
+        weir_headers.extend([
             (INPUT_STREAM.to_owned(), self.input_stream.clone()),
             (INPUT_SEQUENCE.to_owned(), input.stream_sequence.to_string()),
             (INPUT_SUBJECT.to_owned(), input.subject.clone()),
             (DEDUP_KEY.to_owned(), dedup_key.to_owned()),
-        ];
+        ]);
         if let Some(id) = input.header(MSG_ID_HEADER) {
             weir_headers.push((
                 INPUT_MSG_ID.to_owned(),
@@ -123,6 +124,7 @@ pub struct DeadLetterHeaders {
     pub kind: String,
     pub reason: String,
     pub plugin_sha256: String,
+    pub plugin_contract: String,
     pub input_stream: String,
     pub input_sequence: String,
     pub input_subject: String,
@@ -152,6 +154,7 @@ impl DeadLetterHeaders {
             kind: get(KIND),
             reason: get(REASON),
             plugin_sha256: get(PLUGIN_SHA256),
+            plugin_contract: get(PLUGIN_CONTRACT),
             input_stream: get(INPUT_STREAM),
             input_sequence: get(INPUT_SEQUENCE),
             input_subject: get(INPUT_SUBJECT),
@@ -184,8 +187,14 @@ mod tests {
             pipeline: "p".into(),
             dlq_subject: "dlq".into(),
             input_stream: "IN".into(),
-            plugin_sha256: "ab".repeat(32),
             max_message_bytes,
+        }
+    }
+
+    fn lineage() -> Lineage {
+        Lineage {
+            sha256: "ab".repeat(32),
+            contract: "weir:transform/transformer@0.2.0".into(),
         }
     }
 
@@ -200,8 +209,13 @@ mod tests {
             ],
             b"{}",
         );
-        let letter =
-            schema(1 << 20).letter(&input, "IN@7#9", FailureKind::Trap, "boom\nERROR forged");
+        let letter = schema(1 << 20).letter(
+            &input,
+            "IN@7#9",
+            Some(&lineage()),
+            FailureKind::Trap,
+            "boom\nERROR forged",
+        );
         assert_eq!(letter.subject, "dlq");
         assert_eq!(letter.msg_id, "p:IN@7#9:dlq");
         assert_eq!(letter.payload, b"{}");
@@ -211,6 +225,8 @@ mod tests {
             parsed.reason, "boom\\nERROR forged",
             "the reason is escaped"
         );
+        assert_eq!(parsed.plugin_sha256, "ab".repeat(32));
+        assert_eq!(parsed.plugin_contract, "weir:transform/transformer@0.2.0");
         assert_eq!(parsed.input_sequence, "9");
         assert_eq!(parsed.input_subject, "in.a");
         assert_eq!(parsed.dedup_key, "IN@7#9");
@@ -226,11 +242,11 @@ mod tests {
     #[test]
     fn a_letter_too_large_leaves_out_the_payload_then_the_headers() {
         let input = test_input(1, &[("h", &"v".repeat(600))], &[b'x'; 4000]);
-        let letter = schema(2000).letter(&input, "k", FailureKind::Trap, "r");
+        let letter = schema(2000).letter(&input, "k", Some(&lineage()), FailureKind::Trap, "r");
         assert!(letter.payload.is_empty() && letter.wire_size() <= 2000);
         let parsed = DeadLetterHeaders::parse(&letter.headers);
         assert!(parsed.payload_omitted && !parsed.headers_omitted);
-        let letter = schema(700).letter(&input, "k", FailureKind::Trap, "r");
+        let letter = schema(700).letter(&input, "k", Some(&lineage()), FailureKind::Trap, "r");
         let parsed = DeadLetterHeaders::parse(&letter.headers);
         assert!(parsed.payload_omitted && parsed.headers_omitted);
         assert!(parsed.input_headers.is_empty() && letter.wire_size() <= 700);
@@ -240,7 +256,13 @@ mod tests {
     fn input_headers_that_would_push_the_letter_past_64k_are_left_out() {
         let big = "v".repeat(60_000);
         let input = test_input(1, &[("a", &big), ("b", &big[..5_000])], b"p");
-        let letter = schema(8 << 20).letter(&input, "k", FailureKind::Trap, &"r".repeat(5000));
+        let letter = schema(8 << 20).letter(
+            &input,
+            "k",
+            Some(&lineage()),
+            FailureKind::Trap,
+            &"r".repeat(5000),
+        );
         assert!(letter.header_block_len() <= MAX_HEADER_BLOCK);
     }
 
@@ -250,6 +272,7 @@ mod tests {
         let letter = schema(1 << 20).letter(
             &input,
             "k",
+            Some(&lineage()),
             FailureKind::PluginFailed,
             &"x".repeat(60 << 20),
         );

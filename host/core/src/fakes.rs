@@ -15,7 +15,7 @@ use crate::ports::{
     Committed, DedupStore, Delivery, Fault, PluginRuntime, Point, Probe, PublishError, Publisher,
     RunError, Source,
 };
-use crate::record::{DoneRecord, OutboundMessage};
+use crate::record::{DoneRecord, Lineage, OutboundMessage};
 use crate::state::{KeyState, StateChanges, StateView};
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -372,6 +372,11 @@ impl FakeStore {
         lock(&self.state).outbox.len()
     }
 
+    /// Every committed record, by dedup key.
+    pub fn records(&self) -> BTreeMap<String, DoneRecord> {
+        lock(&self.state).done.clone()
+    }
+
     /// Every state key's committed entries.
     pub fn state(&self) -> BTreeMap<String, BTreeMap<String, Vec<u8>>> {
         lock(&self.state).state.clone()
@@ -575,8 +580,11 @@ impl FakeRuntime {
 }
 
 impl PluginRuntime for FakeRuntime {
-    fn sha256(&self) -> &str {
-        "fake"
+    fn lineage(&self) -> Lineage {
+        Lineage {
+            sha256: "fake".into(),
+            contract: "fake@0".into(),
+        }
     }
 
     async fn run_all(&self, calls: Vec<Call>) -> Result<Vec<CallResult>, RunError> {

@@ -49,7 +49,7 @@ use crate::ports::{
     DedupStore, Delivery, Fault, PluginRuntime, Point, Probe, PublishError, Publisher, RunError,
     Source,
 };
-use crate::record::{Disposition, DoneRecord, OutboundMessage};
+use crate::record::{Disposition, DoneRecord, Lineage, OutboundMessage};
 use crate::retry::{Backoff, sleep_unless_shutdown};
 use crate::state::{KeyState, StateChanges, StateSettings, StateView};
 use crate::status::{Phase, PipelineStatus};
@@ -511,6 +511,7 @@ where
     ) -> Result<Option<Executed>, Fatal> {
         let mut records: Vec<Option<(DoneRecord, Option<FailureKind>)>> =
             (0..indexes.len()).map(|_| None).collect();
+        let lineage = self.runtime.lineage();
         // Each input the plugin is to see, by wave: the nth input of every state key runs in
         // wave n (all of them in wave 0 without state). An input whose headers could not be
         // read never reaches the plugin: it is a poison input of the stream's, not the
@@ -523,7 +524,7 @@ where
             if let Some(unreadable) = &input.unreadable_headers {
                 let reason = format!("its header block cannot be read: {}", unreadable.reason);
                 let outcome = Outcome::failed(FailureKind::UnreadableInput, reason);
-                records[at] = Some(self.record_for(input, key, outcome));
+                records[at] = Some(self.record_for(input, key, &lineage, outcome));
                 continue;
             }
             let (wave, state_key) = match &self.settings.state {
@@ -536,7 +537,7 @@ where
                     }
                     Err(reason) => {
                         let outcome = Outcome::failed(FailureKind::InvalidInput, reason);
-                        records[at] = Some(self.record_for(input, key, outcome));
+                        records[at] = Some(self.record_for(input, key, &lineage, outcome));
                         continue;
                     }
                 },
@@ -575,7 +576,7 @@ where
             for ((at, state_key), result) in wave.into_iter().zip(results) {
                 let index = indexes[at];
                 let (record, dead_letter) =
-                    self.record_for(batch[index].input(), &keys[index], result.outcome);
+                    self.record_for(batch[index].input(), &keys[index], &lineage, result.outcome);
                 if let Some(state_key) = state_key
                     && dead_letter.is_none()
                     && !result.changes.is_empty()
@@ -918,9 +919,17 @@ where
             let letter = DeadLetterHeaders::parse(&publication.record.messages[index].headers);
             let kind = FailureKind::parse(&letter.kind).unwrap_or(FailureKind::OutputRejected);
             tracing::warn!(dedup_key = %publication.key, %refusal, "the DLQ stream refused a dead letter; publishing it without the input's payload and headers");
+            let lineage = publication.record.lineage.clone();
             return Some(DoneRecord {
                 disposition: Disposition::DeadLettered,
-                messages: vec![bare.letter(input, &publication.key, kind, &letter.reason)],
+                messages: vec![bare.letter(
+                    input,
+                    &publication.key,
+                    lineage.as_ref(),
+                    kind,
+                    &letter.reason,
+                )],
+                lineage,
             });
         }
         let published = publication.acknowledged.iter().filter(|a| **a).count();
@@ -934,6 +943,7 @@ where
         Some(self.dead_letter_record(
             input,
             &publication.key,
+            publication.record.lineage.clone(),
             FailureKind::OutputRejected,
             &reason,
         ))
@@ -988,26 +998,30 @@ where
         &self,
         input: &Input,
         key: &str,
+        lineage: &Lineage,
         outcome: Outcome,
     ) -> (DoneRecord, Option<FailureKind>) {
         let trace = TraceContext::of(&input.headers);
         let span = self.message_span(input, key, trace.as_ref());
         let _entered = span.enter();
         let (kind, reason) = match outcome {
-            Outcome::Outputs(outputs) => match self.policy.outbound(key, trace.as_ref(), outputs) {
-                Ok(messages) => {
-                    let record = DoneRecord {
-                        disposition: Disposition::Transformed,
-                        messages,
-                    };
-                    return (record, None);
+            Outcome::Outputs(outputs) => {
+                match self.policy.outbound(key, trace.as_ref(), lineage, outputs) {
+                    Ok(messages) => {
+                        let record = DoneRecord {
+                            disposition: Disposition::Transformed,
+                            messages,
+                            lineage: Some(lineage.clone()),
+                        };
+                        return (record, None);
+                    }
+                    Err(reason) => (FailureKind::OutputRejected, reason),
                 }
-                Err(reason) => (FailureKind::OutputRejected, reason),
-            },
+            }
             Outcome::Failed { kind, reason } => (kind, reason),
         };
         (
-            self.dead_letter_record(input, key, kind, &reason),
+            self.dead_letter_record(input, key, Some(lineage.clone()), kind, &reason),
             Some(kind),
         )
     }
@@ -1038,13 +1052,18 @@ where
         &self,
         input: &Input,
         key: &str,
+        lineage: Option<Lineage>,
         kind: FailureKind,
         reason: &str,
     ) -> DoneRecord {
         tracing::info!(kind = kind.as_str(), reason = %text::escaped(reason, LOGGED_REASON), "input dead-lettered");
         DoneRecord {
             disposition: Disposition::DeadLettered,
-            messages: vec![self.dead_letters.letter(input, key, kind, reason)],
+            messages: vec![
+                self.dead_letters
+                    .letter(input, key, lineage.as_ref(), kind, reason),
+            ],
+            lineage,
         }
     }
 }
@@ -1132,6 +1151,7 @@ impl Publication {
         (!messages.is_empty()).then_some(DoneRecord {
             disposition: self.record.disposition,
             messages,
+            lineage: self.record.lineage.clone(),
         })
     }
 

@@ -16,7 +16,8 @@ use crate::input::DedupMode;
 use crate::metrics::PipelineMetrics;
 use crate::pipeline::{Fatal, Pipeline, Settings};
 use crate::policy::OutputPolicy;
-use crate::ports::{NoProbe, Point, Probe};
+use crate::ports::{NoProbe, PluginRuntime, Point, Probe};
+use crate::record::{PLUGIN_CONTRACT, PLUGIN_SHA256};
 use crate::state::{StateKeyRule, StateLimits, StateSettings};
 use crate::status::PipelineStatus;
 
@@ -55,7 +56,6 @@ fn pipeline<Pr: Probe>(
             pipeline: "p".into(),
             dlq_subject: "dlq".into(),
             input_stream: "IN".into(),
-            plugin_sha256: "fake".into(),
             max_message_bytes: 1 << 20,
         },
         metrics: PipelineMetrics::default(),
@@ -215,6 +215,42 @@ async fn without_faults_every_input_is_published_once() {
     assert_eq!(
         DeadLetterHeaders::parse(&letters[0].headers).kind,
         "invalid-input"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_output_dead_letter_and_record_names_the_plugin_that_made_it() {
+    let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
+    world.publish_inputs(&WORKLOAD);
+    run_to_the_end(&world, &store, &runtime).await;
+    let lineage = runtime.lineage();
+    let stored = world.stored();
+    assert!(stored.iter().any(|m| m.subject == "dlq") && stored.len() > WORKLOAD.len());
+    for message in stored {
+        let header = |name: &str| {
+            message
+                .headers
+                .iter()
+                .find(|(header, _)| header == name)
+                .map(|(_, value)| value.clone())
+        };
+        assert_eq!(
+            header(PLUGIN_SHA256),
+            Some(lineage.sha256.clone()),
+            "{message:?}"
+        );
+        assert_eq!(
+            header(PLUGIN_CONTRACT),
+            Some(lineage.contract.clone()),
+            "{message:?}"
+        );
+    }
+    let records = store.records();
+    assert_eq!(records.len(), WORKLOAD.len());
+    assert!(
+        records
+            .values()
+            .all(|record| record.lineage.as_ref() == Some(&lineage))
     );
 }
 

@@ -11,7 +11,7 @@
 
 use crate::headers::{self, MAX_HEADER_BLOCK, MSG_ID_HEADER};
 use crate::plugin::{FailureKind, Outcome, PluginOutput, TransformInput};
-use crate::record::OutboundMessage;
+use crate::record::{Lineage, OutboundMessage};
 use crate::text;
 use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 
@@ -52,6 +52,7 @@ impl OutputPolicy {
         &self,
         dedup_key: &str,
         trace: Option<&TraceContext>,
+        lineage: &Lineage,
         outputs: Vec<PluginOutput>,
     ) -> Result<Vec<OutboundMessage>, String> {
         if outputs.len() > self.max_outputs {
@@ -71,18 +72,18 @@ impl OutputPolicy {
         outputs
             .into_iter()
             .enumerate()
-            .map(|(index, output)| self.message(dedup_key, trace, index, output))
+            .map(|(index, output)| self.message(dedup_key, trace, lineage, index, output))
             .collect()
     }
 
     /// A plugin's outcome as the pipeline would treat it: outputs the policy refuses become
     /// an `output-rejected` failure. For `weir plugin test`, which reports what weir would
-    /// do without publishing: the outputs of `input`, trace headers included.
-    pub fn judge(&self, input: &TransformInput, outcome: Outcome) -> Outcome {
+    /// do without publishing: the outputs of `input`, trace and lineage headers included.
+    pub fn judge(&self, input: &TransformInput, lineage: &Lineage, outcome: Outcome) -> Outcome {
         let trace = TraceContext::of(&input.headers);
         match outcome {
             Outcome::Outputs(outputs) => {
-                match self.outbound(&input.dedup_key, trace.as_ref(), outputs.clone()) {
+                match self.outbound(&input.dedup_key, trace.as_ref(), lineage, outputs.clone()) {
                     Ok(_) => Outcome::Outputs(outputs),
                     Err(reason) => Outcome::failed(FailureKind::OutputRejected, reason),
                 }
@@ -95,6 +96,7 @@ impl OutputPolicy {
         &self,
         dedup_key: &str,
         trace: Option<&TraceContext>,
+        lineage: &Lineage,
         index: usize,
         output: PluginOutput,
     ) -> Result<OutboundMessage, String> {
@@ -161,6 +163,7 @@ impl OutputPolicy {
                     .filter(|(name, _)| !(plugin_state && name == TRACESTATE)),
             );
         }
+        kept.extend(lineage.headers());
         let message = OutboundMessage {
             subject,
             msg_id: format!("{}:{dedup_key}:{index}", self.pipeline),
@@ -209,6 +212,13 @@ mod tests {
         }
     }
 
+    fn lineage() -> Lineage {
+        Lineage {
+            sha256: "ab".repeat(32),
+            contract: "weir:transform/transformer@0.2.0".into(),
+        }
+    }
+
     fn output(subject: &str, headers: &[(&str, &str)]) -> PluginOutput {
         PluginOutput {
             subject: subject.into(),
@@ -221,7 +231,9 @@ mod tests {
     }
 
     fn refusal(outputs: Vec<PluginOutput>) -> String {
-        policy().outbound("k", None, outputs).unwrap_err()
+        policy()
+            .outbound("k", None, &lineage(), outputs)
+            .unwrap_err()
     }
 
     #[test]
@@ -230,6 +242,7 @@ mod tests {
             .outbound(
                 "k",
                 None,
+                &lineage(),
                 vec![
                     output("a.b", &[("Content-Type", "json"), ("nats-msg-id", "mine")]),
                     output("c", &[]),
@@ -240,10 +253,11 @@ mod tests {
         assert_eq!(messages[0].msg_id, "p:k:0");
         assert_eq!(messages[1].msg_id, "p:k:1");
         assert_eq!(
-            messages[0].headers,
+            messages[0].headers[..1],
             [("Content-Type".to_owned(), "json".to_owned())],
             "the plugin's own Nats-Msg-Id is dropped"
         );
+        assert_eq!(messages[0].headers[1..], lineage().headers());
     }
 
     #[test]
@@ -265,22 +279,30 @@ mod tests {
                 output("d", &[("tracestate", "mine=1")]),
             ]
         };
-        let messages = policy().outbound("k", Some(&trace), outputs()).unwrap();
+        let messages = policy()
+            .outbound("k", Some(&trace), &lineage(), outputs())
+            .unwrap();
+        // Each output's own headers, then the trace's, then the lineage's.
+        let own_and_trace = |message: &OutboundMessage| {
+            let (before, lineage_headers) = message.headers.split_at(message.headers.len() - 2);
+            assert_eq!(lineage_headers, lineage().headers());
+            before.to_vec()
+        };
         assert_eq!(
-            messages[0].headers[1..],
+            own_and_trace(&messages[0])[1..],
             trace.child_headers("k", 0)[..],
             "{:?}",
             messages[0].headers
         );
-        assert_eq!(messages[1].headers, trace.child_headers("k", 1));
+        assert_eq!(own_and_trace(&messages[1]), trace.child_headers("k", 1));
         assert_ne!(messages[0].headers[1], messages[1].headers[0]);
         assert_eq!(
-            messages[2].headers,
+            own_and_trace(&messages[2]),
             [("traceparent".to_owned(), own.to_owned())]
         );
         // The plugin's tracestate replaces the input's: one tracestate, on weir's child span.
         assert_eq!(
-            messages[3].headers,
+            own_and_trace(&messages[3]),
             [
                 ("tracestate".to_owned(), "mine=1".to_owned()),
                 trace.child_headers("k", 3)[0].clone(),
@@ -288,7 +310,9 @@ mod tests {
         );
         // Byte-identical when made again (a re-publish after a crash).
         assert_eq!(
-            policy().outbound("k", Some(&trace), outputs()).unwrap(),
+            policy()
+                .outbound("k", Some(&trace), &lineage(), outputs())
+                .unwrap(),
             messages
         );
     }
@@ -328,7 +352,7 @@ mod tests {
         let fits = "v".repeat(MAX_HEADER_BLOCK - 200);
         assert!(
             policy()
-                .outbound("k", None, vec![output("a", &[("h", &fits)])])
+                .outbound("k", None, &lineage(), vec![output("a", &[("h", &fits)])])
                 .is_ok()
         );
     }
@@ -344,7 +368,7 @@ mod tests {
         let three = vec![output("a", &[]), output("b", &[]), output("c", &[])];
         assert!(
             policy
-                .outbound("k", None, three)
+                .outbound("k", None, &lineage(), three)
                 .unwrap_err()
                 .contains("limits.max_outputs")
         );
@@ -352,7 +376,7 @@ mod tests {
         big.payload = vec![0; 101];
         assert!(
             policy
-                .outbound("k", None, vec![big])
+                .outbound("k", None, &lineage(), vec![big])
                 .unwrap_err()
                 .contains("limits.max_output_bytes")
         );
@@ -360,7 +384,7 @@ mod tests {
         wide.payload = vec![0; 40];
         assert!(
             policy
-                .outbound("k", None, vec![wide])
+                .outbound("k", None, &lineage(), vec![wide])
                 .unwrap_err()
                 .contains("server and output stream")
         );
@@ -394,12 +418,16 @@ mod tests {
             "traceparent",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         )]);
-        // Headers that fit alone, and not with the child span's traceparent beside them.
-        let value = "v".repeat(MAX_HEADER_BLOCK - 80);
+        // Headers that fit alone (with the lineage), and not with the child span's
+        // traceparent beside them.
+        let value = "v".repeat(MAX_HEADER_BLOCK - 80 - lineage_bytes());
         let outcome = || Outcome::Outputs(vec![output("a", &[("h", &value)])]);
-        assert_eq!(policy().judge(&input(&[]), outcome()), outcome());
+        assert_eq!(
+            policy().judge(&input(&[]), &lineage(), outcome()),
+            outcome()
+        );
         assert!(matches!(
-            policy().judge(&traced, outcome()),
+            policy().judge(&traced, &lineage(), outcome()),
             Outcome::Failed {
                 kind: FailureKind::OutputRejected,
                 ..
@@ -407,9 +435,57 @@ mod tests {
         ));
     }
 
+    /// What the lineage headers add to a header block.
+    fn lineage_bytes() -> usize {
+        lineage()
+            .headers()
+            .iter()
+            .map(|(name, value)| name.len() + value.len() + 4)
+            .sum()
+    }
+
+    #[test]
+    fn every_output_names_its_plugin_and_the_names_count_against_the_header_limit() {
+        let messages = policy()
+            .outbound(
+                "k",
+                None,
+                &lineage(),
+                vec![output("a", &[]), output("b", &[])],
+            )
+            .unwrap();
+        for message in &messages {
+            assert_eq!(
+                message.headers,
+                [
+                    ("Weir-Plugin-Sha256".to_owned(), "ab".repeat(32)),
+                    (
+                        "Weir-Plugin-Contract".to_owned(),
+                        "weir:transform/transformer@0.2.0".to_owned()
+                    ),
+                ]
+            );
+        }
+        // A header that fits alone, and not with the lineage beside it.
+        let fits_alone = "v".repeat(MAX_HEADER_BLOCK - 60);
+        let refused = policy()
+            .outbound(
+                "k",
+                None,
+                &lineage(),
+                vec![output("a", &[("h", &fits_alone)])],
+            )
+            .unwrap_err();
+        assert!(refused.contains("bytes of headers"), "{refused}");
+    }
+
     #[test]
     fn judge_turns_refused_outputs_into_output_rejected() {
-        let judged = policy().judge(&input(&[]), Outcome::Outputs(vec![output("a.>", &[])]));
+        let judged = policy().judge(
+            &input(&[]),
+            &lineage(),
+            Outcome::Outputs(vec![output("a.>", &[])]),
+        );
         assert!(matches!(
             judged,
             Outcome::Failed {
@@ -418,6 +494,6 @@ mod tests {
             }
         ));
         let fine = Outcome::Outputs(vec![output("a", &[])]);
-        assert_eq!(policy().judge(&input(&[]), fine.clone()), fine);
+        assert_eq!(policy().judge(&input(&[]), &lineage(), fine.clone()), fine);
     }
 }

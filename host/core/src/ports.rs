@@ -6,7 +6,7 @@ use std::future::Future;
 
 use crate::input::Input;
 use crate::plugin::{Call, CallResult};
-use crate::record::{DoneRecord, OutboundMessage};
+use crate::record::{DoneRecord, Lineage, OutboundMessage};
 use crate::state::{KeyState, StateChanges};
 
 /// A failure of an adapter, and whether retrying may heal it.
@@ -128,8 +128,9 @@ pub enum RunError {
 
 /// The plugin runtime: runs inputs through the pipeline's plugin.
 pub trait PluginRuntime: Send + Sync + 'static {
-    /// The sha256 of the plugin, recorded with every dead letter.
-    fn sha256(&self) -> &str;
+    /// Which plugin this is: its component's sha256 and its contract, which every result
+    /// carries.
+    fn lineage(&self) -> Lineage;
     /// Runs each call in a fresh instance; the results are in call order. No two calls
     /// share a state key: each may change its key's state.
     fn run_all(
@@ -139,8 +140,8 @@ pub trait PluginRuntime: Send + Sync + 'static {
 }
 
 impl<T: PluginRuntime> PluginRuntime for std::sync::Arc<T> {
-    fn sha256(&self) -> &str {
-        (**self).sha256()
+    fn lineage(&self) -> Lineage {
+        (**self).lineage()
     }
 
     fn run_all(

@@ -54,6 +54,52 @@ pub enum Disposition {
 pub struct DoneRecord {
     pub disposition: Disposition,
     pub messages: Vec<OutboundMessage>,
+    /// The plugin that made it; `None` in a record written before weir recorded it.
+    pub lineage: Option<Lineage>,
+}
+
+/// The record as weir wrote it before it recorded lineage: a store keeps such records
+/// until their retention ends.
+#[derive(Deserialize)]
+pub struct DoneRecordWithoutLineage {
+    pub disposition: Disposition,
+    pub messages: Vec<OutboundMessage>,
+}
+
+impl From<DoneRecordWithoutLineage> for DoneRecord {
+    fn from(old: DoneRecordWithoutLineage) -> DoneRecord {
+        DoneRecord {
+            disposition: old.disposition,
+            messages: old.messages,
+            lineage: None,
+        }
+    }
+}
+
+/// The header on every output and dead letter that names the sha256 of the plugin
+/// component that made it.
+pub const PLUGIN_SHA256: &str = "Weir-Plugin-Sha256";
+/// The header that names the contract that plugin speaks (its export,
+/// `weir:transform/transformer@0.2.0`).
+pub const PLUGIN_CONTRACT: &str = "Weir-Plugin-Contract";
+
+/// Which plugin made a result: the sha256 of its component and the contract it speaks.
+/// Every output and dead letter carries it (as headers) and every store record keeps it, so
+/// that after a plugin changes each result still says which version made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    pub sha256: String,
+    pub contract: String,
+}
+
+impl Lineage {
+    /// The headers that carry it.
+    pub fn headers(&self) -> [(String, String); 2] {
+        [
+            (PLUGIN_SHA256.to_owned(), self.sha256.clone()),
+            (PLUGIN_CONTRACT.to_owned(), self.contract.clone()),
+        ]
+    }
 }
 
 #[cfg(test)]

@@ -57,6 +57,7 @@ use serde::{Deserialize, Serialize};
 use weir_core::dead_letter::MAX_REASON_LEN;
 use weir_core::plugin::{Call, FailureKind, Outcome, TransformInput};
 use weir_core::policy::OutputPolicy;
+use weir_core::ports::PluginRuntime;
 use weir_core::state::{KeyState, StateChanges, StateLimits, StateView};
 use weir_core::text;
 
@@ -370,6 +371,7 @@ pub fn run_case(plugin: &Plugin, fixture: &Fixture, update: bool) -> Result<Case
         ));
     }
     let policy = policy_of(plugin);
+    let lineage = plugin.lineage();
     let mut state = KeyState::from_entries(
         case.state
             .iter()
@@ -403,7 +405,7 @@ pub fn run_case(plugin: &Plugin, fixture: &Fixture, update: bool) -> Result<Case
             }),
         };
         let judged = |(outcome, changes): (Outcome, StateChanges)| {
-            let outcome = policy.judge(&call().input, outcome);
+            let outcome = policy.judge(&call().input, &lineage, outcome);
             let mut after = state.clone();
             if let Outcome::Outputs(_) = outcome {
                 after.apply(&changes);
@@ -670,6 +672,7 @@ pub fn fuzz(plugin: &Plugin, fixtures: &[Fixture], count: usize, seed: u64) -> V
     let mut mutator = Mutator::new(seed);
     let mut findings = Vec::new();
     let policy = policy_of(plugin);
+    let lineage = plugin.lineage();
     for index in 0..count {
         let payload = mutator.input(&corpus);
         let dedup_key = format!("fuzz:{seed}:{index}");
@@ -689,7 +692,7 @@ pub fn fuzz(plugin: &Plugin, fixtures: &[Fixture], count: usize, seed: u64) -> V
             }),
         };
         let (outcome, _, _) = plugin.run_measured(call);
-        if let Outcome::Failed { kind, reason } = policy.judge(&input, outcome)
+        if let Outcome::Failed { kind, reason } = policy.judge(&input, &lineage, outcome)
             && !matches!(kind, FailureKind::InvalidInput | FailureKind::PluginFailed)
             && !findings.iter().any(|f: &FuzzFinding| f.payload == payload)
         {

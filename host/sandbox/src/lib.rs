@@ -27,6 +27,7 @@ use weir_core::plugin::{
 };
 use weir_core::ports::PluginRuntime;
 pub use weir_core::ports::RunError;
+use weir_core::record::Lineage;
 use weir_core::state::{StateChanges, StateView};
 
 use serde::Deserialize;
@@ -509,8 +510,11 @@ impl Pre {
 }
 
 impl PluginRuntime for Plugin {
-    fn sha256(&self) -> &str {
-        Plugin::sha256(self)
+    fn lineage(&self) -> Lineage {
+        Lineage {
+            sha256: self.sha256.clone(),
+            contract: self.contract().to_owned(),
+        }
     }
 
     async fn run_all(&self, calls: Vec<Call>) -> Result<Vec<CallResult>, RunError> {

@@ -35,7 +35,7 @@ use rocksdb::{
 };
 
 use weir_core::ports::{Committed, DedupStore, Fault};
-use weir_core::record::DoneRecord;
+use weir_core::record::{DoneRecord, DoneRecordWithoutLineage};
 use weir_core::state::{KeyState, StateChanges};
 
 const DONE: &str = "done";
@@ -699,7 +699,15 @@ fn decode(key: &str, bytes: &[u8]) -> Result<(u64, DoneRecord), StoreError> {
     };
     let committed =
         committed_millis(bytes).ok_or_else(|| corrupt("shorter than its header".into()))?;
-    let record = postcard::from_bytes(&bytes[8..]).map_err(|e| corrupt(e.to_string()))?;
+    let record = match postcard::from_bytes(&bytes[8..]) {
+        Ok(record) => record,
+        // A record written before weir recorded lineage ends where its messages end:
+        // exactly there, or it is a record of today cut short.
+        Err(error) => match postcard::take_from_bytes::<DoneRecordWithoutLineage>(&bytes[8..]) {
+            Ok((old, [])) => DoneRecord::from(old),
+            _ => return Err(corrupt(error.to_string())),
+        },
+    };
     Ok((committed, record))
 }
 
@@ -720,7 +728,7 @@ fn unix_millis() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weir_core::record::{Disposition, OutboundMessage};
+    use weir_core::record::{Disposition, Lineage, OutboundMessage};
 
     fn settings(retention: Duration) -> StoreSettings {
         StoreSettings {
@@ -738,7 +746,30 @@ mod tests {
                 headers: vec![("h".into(), "v".into())],
                 payload: payload.to_vec(),
             }],
+            lineage: Some(Lineage {
+                sha256: "ab".repeat(32),
+                contract: "weir:transform/transformer@0.2.0".into(),
+            }),
         }
+    }
+
+    #[test]
+    fn a_record_written_before_lineage_reads_with_none() {
+        let now = record(b"p");
+        let mut bytes = 1_700_000_000_000u64.to_be_bytes().to_vec();
+        // postcard writes a struct as the tuple of its fields: these are the bytes of the
+        // record before its `lineage` field.
+        bytes.extend(postcard::to_allocvec(&(now.disposition, now.messages.clone())).unwrap());
+        let (_, read) = decode("k", &bytes).unwrap();
+        assert_eq!(read.messages, now.messages);
+        assert_eq!(read.lineage, None);
+        // A record of today reads back whole, and a cut one is still corrupt.
+        let today = encode("k", &1u64.to_be_bytes(), &now).unwrap();
+        assert_eq!(decode("k", &today).unwrap().1, now);
+        assert!(matches!(
+            decode("k", &today[..today.len() - 20]),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 
     #[test]
@@ -913,6 +944,7 @@ mod tests {
         let rest = DoneRecord {
             disposition: two.disposition,
             messages: two.messages[1..].to_vec(),
+            lineage: two.lineage.clone(),
         };
         store
             .narrow_outbox(&[("k", Some(&rest)), ("done", None)])

@@ -175,7 +175,6 @@ impl Pipeline {
                 pipeline: config.name.clone(),
                 dlq_subject: config.output.dlq_subject.clone(),
                 input_stream: config.input.stream.clone(),
-                plugin_sha256: plugin.sha256().to_owned(),
                 max_message_bytes: dlq_limit,
             },
             publisher: broker.publisher(),

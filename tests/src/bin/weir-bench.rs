@@ -937,7 +937,7 @@ async fn malformed(count: usize) {
 /// Commits `count` ids to a dedup store in batches, then times lookups of present and
 /// absent ids; prints resident memory as the store grows.
 fn store_scale(count: usize) {
-    use weir_core::record::{Disposition, DoneRecord, OutboundMessage};
+    use weir_core::record::{Disposition, DoneRecord, Lineage, OutboundMessage};
     let dir = tempfile::tempdir().expect("a temp dir");
     let store = weir_store::Store::open(
         dir.path(),
@@ -955,6 +955,10 @@ fn store_scale(count: usize) {
             headers: vec![],
             payload: vec![b'.'; 64],
         }],
+        lineage: Some(Lineage {
+            sha256: "ab".repeat(32),
+            contract: "weir:transform/transformer@0.2.0".into(),
+        }),
     };
     let key = |i: usize| format!("IN@1795600000000000000#{i}");
     let batch_size = 10_000;

@@ -73,6 +73,10 @@ async fn dead_letters_are_listed_shown_and_replayed_once_after_a_fix() {
     let (ok, shown, stderr) = weir_cli(&["dlq", "show", first_sequence], &orders_config);
     assert!(ok, "{stderr}");
     assert!(shown.contains("kind:          invalid-input"), "{shown}");
+    assert!(
+        shown.contains("contract:      weir:transform/transformer@0.2.0"),
+        "{shown}"
+    );
     assert!(shown.contains("subject \"orders.in.new\""), "{shown}");
     assert!(
         shown.contains(std::str::from_utf8(malformed[0]).unwrap()),

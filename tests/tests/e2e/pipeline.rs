@@ -53,7 +53,13 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
     assert_eq!(stats.dead_lettered, 30, "{stats:?}");
     assert_eq!(stats.acked, 300, "{stats:?}");
 
-    // Every valid order: one enriched order and one customer event, with the right total.
+    // Every valid order: one enriched order and one customer event, with the right total,
+    // each naming the plugin that made it.
+    let plugin_sha256: String = Sha256::digest(std::fs::read(plugin("orders")).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let contract = "weir:transform/transformer@0.2.0";
     let outputs = read_stream(&js, "ORDERS_OUT").await;
     assert_eq!(outputs.len(), 2 * valid);
     let mut enriched: HashMap<String, u64> = HashMap::new();
@@ -67,6 +73,11 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
             .as_str()
             .unwrap();
         let total = body["total_cents"].as_u64().unwrap();
+        assert_eq!(
+            output.header("Weir-Plugin-Sha256"),
+            Some(plugin_sha256.as_str())
+        );
+        assert_eq!(output.header("Weir-Plugin-Contract"), Some(contract));
         let seen = if output.subject == "orders.out.enriched" {
             assert_eq!(
                 output.header("Content-Type"),
@@ -94,10 +105,6 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
     }
 
     // The malformed inputs, in the DLQ, with why and where they came from.
-    let plugin_sha256: String = Sha256::digest(std::fs::read(plugin("orders")).unwrap())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
     let dead = read_stream(&js, "ORDERS_DLQ").await;
     assert_eq!(dead.len(), 30);
     for letter in &dead {
@@ -122,6 +129,7 @@ async fn orders_are_transformed_exactly_once_and_malformed_ones_dead_lettered() 
             letter.header("Weir-Plugin-Sha256"),
             Some(plugin_sha256.as_str())
         );
+        assert_eq!(letter.header("Weir-Plugin-Contract"), Some(contract));
         assert_eq!(letter.header("Weir-Input-Stream"), Some("ORDERS"));
         assert_eq!(letter.header("Weir-Input-Subject"), Some("orders.in.new"));
     }

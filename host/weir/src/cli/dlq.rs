@@ -122,6 +122,11 @@ fn describe(letter: &DeadLetter) -> String {
     );
     let _ = writeln!(
         out,
+        "contract:      {}",
+        shown(&letter.headers.plugin_contract)
+    );
+    let _ = writeln!(
+        out,
         "input:         stream {:?}, sequence {}, subject {:?}",
         letter.headers.input_stream, letter.headers.input_sequence, letter.headers.input_subject
     );
