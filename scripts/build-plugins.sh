@@ -50,9 +50,9 @@ for app in "$repo"/plugins/*-py/app.py; do
   dir=$(dirname "$app")
   name=$(basename "$dir")
   # The contract version the plugin is written against, in its wit-version file.
-  version=$(cat "$dir/wit-version")
-  if [ ! -d "$repo/wit/$version" ]; then
-    echo "build-plugins: $dir/wit-version names $version, and wit/ has no such contract" >&2
+  version=$(cat "$dir/wit-version" 2>/dev/null || true)
+  if ! [[ "$version" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || [ ! -d "$repo/wit/$version" ]; then
+    echo "build-plugins: $dir/wit-version must name a contract version of wit/ (such as 0.2.0); it says '$version'" >&2
     exit 1
   fi
   # componentize-py reads the module from the working directory (its __pycache__ is ignored).

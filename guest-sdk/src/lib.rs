@@ -291,8 +291,10 @@ impl Output {
         Ok(Output::new(subject, payload).with_header("Content-Type", "application/json"))
     }
 
-    /// Adds a header. Names starting `Nats-` belong to NATS: the host ignores `Nats-Msg-Id`
-    /// (it sets a deterministic one) and refuses an output with any other.
+    /// Adds a header. Names starting `Nats-` belong to NATS and names starting `Weir-` to
+    /// weir: the host ignores `Nats-Msg-Id` (it sets a deterministic one) and the lineage
+    /// headers `Weir-Plugin-Sha256` and `Weir-Plugin-Contract` (it sets its own), and refuses
+    /// an output with any other of them.
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Output {
         self.headers.push((name.into(), value.into()));
         self

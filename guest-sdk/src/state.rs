@@ -20,7 +20,8 @@ pub const MAX_NAMES: u32 = 1000;
 /// The pipeline bounds an entry (name and value) and a key's entries together
 /// (`[pipeline.state] max_entry_bytes`, `max_key_bytes`): a write past either ends the call
 /// and dead-letters the input as `state-limit`. The in-memory state of native tests does
-/// not check them.
+/// not check them. In a pipeline without `[pipeline.state]` there is no state: `get` finds
+/// nothing, and `set` or `delete` ends the call as `plugin-failed`.
 pub struct State {
     #[cfg(not(target_arch = "wasm32"))]
     entries: BTreeMap<String, Vec<u8>>,

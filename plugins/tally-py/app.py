@@ -28,11 +28,14 @@ class Transformer(exports.Transformer):
         cents = order.get("total_cents") if isinstance(order, dict) else None
         if not isinstance(cents, int) or isinstance(cents, bool) or cents < 0:
             raise Err(TransformError_InvalidInput("expected an order with a whole total_cents of 0 or more"))
+        key = msg.state_key
+        if not key or any(c in key for c in ".*>") or any(c.isspace() for c in key):
+            raise Err(TransformError_InvalidInput(f"state key {key!r} cannot be a subject token"))
         stored = state.get(TALLY)
         tally = json.loads(stored) if stored is not None else {"orders": 0, "total_cents": 0}
         tally["orders"] += 1
         tally["total_cents"] += cents
         state.set(TALLY, json.dumps(tally, separators=(",", ":"), sort_keys=True).encode())
-        report = {"customer": msg.state_key, **tally}
+        report = {"customer": key, **tally}
         payload = json.dumps(report, separators=(",", ":"), sort_keys=True).encode()
-        emitter.emit(Output(f"tally.{msg.state_key}", [("Content-Type", "application/json")], payload))
+        emitter.emit(Output(f"tally.{key}", [("Content-Type", "application/json")], payload))

@@ -919,7 +919,13 @@ where
             let letter = DeadLetterHeaders::parse(&publication.record.messages[index].headers);
             let kind = FailureKind::parse(&letter.kind).unwrap_or(FailureKind::OutputRejected);
             tracing::warn!(dedup_key = %publication.key, %refusal, "the DLQ stream refused a dead letter; publishing it without the input's payload and headers");
-            let lineage = publication.record.lineage.clone();
+            // A record of an older store has no lineage; its letter may name the plugin.
+            let lineage = publication.record.lineage.clone().or_else(|| {
+                (!letter.plugin_sha256.is_empty()).then(|| Lineage {
+                    sha256: letter.plugin_sha256.clone(),
+                    contract: letter.plugin_contract.clone(),
+                })
+            });
             return Some(DoneRecord {
                 disposition: Disposition::DeadLettered,
                 messages: vec![bare.letter(

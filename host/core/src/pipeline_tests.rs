@@ -518,6 +518,10 @@ async fn a_message_refused_for_good_becomes_a_dead_letter_and_the_batch_goes_on(
     assert_eq!(ids, ["p:IN@1#1:0", "p:IN@1#3:0", "p:IN@1#2:dlq"]);
     let letter = DeadLetterHeaders::parse(&stored[2].headers);
     assert_eq!(letter.kind, "output-rejected");
+    assert_eq!(
+        (letter.plugin_sha256, letter.plugin_contract),
+        (runtime.lineage().sha256, runtime.lineage().contract)
+    );
     assert!(
         letter.reason.contains("refused output 0 for good"),
         "{}",
@@ -525,10 +529,9 @@ async fn a_message_refused_for_good_becomes_a_dead_letter_and_the_batch_goes_on(
     );
     // The store says so too: a redelivery publishes the dead letter, not the output.
     let committed = crate::ports::DedupStore::lookup(&*store, &["IN@1#2"]).unwrap();
-    assert_eq!(
-        committed[0].as_ref().unwrap().record.disposition,
-        crate::record::Disposition::DeadLettered
-    );
+    let record = &committed[0].as_ref().unwrap().record;
+    assert_eq!(record.disposition, crate::record::Disposition::DeadLettered);
+    assert_eq!(record.lineage, Some(runtime.lineage()));
 }
 
 #[tokio::test(start_paused = true)]

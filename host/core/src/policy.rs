@@ -11,7 +11,7 @@
 
 use crate::headers::{self, MAX_HEADER_BLOCK, MSG_ID_HEADER};
 use crate::plugin::{FailureKind, Outcome, PluginOutput, TransformInput};
-use crate::record::{Lineage, OutboundMessage};
+use crate::record::{Lineage, OutboundMessage, PLUGIN_CONTRACT, PLUGIN_SHA256};
 use crate::text;
 use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 
@@ -118,6 +118,13 @@ impl OutputPolicy {
         for (name, value) in output.headers {
             if name.eq_ignore_ascii_case(MSG_ID_HEADER) {
                 // Documented as ignored: the host sets its own, deterministic id.
+                continue;
+            }
+            if name.eq_ignore_ascii_case(PLUGIN_SHA256)
+                || name.eq_ignore_ascii_case(PLUGIN_CONTRACT)
+            {
+                // Ignored too, not refused: a plugin downstream of another weir pipeline may
+                // pass its input's headers on, lineage included; weir sets its own.
                 continue;
             }
             if headers::is_nats_header(&name) {
@@ -466,6 +473,18 @@ mod tests {
                 ]
             );
         }
+        // A plugin that passes on an upstream pipeline's lineage gets its own instead.
+        let passed_on = output(
+            "a",
+            &[
+                ("Weir-Plugin-Sha256", "upstream"),
+                ("weir-plugin-contract", "upstream"),
+            ],
+        );
+        let messages = policy()
+            .outbound("k", None, &lineage(), vec![passed_on])
+            .unwrap();
+        assert_eq!(messages[0].headers, lineage().headers());
         // A header that fits alone, and not with the lineage beside it.
         let fits_alone = "v".repeat(MAX_HEADER_BLOCK - 60);
         let refused = policy()

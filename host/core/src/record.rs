@@ -58,24 +58,6 @@ pub struct DoneRecord {
     pub lineage: Option<Lineage>,
 }
 
-/// The record as weir wrote it before it recorded lineage: a store keeps such records
-/// until their retention ends.
-#[derive(Deserialize)]
-pub struct DoneRecordWithoutLineage {
-    pub disposition: Disposition,
-    pub messages: Vec<OutboundMessage>,
-}
-
-impl From<DoneRecordWithoutLineage> for DoneRecord {
-    fn from(old: DoneRecordWithoutLineage) -> DoneRecord {
-        DoneRecord {
-            disposition: old.disposition,
-            messages: old.messages,
-            lineage: None,
-        }
-    }
-}
-
 /// The header on every output and dead letter that names the sha256 of the plugin
 /// component that made it.
 pub const PLUGIN_SHA256: &str = "Weir-Plugin-Sha256";

@@ -17,12 +17,14 @@
 //! "…"}` (kinds as in dead letters: `invalid-input`, `plugin-failed`, `trap`,
 //! `fuel-exhausted`, `state-limit`, …).
 //!
-//! A plugin of contract 0.2.0 keeps state per key. Its fixture may give the input's
-//! `"state_key"` (by default `"test"`) and the key's `"state"` before the input (entries by
-//! name, each value a payload); `expect` may give the `"state"` after it. An expectation
-//! without `"state"` says the state is unchanged, so a change cannot pass unnoticed. A case
-//! can also be a sequence of inputs on one key, each seeing the state the one before left
-//! (and a dead-lettered input leaving it as it was), as in a pipeline:
+//! A plugin of contract 0.2.0 may keep state per key. A fixture that gives the input's
+//! `"state_key"` (by default `"test"`), the key's `"state"` before the input (entries by
+//! name, each value a payload) or, in `expect`, the `"state"` after it runs with state, as
+//! in a pipeline with `[pipeline.state]`; any other runs as in a pipeline without (the
+//! message's state key is empty and a write fails the call). An expectation without
+//! `"state"` says the state is unchanged, so a change cannot pass unnoticed. A case can also
+//! be a sequence of inputs on one key, each seeing the state the one before left (and a
+//! dead-lettered input leaving it as it was), as in a pipeline:
 //!
 //! ```json
 //! {
@@ -84,8 +86,9 @@ fn policy_of(plugin: &Plugin) -> OutputPolicy {
 /// One fixture file: a case, which is one input or a sequence of inputs on one state key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Case {
-    /// The state key of the case's inputs, which a 0.2.0 plugin reads in its message.
-    pub state_key: String,
+    /// The state key of the case's inputs, which a 0.2.0 plugin reads in its message; given
+    /// or not, see [`Case::is_stateful`].
+    pub state_key: Option<String>,
     /// The key's state before the first input, by entry name.
     pub state: BTreeMap<String, Payload>,
     /// The inputs, in stream order, each with what it must produce.
@@ -152,7 +155,7 @@ impl Case {
                 return Err("\"sequence\" is empty: list the inputs of the case in order".into());
             }
             Case {
-                state_key: file.state_key.unwrap_or_else(|| DEFAULT_STATE_KEY.into()),
+                state_key: file.state_key,
                 state: file.state,
                 steps: file.sequence,
                 is_sequence: true,
@@ -160,7 +163,7 @@ impl Case {
         } else {
             let file: SingleFile = serde_json::from_value(value).map_err(|e| e.to_string())?;
             Case {
-                state_key: file.state_key.unwrap_or_else(|| DEFAULT_STATE_KEY.into()),
+                state_key: file.state_key,
                 state: file.state,
                 steps: vec![Step {
                     subject: file.subject,
@@ -188,6 +191,32 @@ impl Case {
                 decode_base64(text)?;
             }
         }
+        if case.state_key.as_deref() == Some("") {
+            return Err(
+                "\"state_key\" is empty: a pipeline dead-letters an input without one".into(),
+            );
+        }
+        let limits = StateLimits::default();
+        let entries = case
+            .state
+            .iter()
+            .map(|(name, value)| name.len() + payload_bytes(value).len());
+        if let Some(entry) = entries
+            .clone()
+            .find(|&bytes| bytes > limits.max_entry_bytes)
+        {
+            return Err(format!(
+                "an entry of \"state\" is {entry} bytes, more than a pipeline allows by default ({} per entry)",
+                limits.max_entry_bytes
+            ));
+        }
+        let total: usize = entries.sum();
+        if total > limits.max_key_bytes {
+            return Err(format!(
+                "\"state\" is {total} bytes, more than a pipeline allows a key by default ({})",
+                limits.max_key_bytes
+            ));
+        }
         for step in &case.steps {
             if let Some(expect) = &step.expect
                 && expect.outputs.is_some() == expect.error.is_some()
@@ -201,9 +230,27 @@ impl Case {
         Ok(case)
     }
 
+    /// Whether the case runs with state, as in a pipeline with `[pipeline.state]`: when it
+    /// names a `state_key`, a `state` or an `expect.state`. Otherwise it runs as in a
+    /// pipeline without, where a 0.2.0 plugin's message has no state key and a write fails
+    /// its call.
+    pub fn is_stateful(&self) -> bool {
+        self.state_key.is_some()
+            || !self.state.is_empty()
+            || self
+                .steps
+                .iter()
+                .any(|step| step.expect.as_ref().is_some_and(|e| e.state.is_some()))
+    }
+
+    /// The state key its inputs run with, if it is stateful.
+    pub fn state_key(&self) -> &str {
+        self.state_key.as_deref().unwrap_or(DEFAULT_STATE_KEY)
+    }
+
     /// The fixture file's text, in the form it was read in.
     pub fn to_text(&self) -> String {
-        let state_key = (self.state_key != DEFAULT_STATE_KEY).then(|| self.state_key.clone());
+        let state_key = self.state_key.clone();
         let text = match (self.is_sequence, self.steps.as_slice()) {
             (false, [step]) => serde_json::to_string_pretty(&SingleFile {
                 state_key,
@@ -362,10 +409,10 @@ struct StepResult {
 /// one before left.
 pub fn run_case(plugin: &Plugin, fixture: &Fixture, update: bool) -> Result<CaseReport, String> {
     let case = &fixture.case;
-    let stateful = plugin.contract() == crate::V2_EXPORT;
-    if !stateful && !case.state.is_empty() {
+    let stateful = case.is_stateful();
+    if stateful && plugin.contract() != crate::V2_EXPORT {
         return Err(format!(
-            "fixture {}: gives \"state\", and the plugin speaks {}, which has no state (0.2.0 has)",
+            "fixture {}: gives state (a state_key, state or expect.state), and the plugin speaks {}, which has no state (0.2.0 has)",
             fixture.path.display(),
             plugin.contract()
         ));
@@ -398,7 +445,7 @@ pub fn run_case(plugin: &Plugin, fixture: &Fixture, update: bool) -> Result<Case
             },
             state: stateful.then(|| {
                 StateView::new(
-                    case.state_key.clone(),
+                    case.state_key().to_owned(),
                     Arc::new(state.clone()),
                     StateLimits::default(),
                 )
@@ -618,8 +665,9 @@ pub fn check(component: &Path, fixtures_dir: &Path) -> Result<SuiteReport, Strin
 pub struct FuzzFinding {
     pub subject: String,
     pub payload: Vec<u8>,
-    /// The state key and state it ran with (those of the first fixture).
-    pub state_key: String,
+    /// The state key and state it ran with (those of the first fixture), if it ran with
+    /// state.
+    pub state_key: Option<String>,
     pub state: BTreeMap<String, Payload>,
     pub kind: FailureKind,
     pub reason: String,
@@ -646,7 +694,7 @@ impl FuzzFinding {
 
 /// Runs `count` generated inputs through the plugin, each in a fresh instance: mutations
 /// of the fixtures' payloads (bit flips, cuts, splices, repeats, stray bytes) and some
-/// random bytes, all from `seed`. A 0.2.0 plugin runs each with the first fixture's state
+/// random bytes, all from `seed`. If the first fixture is stateful, each runs with its state
 /// key and state. An error the plugin returns is fine; a trap, running out of fuel, memory
 /// or time, or outputs weir would refuse are findings.
 pub fn fuzz(plugin: &Plugin, fixtures: &[Fixture], count: usize, seed: u64) -> Vec<FuzzFinding> {
@@ -659,16 +707,16 @@ pub fn fuzz(plugin: &Plugin, fixtures: &[Fixture], count: usize, seed: u64) -> V
     let subject = first
         .and_then(|case| case.steps.first())
         .map_or("fuzz", |step| step.subject.as_str());
-    let (state_key, state) = first.map_or_else(
-        || (DEFAULT_STATE_KEY.to_owned(), BTreeMap::new()),
-        |case| (case.state_key.clone(), case.state.clone()),
-    );
+    let stateful = first.is_some_and(|case| case.is_stateful());
+    let (state_key, state) = match first.filter(|_| stateful) {
+        Some(case) => (Some(case.state_key().to_owned()), case.state.clone()),
+        None => (None, BTreeMap::new()),
+    };
     let key_state = Arc::new(KeyState::from_entries(
         state
             .iter()
             .map(|(name, payload)| (name.clone(), payload_bytes(payload))),
     ));
-    let stateful = plugin.contract() == crate::V2_EXPORT;
     let mut mutator = Mutator::new(seed);
     let mut findings = Vec::new();
     let policy = policy_of(plugin);
@@ -687,7 +735,7 @@ pub fn fuzz(plugin: &Plugin, fixtures: &[Fixture], count: usize, seed: u64) -> V
         };
         let call = Call {
             input: input.clone(),
-            state: stateful.then(|| {
+            state: state_key.as_ref().map(|state_key| {
                 StateView::new(state_key.clone(), key_state.clone(), StateLimits::default())
             }),
         };
@@ -946,6 +994,7 @@ mod tests {
 "#;
         let case = Case::parse(single).unwrap();
         assert!(!case.is_sequence);
+        assert!(case.is_stateful());
         assert_eq!(case.steps.len(), 1);
         assert_eq!(case.to_text(), single);
 
@@ -962,7 +1011,8 @@ mod tests {
 "#;
         let case = Case::parse(sequence).unwrap();
         assert!(case.is_sequence);
-        assert_eq!(case.state_key, DEFAULT_STATE_KEY);
+        assert!(!case.is_stateful());
+        assert_eq!(case.state_key, None);
         assert_eq!(case.to_text(), sequence);
     }
 
@@ -982,6 +1032,13 @@ mod tests {
             refused(r#"{"subject": "a", "payload": {"text": ""}, "stat": {}}"#)
                 .contains("unknown field `stat`")
         );
+        let no_key = r#"{"state_key": "", "subject": "a", "payload": {"text": ""}}"#;
+        assert!(refused(no_key).contains("\"state_key\" is empty"));
+        let big = format!(
+            r#"{{"subject": "a", "payload": {{"text": ""}}, "state": {{"e": {{"text": "{}"}}}}}}"#,
+            "x".repeat(64 << 10)
+        );
+        assert!(refused(&big).contains("per entry"));
     }
 
     #[test]

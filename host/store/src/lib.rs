@@ -35,7 +35,7 @@ use rocksdb::{
 };
 
 use weir_core::ports::{Committed, DedupStore, Fault};
-use weir_core::record::{DoneRecord, DoneRecordWithoutLineage};
+use weir_core::record::{Disposition, DoneRecord, OutboundMessage};
 use weir_core::state::{KeyState, StateChanges};
 
 const DONE: &str = "done";
@@ -657,8 +657,22 @@ fn committed_millis(value: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))
 }
 
+/// The byte after a record's commit time that says it has lineage. A record written before
+/// has its disposition there, which postcard writes as 0 or 1.
+const WITH_LINEAGE: u8 = 2;
+
+/// A record as weir wrote it before it recorded lineage: a store keeps such records until
+/// their retention ends.
+#[derive(serde::Deserialize)]
+struct DoneRecordWithoutLineage {
+    disposition: Disposition,
+    messages: Vec<OutboundMessage>,
+}
+
 fn encode(key: &str, committed_ms: &[u8; 8], record: &DoneRecord) -> Result<Vec<u8>, StoreError> {
-    postcard::to_extend(record, committed_ms.to_vec()).map_err(|source| StoreError::Encode {
+    let mut header = committed_ms.to_vec();
+    header.push(WITH_LINEAGE);
+    postcard::to_extend(record, header).map_err(|source| StoreError::Encode {
         key: key.to_owned(),
         source,
     })
@@ -699,14 +713,20 @@ fn decode(key: &str, bytes: &[u8]) -> Result<(u64, DoneRecord), StoreError> {
     };
     let committed =
         committed_millis(bytes).ok_or_else(|| corrupt("shorter than its header".into()))?;
-    let record = match postcard::from_bytes(&bytes[8..]) {
-        Ok(record) => record,
-        // A record written before weir recorded lineage ends where its messages end:
-        // exactly there, or it is a record of today cut short.
-        Err(error) => match postcard::take_from_bytes::<DoneRecordWithoutLineage>(&bytes[8..]) {
-            Ok((old, [])) => DoneRecord::from(old),
-            _ => return Err(corrupt(error.to_string())),
-        },
+    let record = match bytes[8..] {
+        [WITH_LINEAGE, ref record @ ..] => {
+            postcard::from_bytes(record).map_err(|e| corrupt(e.to_string()))?
+        }
+        [0 | 1, ..] => {
+            let old: DoneRecordWithoutLineage =
+                postcard::from_bytes(&bytes[8..]).map_err(|e| corrupt(e.to_string()))?;
+            DoneRecord {
+                disposition: old.disposition,
+                messages: old.messages,
+                lineage: None,
+            }
+        }
+        _ => return Err(corrupt("of an unknown layout".into())),
     };
     Ok((committed, record))
 }
@@ -728,7 +748,7 @@ fn unix_millis() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weir_core::record::{Disposition, Lineage, OutboundMessage};
+    use weir_core::record::Lineage;
 
     fn settings(retention: Duration) -> StoreSettings {
         StoreSettings {
@@ -763,13 +783,16 @@ mod tests {
         let (_, read) = decode("k", &bytes).unwrap();
         assert_eq!(read.messages, now.messages);
         assert_eq!(read.lineage, None);
-        // A record of today reads back whole, and a cut one is still corrupt.
+        // A record of today reads back whole; one cut anywhere, even where the older
+        // layout would end, is corrupt.
         let today = encode("k", &1u64.to_be_bytes(), &now).unwrap();
         assert_eq!(decode("k", &today).unwrap().1, now);
-        assert!(matches!(
-            decode("k", &today[..today.len() - 20]),
-            Err(StoreError::Corrupt { .. })
-        ));
+        for cut in 9..today.len() {
+            assert!(
+                matches!(decode("k", &today[..cut]), Err(StoreError::Corrupt { .. })),
+                "cut at {cut}"
+            );
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ extern crate alloc;
 
 use alloc::format;
 use alloc::string::ToString;
-use weir_guest_sdk::{Context, Message, Output, StatefulTransform, TransformError};
+use weir_guest_sdk::{Context, Message, Output, StatefulTransform, TransformError, subject_token};
 
 /// The state entry that holds the account's balance, as a JSON number.
 const BALANCE: &str = "balance";
@@ -35,10 +35,9 @@ impl StatefulTransform for Balances {
                 "overdraft: {balance} {amount:+} would leave {after}"
             )));
         }
-        ctx.emit(Output::new(
-            format!("balance.{}", msg.state_key),
-            after.to_string(),
-        ));
+        // The key becomes a subject token: one with a '.' or a wildcard is invalid input.
+        let account = subject_token(&msg.state_key)?;
+        ctx.emit(Output::new(format!("balance.{account}"), after.to_string()));
         Ok(())
     }
 }

@@ -190,7 +190,12 @@ fn stateful_fixtures_judge_the_state_after_each_input_of_a_sequence() {
     let output = run("echo-v1");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("gives \"state\", and the plugin speaks weir:transform/transformer@0.1.0, which has no state"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "gives state (a state_key, state or expect.state), and the plugin speaks weir:transform/transformer@0.1.0, which has no state"
+        ),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -102,7 +102,7 @@ fn config_errors_name_the_problem() {
 /// A pipeline with state and a plugin of contract 0.1.0, which cannot reach state: refused
 /// before anything is consumed, saying which contract to build against.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn state_with_a_stateless_plugin_is_refused_and_nothing_is_consumed() {
+async fn state_with_a_0_1_0_plugin_is_refused_and_nothing_is_consumed() {
     let server = NatsServer::start();
     let js = server.jetstream().await;
     create_orders_stream(&js, None).await;

@@ -117,8 +117,7 @@ enum PluginCommand {
         /// weir was built from.
         #[arg(long)]
         sdk: Option<PathBuf>,
-        /// A stateful plugin (contract 0.2.0): running totals per state key, instead of a
-        /// stateless greeter.
+        /// A stateful plugin: running totals per state key, instead of a stateless greeter.
         #[arg(long)]
         stateful: bool,
     },
