@@ -206,7 +206,9 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts the three nodes and waits until JetStream answers (a meta leader is elected).
+    /// Starts the three nodes and waits until JetStream answers (a meta leader is elected)
+    /// and can place a stream on all three (the leader may answer before it knows every
+    /// peer, and then refuses three replicas: "no suitable peers for placement").
     pub async fn start() -> NatsCluster {
         let dir = tempfile::tempdir().expect("a temp dir for the cluster");
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -246,6 +248,21 @@ impl NatsCluster {
             "the cluster's JetStream",
             Duration::from_secs(30),
             || async { js.query_account().await.is_ok() },
+        )
+        .await;
+        wait_for(
+            "a stream of three replicas to be placed",
+            Duration::from_secs(30),
+            || async {
+                let probe = jetstream::stream::Config {
+                    name: "WEIR_CLUSTER_PROBE".into(),
+                    subjects: vec!["weir.cluster.probe".into()],
+                    num_replicas: 3,
+                    ..Default::default()
+                };
+                js.create_stream(probe).await.is_ok()
+                    && js.delete_stream("WEIR_CLUSTER_PROBE").await.is_ok()
+            },
         )
         .await;
         cluster
