@@ -3,6 +3,7 @@
 //! scripts/test.sh does both.
 
 mod admin;
+mod atomic_batch;
 mod chaos;
 mod cluster;
 mod compile;

@@ -1,0 +1,141 @@
+//! What scale-out's fenced commit (issue 16) will rest on, checked on a real 3-node cluster
+//! before anything is built on it: nats-server's atomic batch publish (ADR-50) with each
+//! batch's progress marker chained on the previous one by `Nats-Expected-Last-Subject-
+//! Sequence`. An owner that lost its partition (a paused "zombie") publishes a batch chained
+//! on a stale marker: the whole batch must be refused, store nothing and register none of
+//! its `Nats-Msg-Id`s, so that the new owner can publish the same outputs, with the same
+//! ids, once. And a batch abandoned before its commit (its host killed) must not hold the
+//! marker's subject busy for the next owner.
+
+use async_nats::HeaderMap;
+use async_nats::header::{
+    NATS_BATCH_COMMIT, NATS_BATCH_ID, NATS_BATCH_SEQUENCE, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+    NATS_MESSAGE_ID,
+};
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use weir_tests::*;
+
+const MARKER: &str = "progress.p0";
+
+/// An output stream that also stores the progress markers, accepting atomic batches.
+async fn output_stream(js: &jetstream::Context) {
+    js.create_stream(jetstream::stream::Config {
+        name: "OUT".into(),
+        subjects: vec!["out.>".into(), "progress.>".into()],
+        num_replicas: 3,
+        allow_atomic_publish: true,
+        ..Default::default()
+    })
+    .await
+    .expect("an R3 stream with atomic publish");
+}
+
+fn staged(batch: &str, sequence: usize) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(NATS_BATCH_ID, batch);
+    headers.insert(NATS_BATCH_SEQUENCE, sequence.to_string().as_str());
+    headers
+}
+
+/// Sends `outputs` (their `Nats-Msg-Id`s) as the staged messages of batch `batch`, without
+/// its commit.
+async fn stage(client: &async_nats::Client, batch: &str, outputs: &[&str]) {
+    for (index, msg_id) in outputs.iter().enumerate() {
+        let mut headers = staged(batch, index + 1);
+        headers.insert(NATS_MESSAGE_ID, *msg_id);
+        client
+            .publish_with_headers(format!("out.{msg_id}"), headers, "output".into())
+            .await
+            .expect("a core publish");
+    }
+}
+
+/// Publishes `outputs` and then the marker as one atomic batch, the marker expecting the
+/// previous marker at `expected` (0: none yet). The marker's sequence, or the refusal.
+async fn commit(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    batch: &str,
+    outputs: &[&str],
+    expected: u64,
+) -> Result<u64, PublishErrorKind> {
+    stage(client, batch, outputs).await;
+    let mut headers = staged(batch, outputs.len() + 1);
+    headers.insert(NATS_BATCH_COMMIT, "1");
+    headers.insert(
+        NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        expected.to_string().as_str(),
+    );
+    let ack = js
+        .publish_with_headers(MARKER, headers, batch.to_owned().into())
+        .await
+        .map_err(|error| error.kind())?
+        .await
+        .map_err(|error| error.kind())?;
+    assert_eq!(ack.batch_id.as_deref(), Some(batch));
+    assert_eq!(ack.batch_size, Some(outputs.len() as u64 + 1));
+    Ok(ack.sequence)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_chained_on_a_stale_marker_stores_nothing_and_leaves_its_ids_free() {
+    let cluster = NatsCluster::start().await;
+    let client = connect_client(&cluster.url(0)).await.unwrap();
+    let js = jetstream::new(client.clone());
+    output_stream(&js).await;
+
+    let first = commit(&client, &js, "owner-1", &["in1-0", "in1-1", "in2-0"], 0)
+        .await
+        .expect("the first batch");
+    assert_eq!(stream_len(&js, "OUT").await, 4);
+
+    // A zombie, still chained on no marker at all, publishes the outputs of inputs 3 and 4.
+    let zombie = commit(&client, &js, "zombie", &["in3-0", "in4-0"], 0).await;
+    assert_eq!(zombie, Err(PublishErrorKind::WrongLastSequence));
+    assert_eq!(stream_len(&js, "OUT").await, 4, "nothing of it is stored");
+
+    // The owner publishes the same outputs, with the same ids: none of them is a duplicate.
+    let second = commit(&client, &js, "owner-2", &["in3-0", "in4-0"], first)
+        .await
+        .expect("the owner's batch");
+    assert_eq!(second, first + 3);
+    let stored = read_stream(&js, "OUT").await;
+    let subjects: Vec<&str> = stored.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(
+        subjects,
+        [
+            "out.in1-0",
+            "out.in1-1",
+            "out.in2-0",
+            MARKER,
+            "out.in3-0",
+            "out.in4-0",
+            MARKER
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_abandoned_before_its_commit_does_not_hold_the_marker() {
+    let cluster = NatsCluster::start().await;
+    let client = connect_client(&cluster.url(0)).await.unwrap();
+    let js = jetstream::new(client.clone());
+    output_stream(&js).await;
+    let first = commit(&client, &js, "owner-1", &["in1-0"], 0)
+        .await
+        .expect("the first batch");
+
+    // A host killed between its staged messages and its commit.
+    stage(&client, "killed", &["in2-0", "in3-0"]).await;
+    client.flush().await.unwrap();
+
+    // The next owner commits on the last marker, with an id the abandoned batch staged:
+    // the marker's subject is not held in flight (10164) and the id is not taken.
+    let second = commit(&client, &js, "owner-2", &["in2-0"], first)
+        .await
+        .expect("the next owner's batch");
+    assert_eq!(second, first + 2);
+    let stored = read_stream(&js, "OUT").await;
+    let subjects: Vec<&str> = stored.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(subjects, ["out.in1-0", MARKER, "out.in2-0", MARKER]);
+}
