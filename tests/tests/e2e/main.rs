@@ -14,6 +14,7 @@ mod faults;
 mod harness;
 mod hostile;
 mod isolation;
+mod kv_lease;
 mod matrix;
 mod pipeline;
 mod poison;
