@@ -4,8 +4,9 @@
 //! Sequence`. An owner that lost its partition (a paused "zombie") publishes a batch chained
 //! on a stale marker: the whole batch must be refused, store nothing and register none of
 //! its `Nats-Msg-Id`s, so that the new owner can publish the same outputs, with the same
-//! ids, once. And a batch abandoned before its commit (its host killed) must not hold the
-//! marker's subject busy for the next owner.
+//! ids, once. A batch abandoned before its commit (its host killed) must not hold the
+//! marker's subject busy for the next owner. And a commit unit holds at most 1 000 messages,
+//! marker included: one more and the whole batch is refused.
 
 use async_nats::HeaderMap;
 use async_nats::header::{
@@ -138,4 +139,31 @@ async fn a_batch_abandoned_before_its_commit_does_not_hold_the_marker() {
     let stored = read_stream(&js, "OUT").await;
     let subjects: Vec<&str> = stored.iter().map(|m| m.subject.as_str()).collect();
     assert_eq!(subjects, ["out.in1-0", MARKER, "out.in2-0", MARKER]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_holds_a_thousand_messages_and_one_more_is_refused_whole() {
+    let cluster = NatsCluster::start().await;
+    let client = connect_client(&cluster.url(0)).await.unwrap();
+    let js = jetstream::new(client.clone());
+    output_stream(&js).await;
+    let ids = |batch: &str, count: usize| -> Vec<String> {
+        (0..count).map(|index| format!("{batch}-{index}")).collect()
+    };
+
+    // 1 000 outputs and the marker: one past the server's default limit.
+    let over = ids("over", 1000);
+    let over: Vec<&str> = over.iter().map(String::as_str).collect();
+    let refused = commit(&client, &js, "over", &over, 0).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(stream_len(&js, "OUT").await, 0, "nothing of it is stored");
+
+    // 999 outputs and the marker: the most one commit unit may hold.
+    let most = ids("most", 999);
+    let most: Vec<&str> = most.iter().map(String::as_str).collect();
+    let marker = commit(&client, &js, "most", &most, 0)
+        .await
+        .expect("a batch of 1 000");
+    assert_eq!(marker, 1000);
+    assert_eq!(stream_len(&js, "OUT").await, 1000);
 }
