@@ -5,8 +5,9 @@
 //! on a stale marker: the whole batch must be refused, store nothing and register none of
 //! its `Nats-Msg-Id`s, so that the new owner can publish the same outputs, with the same
 //! ids, once. A batch abandoned before its commit (its host killed) must not hold the
-//! marker's subject busy for the next owner. And a commit unit holds at most 1 000 messages,
-//! marker included: one more and the whole batch is refused.
+//! marker's subject busy for the next owner. A commit unit holds at most 1 000 messages,
+//! marker included: one more and the whole batch is refused. And a new owner that reads the
+//! last marker right after the stream's leader changed reads the committed one.
 
 use async_nats::HeaderMap;
 use async_nats::header::{
@@ -166,4 +167,49 @@ async fn a_batch_holds_a_thousand_messages_and_one_more_is_refused_whole() {
         .expect("a batch of 1 000");
     assert_eq!(marker, 1000);
     assert_eq!(stream_len(&js, "OUT").await, 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_marker_read_after_a_leader_change_is_the_committed_one() {
+    let cluster = NatsCluster::start().await;
+    let client = connect_client(&cluster.url(0)).await.unwrap();
+    let js = jetstream::new(client.clone());
+    output_stream(&js).await;
+    let committed = commit(&client, &js, "owner-1", &["in1-0"], 0)
+        .await
+        .expect("the first batch");
+    let leader = || async {
+        let mut stream = js.get_stream("OUT").await.ok()?;
+        stream.info().await.ok()?.cluster.as_ref()?.leader.clone()
+    };
+    let before = leader().await.expect("the stream has a leader");
+
+    // The leader steps down: a new owner taking over now reads the head from the new one.
+    let response = client
+        .request("$JS.API.STREAM.LEADER.STEPDOWN.OUT", "".into())
+        .await
+        .expect("the step-down is answered");
+    assert!(
+        !String::from_utf8_lossy(&response.payload).contains("\"error\""),
+        "{:?}",
+        response.payload
+    );
+    wait_for(
+        "a new leader",
+        std::time::Duration::from_secs(20),
+        || async { leader().await.is_some_and(|now| now != before) },
+    )
+    .await;
+    let stream = js.get_stream("OUT").await.unwrap();
+    let head = stream
+        .get_last_raw_message_by_subject(MARKER)
+        .await
+        .expect("the head is read from the new leader");
+    assert_eq!(head.sequence, committed);
+    assert_eq!(&head.payload[..], b"owner-1");
+    // And the next commit chains on it.
+    let next = commit(&client, &js, "owner-2", &["in2-0"], head.sequence)
+        .await
+        .expect("a commit after the leader change");
+    assert_eq!(next, committed + 2);
 }
