@@ -19,8 +19,12 @@ use weir_tests::*;
 
 const MARKER: &str = "progress.p0";
 
-/// An output stream that also stores the progress markers, accepting atomic batches.
-async fn output_stream(js: &jetstream::Context) {
+/// A 3-node cluster with an output stream that also stores the progress markers, accepting
+/// atomic batches; a client of it, and its JetStream context.
+async fn cluster_with_output_stream() -> (NatsCluster, async_nats::Client, jetstream::Context) {
+    let cluster = NatsCluster::start().await;
+    let client = connect_client(&cluster.url(0)).await.unwrap();
+    let js = jetstream::new(client.clone());
     js.create_stream(jetstream::stream::Config {
         name: "OUT".into(),
         subjects: vec!["out.>".into(), "progress.>".into()],
@@ -30,6 +34,7 @@ async fn output_stream(js: &jetstream::Context) {
     })
     .await
     .expect("an R3 stream with atomic publish");
+    (cluster, client, js)
 }
 
 fn staged(batch: &str, sequence: usize) -> HeaderMap {
@@ -81,10 +86,7 @@ async fn commit(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_chained_on_a_stale_marker_stores_nothing_and_leaves_its_ids_free() {
-    let cluster = NatsCluster::start().await;
-    let client = connect_client(&cluster.url(0)).await.unwrap();
-    let js = jetstream::new(client.clone());
-    output_stream(&js).await;
+    let (_cluster, client, js) = cluster_with_output_stream().await;
 
     let first = commit(&client, &js, "owner-1", &["in1-0", "in1-1", "in2-0"], 0)
         .await
@@ -119,10 +121,7 @@ async fn a_batch_chained_on_a_stale_marker_stores_nothing_and_leaves_its_ids_fre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_abandoned_before_its_commit_does_not_hold_the_marker() {
-    let cluster = NatsCluster::start().await;
-    let client = connect_client(&cluster.url(0)).await.unwrap();
-    let js = jetstream::new(client.clone());
-    output_stream(&js).await;
+    let (_cluster, client, js) = cluster_with_output_stream().await;
     let first = commit(&client, &js, "owner-1", &["in1-0"], 0)
         .await
         .expect("the first batch");
@@ -144,10 +143,7 @@ async fn a_batch_abandoned_before_its_commit_does_not_hold_the_marker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_holds_a_thousand_messages_and_one_more_is_refused_whole() {
-    let cluster = NatsCluster::start().await;
-    let client = connect_client(&cluster.url(0)).await.unwrap();
-    let js = jetstream::new(client.clone());
-    output_stream(&js).await;
+    let (_cluster, client, js) = cluster_with_output_stream().await;
     let ids = |batch: &str, count: usize| -> Vec<String> {
         (0..count).map(|index| format!("{batch}-{index}")).collect()
     };
@@ -171,10 +167,7 @@ async fn a_batch_holds_a_thousand_messages_and_one_more_is_refused_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_marker_read_after_a_leader_change_is_the_committed_one() {
-    let cluster = NatsCluster::start().await;
-    let client = connect_client(&cluster.url(0)).await.unwrap();
-    let js = jetstream::new(client.clone());
-    output_stream(&js).await;
+    let (_cluster, client, js) = cluster_with_output_stream().await;
     let committed = commit(&client, &js, "owner-1", &["in1-0"], 0)
         .await
         .expect("the first batch");
