@@ -181,6 +181,7 @@ impl DeadLetterHeaders {
 mod tests {
     use super::*;
     use crate::input::test_input;
+    use crate::record::test_lineage;
 
     fn schema(max_message_bytes: usize) -> DeadLetterSchema {
         DeadLetterSchema {
@@ -188,13 +189,6 @@ mod tests {
             dlq_subject: "dlq".into(),
             input_stream: "IN".into(),
             max_message_bytes,
-        }
-    }
-
-    fn lineage() -> Lineage {
-        Lineage {
-            sha256: "ab".repeat(32),
-            contract: "weir:transform/transformer@0.2.0".into(),
         }
     }
 
@@ -212,7 +206,7 @@ mod tests {
         let letter = schema(1 << 20).letter(
             &input,
             "IN@7#9",
-            Some(&lineage()),
+            Some(&test_lineage()),
             FailureKind::Trap,
             "boom\nERROR forged",
         );
@@ -242,11 +236,12 @@ mod tests {
     #[test]
     fn a_letter_too_large_leaves_out_the_payload_then_the_headers() {
         let input = test_input(1, &[("h", &"v".repeat(600))], &[b'x'; 4000]);
-        let letter = schema(2000).letter(&input, "k", Some(&lineage()), FailureKind::Trap, "r");
+        let letter =
+            schema(2000).letter(&input, "k", Some(&test_lineage()), FailureKind::Trap, "r");
         assert!(letter.payload.is_empty() && letter.wire_size() <= 2000);
         let parsed = DeadLetterHeaders::parse(&letter.headers);
         assert!(parsed.payload_omitted && !parsed.headers_omitted);
-        let letter = schema(700).letter(&input, "k", Some(&lineage()), FailureKind::Trap, "r");
+        let letter = schema(700).letter(&input, "k", Some(&test_lineage()), FailureKind::Trap, "r");
         let parsed = DeadLetterHeaders::parse(&letter.headers);
         assert!(parsed.payload_omitted && parsed.headers_omitted);
         assert!(parsed.input_headers.is_empty() && letter.wire_size() <= 700);
@@ -259,7 +254,7 @@ mod tests {
         let letter = schema(8 << 20).letter(
             &input,
             "k",
-            Some(&lineage()),
+            Some(&test_lineage()),
             FailureKind::Trap,
             &"r".repeat(5000),
         );
@@ -272,7 +267,7 @@ mod tests {
         let letter = schema(1 << 20).letter(
             &input,
             "k",
-            Some(&lineage()),
+            Some(&test_lineage()),
             FailureKind::PluginFailed,
             &"x".repeat(60 << 20),
         );

@@ -195,6 +195,15 @@ const WORKLOAD: [&str; 10] = [
     "o-1", "two-2", "bad-3", "o-4", "o-5", "two-6", "o-7", "bad-8", "o-9", "o-10",
 ];
 
+/// Every point of the message path, in path order: where the crash tests strike.
+const EVERY_POINT: [Point; 5] = [
+    Point::Fetched,
+    Point::Executed,
+    Point::Committed,
+    Point::Published,
+    Point::Acked,
+];
+
 #[tokio::test(start_paused = true)]
 async fn without_faults_every_input_is_published_once() {
     let (world, store, runtime) = (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
@@ -256,13 +265,7 @@ async fn every_output_dead_letter_and_record_names_the_plugin_that_made_it() {
 
 #[tokio::test(start_paused = true)]
 async fn a_crash_at_each_point_then_a_restart_leaves_every_output_exactly_once() {
-    for at in [
-        Point::Fetched,
-        Point::Executed,
-        Point::Committed,
-        Point::Published,
-        Point::Acked,
-    ] {
+    for at in EVERY_POINT {
         for nth in [1, 2] {
             let (world, store, runtime) =
                 (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));
@@ -697,13 +700,7 @@ async fn a_keys_inputs_see_the_state_the_ones_before_left_within_and_across_batc
 
 #[tokio::test(start_paused = true)]
 async fn with_state_a_crash_at_each_point_then_a_restart_leaves_state_and_outputs_consistent() {
-    for at in [
-        Point::Fetched,
-        Point::Executed,
-        Point::Committed,
-        Point::Published,
-        Point::Acked,
-    ] {
+    for at in EVERY_POINT {
         for nth in [1, 2, 3] {
             let (world, store, runtime) =
                 (World::new(), FakeStore::new(), Arc::new(FakeRuntime::new()));

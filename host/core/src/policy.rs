@@ -208,6 +208,7 @@ pub fn output_bytes(output: &PluginOutput) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::test_lineage;
 
     fn policy() -> OutputPolicy {
         OutputPolicy {
@@ -216,13 +217,6 @@ mod tests {
             max_outputs: 10,
             max_output_bytes: 1 << 20,
             max_message_bytes: 1 << 20,
-        }
-    }
-
-    fn lineage() -> Lineage {
-        Lineage {
-            sha256: "ab".repeat(32),
-            contract: "weir:transform/transformer@0.2.0".into(),
         }
     }
 
@@ -239,7 +233,7 @@ mod tests {
 
     fn refusal(outputs: Vec<PluginOutput>) -> String {
         policy()
-            .outbound("k", None, &lineage(), outputs)
+            .outbound("k", None, &test_lineage(), outputs)
             .unwrap_err()
     }
 
@@ -249,7 +243,7 @@ mod tests {
             .outbound(
                 "k",
                 None,
-                &lineage(),
+                &test_lineage(),
                 vec![
                     output("a.b", &[("Content-Type", "json"), ("nats-msg-id", "mine")]),
                     output("c", &[]),
@@ -264,7 +258,7 @@ mod tests {
             [("Content-Type".to_owned(), "json".to_owned())],
             "the plugin's own Nats-Msg-Id is dropped"
         );
-        assert_eq!(messages[0].headers[1..], lineage().headers());
+        assert_eq!(messages[0].headers[1..], test_lineage().headers());
     }
 
     #[test]
@@ -287,12 +281,12 @@ mod tests {
             ]
         };
         let messages = policy()
-            .outbound("k", Some(&trace), &lineage(), outputs())
+            .outbound("k", Some(&trace), &test_lineage(), outputs())
             .unwrap();
         // Each output's own headers, then the trace's, then the lineage's.
         let own_and_trace = |message: &OutboundMessage| {
             let (before, lineage_headers) = message.headers.split_at(message.headers.len() - 2);
-            assert_eq!(lineage_headers, lineage().headers());
+            assert_eq!(lineage_headers, test_lineage().headers());
             before.to_vec()
         };
         assert_eq!(
@@ -318,7 +312,7 @@ mod tests {
         // Byte-identical when made again (a re-publish after a crash).
         assert_eq!(
             policy()
-                .outbound("k", Some(&trace), &lineage(), outputs())
+                .outbound("k", Some(&trace), &test_lineage(), outputs())
                 .unwrap(),
             messages
         );
@@ -359,7 +353,12 @@ mod tests {
         let fits = "v".repeat(MAX_HEADER_BLOCK - 200);
         assert!(
             policy()
-                .outbound("k", None, &lineage(), vec![output("a", &[("h", &fits)])])
+                .outbound(
+                    "k",
+                    None,
+                    &test_lineage(),
+                    vec![output("a", &[("h", &fits)])]
+                )
                 .is_ok()
         );
     }
@@ -375,7 +374,7 @@ mod tests {
         let three = vec![output("a", &[]), output("b", &[]), output("c", &[])];
         assert!(
             policy
-                .outbound("k", None, &lineage(), three)
+                .outbound("k", None, &test_lineage(), three)
                 .unwrap_err()
                 .contains("limits.max_outputs")
         );
@@ -383,7 +382,7 @@ mod tests {
         big.payload = vec![0; 101];
         assert!(
             policy
-                .outbound("k", None, &lineage(), vec![big])
+                .outbound("k", None, &test_lineage(), vec![big])
                 .unwrap_err()
                 .contains("limits.max_output_bytes")
         );
@@ -391,7 +390,7 @@ mod tests {
         wide.payload = vec![0; 40];
         assert!(
             policy
-                .outbound("k", None, &lineage(), vec![wide])
+                .outbound("k", None, &test_lineage(), vec![wide])
                 .unwrap_err()
                 .contains("server and output stream")
         );
@@ -430,11 +429,11 @@ mod tests {
         let value = "v".repeat(MAX_HEADER_BLOCK - 80 - lineage_bytes());
         let outcome = || Outcome::Outputs(vec![output("a", &[("h", &value)])]);
         assert_eq!(
-            policy().judge(&input(&[]), &lineage(), outcome()),
+            policy().judge(&input(&[]), &test_lineage(), outcome()),
             outcome()
         );
         assert!(matches!(
-            policy().judge(&traced, &lineage(), outcome()),
+            policy().judge(&traced, &test_lineage(), outcome()),
             Outcome::Failed {
                 kind: FailureKind::OutputRejected,
                 ..
@@ -444,7 +443,7 @@ mod tests {
 
     /// What the lineage headers add to a header block.
     fn lineage_bytes() -> usize {
-        lineage()
+        test_lineage()
             .headers()
             .iter()
             .map(|(name, value)| name.len() + value.len() + 4)
@@ -457,7 +456,7 @@ mod tests {
             .outbound(
                 "k",
                 None,
-                &lineage(),
+                &test_lineage(),
                 vec![output("a", &[]), output("b", &[])],
             )
             .unwrap();
@@ -482,16 +481,16 @@ mod tests {
             ],
         );
         let messages = policy()
-            .outbound("k", None, &lineage(), vec![passed_on])
+            .outbound("k", None, &test_lineage(), vec![passed_on])
             .unwrap();
-        assert_eq!(messages[0].headers, lineage().headers());
+        assert_eq!(messages[0].headers, test_lineage().headers());
         // A header that fits alone, and not with the lineage beside it.
         let fits_alone = "v".repeat(MAX_HEADER_BLOCK - 60);
         let refused = policy()
             .outbound(
                 "k",
                 None,
-                &lineage(),
+                &test_lineage(),
                 vec![output("a", &[("h", &fits_alone)])],
             )
             .unwrap_err();
@@ -502,7 +501,7 @@ mod tests {
     fn judge_turns_refused_outputs_into_output_rejected() {
         let judged = policy().judge(
             &input(&[]),
-            &lineage(),
+            &test_lineage(),
             Outcome::Outputs(vec![output("a.>", &[])]),
         );
         assert!(matches!(
@@ -513,6 +512,9 @@ mod tests {
             }
         ));
         let fine = Outcome::Outputs(vec![output("a", &[])]);
-        assert_eq!(policy().judge(&input(&[]), &lineage(), fine.clone()), fine);
+        assert_eq!(
+            policy().judge(&input(&[]), &test_lineage(), fine.clone()),
+            fine
+        );
     }
 }

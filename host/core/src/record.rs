@@ -74,6 +74,15 @@ pub struct Lineage {
     pub contract: String,
 }
 
+/// A plugin's lineage for the core's unit tests: a sha256's length, the 0.2.0 contract.
+#[cfg(test)]
+pub(crate) fn test_lineage() -> Lineage {
+    Lineage {
+        sha256: "ab".repeat(32),
+        contract: "weir:transform/transformer@0.2.0".into(),
+    }
+}
+
 impl Lineage {
     /// The headers that carry it.
     pub fn headers(&self) -> [(String, String); 2] {

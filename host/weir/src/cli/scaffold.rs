@@ -86,11 +86,11 @@ pub fn new(
     let files = [
         ("Cargo.toml", fill(include_str!("template/Cargo.toml.in"))),
         ("src/lib.rs", fill(lib)),
-        (fixtures[0].0, fixtures[0].1.to_owned()),
-        (fixtures[1].0, fixtures[1].1.to_owned()),
         ("README.md", fill(include_str!("template/README.md.in"))),
         (".gitignore", include_str!("template/gitignore").to_owned()),
-    ];
+    ]
+    .into_iter()
+    .chain(fixtures.map(|(file, text)| (file, text.to_owned())));
     for (file, text) in files {
         let path = dir.join(file);
         let written = path
