@@ -263,7 +263,7 @@ pub struct StatusReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PipelineReport {
     pub name: String,
-    /// starting, replaying, running or stopped.
+    /// starting, replaying, taking-over, running or stopped.
     pub phase: String,
     pub ready: bool,
     pub not_ready_because: Option<String>,

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use crate::input::Input;
 use crate::plugin::{Call, CallCost, CallResult, FailureKind, Outcome, PluginOutput};
 use crate::ports::{
-    Committed, DedupStore, Delivery, Fault, PluginRuntime, Point, Probe, PublishError, Publisher,
-    RunError, Source,
+    CommitError, Committed, DedupStore, Delivery, Fault, Ledger, PluginRuntime, Point, Probe,
+    PublishError, Publisher, RunError, Source, StoredMarker,
 };
 use crate::record::{DoneRecord, Lineage, OutboundMessage};
 use crate::state::{KeyState, StateChanges, StateView};
@@ -50,6 +50,14 @@ struct WorldState {
     refuse_larger_than: Option<usize>,
     /// The next this many acks fail.
     failing_acks: usize,
+    /// The output stream's last sequence: every message stored and every marker count.
+    last_sequence: u64,
+    /// Every marker subject's last marker.
+    markers: BTreeMap<String, StoredMarker>,
+    /// Every marker stored, in order.
+    marker_log: Vec<StoredMarker>,
+    /// The next this many atomic commits are stored, and their answer is lost.
+    losing_commit_answers: usize,
 }
 
 impl World {
@@ -115,6 +123,26 @@ impl World {
 
     pub fn fail_acks(&self, count: usize) {
         lock(&self.state).failing_acks = count;
+    }
+
+    pub fn lose_commit_answers(&self, count: usize) {
+        lock(&self.state).losing_commit_answers = count;
+    }
+
+    /// Every progress marker stored, in order.
+    pub fn markers(&self) -> Vec<StoredMarker> {
+        lock(&self.state).marker_log.clone()
+    }
+
+    /// Replaces the last marker on `subject` with one that cannot be read.
+    pub fn corrupt_marker(&self, subject: &str) {
+        let mut state = lock(&self.state);
+        state.last_sequence += 1;
+        let marker = StoredMarker {
+            sequence: state.last_sequence,
+            payload: b"{not json".to_vec(),
+        };
+        state.markers.insert(subject.to_owned(), marker);
     }
 
     /// Every stored message, in order.
@@ -220,6 +248,17 @@ impl Source for FakeSource {
         Ok(())
     }
 
+    async fn ack_floor(&mut self) -> Result<u64, FakeError> {
+        let state = lock(&self.world.state);
+        let floor = state
+            .inputs
+            .iter()
+            .take_while(|input| state.acked.contains(&input.stream_sequence))
+            .last()
+            .map_or(0, |input| input.stream_sequence);
+        Ok(floor)
+    }
+
     /// Nothing to hand back: a fake batch is taken whole, never received ahead.
     async fn stop(&mut self) -> usize {
         0
@@ -304,6 +343,58 @@ impl Publisher for FakePublisher {
                 Ok(())
             })
             .collect()
+    }
+}
+
+/// The output stream as a ledger: an atomic batch stores every message (the duplicate window
+/// aside, so that a batch committed twice shows twice) and the marker, or nothing.
+impl Ledger for FakePublisher {
+    async fn last_marker(&self, subject: &str) -> Result<Option<StoredMarker>, PublishError> {
+        let state = lock(&self.world.state);
+        if state.failing_subject.as_deref() == Some(subject) {
+            return Err(PublishError::Failed("no responders".into()));
+        }
+        Ok(state.markers.get(subject).cloned())
+    }
+
+    async fn commit_atomically(
+        &self,
+        messages: &[&OutboundMessage],
+        marker: &OutboundMessage,
+        after: u64,
+    ) -> Result<u64, CommitError> {
+        let mut state = lock(&self.world.state);
+        let last = state.markers.get(&marker.subject).map_or(0, |m| m.sequence);
+        if last != after {
+            return Err(CommitError::ChainMoved(format!(
+                "wrong last sequence: {last}"
+            )));
+        }
+        if let Some(limit) = state.refuse_larger_than
+            && messages.iter().any(|message| message.payload.len() > limit)
+        {
+            return Err(CommitError::Refused("message size exceeds maximum".into()));
+        }
+        if state.failing_publishes > 0 {
+            state.failing_publishes -= 1;
+            return Err(CommitError::Failed("timed out".into()));
+        }
+        for message in messages {
+            state.window.insert(message.msg_id.clone());
+            state.stored.push((*message).clone());
+        }
+        state.last_sequence += messages.len() as u64 + 1;
+        let stored = StoredMarker {
+            sequence: state.last_sequence,
+            payload: marker.payload.clone(),
+        };
+        state.marker_log.push(stored.clone());
+        state.markers.insert(marker.subject.clone(), stored);
+        if state.losing_commit_answers > 0 {
+            state.losing_commit_answers -= 1;
+            return Err(CommitError::Failed("timed out".into()));
+        }
+        Ok(state.last_sequence)
     }
 }
 
@@ -637,6 +728,37 @@ impl Probe for CrashProbe {
         if point == self.at && self.reached.fetch_add(1, Ordering::SeqCst) + 1 == self.nth {
             self.crashed.notify_one();
             std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Pauses the "process" the `nth` time the path reaches `at`, until the test releases it: a
+/// host stopped (SIGSTOP, a long pause) in the middle of its path.
+pub struct PauseProbe {
+    pub at: Point,
+    pub nth: usize,
+    reached: AtomicUsize,
+    pub paused: Arc<tokio::sync::Notify>,
+    pub release: Arc<tokio::sync::Notify>,
+}
+
+impl PauseProbe {
+    pub fn new(at: Point, nth: usize) -> PauseProbe {
+        PauseProbe {
+            at,
+            nth,
+            reached: AtomicUsize::new(0),
+            paused: Arc::default(),
+            release: Arc::default(),
+        }
+    }
+}
+
+impl Probe for PauseProbe {
+    async fn reached(&self, point: Point) {
+        if point == self.at && self.reached.fetch_add(1, Ordering::SeqCst) + 1 == self.nth {
+            self.paused.notify_one();
+            self.release.notified().await;
         }
     }
 }

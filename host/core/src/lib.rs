@@ -18,6 +18,9 @@
 pub mod dead_letter;
 #[cfg(test)]
 mod fakes;
+pub mod fence;
+#[cfg(test)]
+mod fence_tests;
 pub mod headers;
 pub mod input;
 pub mod metrics;

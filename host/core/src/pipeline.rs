@@ -33,6 +33,14 @@
 //! different delivery of the same message). In at-least-once mode there is no store:
 //! steps 1 and 3 do nothing, and only the deterministic output ids stand between a
 //! redelivery and a duplicate.
+//!
+//! A partitioned pipeline (one with a [`Fence`]) keeps the invariant without a store of its
+//! own: steps 3 and 4 are one atomic batch on the output stream, the outputs and dead letters
+//! of a run of inputs with the progress marker that makes those inputs done (`fenced.rs`;
+//! [`crate::fence`] says why it holds even against an owner that lost the partition). Step
+//! 1 reads the last marker, and a batch that another batch committed while it executed is
+//! not committed twice. So nothing is published before it is committed, nothing committed
+//! is unpublished, and no outbox is needed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -41,13 +49,14 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterHeaders, DeadLetterSchema};
+use crate::fence::Fence;
 use crate::input::{DedupMode, Input, dedup_key};
 use crate::metrics::PipelineMetrics;
 use crate::plugin::{Call, CallResult, FailureKind, Outcome};
 use crate::policy::OutputPolicy;
 use crate::ports::{
-    DedupStore, Delivery, Fault, PluginRuntime, Point, Probe, PublishError, Publisher, RunError,
-    Source,
+    DedupStore, Delivery, Fault, Ledger, PluginRuntime, Point, Probe, PublishError, Publisher,
+    RunError, Source,
 };
 use crate::record::{Disposition, DoneRecord, Lineage, OutboundMessage};
 use crate::retry::{Backoff, sleep_unless_shutdown};
@@ -55,6 +64,8 @@ use crate::state::{KeyState, StateChanges, StateSettings, StateView};
 use crate::status::{Phase, PipelineStatus};
 use crate::text;
 use crate::trace::TraceContext;
+
+mod fenced;
 
 /// How many outbox records are re-published per round on start.
 const OUTBOX_REPLAY_CHUNK: usize = 1000;
@@ -71,6 +82,14 @@ pub enum Fatal {
     /// A plugin call panicked in the host: a bug, never anything a plugin does.
     #[error("{0}")]
     PluginCrashed(String),
+    /// A partitioned pipeline's ledger cannot be used: its marker cannot be read, or the
+    /// output stream refuses it for good.
+    #[error("{0}")]
+    Ledger(String),
+    /// Another run has taken the partition over: this one must not publish or ack anything
+    /// more of it.
+    #[error("{0}")]
+    TakenOver(String),
 }
 
 /// What a pipeline is, beyond its ports.
@@ -91,10 +110,12 @@ pub struct Settings {
 }
 
 /// One pipeline's message path, over its ports. `store` is `None` in at-least-once mode,
-/// which records nothing.
+/// which records nothing, and in a partitioned pipeline, which commits through its `fence`
+/// to the output stream instead.
 pub struct Pipeline<St, Pu, R, Pr> {
     pub settings: Settings,
     pub store: Option<Arc<St>>,
+    pub fence: Option<Fence>,
     pub publisher: Pu,
     pub runtime: R,
     pub probe: Pr,
@@ -107,7 +128,7 @@ pub struct Pipeline<St, Pu, R, Pr> {
 impl<St, Pu, R, Pr> Pipeline<St, Pu, R, Pr>
 where
     St: DedupStore,
-    Pu: Publisher,
+    Pu: Publisher + Ledger,
     R: PluginRuntime,
     Pr: Probe,
 {
@@ -123,10 +144,26 @@ where
     where
         S: Source,
     {
-        self.status.enter(Phase::Replaying);
-        if let Err(fatal) = self.replay_outbox(&shutdown).await {
-            self.status.stopped(&fatal.to_string());
-            return Err(fatal);
+        let started = match &self.fence {
+            Some(fence) => {
+                self.status.enter(Phase::TakingOver);
+                self.take_over(fence, &shutdown).await
+            }
+            None => {
+                self.status.enter(Phase::Replaying);
+                self.replay_outbox(&shutdown).await
+            }
+        };
+        match started {
+            Ok(true) => {}
+            Ok(false) => {
+                self.status.stopped("shut down");
+                return Ok(());
+            }
+            Err(fatal) => {
+                self.status.stopped(&fatal.to_string());
+                return Err(fatal);
+            }
         }
         self.status.enter(Phase::Running);
         let (to_ack, published) = tokio::sync::mpsc::channel(1);
@@ -166,6 +203,7 @@ where
             };
             let next = async {
                 let batch = self.next_batch(source, shutdown).await?;
+                self.read_floor(source).await;
                 let staged = self
                     .with_keepalive(&batch, async {
                         let staged = self.commit_stage(&batch, shutdown).await;
@@ -177,8 +215,9 @@ where
                     .await;
                 Some(staged.map(|staged| (batch, staged)))
             };
-            let (finished, next) = tokio::join!(finishing, next);
-            finished?;
+            // A fatal error of the batch being finished stops the pipeline at once, not once
+            // the next batch has come (which may be never).
+            let ((), next) = futures::future::try_join(finishing, async { Ok(next.await) }).await?;
             match next {
                 None => break,
                 Some(Ok((batch, Some(staged)))) => {
@@ -266,9 +305,13 @@ where
             return Ok(());
         };
         let started = Instant::now();
-        let published = self
-            .with_keepalive(&batch, self.publish_stage(&batch, staged, shutdown))
-            .await?;
+        let publishing = async {
+            match &self.fence {
+                Some(fence) => self.commit_fenced(fence, &batch, staged, shutdown).await,
+                None => self.publish_stage(&batch, staged, shutdown).await,
+            }
+        };
+        let published = self.with_keepalive(&batch, publishing).await?;
         self.metrics.stage("publish", started.elapsed());
         tracing::debug!(inputs = batch.len(), took = ?started.elapsed(), "batch published");
         match published {
@@ -339,10 +382,10 @@ where
     }
 
     /// Re-publishes what was committed but not confirmed published before the last stop.
-    /// Fails only on a fault retrying cannot heal.
-    async fn replay_outbox(&self, shutdown: &CancellationToken) -> Result<(), Fatal> {
+    /// False on shutdown first; fails only on a fault retrying cannot heal.
+    async fn replay_outbox(&self, shutdown: &CancellationToken) -> Result<bool, Fatal> {
         let Some(store) = &self.store else {
-            return Ok(());
+            return Ok(true);
         };
         let mut retrier = Retrier::new(Step::ReadOutbox, self, shutdown);
         let pending = loop {
@@ -355,13 +398,13 @@ where
                 Err(error) if !error.is_transient() => return Err(fatal_store(error)),
                 Err(error) => {
                     if !retrier.failed(error).await {
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
             }
         };
         if pending.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         tracing::info!(inputs = pending.len(), "re-publishing the outbox");
         for chunk in pending.chunks(OUTBOX_REPLAY_CHUNK) {
@@ -373,12 +416,12 @@ where
                 .publish_until_done(&mut publications, &[], shutdown)
                 .await?
             {
-                return Ok(());
+                return Ok(false);
             }
             let keys: Vec<String> = chunk.iter().map(|(key, _)| key.clone()).collect();
             self.clear_outbox(keys).await;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Steps 1 to 3 of the module docs: look up, execute the new inputs, commit. Returns
@@ -404,9 +447,15 @@ where
             })
             .collect();
 
-        // 1. Which inputs are already committed? (In at-least-once mode, none are known.)
+        // 1. Which inputs are already committed, and what is left to publish of each? (In
+        // at-least-once mode, none are known; a partitioned pipeline's last marker says, and
+        // it publishes everything it commits.)
         let mut retrier = Retrier::new(Step::Lookup, self, shutdown);
-        let committed = loop {
+        let committed: Vec<Option<Option<DoneRecord>>> = loop {
+            if let Some(fence) = &self.fence {
+                let done = |delivery: &D| fence.is_done(delivery.input()).then_some(None);
+                break batch.iter().map(done).collect();
+            }
             let Some(store) = self.store.clone() else {
                 break vec![None; keys.len()];
             };
@@ -419,7 +468,10 @@ where
                 Ok(committed) => {
                     // Not retrying any more, though the retrier lives to the batch's end.
                     retrier.recovered();
-                    break committed;
+                    break committed
+                        .into_iter()
+                        .map(|committed| committed.map(|committed| committed.unpublished))
+                        .collect();
                 }
                 Err(error) if !error.is_transient() => return Err(fatal_store(error)),
                 Err(error) => {
@@ -445,7 +497,7 @@ where
         let mut to_execute = Vec::new();
         for (index, committed) in committed.into_iter().enumerate() {
             match committed {
-                Some(committed) => records.push(committed.unpublished.map(Arc::new)),
+                Some(unpublished) => records.push(unpublished.map(Arc::new)),
                 None => {
                     records.push(None);
                     // A repeat of a key first seen in this batch is published once, there.
@@ -465,9 +517,18 @@ where
         let mut dead_letters = Vec::new();
         for (&index, (record, dead_letter)) in to_execute.iter().zip(executed.records) {
             let record = Arc::new(record);
-            dead_letters.extend(dead_letter);
+            dead_letters.extend(dead_letter.map(|kind| (index, kind)));
             new_records.push((keys[index].clone(), record.clone()));
             records[index] = Some(record);
+        }
+        if self.fence.is_some() {
+            // Committed when they are published.
+            return Ok(Some(Staged {
+                records,
+                recheck: Vec::new(),
+                keys,
+                dead_letters,
+            }));
         }
 
         // 3. Commit the new records, and the state they changed, in one synced write.
@@ -477,7 +538,7 @@ where
         }
         self.metrics
             .stage("commit", started.elapsed() - committing_at);
-        for kind in dead_letters {
+        for (_, kind) in dead_letters {
             self.metrics.dead_letters(kind, 1);
         }
 
@@ -494,6 +555,7 @@ where
             records,
             recheck,
             keys,
+            dead_letters: Vec::new(),
         }))
     }
 
@@ -840,7 +902,7 @@ where
                 }
                 let publication = &mut publications[at];
                 let input = publication.index.and_then(|i| inputs.get(i).copied());
-                match self.reject(publication, input, index, &refusal) {
+                match self.reject(publication, input, Some(index), &refusal) {
                     Some(record) => {
                         if publication.record.disposition == Disposition::Transformed {
                             outputs_rejected += 1;
@@ -882,13 +944,14 @@ where
     }
 
     /// The dead letter that replaces a publication the server refused for good (message
-    /// `index`): `output-rejected` for an output, the barest letter for a dead letter the
-    /// DLQ stream refused. `None` if even that was refused.
+    /// `index`, when known: an atomic batch is refused whole): `output-rejected` for an
+    /// output, the barest letter for a dead letter the DLQ stream refused. `None` if even
+    /// that was refused.
     fn reject(
         &self,
         publication: &Publication,
         input: Option<&Input>,
-        index: usize,
+        index: Option<usize>,
         refusal: &PublishError,
     ) -> Option<DoneRecord> {
         // The outbox on start has no input at hand: the letter points at it by its key.
@@ -916,7 +979,8 @@ where
                 max_message_bytes: 0,
                 ..self.dead_letters.clone()
             };
-            let letter = DeadLetterHeaders::parse(&publication.record.messages[index].headers);
+            let letter =
+                DeadLetterHeaders::parse(&publication.record.messages[index.unwrap_or(0)].headers);
             let kind = FailureKind::parse(&letter.kind).unwrap_or(FailureKind::OutputRejected);
             tracing::warn!(dedup_key = %publication.key, %refusal, "the DLQ stream refused a dead letter; publishing it without the input's payload and headers");
             // A record of an older store has no lineage; its letter may name the plugin.
@@ -938,10 +1002,17 @@ where
                 lineage,
             });
         }
-        let published = publication.acknowledged.iter().filter(|a| **a).count();
-        let reason = format!(
-            "the server refused output {index} for good ({refusal}); {published} of the input's outputs were published before"
-        );
+        let reason = match index {
+            Some(index) => {
+                let published = publication.acknowledged.iter().filter(|a| **a).count();
+                format!(
+                    "the server refused output {index} for good ({refusal}); {published} of the input's outputs were published before"
+                )
+            }
+            None => format!(
+                "the server refused the input's outputs for good ({refusal}); none was published"
+            ),
+        };
         let trace = TraceContext::of(&input.headers);
         let _entered = self
             .message_span(input, &publication.key, trace.as_ref())
@@ -1199,6 +1270,9 @@ struct Staged {
     recheck: Vec<usize>,
     /// Every input's dedup key, in batch order.
     keys: Vec<String>,
+    /// A partitioned pipeline's new dead letters (input index, kind), counted once
+    /// committed.
+    dead_letters: Vec<(usize, FailureKind)>,
 }
 
 /// A step of the message path that retries transient faults.
@@ -1211,6 +1285,8 @@ enum Step {
     Publish,
     ReadOutbox,
     LoadState,
+    TakeOver,
+    AtomicCommit,
 }
 
 impl Step {
@@ -1224,6 +1300,8 @@ impl Step {
             Step::Publish => "publish",
             Step::ReadOutbox => "read-outbox",
             Step::LoadState => "load-state",
+            Step::TakeOver => "take-over",
+            Step::AtomicCommit => "atomic-commit",
         }
     }
 
@@ -1237,6 +1315,8 @@ impl Step {
             Step::Publish => "publish",
             Step::ReadOutbox => "read the outbox",
             Step::LoadState => "load the state",
+            Step::TakeOver => "take the partition over",
+            Step::AtomicCommit => "commit to the output stream",
         }
     }
 }

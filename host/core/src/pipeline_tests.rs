@@ -21,9 +21,9 @@ use crate::record::{PLUGIN_CONTRACT, PLUGIN_SHA256};
 use crate::state::{StateKeyRule, StateLimits, StateSettings};
 use crate::status::PipelineStatus;
 
-const BATCH: usize = 4;
+pub(crate) const BATCH: usize = 4;
 
-fn pipeline<Pr: Probe>(
+pub(crate) fn pipeline<Pr: Probe>(
     world: &Arc<World>,
     store: Option<&Arc<FakeStore>>,
     runtime: &Arc<FakeRuntime>,
@@ -40,6 +40,7 @@ fn pipeline<Pr: Probe>(
             state: None,
         },
         store: store.cloned(),
+        fence: None,
         publisher: FakePublisher {
             world: world.clone(),
         },
@@ -166,7 +167,7 @@ async fn run_to_a_fatal_error(
 }
 
 /// The ids every payload must produce, each exactly once.
-fn expected_ids(payloads: &[&str]) -> Vec<String> {
+pub(crate) fn expected_ids(payloads: &[&str]) -> Vec<String> {
     let mut ids: Vec<String> = payloads
         .iter()
         .enumerate()
@@ -184,19 +185,19 @@ fn expected_ids(payloads: &[&str]) -> Vec<String> {
 }
 
 /// Every expected message stored exactly once, nothing else, every input acked.
-fn assert_exactly_once(world: &World, payloads: &[&str]) {
+pub(crate) fn assert_exactly_once(world: &World, payloads: &[&str]) {
     let mut stored: Vec<String> = world.stored().into_iter().map(|m| m.msg_id).collect();
     stored.sort();
     assert_eq!(stored, expected_ids(payloads), "each output exactly once");
     assert_eq!(world.acked(), payloads.len(), "every input acked");
 }
 
-const WORKLOAD: [&str; 10] = [
+pub(crate) const WORKLOAD: [&str; 10] = [
     "o-1", "two-2", "bad-3", "o-4", "o-5", "two-6", "o-7", "bad-8", "o-9", "o-10",
 ];
 
 /// Every point of the message path, in path order: where the crash tests strike.
-const EVERY_POINT: [Point; 5] = [
+pub(crate) const EVERY_POINT: [Point; 5] = [
     Point::Fetched,
     Point::Executed,
     Point::Committed,

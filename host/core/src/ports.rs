@@ -50,6 +50,10 @@ pub trait Source: Send {
     /// recovered from one that is still failing, however long no input arrives. An error
     /// is transient.
     fn ready(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// The consumer's ack floor, as the server reports it now: every input at or below this
+    /// stream sequence is acknowledged. An error is transient. A partitioned pipeline's
+    /// progress markers carry it ([`crate::fence`]).
+    fn ack_floor(&mut self) -> impl Future<Output = Result<u64, Self::Error>> + Send;
     /// Stops consuming and hands back (as [`Delivery::hand_back`] does) every input delivered
     /// to this source that no batch returned: those of a batch cancelled in the making, and
     /// those received ahead. Returns within seconds, even when the server is away, with
@@ -77,6 +81,49 @@ pub trait Publisher: Send + Sync + 'static {
         &self,
         messages: &[&OutboundMessage],
     ) -> impl Future<Output = Vec<Result<(), PublishError>>> + Send;
+}
+
+/// A marker as the server stores it: its stream sequence and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMarker {
+    pub sequence: u64,
+    pub payload: Vec<u8>,
+}
+
+/// Why an atomic commit did not go through (as far as this host knows).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    /// The marker it was chained on is no longer the subject's last message: nothing of the
+    /// batch was stored. Another owner committed, or an earlier try of this very batch did.
+    #[error("the progress marker it was chained on is no longer the last: {0}")]
+    ChainMoved(String),
+    /// The server refuses a message of it for what it is, and would on every retry; nothing
+    /// of the batch was stored.
+    #[error("refused for good: {0}")]
+    Refused(String),
+    /// Anything else (no connection, a timeout): it may or may not have been stored.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The output stream as a partitioned pipeline's ledger: atomic batches of messages that
+/// end with a progress marker chained on the one before ([`crate::fence`]).
+pub trait Ledger: Send + Sync + 'static {
+    /// The last message on `subject` of the output stream, read from its leader; `None` if
+    /// there is none. An error is transient.
+    fn last_marker(
+        &self,
+        subject: &str,
+    ) -> impl Future<Output = Result<Option<StoredMarker>, PublishError>> + Send;
+    /// Stores `messages` and then `marker` as one atomic batch, only if the last message on
+    /// the marker's subject is still the one at `after` (0: there is none). Returns the
+    /// marker's stream sequence.
+    fn commit_atomically(
+        &self,
+        messages: &[&OutboundMessage],
+        marker: &OutboundMessage,
+        after: u64,
+    ) -> impl Future<Output = Result<u64, CommitError>> + Send;
 }
 
 /// A committed input: its record, and what of it the server has not acknowledged yet (its

@@ -13,6 +13,9 @@ pub enum Phase {
     Starting,
     /// Re-publishing what was committed and not known published before the last stop.
     Replaying,
+    /// A partitioned pipeline reading its partition's progress and fencing off the
+    /// partition's previous owner.
+    TakingOver,
     /// Consuming.
     Running,
     /// Stopped: shut down, or failed.
@@ -24,6 +27,7 @@ impl Phase {
         match self {
             Phase::Starting => "starting",
             Phase::Replaying => "replaying",
+            Phase::TakingOver => "taking-over",
             Phase::Running => "running",
             Phase::Stopped => "stopped",
         }
@@ -77,6 +81,9 @@ impl StatusSnapshot {
         match self.phase {
             Phase::Starting => return Some(format!("starting: {}", self.detail)),
             Phase::Replaying => return Some("replaying the outbox".into()),
+            Phase::TakingOver => {
+                return Some("taking the partition over from its last owner".into());
+            }
             Phase::Stopped => return Some(format!("stopped: {}", self.detail)),
             Phase::Running => {}
         }

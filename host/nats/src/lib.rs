@@ -443,6 +443,16 @@ impl Broker {
     pub fn publisher(&self) -> Publisher {
         Publisher {
             jetstream: self.jetstream.clone(),
+            ledger_stream: None,
+        }
+    }
+
+    /// The publisher of a partitioned pipeline, whose atomic commits and progress markers
+    /// go to `stream` (its output stream).
+    pub fn ledger(&self, stream: &str) -> Publisher {
+        Publisher {
+            jetstream: self.jetstream.clone(),
+            ledger_stream: Some(stream.to_owned()),
         }
     }
 }
@@ -917,6 +927,21 @@ impl Source for MessageSource {
         Ok(())
     }
 
+    async fn ack_floor(&mut self) -> Result<u64, BrokerError> {
+        let consumer = &self.input.consumer;
+        let cannot = || format!("cannot read the ack floor of consumer {consumer:?}");
+        let stream = self
+            .jetstream
+            .get_stream_no_info(&self.input.stream)
+            .await
+            .map_err(|e| BrokerError::jetstream(cannot(), e))?;
+        let info = stream
+            .consumer_info(consumer)
+            .await
+            .map_err(|e| BrokerError::jetstream(cannot(), e))?;
+        Ok(info.ack_floor.stream_sequence)
+    }
+
     async fn stop(&mut self) -> usize {
         MessageSource::stop(self).await
     }
@@ -1229,10 +1254,164 @@ impl ports::Publisher for Publisher {
     }
 }
 
-/// Publishes outbound messages to JetStream.
+/// JetStream API errors that refuse an atomic batch for good, besides those that refuse a
+/// message ([`REFUSED_FOR_GOOD`]): the core then commits its inputs one by one to find the
+/// one refused. A batch of ids the stream already has (10201) is one: retried, it would be
+/// refused until the duplicate window passes, and then stored twice.
+const BATCH_REFUSED_FOR_GOOD: [jetstream::ErrorCode; 4] = [
+    jetstream::ErrorCode::ATOMIC_PUBLISH_TOO_LARGE_BATCH,
+    jetstream::ErrorCode::ATOMIC_PUBLISH_CONTAINS_DUPLICATE_MESSAGE,
+    jetstream::ErrorCode::ATOMIC_PUBLISH_UNSUPPORTED_HEADER,
+    jetstream::ErrorCode::ATOMIC_PUBLISH_DISABLED,
+];
+
+/// A `Nats-Batch-Id` no other batch of any weir shares: the process's start and a count.
+fn new_batch_id() -> String {
+    static STARTED: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let started = STARTED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos())
+    });
+    let count = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("weir-{started:x}-{}-{count:x}", std::process::id())
+}
+
+/// The headers of a message as published: its own, then its `Nats-Msg-Id`.
+fn publish_headers(message: &OutboundMessage) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &message.headers {
+        // The output policy only lets publishable headers through; skip rather than
+        // panic on one from an older store.
+        if let (Ok(name), Ok(value)) = (HeaderName::from_str(name), HeaderValue::from_str(value)) {
+            headers.append(name, value);
+        }
+    }
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, message.msg_id.as_str());
+    headers
+}
+
+/// The output stream as a partitioned pipeline's ledger: each commit is an atomic batch
+/// (ADR-50), its messages staged by core publishes and committed by the marker, which
+/// carries `Nats-Expected-Last-Subject-Sequence`. The learning tests in
+/// `tests/tests/e2e/atomic_batch.rs` check on a real cluster what this relies on.
+impl ports::Ledger for Publisher {
+    async fn last_marker(
+        &self,
+        subject: &str,
+    ) -> Result<Option<ports::StoredMarker>, PublishError> {
+        let Some(name) = &self.ledger_stream else {
+            return Err(PublishError::Failed(NO_LEDGER.into()));
+        };
+        let failed = |error: &dyn std::fmt::Display| {
+            PublishError::Failed(format!(
+                "cannot read the last marker on {subject:?} of stream {name:?}: {error}"
+            ))
+        };
+        let stream = self
+            .jetstream
+            .get_stream_no_info(name)
+            .await
+            .map_err(|e| failed(&e))?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(message) => Ok(Some(ports::StoredMarker {
+                sequence: message.sequence,
+                payload: message.payload.to_vec(),
+            })),
+            Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(error) => Err(failed(&error)),
+        }
+    }
+
+    async fn commit_atomically(
+        &self,
+        messages: &[&OutboundMessage],
+        marker: &OutboundMessage,
+        after: u64,
+    ) -> Result<u64, ports::CommitError> {
+        use async_nats::header::{
+            NATS_BATCH_COMMIT, NATS_BATCH_ID, NATS_BATCH_SEQUENCE,
+            NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        };
+        if self.ledger_stream.is_none() {
+            return Err(ports::CommitError::Failed(NO_LEDGER.into()));
+        }
+        let batch = new_batch_id();
+        let client = self.jetstream.client();
+        for (index, message) in messages.iter().enumerate() {
+            let mut headers = publish_headers(message);
+            headers.insert(NATS_BATCH_ID, batch.as_str());
+            headers.insert(NATS_BATCH_SEQUENCE, (index + 1).to_string().as_str());
+            client
+                .publish_with_headers(
+                    message.subject.clone(),
+                    headers,
+                    Bytes::copy_from_slice(&message.payload),
+                )
+                .await
+                .map_err(|e| {
+                    ports::CommitError::Failed(format!("staging a message of the batch: {e}"))
+                })?;
+        }
+        let mut headers = publish_headers(marker);
+        headers.insert(NATS_BATCH_ID, batch.as_str());
+        headers.insert(
+            NATS_BATCH_SEQUENCE,
+            (messages.len() + 1).to_string().as_str(),
+        );
+        headers.insert(NATS_BATCH_COMMIT, "1");
+        headers.insert(
+            NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            after.to_string().as_str(),
+        );
+        let payload = Bytes::copy_from_slice(&marker.payload);
+        let answer = match self
+            .jetstream
+            .publish_with_headers(marker.subject.clone(), headers, payload)
+            .await
+        {
+            Ok(ack) => ack.await,
+            Err(error) => Err(error),
+        };
+        answer
+            .map(|ack| ack.sequence)
+            .map_err(|error| commit_error(&marker.subject, error))
+    }
+}
+
+const NO_LEDGER: &str = "this publisher has no ledger stream (a bug in weir: report it)";
+
+/// What a refused commit means to the core.
+fn commit_error(subject: &str, error: jetstream::context::PublishError) -> ports::CommitError {
+    use std::error::Error as _;
+    if error.kind() == jetstream::context::PublishErrorKind::WrongLastSequence {
+        return ports::CommitError::ChainMoved(error.to_string());
+    }
+    let api_code = error
+        .source()
+        .and_then(|cause| cause.downcast_ref::<jetstream::Error>())
+        .map(|api| api.error_code());
+    let for_good = error.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
+        || api_code.is_some_and(|code| {
+            REFUSED_FOR_GOOD.contains(&code) || BATCH_REFUSED_FOR_GOOD.contains(&code)
+        });
+    let reason = format!("the atomic batch ending with marker {subject:?}: {error}");
+    if for_good {
+        ports::CommitError::Refused(reason)
+    } else {
+        ports::CommitError::Failed(reason)
+    }
+}
+
+/// Publishes outbound messages to JetStream; for a partitioned pipeline, also commits
+/// atomic batches to its output stream (`ledger_stream`).
 #[derive(Clone)]
 pub struct Publisher {
     jetstream: jetstream::Context,
+    ledger_stream: Option<String>,
 }
 
 impl Publisher {
@@ -1261,19 +1440,8 @@ impl Publisher {
     ) -> Vec<Result<(), PublishFailure>> {
         let mut acks = Vec::with_capacity(messages.len());
         for message in messages {
-            let mut headers = HeaderMap::new();
-            for (name, value) in &message.headers {
-                // The output policy only lets publishable headers through; skip rather than
-                // panic on one from an older store.
-                if let (Ok(name), Ok(value)) =
-                    (HeaderName::from_str(name), HeaderValue::from_str(value))
-                {
-                    headers.append(name, value);
-                }
-            }
             let publish = PublishMessage::build()
-                .headers(headers)
-                .message_id(&message.msg_id)
+                .headers(publish_headers(message))
                 .payload(Bytes::copy_from_slice(&message.payload));
             let sent = self
                 .jetstream

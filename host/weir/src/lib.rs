@@ -45,6 +45,12 @@ pub enum Error {
     },
     #[error("pipeline {pipeline:?} failed: {message}")]
     Crashed { pipeline: String, message: String },
+    /// A partitioned pipeline's ledger (its output stream) cannot be used.
+    #[error("pipeline {pipeline:?} stopped: {message} (check the output stream's configuration)")]
+    Ledger { pipeline: String, message: String },
+    /// Another run took a partitioned pipeline's partition over.
+    #[error("pipeline {pipeline:?} stopped: {message}")]
+    TakenOver { pipeline: String, message: String },
     #[error("pipeline {pipeline:?}: {source}")]
     Start {
         pipeline: String,

@@ -180,6 +180,7 @@ impl Pipeline {
             publisher: broker.publisher(),
             runtime: plugin,
             store: store.clone(),
+            fence: None,
             probe: FaultProbe,
             metrics: watched.metrics.clone(),
             status: watched.status.clone(),
@@ -213,6 +214,8 @@ impl Pipeline {
         ran.map_err(|fatal| match fatal {
             Fatal::Store(source) => Error::Stopped { pipeline, source },
             Fatal::PluginCrashed(message) => Error::Crashed { pipeline, message },
+            Fatal::Ledger(message) => Error::Ledger { pipeline, message },
+            Fatal::TakenOver(message) => Error::TakenOver { pipeline, message },
         })
     }
 }
