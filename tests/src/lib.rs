@@ -738,6 +738,9 @@ pub struct PipelineToml<'a> {
     pub output_stream: &'a str,
     pub dlq_subject: &'a str,
     pub dlq_stream: &'a str,
+    /// A partitioned pipeline's `partitions`: then no `store_dir`, and its dead letters go
+    /// to its output stream.
+    pub partitions: Option<u32>,
     pub extra: &'a str,
 }
 
@@ -757,6 +760,7 @@ impl<'a> PipelineToml<'a> {
             output_stream: "ORDERS_OUT",
             dlq_subject: "orders.dlq",
             dlq_stream: "ORDERS_DLQ",
+            partitions: None,
             extra: "",
         }
     }
@@ -784,12 +788,19 @@ impl<'a> PipelineToml<'a> {
     }
 
     pub fn render(&self) -> String {
+        let (commits, dlq_stream) = match self.partitions {
+            Some(partitions) => (format!("partitions = {partitions}"), String::new()),
+            None => (
+                format!("store_dir = {:?}", self.store_dir.display().to_string()),
+                format!("dlq_stream = \"{}\"", self.dlq_stream),
+            ),
+        };
         format!(
             r#"
 [[pipeline]]
 name = "{name}"
 plugin = {plugin:?}
-store_dir = {store:?}
+{commits}
 
 [pipeline.nats]
 url = "{url}"
@@ -804,12 +815,11 @@ ack_wait_ms = 2000
 prefix = "{prefix}"
 stream = "{output_stream}"
 dlq_subject = "{dlq}"
-dlq_stream = "{dlq_stream}"
+{dlq_stream}
 {extra}
 "#,
             name = self.name,
             plugin = self.plugin.display().to_string(),
-            store = self.store_dir.display().to_string(),
             url = self.nats_url,
             stream = self.stream,
             subject = self.subject,
@@ -817,7 +827,6 @@ dlq_stream = "{dlq_stream}"
             prefix = self.output_prefix,
             output_stream = self.output_stream,
             dlq = self.dlq_subject,
-            dlq_stream = self.dlq_stream,
             extra = self.extra,
         )
     }
@@ -997,9 +1006,25 @@ pub async fn wait_until_orders_processed(
 /// distinct input must produce and checks the whole output stream and DLQ against it.
 /// Inputs are told apart by payload (a producer retry repeats its payload).
 pub async fn check_orders(js: &jetstream::Context, payloads: &[Vec<u8>]) -> OrdersVerdict {
+    check_orders_in(js, "ORDERS_OUT", "ORDERS_DLQ", payloads).await
+}
+
+/// [`check_orders`] for outputs stored in `output_stream` and dead letters in `dlq_stream`
+/// (the same stream for a partitioned pipeline, which also stores its progress markers
+/// there): outputs are the messages on `orders.out.…`, dead letters those on `orders.dlq`.
+pub async fn check_orders_in(
+    js: &jetstream::Context,
+    output_stream: &str,
+    dlq_stream: &str,
+    payloads: &[Vec<u8>],
+) -> OrdersVerdict {
     use std::collections::{HashMap, HashSet};
     let mut verdict = OrdersVerdict::default();
-    let outputs = read_stream(js, "ORDERS_OUT").await;
+    let outputs: Vec<StoredMessage> = read_stream(js, output_stream)
+        .await
+        .into_iter()
+        .filter(|message| message.subject.starts_with("orders.out."))
+        .collect();
     verdict.outputs = outputs.len();
     let (mut ids, mut contents) = (HashSet::new(), HashSet::new());
     let mut totals: HashMap<(String, String), u64> = HashMap::new();
@@ -1046,7 +1071,11 @@ pub async fn check_orders(js: &jetstream::Context, payloads: &[Vec<u8>]) -> Orde
         }
     }
     verdict.extra += totals.len().saturating_sub(accounted);
-    let dead = read_stream(js, "ORDERS_DLQ").await;
+    let dead: Vec<StoredMessage> = read_stream(js, dlq_stream)
+        .await
+        .into_iter()
+        .filter(|message| message.subject == "orders.dlq")
+        .collect();
     verdict.dead_letters = dead.len();
     verdict.expected_dead_letters = malformed.len();
     let dead_payloads: HashSet<Vec<u8>> = dead.iter().map(|m| m.payload.clone()).collect();

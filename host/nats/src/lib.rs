@@ -52,6 +52,8 @@ pub enum BrokerError {
         filters: String,
         subject: String,
     },
+    #[error("stream {stream:?} cannot hold a partitioned pipeline's commits: {reason}")]
+    NotALedger { stream: String, reason: String },
     #[error("{action}: {source}")]
     JetStream {
         action: String,
@@ -360,16 +362,107 @@ impl Broker {
         name: &str,
         subjects: Vec<String>,
     ) -> Result<stream::Stream, BrokerError> {
-        tracing::info!(stream = name, ?subjects, "creating stream");
+        self.create_stream_with(stream::Config {
+            name: name.to_owned(),
+            subjects,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn create_stream_with(
+        &self,
+        config: stream::Config,
+    ) -> Result<stream::Stream, BrokerError> {
+        let name = config.name.clone();
+        tracing::info!(stream = name, subjects = ?config.subjects, "creating stream");
         self.jetstream
-            .create_stream(stream::Config {
-                name: name.to_owned(),
-                subjects,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
+            .create_stream(config)
             .await
             .map_err(|e| BrokerError::jetstream(format!("cannot create stream {name:?}"), e))
+    }
+
+    /// Finds the output stream of a partitioned pipeline, creating it when configured to,
+    /// and checks that it can hold the pipeline's commits: one stream stores the outputs,
+    /// the dead letters and the progress markers (`markers`, a subject filter), and allows
+    /// atomic publish. Returns its name.
+    pub async fn ensure_ledger(
+        &self,
+        output: &OutputConfig,
+        markers: &str,
+    ) -> Result<String, BrokerError> {
+        let outputs = format!("{}.>", output.prefix);
+        let probe = format!("{}.probe", output.prefix);
+        let marker_probe = markers.replace('>', "0");
+        let name = match (self.stream_storing(&probe).await?, &output.stream) {
+            (Some(name), _) => name,
+            (None, Some(name)) => {
+                self.create_stream_with(stream::Config {
+                    name: name.clone(),
+                    subjects: vec![
+                        outputs.clone(),
+                        output.dlq_subject.clone(),
+                        markers.to_owned(),
+                    ],
+                    storage: stream::StorageType::File,
+                    allow_atomic_publish: true,
+                    ..Default::default()
+                })
+                .await?;
+                name.clone()
+            }
+            (None, None) => {
+                return Err(BrokerError::Uncaptured {
+                    subject: outputs,
+                    key: "output.stream",
+                });
+            }
+        };
+        let not_a_ledger = |reason: String| BrokerError::NotALedger {
+            stream: name.clone(),
+            reason,
+        };
+        for (subject, filter, what) in [
+            (
+                output.dlq_subject.as_str(),
+                output.dlq_subject.as_str(),
+                "the dead letters (output.dlq_subject)",
+            ),
+            (marker_probe.as_str(), markers, "the progress markers"),
+        ] {
+            match self.stream_storing(subject).await? {
+                Some(stream) if stream == name => {}
+                Some(other) => {
+                    return Err(not_a_ledger(format!(
+                        "{what} go to stream {other:?}: outputs, dead letters and markers are \
+                         committed together, so one stream must store them all; add {filter:?} \
+                         to {name:?}'s subjects and remove it from {other:?}'s"
+                    )));
+                }
+                None => {
+                    return Err(not_a_ledger(format!(
+                        "it does not store {what}: add {filter:?} to its subjects"
+                    )));
+                }
+            }
+        }
+        let mut stream =
+            self.jetstream.get_stream(&name).await.map_err(|e| {
+                BrokerError::jetstream(format!("cannot look up stream {name:?}"), e)
+            })?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| BrokerError::jetstream(format!("cannot look up stream {name:?}"), e))?;
+        if !info.config.allow_atomic_publish {
+            return Err(not_a_ledger(
+                "it does not allow atomic publish: set allow_atomic_publish in its configuration \
+                 (nats-server 2.12 or later)"
+                    .into(),
+            ));
+        }
+        Ok(name)
     }
 
     /// Creates (or finds and checks) the durable pull consumer. Pulling starts with the

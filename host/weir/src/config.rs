@@ -74,6 +74,14 @@ pub struct PipelineConfig {
     pub batch: BatchConfig,
     /// A stateful pipeline's keyed state, for a plugin of contract 0.2.0.
     pub state: Option<StateConfig>,
+    /// Runs the pipeline partitioned: each commit is an atomic batch on the output stream,
+    /// its inputs' outputs and dead letters with a progress marker that says which inputs
+    /// are done (on `_weir.progress.<name>.<partition>`), fenced so that a host that has
+    /// lost a partition cannot publish. Nothing the pipeline relies on stays on its host:
+    /// no `store_dir`, and a host with an empty disk resumes exactly where the last one
+    /// stopped. The output stream must also store the dead letters and the markers, and
+    /// allow atomic publish. Only 1 for now.
+    pub partitions: Option<u32>,
 }
 
 fn default_store_cache_mb() -> u64 {
@@ -201,11 +209,16 @@ impl ValidPipeline {
     }
 }
 
-/// A pipeline's guarantee, with what it needs: an exactly-once pipeline always has a store.
+/// A pipeline's guarantee, with what it needs: an exactly-once pipeline always has a store,
+/// or is partitioned (and commits to its output stream).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
-    ExactlyOnce { store_dir: PathBuf },
+    ExactlyOnce {
+        store_dir: PathBuf,
+    },
     AtLeastOnce,
+    /// Exactly once, fenced commits on the output stream, no store.
+    Partitioned,
 }
 
 fn largest_memory_limit<'a>(pipelines: impl IntoIterator<Item = &'a PipelineConfig>) -> usize {
@@ -253,15 +266,16 @@ impl Config {
             .pipelines
             .into_iter()
             .map(|config| {
-                let delivery = match (config.mode, &config.store_dir) {
-                    (Mode::ExactlyOnce, Some(store_dir)) => Delivery::ExactlyOnce {
+                let delivery = match (config.mode, &config.store_dir, config.partitions) {
+                    (Mode::ExactlyOnce, Some(store_dir), None) => Delivery::ExactlyOnce {
                         store_dir: store_dir.clone(),
                     },
-                    (Mode::AtLeastOnce, None) => Delivery::AtLeastOnce,
-                    // `problems` names both of these; refused here again all the same.
-                    (Mode::ExactlyOnce, None) | (Mode::AtLeastOnce, Some(_)) => {
+                    (Mode::AtLeastOnce, None, None) => Delivery::AtLeastOnce,
+                    (Mode::ExactlyOnce, None, Some(_)) => Delivery::Partitioned,
+                    // `problems` names each of these; refused here again all the same.
+                    _ => {
                         return Err(invalid(vec![format!(
-                            "pipeline {:?}: mode and store_dir disagree",
+                            "pipeline {:?}: mode, store_dir and partitions disagree",
                             config.name
                         )]));
                     }
@@ -497,7 +511,7 @@ impl PipelineConfig {
             ));
         }
         match (self.mode, &self.store_dir) {
-            (Mode::ExactlyOnce, None) => problems.push(
+            (Mode::ExactlyOnce, None) if self.partitions.is_none() => problems.push(
                 "store_dir is required in exactly-once mode: set it, or mode = \"at-least-once\""
                     .into(),
             ),
@@ -506,6 +520,9 @@ impl PipelineConfig {
                     .into(),
             ),
             _ => {}
+        }
+        if self.partitions.is_some() {
+            problems.extend(self.partitioning_problems());
         }
         if self.input.ack_wait_ms < 100 {
             problems.push("input.ack_wait_ms must be at least 100".into());
@@ -532,6 +549,76 @@ impl PipelineConfig {
                         .into(),
                 );
             }
+        }
+        problems
+    }
+}
+
+impl PipelineConfig {
+    /// The subject of a partition's progress markers.
+    pub fn marker_subject(&self, partition: u32) -> String {
+        format!("{}.{partition}", self.marker_subjects_prefix())
+    }
+
+    /// What every marker subject of this pipeline starts with.
+    fn marker_subjects_prefix(&self) -> String {
+        format!("_weir.progress.{}", self.name)
+    }
+
+    /// The subjects of every partition's markers, as a stream's subject filter.
+    pub fn marker_subjects(&self) -> String {
+        format!("{}.>", self.marker_subjects_prefix())
+    }
+
+    /// What a partitioned pipeline needs beyond the rest.
+    fn partitioning_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        match self.partitions {
+            Some(0) => problems.push("partitions must be at least 1".into()),
+            Some(2..) => problems.push(
+                "partitions above 1 are not supported yet: set partitions = 1 (one partition, \
+                 fenced commits on the output stream)"
+                    .into(),
+            ),
+            _ => {}
+        }
+        if self.mode == Mode::AtLeastOnce {
+            problems.push("partitions needs mode = \"exactly-once\"".into());
+        }
+        if self.store_dir.is_some() {
+            problems.push(
+                "store_dir is not used by a partitioned pipeline (its commits, and what is done, \
+                 are on the output stream): remove it"
+                    .into(),
+            );
+        }
+        if self.dedup == DedupMode::MsgId {
+            problems.push(
+                "dedup = \"msg-id\" is not supported with partitions: a partitioned pipeline \
+                 knows its inputs by stream sequence (the input stream's duplicate window catches \
+                 producer retries); remove dedup"
+                    .into(),
+            );
+        }
+        if self.state.is_some() {
+            problems.push("[pipeline.state] is not supported with partitions yet".into());
+        }
+        if let (Some(dlq_stream), Some(stream)) = (&self.output.dlq_stream, &self.output.stream)
+            && dlq_stream != stream
+        {
+            problems.push(format!(
+                "output.dlq_stream {dlq_stream:?} is not output.stream {stream:?}: a partitioned \
+                 pipeline commits its dead letters with its outputs, in one atomic batch on one \
+                 stream; remove output.dlq_stream"
+            ));
+        }
+        if subject::overlaps(&self.input.subject, &self.marker_subjects()) {
+            problems.push(format!(
+                "input.subject {:?} overlaps {:?}, the pipeline's progress markers: choose an \
+                 input subject that does not",
+                self.input.subject,
+                self.marker_subjects()
+            ));
         }
         problems
     }
@@ -780,5 +867,45 @@ mod tests {
         let second = MINIMAL.replace("name = \"orders\"", "name = \"other\"");
         let error = parse(&format!("{MINIMAL}\n{second}")).unwrap_err();
         assert!(error.contains("share the store_dir"), "{error}");
+    }
+
+    #[test]
+    fn a_partitioned_pipeline_has_no_store_and_refuses_what_it_cannot_keep() {
+        let partitioned = MINIMAL.replace("store_dir = \"store\"", "partitions = 1");
+        let valid = parse(&partitioned)
+            .unwrap()
+            .validate(Path::new("weir.toml"))
+            .unwrap();
+        assert_eq!(valid.pipelines()[0].delivery(), &Delivery::Partitioned);
+        assert_eq!(
+            valid.pipelines()[0].config().marker_subject(0),
+            "_weir.progress.orders.0"
+        );
+        for (change, refusal) in [
+            ("partitions = 0", "at least 1"),
+            ("partitions = 6", "not supported yet"),
+            (
+                "partitions = 1\nstore_dir = \"store\"",
+                "store_dir is not used",
+            ),
+            (
+                "partitions = 1\nmode = \"at-least-once\"",
+                "needs mode = \"exactly-once\"",
+            ),
+            ("partitions = 1\ndedup = \"msg-id\"", "msg-id"),
+        ] {
+            let text = MINIMAL.replace("store_dir = \"store\"", change);
+            let error = parse(&text).unwrap_err();
+            assert!(error.contains(refusal), "{change}: {error}");
+        }
+        let state = format!("{partitioned}\n[pipeline.state]\nkey = \"subject-token:3\"\n");
+        assert!(parse(&state).unwrap_err().contains("[pipeline.state]"));
+        let apart = partitioned.replace(
+            "dlq_subject = \"orders.dlq\"",
+            "dlq_subject = \"orders.dlq\"\nstream = \"OUT\"\ndlq_stream = \"DLQ\"",
+        );
+        assert!(parse(&apart).unwrap_err().contains("one atomic batch"));
+        let everything = partitioned.replace("\"orders.in.>\"", "\">\"");
+        assert!(parse(&everything).unwrap_err().contains("progress markers"));
     }
 }

@@ -129,7 +129,7 @@ pub async fn run(
                 config::Delivery::ExactlyOnce { store_dir } => {
                     Some(store_dir.display().to_string())
                 }
-                config::Delivery::AtLeastOnce => None,
+                config::Delivery::AtLeastOnce | config::Delivery::Partitioned => None,
             };
             let name = &pipeline.config().name;
             std::sync::Arc::new(weir_admin::Watched::new(

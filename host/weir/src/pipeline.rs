@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use weir_core::dead_letter::{DeadLetterHeaders, DeadLetterSchema};
+use weir_core::fence::{Fence, FenceSettings, MAX_BATCH_MESSAGES};
 use weir_core::pipeline::{Fatal, Settings};
 use weir_core::policy::{MAX_STORED_MESSAGE, OutputPolicy};
 use weir_core::status::PipelineStatus;
@@ -98,7 +99,7 @@ impl Pipeline {
             Delivery::ExactlyOnce { store_dir } => Some(Arc::new(
                 Store::open(store_dir, config.store_settings()).map_err(|e| fail(e.into()))?,
             )),
-            Delivery::AtLeastOnce => None,
+            Delivery::AtLeastOnce | Delivery::Partitioned => None,
         };
         status.starting("connecting to NATS");
         let broker = Broker::connect(&config.nats, &format!("weir-{}", config.name))
@@ -113,9 +114,23 @@ impl Pipeline {
         answered(deadline, || broker.ensure_input_stream(&config.input))
             .await
             .map_err(|e| fail(e.into()))?;
-        answered(deadline, || broker.ensure_output_streams(&config.output))
-            .await
-            .map_err(|e| fail(e.into()))?;
+        // A partitioned pipeline commits to its output stream: its name.
+        let ledger = match pipeline.delivery() {
+            Delivery::Partitioned => {
+                let markers = config.marker_subjects();
+                Some(
+                    answered(deadline, || broker.ensure_ledger(&config.output, &markers))
+                        .await
+                        .map_err(|e| fail(e.into()))?,
+                )
+            }
+            Delivery::ExactlyOnce { .. } | Delivery::AtLeastOnce => {
+                answered(deadline, || broker.ensure_output_streams(&config.output))
+                    .await
+                    .map_err(|e| fail(e.into()))?;
+                None
+            }
+        };
         // What the server and the streams accept, checked before publishing rather than
         // learnt from a refusal.
         let message_limit = async |subject: &str| -> Result<usize, Error> {
@@ -135,7 +150,7 @@ impl Pipeline {
             .map_err(|e| fail(e.into()))?;
         // What a previous weir on this consumer pulled and never finished is handed out
         // again at once, not after ack_wait: the store tells which of it is done.
-        if let Delivery::ExactlyOnce { .. } = pipeline.delivery() {
+        if let Delivery::ExactlyOnce { .. } | Delivery::Partitioned = pipeline.delivery() {
             match broker.redeliver_pending(&config.input).await {
                 Ok(0) => {}
                 Ok(held) => tracing::info!(
@@ -167,7 +182,12 @@ impl Pipeline {
             policy: OutputPolicy {
                 pipeline: config.name.clone(),
                 prefix: config.output.prefix.clone(),
-                max_outputs: config.limits.max_outputs,
+                // A partitioned pipeline commits an input's outputs with the marker, in one
+                // atomic batch.
+                max_outputs: match ledger {
+                    Some(_) => config.limits.max_outputs.min(MAX_BATCH_MESSAGES - 1),
+                    None => config.limits.max_outputs,
+                },
                 max_output_bytes: config.limits.max_output_bytes,
                 max_message_bytes: output_limit,
             },
@@ -177,10 +197,18 @@ impl Pipeline {
                 input_stream: config.input.stream.clone(),
                 max_message_bytes: dlq_limit,
             },
-            publisher: broker.publisher(),
+            publisher: match &ledger {
+                Some(stream) => broker.ledger(stream),
+                None => broker.publisher(),
+            },
             runtime: plugin,
             store: store.clone(),
-            fence: None,
+            fence: ledger.map(|_| {
+                Fence::new(FenceSettings {
+                    marker_subject: config.marker_subject(0),
+                    owner: owner(),
+                })
+            }),
             probe: FaultProbe,
             metrics: watched.metrics.clone(),
             status: watched.status.clone(),
@@ -218,6 +246,18 @@ impl Pipeline {
             Fatal::TakenOver(message) => Error::TakenOver { pipeline, message },
         })
     }
+}
+
+/// This run of this host, as its progress markers name it: the host's name, the process and
+/// when it started, so that no two runs, here or elsewhere, share it.
+fn owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_default();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
+    format!("{host}/{}/{started:x}", std::process::id())
 }
 
 impl Poller {

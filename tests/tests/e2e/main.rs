@@ -16,6 +16,7 @@ mod hostile;
 mod isolation;
 mod kv_lease;
 mod matrix;
+mod partitioned;
 mod pipeline;
 mod poison;
 mod props;
