@@ -394,7 +394,6 @@ impl Broker {
     ) -> Result<String, BrokerError> {
         let outputs = format!("{}.>", output.prefix);
         let probe = format!("{}.probe", output.prefix);
-        let marker_probe = markers.replace('>', "0");
         let name = match (self.stream_storing(&probe).await?, &output.stream) {
             (Some(name), _) => name,
             (None, Some(name)) => {
@@ -419,8 +418,35 @@ impl Broker {
                 });
             }
         };
+        self.check_ledger(&name, output, markers).await?;
+        Ok(name)
+    }
+
+    /// The stream that stores a partitioned pipeline's outputs, if one does, checked as
+    /// [`Broker::ensure_ledger`] checks it, changing nothing (for `weir check`).
+    pub async fn existing_ledger(
+        &self,
+        output: &OutputConfig,
+        markers: &str,
+    ) -> Result<Option<String>, BrokerError> {
+        let probe = format!("{}.probe", output.prefix);
+        let Some(name) = self.stream_storing(&probe).await? else {
+            return Ok(None);
+        };
+        self.check_ledger(&name, output, markers).await?;
+        Ok(Some(name))
+    }
+
+    /// Whether stream `name` can hold a partitioned pipeline's commits.
+    async fn check_ledger(
+        &self,
+        name: &str,
+        output: &OutputConfig,
+        markers: &str,
+    ) -> Result<(), BrokerError> {
+        let marker_probe = markers.replace('>', "0");
         let not_a_ledger = |reason: String| BrokerError::NotALedger {
-            stream: name.clone(),
+            stream: name.to_owned(),
             reason,
         };
         for (subject, filter, what) in [
@@ -448,7 +474,7 @@ impl Broker {
             }
         }
         let mut stream =
-            self.jetstream.get_stream(&name).await.map_err(|e| {
+            self.jetstream.get_stream(name).await.map_err(|e| {
                 BrokerError::jetstream(format!("cannot look up stream {name:?}"), e)
             })?;
         let info = stream
@@ -462,7 +488,7 @@ impl Broker {
                     .into(),
             ));
         }
-        Ok(name)
+        Ok(())
     }
 
     /// Creates (or finds and checks) the durable pull consumer. Pulling starts with the

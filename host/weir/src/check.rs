@@ -143,6 +143,32 @@ async fn check_pipeline(
         },
     );
     let output = &pipeline.output;
+    if pipeline.partitions.is_some() {
+        found(
+            "ledger",
+            match broker
+                .existing_ledger(output, &pipeline.marker_subjects())
+                .await
+            {
+                Ok(Some(stream)) => Ok(format!(
+                    "{stream:?} stores the outputs, dead letters and progress markers, and allows atomic publish"
+                )),
+                Ok(None) => match &output.stream {
+                    Some(stream) => Ok(format!(
+                        "nothing stores {:?} yet; weir will create stream {stream:?} for the outputs, dead letters and progress markers",
+                        output.prefix
+                    )),
+                    None => Err(format!(
+                        "no stream stores {:?}: set output.stream to have weir create one, or create one that also stores {:?} and {:?} with allow_atomic_publish",
+                        output.prefix,
+                        output.dlq_subject,
+                        pipeline.marker_subjects()
+                    )),
+                },
+                Err(error) => Err(error.to_string()),
+            },
+        );
+    }
     let probe = format!("{}.probe", output.prefix);
     for (item, subject, shown, stream, key) in [
         (
@@ -160,6 +186,10 @@ async fn check_pipeline(
             "output.dlq_stream",
         ),
     ] {
+        // A partitioned pipeline's streams are the ledger, checked above.
+        if pipeline.partitions.is_some() {
+            break;
+        }
         found(
             item,
             match (broker.stream_storing(subject).await, stream) {

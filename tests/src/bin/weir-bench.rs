@@ -17,6 +17,11 @@
 //!   of a `weir run`, once alone and once beside a pipeline whose plugin burns all its fuel
 //!   on every input; prints both drain times and their ratio (each pipeline's share of
 //!   `sandbox.threads` is what keeps it near 1).
+//! - `weir-bench fenced [COUNT] [--sync-always] [--rounds N]`: COUNT messages (default
+//!   100 000) through `weir run` exactly-once with its local store (l) and partitioned with
+//!   `partitions = 1`, whose commits are atomic batches with a progress marker on the output
+//!   stream and no local store (f), alternating for N rounds; then latency at 2 000 msgs/s of
+//!   each.
 //! - `weir-bench store [COUNT]`: COUNT committed ids (default 10 000 000) in a dedup store,
 //!   then the cost of looking ids up, and resident memory along the way.
 
@@ -57,13 +62,14 @@ async fn main() {
         "fairness" => fairness(count(2_000)).await,
         "observability" => observability(count(100_000), rounds).await,
         "state" => state(count(50_000), rounds).await,
+        "fenced" => fenced(count(100_000), sync_always, rounds).await,
         // Plugin calls block: off the async workers, as in the pipeline.
         "sandbox" => tokio::task::spawn_blocking(sandbox_overhead)
             .await
             .expect("the sandbox benchmark"),
         other => {
             eprintln!(
-                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox, fairness, observability, state"
+                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox, fairness, observability, state, fenced"
             );
             std::process::exit(2);
         }
@@ -287,7 +293,7 @@ async fn throughput(count: usize, sync_always: bool, rounds: usize) {
     );
     println!("      {}", storm.cpu);
 
-    latency(&server, &js).await;
+    latency(&js, &WeirRun::new(&server, "L", "hostile"), "(b)").await;
     tokio::task::spawn_blocking(sandbox_overhead)
         .await
         .expect("the sandbox benchmark");
@@ -374,6 +380,52 @@ async fn observability(count: usize, rounds: usize) {
 /// 1 000 accounts. The runs alternate for a few rounds and the medians are the figures;
 /// the store's growth per key is the stateful store's size on disk less the stateless
 /// one's, per account.
+/// What the fenced commit costs against the local one: the same identity workload through
+/// an exactly-once pipeline with its RocksDB store (l) and a partitioned one (f).
+async fn fenced(count: usize, sync_always: bool, rounds: usize) {
+    let server = NatsServer::start_with_sync(sync_always);
+    let js = server.jetstream().await;
+    println!(
+        "{count} messages per run, one output each, nats-server {}",
+        if sync_always {
+            "sync_interval: always"
+        } else {
+            "default sync"
+        }
+    );
+    let payloads = identity_payloads(count);
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let (l_tag, f_tag) = (format!("FL{round}"), format!("FF{round}"));
+        let local = WeirRun::new(&server, &l_tag, "hostile");
+        let l = local.process(&js, &payloads, count, "weir").await;
+        let mut fenced = WeirRun::new(&server, &f_tag, "hostile");
+        fenced.partitioned = true;
+        let f = fenced.process(&js, &payloads, count, "weir").await;
+        println!("  round {round} of {rounds}");
+        println!(
+            "    (l) local commit (RocksDB)   {:>9.0} msgs/s              {}",
+            l.rate, l.cpu
+        );
+        println!(
+            "    (f) fenced commit, 1 part.   {:>9.0} msgs/s  f/l = {:.3}  {}",
+            f.rate,
+            f.rate / l.rate,
+            f.cpu
+        );
+        ratios.push(f.rate / l.rate);
+    }
+    println!(
+        "  median f/l = {:.3} (the fenced commit's throughput against the local one)",
+        median(&mut ratios)
+    );
+    let local = WeirRun::new(&server, "LL", "hostile");
+    latency(&js, &local, "(l) local commit").await;
+    let mut fenced = WeirRun::new(&server, "LF", "hostile");
+    fenced.partitioned = true;
+    latency(&js, &fenced, "(f) fenced commit").await;
+}
+
 async fn state(count: usize, rounds: usize) {
     const ACCOUNTS: usize = 1000;
     let server = NatsServer::start_with_sync(false);
@@ -518,6 +570,8 @@ struct WeirRun<'a> {
     /// give the pipeline `[pipeline.state] key = "subject-token:2"` (the account).
     accounts: Option<usize>,
     stateful: bool,
+    /// Run partitioned (`partitions = 1`): fenced commits on the output stream, no store.
+    partitioned: bool,
 }
 
 impl<'a> WeirRun<'a> {
@@ -532,6 +586,7 @@ impl<'a> WeirRun<'a> {
             trace_header: None,
             accounts: None,
             stateful: false,
+            partitioned: false,
         }
     }
 
@@ -542,7 +597,13 @@ impl<'a> WeirRun<'a> {
         let (stream, subject) = (format!("IN{tag}"), format!("in{tag}.>"));
         let (prefix, output_stream) = (format!("out{tag}"), format!("OUT{tag}"));
         let (dlq, dlq_stream) = (format!("dlq{tag}"), format!("DLQ{tag}"));
+        // Partitioned runs on one server need marker subjects of their own.
+        let name = match self.partitioned {
+            true => format!("orders{tag}"),
+            false => "orders".to_owned(),
+        };
         let text = PipelineToml {
+            name: &name,
             stream: &stream,
             subject: &subject,
             consumer,
@@ -550,6 +611,7 @@ impl<'a> WeirRun<'a> {
             output_stream: &output_stream,
             dlq_subject: &dlq,
             dlq_stream: &dlq_stream,
+            partitions: self.partitioned.then_some(1),
             ..PipelineToml::orders(&url, &self.plugin, &store_dir)
         }
         .render()
@@ -786,19 +848,24 @@ fn stop(weir: &mut Child) {
 }
 
 /// End-to-end latency (input stored → output stored, both by the server's clock) with
-/// inputs published at a steady 2 000/s for 5 s.
-async fn latency(server: &NatsServer, js: &jetstream::Context) {
-    let run = WeirRun::new(server, "L", "hostile");
+/// inputs published at a steady 2 000/s for 5 s through `run`, labelled `label`.
+async fn latency(js: &jetstream::Context, run: &WeirRun<'_>, label: &str) {
+    let tag = run.tag;
+    let (input, subject, output) = (
+        format!("IN{tag}"),
+        format!("in{tag}.x"),
+        format!("OUT{tag}"),
+    );
     js.create_stream(jetstream::stream::Config {
-        name: "INL".into(),
-        subjects: vec!["inL.>".into()],
+        name: input.clone(),
+        subjects: vec![format!("in{tag}.>")],
         ..Default::default()
     })
     .await
     .expect("create the input stream");
     let mut weir = run.start("weir");
     wait_for("weir to be ready", Duration::from_secs(60), || async {
-        match js.get_stream("INL").await {
+        match js.get_stream(&input).await {
             Ok(stream) => stream.consumer_info("weir").await.is_ok(),
             Err(_) => false,
         }
@@ -809,15 +876,24 @@ async fn latency(server: &NatsServer, js: &jetstream::Context) {
     let mut tick = tokio::time::interval(pace);
     for chunk in payloads.chunks(100) {
         tick.tick().await;
-        publish_all(js, "inL.x", chunk).await;
+        publish_all(js, &subject, chunk).await;
     }
+    // A partitioned pipeline's output stream also holds its progress markers.
+    let outputs = || async {
+        let prefix = format!("out{tag}.");
+        let stored = read_stream(js, &output).await;
+        stored
+            .into_iter()
+            .filter(|message| message.subject.starts_with(&prefix))
+            .collect::<Vec<_>>()
+    };
     wait_for("every output", Duration::from_secs(120), || async {
-        stream_len(js, "OUTL").await >= payloads.len() as u64
+        outputs().await.len() >= payloads.len()
     })
     .await;
     stop(&mut weir);
-    let inputs = read_stream(js, "INL").await;
-    let mut latencies: Vec<i128> = read_stream(js, "OUTL")
+    let inputs = read_stream(js, &input).await;
+    let mut latencies: Vec<i128> = outputs()
         .await
         .iter()
         .map(|output| {
@@ -834,7 +910,7 @@ async fn latency(server: &NatsServer, js: &jetstream::Context) {
     latencies.sort_unstable();
     let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize] as f64 / 1e6;
     println!(
-        "  latency at 2 000 msgs/s (b)    p50 {:.1} ms  p99 {:.1} ms",
+        "  latency at 2 000 msgs/s {label:<20} p50 {:.1} ms  p99 {:.1} ms",
         percentile(0.5),
         percentile(0.99)
     );

@@ -572,3 +572,61 @@ async fn an_admin_port_in_use_is_refused_by_run_and_check_alike() {
         "{report}"
     );
 }
+
+/// A partitioned pipeline's output stream must hold its outputs, dead letters and progress
+/// markers together and allow atomic publish: `weir run` refuses one that does not, saying
+/// what to change, and `weir check` says the same, before anything is consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_pipeline_refuses_an_output_stream_that_cannot_hold_its_commits() {
+    use async_nats::jetstream::stream::Config;
+    let server = NatsServer::start();
+    let js = server.jetstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = PipelineToml {
+        partitions: Some(1),
+        ..PipelineToml::orders(&server.url(), &plugin("orders"), &dir.path().join("store"))
+    }
+    .write(dir.path(), "weir.toml");
+    create_orders_stream(&js, None).await;
+    publish_all(&js, "orders.in.new", &order_workload(5, 0)).await;
+    let mut output = Config {
+        name: "ORDERS_OUT".into(),
+        subjects: vec!["orders.out.>".into(), "orders.dlq".into()],
+        ..Default::default()
+    };
+    js.create_stream(output.clone()).await.unwrap();
+
+    for (missing, advice) in [
+        ("markers", "add \"_weir.progress.orders.>\" to its subjects"),
+        ("atomic publish", "set allow_atomic_publish"),
+    ] {
+        let (code, message) = failure(&weir_run(&config));
+        assert_eq!(code, 1, "{missing}: {message}");
+        assert!(
+            message.contains("cannot hold a partitioned pipeline's commits"),
+            "{message}"
+        );
+        assert!(message.contains(advice), "{missing}: {message}");
+        let report = weir_check(&config);
+        let stdout = String::from_utf8_lossy(&report.stdout);
+        assert!(
+            !report.status.success() && stdout.contains(advice),
+            "{stdout}"
+        );
+        output.subjects.push("_weir.progress.orders.>".into());
+        output.subjects.dedup();
+        js.update_stream(output.clone()).await.unwrap();
+    }
+    assert!(
+        !drained(&js, "ORDERS", "weir").await,
+        "nothing was consumed"
+    );
+
+    // Fixed, it runs, and the check says so.
+    output.allow_atomic_publish = true;
+    js.update_stream(output).await.unwrap();
+    let report = weir_check(&config);
+    let stdout = String::from_utf8_lossy(&report.stdout);
+    assert!(report.status.success(), "{stdout}");
+    assert!(stdout.contains("allows atomic publish"), "{stdout}");
+}
