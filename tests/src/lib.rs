@@ -1084,6 +1084,28 @@ pub async fn check_orders_in(
     verdict
 }
 
+/// Every progress marker of a partitioned pipeline on `subject` of `stream`, in order: the
+/// owner and commit number of each (read as JSON, not through weir's code).
+pub async fn progress_markers(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> Vec<(String, u64)> {
+    read_stream(js, stream)
+        .await
+        .into_iter()
+        .filter(|message| message.subject == subject)
+        .map(|marker| {
+            let progress: serde_json::Value =
+                serde_json::from_slice(&marker.payload).expect("a marker is JSON");
+            (
+                progress["owner"].as_str().expect("an owner").to_owned(),
+                progress["commit"].as_u64().expect("a commit number"),
+            )
+        })
+        .collect()
+}
+
 /// Asserts that every output of the orders workload is stored exactly once, nothing is
 /// missing or extra, and the DLQ holds exactly the malformed inputs, each once.
 pub async fn verify_orders_exactly_once(js: &jetstream::Context, payloads: &[Vec<u8>]) {

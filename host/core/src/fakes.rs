@@ -12,8 +12,8 @@ use bytes::Bytes;
 use crate::input::Input;
 use crate::plugin::{Call, CallCost, CallResult, FailureKind, Outcome, PluginOutput};
 use crate::ports::{
-    CommitError, Committed, DedupStore, Delivery, Fault, Ledger, PluginRuntime, Point, Probe,
-    PublishError, Publisher, RunError, Source, StoredMarker,
+    CommitError, Committed, DedupStore, Delivery, Fault, LeaseError, LeaseState, Leases, Ledger,
+    PluginRuntime, Point, Probe, PublishError, Publisher, RunError, Source, StoredMarker,
 };
 use crate::record::{DoneRecord, Lineage, OutboundMessage};
 use crate::state::{KeyState, StateChanges, StateView};
@@ -760,5 +760,141 @@ impl Probe for PauseProbe {
             self.paused.notify_one();
             self.release.notified().await;
         }
+    }
+}
+
+/// Partition leases kept in memory, on tokio's clock: a lease unrenewed for its TTL expires,
+/// and its key's revision moves, as the server's expiry marker moves it.
+#[derive(Default)]
+pub struct FakeLeases {
+    state: Mutex<LeasesState>,
+}
+
+#[derive(Default)]
+struct LeasesState {
+    keys: BTreeMap<String, FakeLease>,
+    last_revision: u64,
+    /// Holders cut off from the server: their reads and writes fail.
+    cut_off: HashSet<String>,
+    /// The next this many writes go through, and their answer is lost.
+    losing_answers: usize,
+}
+
+struct FakeLease {
+    holder: Option<String>,
+    revision: u64,
+    expires_at: tokio::time::Instant,
+}
+
+impl FakeLeases {
+    pub fn new() -> Arc<FakeLeases> {
+        Arc::default()
+    }
+
+    /// Cuts `holder` off from the server (`true`), or lets it through again.
+    pub fn cut_off(&self, holder: &str, cut: bool) {
+        let mut state = lock(&self.state);
+        match cut {
+            true => state.cut_off.insert(holder.to_owned()),
+            false => state.cut_off.remove(holder),
+        };
+    }
+
+    pub fn lose_write_answers(&self, count: usize) {
+        lock(&self.state).losing_answers = count;
+    }
+
+    /// Who holds `key` now.
+    pub fn holder(&self, key: &str) -> Option<String> {
+        let mut state = lock(&self.state);
+        current(&mut state, key).holder
+    }
+}
+
+/// `key` as the server has it now: an expired lease is gone, its revision moved.
+fn current(state: &mut LeasesState, key: &str) -> LeaseState {
+    let now = tokio::time::Instant::now();
+    let mut expired = false;
+    if let Some(lease) = state.keys.get(key)
+        && lease.holder.is_some()
+        && lease.expires_at <= now
+    {
+        expired = true;
+    }
+    if expired {
+        state.last_revision += 1;
+        let revision = state.last_revision;
+        let lease = state.keys.get_mut(key).expect("just seen");
+        lease.holder = None;
+        lease.revision = revision;
+    }
+    state.keys.get(key).map_or(
+        LeaseState {
+            holder: None,
+            revision: 0,
+        },
+        |lease| LeaseState {
+            holder: lease.holder.clone(),
+            revision: lease.revision,
+        },
+    )
+}
+
+impl Leases for FakeLeases {
+    async fn read(&self, key: &str) -> Result<LeaseState, LeaseError> {
+        let mut state = lock(&self.state);
+        Ok(current(&mut state, key))
+    }
+
+    async fn write(
+        &self,
+        key: &str,
+        holder: &str,
+        revision: u64,
+        ttl: std::time::Duration,
+    ) -> Result<u64, LeaseError> {
+        let mut state = lock(&self.state);
+        if state.cut_off.contains(holder) {
+            return Err(LeaseError::Failed("no responders".into()));
+        }
+        let now = current(&mut state, key);
+        if now.revision != revision {
+            return Err(LeaseError::Moved(format!(
+                "wrong last sequence: {}",
+                now.revision
+            )));
+        }
+        state.last_revision += 1;
+        let written = state.last_revision;
+        state.keys.insert(
+            key.to_owned(),
+            FakeLease {
+                holder: Some(holder.to_owned()),
+                revision: written,
+                expires_at: tokio::time::Instant::now() + ttl,
+            },
+        );
+        if state.losing_answers > 0 {
+            state.losing_answers -= 1;
+            return Err(LeaseError::Failed("timed out".into()));
+        }
+        Ok(written)
+    }
+
+    async fn release(&self, key: &str, revision: u64) -> Result<(), LeaseError> {
+        let mut state = lock(&self.state);
+        let now = current(&mut state, key);
+        if now.revision != revision {
+            return Err(LeaseError::Moved(format!(
+                "wrong last sequence: {}",
+                now.revision
+            )));
+        }
+        state.last_revision += 1;
+        let released = state.last_revision;
+        let lease = state.keys.get_mut(key).expect("a lease of that revision");
+        lease.holder = None;
+        lease.revision = released;
+        Ok(())
     }
 }

@@ -21,10 +21,10 @@ use crate::ports::{NoProbe, Point, Probe};
 
 const MARKERS: &str = "_weir.progress.p.0";
 
-type Fenced<Pr> = Pipeline<FakeStore, FakePublisher, Arc<FakeRuntime>, Pr>;
+pub(crate) type Fenced<Pr> = Pipeline<FakeStore, FakePublisher, Arc<FakeRuntime>, Pr>;
 
 /// A partitioned pipeline run by `owner`, with no store.
-fn fenced<Pr: Probe>(
+pub(crate) fn fenced<Pr: Probe>(
     world: &Arc<World>,
     runtime: &Arc<FakeRuntime>,
     probe: Pr,

@@ -23,6 +23,9 @@ pub mod fence;
 mod fence_tests;
 pub mod headers;
 pub mod input;
+pub mod lease;
+#[cfg(test)]
+mod lease_tests;
 pub mod metrics;
 pub mod pipeline;
 #[cfg(test)]

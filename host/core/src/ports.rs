@@ -126,6 +126,46 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64, CommitError>> + Send;
 }
 
+/// A partition's lease as the server keeps it ([`crate::lease`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseState {
+    /// The run that holds it; `None` when none does (never taken, released, expired).
+    pub holder: Option<String>,
+    /// The key's last revision (0: never written), which a take or a renewal names.
+    pub revision: u64,
+}
+
+/// Why a lease was not written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// The key's last revision is not the one named: another write came first.
+    #[error("the lease was written meanwhile: {0}")]
+    Moved(String),
+    /// Anything else (the server away, a timeout): the write may have gone through.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Where partition leases live: keys with a TTL, written by compare-and-set.
+pub trait Leases: Send + Sync + 'static {
+    fn read(&self, key: &str) -> impl Future<Output = Result<LeaseState, LeaseError>> + Send;
+    /// Writes `holder` to `key` with a fresh `ttl`, only if the key's last revision is still
+    /// `revision`. Returns the new revision.
+    fn write(
+        &self,
+        key: &str,
+        holder: &str,
+        revision: u64,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<u64, LeaseError>> + Send;
+    /// Deletes the lease, only if its last revision is still `revision`.
+    fn release(
+        &self,
+        key: &str,
+        revision: u64,
+    ) -> impl Future<Output = Result<(), LeaseError>> + Send;
+}
+
 /// A committed input: its record, and what of it the server has not acknowledged yet (its
 /// outbox entry; `None` once everything is).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,6 +16,8 @@ pub enum Phase {
     /// A partitioned pipeline reading its partition's progress and fencing off the
     /// partition's previous owner.
     TakingOver,
+    /// A partitioned pipeline waiting for its partition's lease, which another run holds.
+    Standby,
     /// Consuming.
     Running,
     /// Stopped: shut down, or failed.
@@ -28,6 +30,7 @@ impl Phase {
             Phase::Starting => "starting",
             Phase::Replaying => "replaying",
             Phase::TakingOver => "taking-over",
+            Phase::Standby => "standby",
             Phase::Running => "running",
             Phase::Stopped => "stopped",
         }
@@ -85,7 +88,8 @@ impl StatusSnapshot {
                 return Some("taking the partition over from its last owner".into());
             }
             Phase::Stopped => return Some(format!("stopped: {}", self.detail)),
-            Phase::Running => {}
+            // Standing by is what it is there to do: a rollout must not wait on it.
+            Phase::Standby | Phase::Running => {}
         }
         if !self.connected {
             return Some("server gone: reconnecting".into());
@@ -113,6 +117,17 @@ impl PipelineStatus {
         let mut state = self.state();
         state.phase = phase;
         state.detail.clear();
+    }
+
+    /// Standing by while `holder` holds the partition's lease (`None`: it is free, and
+    /// about to be taken).
+    pub fn standing_by(&self, holder: Option<&str>) {
+        let mut state = self.state();
+        state.phase = Phase::Standby;
+        state.detail = match holder {
+            Some(holder) => format!("the partition's lease is held by {holder}"),
+            None => "the partition's lease is free".into(),
+        };
     }
 
     /// Stopped, for `why` ("shut down", or the error).

@@ -91,6 +91,7 @@ impl BrokerError {
 }
 
 /// A connection to the server and its JetStream context.
+#[derive(Clone)]
 pub struct Broker {
     client: async_nats::Client,
     jetstream: jetstream::Context,
@@ -248,6 +249,14 @@ impl Broker {
             .connects
             .load(std::sync::atomic::Ordering::Relaxed);
         (connected, connects.saturating_sub(1))
+    }
+
+    /// How many replicas stream `name` has (1 when it does not exist).
+    pub async fn stream_replicas(&self, name: &str) -> Result<usize, BrokerError> {
+        Ok(match self.find_stream(name).await? {
+            Some(stream) => stream.cached_info().config.num_replicas.max(1),
+            None => 1,
+        })
     }
 
     /// What the durable consumer's own info says of its backlog, if it answers.
@@ -1370,6 +1379,122 @@ impl ports::Publisher for Publisher {
                 })
             })
             .collect()
+    }
+}
+
+/// The KV bucket of every partitioned pipeline's partition leases.
+pub const LEASE_BUCKET: &str = "weir-leases";
+
+/// How long the server keeps the marker of an expired or deleted lease: the key's revision
+/// that the next take names (after it, the key has no revision, and a take names 0).
+const LEASE_MARKER_TTL: Duration = Duration::from_secs(60);
+
+/// Partition leases in a KV bucket with per-message TTLs: a take or a renewal is a publish
+/// with `Nats-TTL` and `Nats-Expected-Last-Subject-Sequence` (async-nats's `update` takes no
+/// TTL, and its `create_with_ttl` drops the TTL on a key whose lease expired). The learning
+/// tests in `tests/tests/e2e/kv_lease.rs` check on a real cluster what this relies on.
+#[derive(Clone)]
+pub struct LeaseStore {
+    jetstream: jetstream::Context,
+    store: jetstream::kv::Store,
+}
+
+impl Broker {
+    /// The bucket of partition leases, created when missing with `replicas` replicas.
+    pub async fn leases(&self, replicas: usize) -> Result<LeaseStore, BrokerError> {
+        let cannot = |e: &dyn std::fmt::Display| BrokerError::JetStream {
+            action: format!("cannot open the lease bucket {LEASE_BUCKET:?}"),
+            source: e.to_string().into(),
+        };
+        let store = match self.jetstream.get_key_value(LEASE_BUCKET).await {
+            Ok(store) => store,
+            Err(_) => {
+                let created = self
+                    .jetstream
+                    .create_key_value(jetstream::kv::Config {
+                        bucket: LEASE_BUCKET.into(),
+                        history: 1,
+                        num_replicas: replicas,
+                        limit_markers: Some(LEASE_MARKER_TTL),
+                        ..Default::default()
+                    })
+                    .await;
+                match created {
+                    Ok(store) => store,
+                    // Another host created it meanwhile.
+                    Err(error) => self
+                        .jetstream
+                        .get_key_value(LEASE_BUCKET)
+                        .await
+                        .map_err(|_| cannot(&error))?,
+                }
+            }
+        };
+        Ok(LeaseStore {
+            jetstream: self.jetstream.clone(),
+            store,
+        })
+    }
+}
+
+impl ports::Leases for LeaseStore {
+    async fn read(&self, key: &str) -> Result<ports::LeaseState, ports::LeaseError> {
+        use jetstream::kv::Operation;
+        let entry =
+            self.store.entry(key).await.map_err(|e| {
+                ports::LeaseError::Failed(format!("cannot read lease {key:?}: {e}"))
+            })?;
+        Ok(match entry {
+            Some(entry) if entry.operation == Operation::Put => ports::LeaseState {
+                holder: Some(String::from_utf8_lossy(&entry.value).into_owned()),
+                revision: entry.revision,
+            },
+            Some(marker) => ports::LeaseState {
+                holder: None,
+                revision: marker.revision,
+            },
+            None => ports::LeaseState {
+                holder: None,
+                revision: 0,
+            },
+        })
+    }
+
+    async fn write(
+        &self,
+        key: &str,
+        holder: &str,
+        revision: u64,
+        ttl: Duration,
+    ) -> Result<u64, ports::LeaseError> {
+        let publish = PublishMessage::build()
+            .expected_last_subject_sequence(revision)
+            .ttl(ttl)
+            .payload(Bytes::copy_from_slice(holder.as_bytes()));
+        let answer = match self
+            .jetstream
+            .send_publish(format!("$KV.{LEASE_BUCKET}.{key}"), publish)
+            .await
+        {
+            Ok(ack) => ack.await,
+            Err(error) => Err(error),
+        };
+        answer.map(|ack| ack.sequence).map_err(|error| {
+            let reason = format!("writing lease {key:?}: {error}");
+            match error.kind() {
+                jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    ports::LeaseError::Moved(reason)
+                }
+                _ => ports::LeaseError::Failed(reason),
+            }
+        })
+    }
+
+    async fn release(&self, key: &str, revision: u64) -> Result<(), ports::LeaseError> {
+        self.store
+            .delete_expect_revision(key, Some(revision))
+            .await
+            .map_err(|e| ports::LeaseError::Failed(format!("releasing lease {key:?}: {e}")))
     }
 }
 

@@ -82,6 +82,15 @@ pub struct PipelineConfig {
     /// stopped. The output stream must also store the dead letters and the markers, and
     /// allow atomic publish. Only 1 for now.
     pub partitions: Option<u32>,
+    /// A partitioned pipeline's lease on its partition: held by one host at a time, renewed
+    /// every third of this many seconds; a standby takes the partition over when its holder
+    /// stops (at once) or dies (within this). By default 10.
+    #[serde(default = "default_lease_ttl_secs")]
+    pub lease_ttl_secs: u64,
+}
+
+fn default_lease_ttl_secs() -> u64 {
+    10
 }
 
 fn default_store_cache_mb() -> u64 {
@@ -498,6 +507,7 @@ impl PipelineConfig {
             ("nats.connect_timeout_ms", nats.connect_timeout_ms),
             ("nats.ping_interval_ms", nats.ping_interval_ms),
             ("store_cache_mb", self.store_cache_mb),
+            ("lease_ttl_secs", self.lease_ttl_secs),
         ] {
             if value == 0 {
                 problems.push(format!("{key} must be greater than 0"));
@@ -563,6 +573,11 @@ impl PipelineConfig {
     /// What every marker subject of this pipeline starts with.
     fn marker_subjects_prefix(&self) -> String {
         format!("_weir.progress.{}", self.name)
+    }
+
+    /// The key of a partition's lease.
+    pub fn lease_key(&self, partition: u32) -> String {
+        format!("{}.{partition}", self.name)
     }
 
     /// The subjects of every partition's markers, as a stream's subject filter.

@@ -17,15 +17,49 @@ use crate::config::{Delivery, ValidPipeline};
 use crate::fault::FaultProbe;
 use crate::{Error, StartError};
 use weir_admin::{PluginIdentity, RECENT_DEAD_LETTERS, RecentDeadLetter, Watched};
-use weir_nats::{Broker, InputConfig, MessageSource, Publisher, StreamMark};
+use weir_core::lease::LeaseSettings;
+use weir_nats::{
+    BatchConfig, Broker, InputConfig, LeaseStore, MessageSource, Publisher, StreamMark,
+};
 use weir_sandbox::{Plugin, Sandbox};
 use weir_store::Store;
 
 /// A pipeline whose plugin, store, streams and consumer are all in place.
 pub struct Pipeline {
     path: weir_core::pipeline::Pipeline<Store, Publisher, Plugin, FaultProbe>,
-    source: MessageSource,
+    /// Where it consumes from: now, or (partitioned) whenever it holds its partition.
+    source: Consuming,
     poller: Poller,
+}
+
+/// Boxed: a source is large, and the pipeline holds one or the other until it runs.
+enum Consuming {
+    Now(Box<MessageSource>),
+    WhenLeased(Box<Partition>),
+}
+
+/// What a partitioned pipeline needs to consume its partition whenever it holds its lease.
+struct Partition {
+    leases: LeaseStore,
+    lease: LeaseSettings,
+    broker: Broker,
+    input: InputConfig,
+    batch: BatchConfig,
+}
+
+impl Partition {
+    /// The partition's source, for a run that has just taken its lease: what the last
+    /// holder pulled and never acked is handed out again at once, not after ack_wait.
+    async fn consume(&self) -> Result<MessageSource, weir_nats::BrokerError> {
+        match self.broker.redeliver_pending(&self.input).await {
+            Ok(0) => {}
+            Ok(held) => tracing::info!(held, "inputs the last holder held are redelivered now"),
+            Err(error) => {
+                tracing::warn!(%error, "inputs the last holder held wait out input.ack_wait_ms")
+            }
+        }
+        self.broker.consume(&self.input, &self.batch).await
+    }
 }
 
 /// How often the connection's state, and the consumer's and store's sizes, are read into
@@ -149,8 +183,9 @@ impl Pipeline {
             .await
             .map_err(|e| fail(e.into()))?;
         // What a previous weir on this consumer pulled and never finished is handed out
-        // again at once, not after ack_wait: the store tells which of it is done.
-        if let Delivery::ExactlyOnce { .. } | Delivery::Partitioned = pipeline.delivery() {
+        // again at once, not after ack_wait: the store tells which of it is done. (A
+        // partitioned pipeline does this when it takes its partition's lease.)
+        if let Delivery::ExactlyOnce { .. } = pipeline.delivery() {
             match broker.redeliver_pending(&config.input).await {
                 Ok(0) => {}
                 Ok(held) => tracing::info!(
@@ -170,6 +205,8 @@ impl Pipeline {
             stream = %config.input.stream,
             "pipeline ready"
         );
+        // This run, as its markers and its lease name it.
+        let owner = owner();
         let path = weir_core::pipeline::Pipeline {
             settings: Settings {
                 name: config.name.clone(),
@@ -203,15 +240,37 @@ impl Pipeline {
             },
             runtime: plugin,
             store: store.clone(),
-            fence: ledger.map(|_| {
+            fence: ledger.as_ref().map(|_| {
                 Fence::new(FenceSettings {
                     marker_subject: config.marker_subject(0),
-                    owner: owner(),
+                    owner: owner.clone(),
                 })
             }),
             probe: FaultProbe,
             metrics: watched.metrics.clone(),
             status: watched.status.clone(),
+        };
+        let source = match ledger {
+            None => Consuming::Now(Box::new(source)),
+            Some(_) => {
+                let replicas = answered(deadline, || broker.stream_replicas(&config.input.stream))
+                    .await
+                    .map_err(|e| fail(e.into()))?;
+                let leases = answered(deadline, || broker.leases(replicas))
+                    .await
+                    .map_err(|e| fail(e.into()))?;
+                Consuming::WhenLeased(Box::new(Partition {
+                    leases,
+                    lease: LeaseSettings {
+                        key: config.lease_key(0),
+                        holder: owner,
+                        ttl: Duration::from_secs(config.lease_ttl_secs),
+                    },
+                    broker: broker.clone(),
+                    input: config.input.clone(),
+                    batch: config.batch.clone(),
+                }))
+            }
         };
         let poller = Poller {
             broker,
@@ -235,8 +294,24 @@ impl Pipeline {
     /// an error only for a fault that retrying cannot heal (a corrupt store, a host bug).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let pipeline = self.path.settings.name.clone();
+        let running = async {
+            match self.source {
+                Consuming::Now(source) => self.path.run(*source, shutdown).await,
+                Consuming::WhenLeased(partition) => {
+                    let consume = || partition.consume();
+                    weir_core::lease::run_partition(
+                        &self.path,
+                        &partition.leases,
+                        &partition.lease,
+                        consume,
+                        shutdown,
+                    )
+                    .await
+                }
+            }
+        };
         let ran = tokio::select! {
-            ran = self.path.run(self.source, shutdown) => ran,
+            ran = running => ran,
             never = self.poller.run() => match never {},
         };
         ran.map_err(|fatal| match fatal {

@@ -24,6 +24,7 @@ mod python;
 mod refusals;
 mod restart;
 mod scaffold;
+mod standby;
 mod startup;
 mod state;
 mod traces;

@@ -1,0 +1,230 @@
+//! Two runs of a partitioned pipeline, one holding the partition's lease and one standing
+//! by, against the fakes on tokio's paused clock: a holder that dies, stops cleanly, is cut
+//! off while paused, or loses a write's answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::fakes::{CrashProbe, FakeError, FakeLeases, FakeRuntime, FakeSource, PauseProbe, World};
+use crate::fence_tests::{Fenced, fenced};
+use crate::lease::{LeaseSettings, run_partition};
+use crate::pipeline_tests::{BATCH, WORKLOAD, assert_exactly_once};
+use crate::ports::{NoProbe, Point, Probe};
+use crate::status::Phase;
+
+const TTL: Duration = Duration::from_secs(6);
+const KEY: &str = "p.0";
+
+fn lease(holder: &str) -> LeaseSettings {
+    LeaseSettings {
+        key: KEY.into(),
+        holder: holder.into(),
+        ttl: TTL,
+    }
+}
+
+/// Runs `pipeline` as `holder` whenever it holds the lease, until `shutdown`.
+async fn run<Pr: Probe>(
+    pipeline: &Fenced<Pr>,
+    world: &Arc<World>,
+    leases: &FakeLeases,
+    holder: &str,
+    shutdown: &CancellationToken,
+) {
+    let consume = || async { Ok::<_, FakeError>(FakeSource::new(world, BATCH)) };
+    run_partition(pipeline, leases, &lease(holder), consume, shutdown.clone())
+        .await
+        .expect("no fatal error");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_standby_takes_over_within_a_ttl_of_the_holders_death() {
+    let (world, runtime, leases) = (
+        World::new(),
+        Arc::new(FakeRuntime::new()),
+        FakeLeases::new(),
+    );
+    world.publish_inputs(&WORKLOAD);
+    let probe = CrashProbe::new(Point::Committed, 2);
+    let crashed = probe.crashed.clone();
+    let a = fenced(&world, &runtime, probe, "a");
+    let b = fenced(&world, &runtime, NoProbe, "b");
+    let stop_b = CancellationToken::new();
+    let b_run = run(&b, &world, &leases, "b", &stop_b);
+    tokio::pin!(b_run);
+    let never = CancellationToken::new();
+    tokio::select! {
+        biased;
+        () = run(&a, &world, &leases, "a", &never) => panic!("a stopped"),
+        () = &mut b_run => panic!("b stopped"),
+        () = crashed.notified() => {}
+    }
+    assert_eq!(b.status.snapshot().phase, Phase::Standby, "b stood by");
+    let died = Instant::now();
+    let finish = async {
+        world.all_acked().await;
+        let took = died.elapsed();
+        stop_b.cancel();
+        took
+    };
+    let ((), took) = tokio::join!(b_run, finish);
+    // a's lease lapses a TTL after its last renewal, at most a third of a TTL before it died.
+    assert!(
+        took >= TTL * 2 / 3 && took <= TTL + TTL / 5,
+        "b finished {took:?} after a died"
+    );
+    assert_exactly_once(&world, &WORKLOAD);
+    assert_eq!(
+        leases.holder(KEY),
+        None,
+        "b released the lease on its way out"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_that_stops_cleanly_hands_over_at_once() {
+    let (world, runtime, leases) = (
+        World::new(),
+        Arc::new(FakeRuntime::new()),
+        FakeLeases::new(),
+    );
+    world.publish_inputs(&WORKLOAD);
+    let a = fenced(&world, &runtime, NoProbe, "a");
+    let b = fenced(&world, &runtime, NoProbe, "b");
+    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+    let handover = async {
+        world.acked_at_least(BATCH).await;
+        stop_a.cancel();
+        // a drains and releases; b takes over within one look.
+        let stopped = Instant::now();
+        world.all_acked().await;
+        let took = stopped.elapsed();
+        stop_b.cancel();
+        took
+    };
+    let ((), (), took) = tokio::join!(
+        run(&a, &world, &leases, "a", &stop_a),
+        run(&b, &world, &leases, "b", &stop_b),
+        handover
+    );
+    assert!(took < TTL / 5, "b finished {took:?} after a stopped");
+    assert_exactly_once(&world, &WORKLOAD);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_cut_off_while_paused_commits_nothing_after_a_standby_took_over() {
+    let (world, runtime, leases) = (
+        World::new(),
+        Arc::new(FakeRuntime::new()),
+        FakeLeases::new(),
+    );
+    world.publish_inputs(&WORKLOAD);
+    let probe = PauseProbe::new(Point::Executed, 2);
+    let (paused, release) = (probe.paused.clone(), probe.release.clone());
+    let a = fenced(&world, &runtime, probe, "a");
+    let b = fenced(&world, &runtime, NoProbe, "b");
+    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+    let scenario = async {
+        paused.notified().await;
+        // a stalls with a batch executed, and cannot reach the server's leases: it stops
+        // working on the partition a TTL after its last renewal, and b takes it over.
+        leases.cut_off("a", true);
+        world.all_acked().await;
+        assert_eq!(leases.holder(KEY).as_deref(), Some("b"));
+        // a wakes: its commit is refused, and it stands by.
+        leases.cut_off("a", false);
+        release.notify_one();
+        loop {
+            if a.status.snapshot().phase == Phase::Standby {
+                break;
+            }
+            tokio::time::sleep(TTL / 10).await;
+        }
+        stop_a.cancel();
+        stop_b.cancel();
+    };
+    tokio::join!(
+        run(&a, &world, &leases, "a", &stop_a),
+        run(&b, &world, &leases, "b", &stop_b),
+        scenario
+    );
+    assert_exactly_once(&world, &WORKLOAD);
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_whose_answers_are_lost_keep_the_lease() {
+    let (world, runtime, leases) = (
+        World::new(),
+        Arc::new(FakeRuntime::new()),
+        FakeLeases::new(),
+    );
+    world.publish_inputs(&WORKLOAD);
+    // The take's answer and the first renewal's are lost; both went through.
+    leases.lose_write_answers(2);
+    let a = fenced(&world, &runtime, NoProbe, "a");
+    let b = fenced(&world, &runtime, NoProbe, "b");
+    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+    let watch = async {
+        world.all_acked().await;
+        // Several TTLs more: a keeps it all along.
+        for _ in 0..9 {
+            tokio::time::sleep(TTL / 3).await;
+            assert_eq!(leases.holder(KEY).as_deref(), Some("a"));
+            assert_eq!(b.status.snapshot().phase, Phase::Standby);
+        }
+        stop_a.cancel();
+        stop_b.cancel();
+    };
+    tokio::join!(
+        run(&a, &world, &leases, "a", &stop_a),
+        run(&b, &world, &leases, "b", &stop_b),
+        watch
+    );
+    assert_exactly_once(&world, &WORKLOAD);
+    assert!(
+        world.markers().iter().all(|marker| {
+            let progress = crate::fence::Progress::parse(marker.sequence, &marker.payload);
+            progress.unwrap().owner == "a"
+        }),
+        "only a ever committed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_that_cannot_renew_stops_working_when_its_lease_may_expire() {
+    let (world, runtime, leases) = (
+        World::new(),
+        Arc::new(FakeRuntime::new()),
+        FakeLeases::new(),
+    );
+    world.publish_inputs(&WORKLOAD);
+    let a = fenced(&world, &runtime, NoProbe, "a");
+    let stop_a = CancellationToken::new();
+    let scenario = async {
+        world.all_acked().await;
+        assert_eq!(a.status.snapshot().phase, Phase::Running);
+        leases.cut_off("a", true);
+        let cut = Instant::now();
+        let stops = async {
+            while a.status.snapshot().phase == Phase::Running {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(TTL * 2, stops)
+            .await
+            .expect("a stops working on the partition");
+        let stopped = cut.elapsed();
+        // Its last renewal was at most a third of a TTL before the cut; it stops when the
+        // lease may expire (polled every 10 ms here).
+        assert!(
+            stopped >= TTL * 2 / 3 && stopped <= TTL + Duration::from_millis(20),
+            "a stopped working {stopped:?} after it was cut off"
+        );
+        stop_a.cancel();
+    };
+    tokio::join!(run(&a, &world, &leases, "a", &stop_a), scenario);
+    assert_exactly_once(&world, &WORKLOAD);
+}

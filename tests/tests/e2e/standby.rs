@@ -1,0 +1,239 @@
+//! A partitioned pipeline on a 3-node cluster (R3 streams, `sync_interval: always`) with
+//! two hosts: one holds the partition's lease, the other stands by. The holder is SIGKILLed,
+//! stopped with SIGTERM, or SIGSTOPped past its lease; each time the standby takes over
+//! (within the lease's TTL plus two seconds, at once after a SIGTERM), and every output is
+//! stored exactly once. A holder woken after losing its lease stands by, committing nothing.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream::Config};
+use weir_tests::*;
+
+const INPUTS: usize = 2000;
+const MALFORMED_EVERY: usize = 50;
+const TTL_SECS: u64 = 3;
+
+struct Rig {
+    _cluster: NatsCluster,
+    js: jetstream::Context,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    payloads: Vec<Vec<u8>>,
+}
+
+impl Rig {
+    /// The cluster, R3 input and output streams, and the partitioned orders pipeline with a
+    /// lease of `ttl_secs`.
+    async fn start(ttl_secs: u64) -> Rig {
+        let cluster = NatsCluster::start().await;
+        let js = jetstream::new(connect_client(&cluster.url(0)).await.unwrap());
+        js.create_stream(Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.in.>".into()],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .expect("the input stream");
+        js.create_stream(Config {
+            name: "ORDERS_OUT".into(),
+            subjects: vec![
+                "orders.out.>".into(),
+                "orders.dlq".into(),
+                "_weir.progress.orders.>".into(),
+            ],
+            num_replicas: 3,
+            allow_atomic_publish: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the output stream");
+        let dir = tempfile::tempdir().unwrap();
+        let config = PipelineToml {
+            partitions: Some(1),
+            extra: "[pipeline.batch]\nmax_messages = 64\n",
+            ..PipelineToml::orders(&cluster.urls(), &plugin("orders"), Path::new("unused"))
+        }
+        .render()
+        .replace(
+            "partitions = 1",
+            &format!("partitions = 1\nlease_ttl_secs = {ttl_secs}"),
+        );
+        let path = dir.path().join("weir.toml");
+        std::fs::write(&path, ADMIN_OFF.to_owned() + &config).unwrap();
+        Rig {
+            _cluster: cluster,
+            js,
+            config: path,
+            dir,
+            payloads: order_workload(INPUTS, MALFORMED_EVERY),
+        }
+    }
+
+    fn host(&self, name: &str) -> WeirProcess {
+        spawn_weir(&self.config, Some(&self.log(name)), None)
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    /// Waits until `log` says its weir holds the partition's lease.
+    async fn holds_the_lease(&self, name: &str) {
+        let log = self.log(name);
+        wait_for(
+            &format!("{name} to take the lease"),
+            Duration::from_secs(60),
+            || async { read_log(&log).contains("took the partition's lease") },
+        )
+        .await;
+    }
+
+    /// The input consumer's ack floor.
+    async fn ack_floor(&self) -> u64 {
+        let stream = self.js.get_stream("ORDERS").await.unwrap();
+        match stream.consumer_info("weir").await {
+            Ok(info) => info.ack_floor.stream_sequence,
+            Err(_) => 0,
+        }
+    }
+
+    /// How long until the partition makes progress again (its ack floor moves past where
+    /// it is now).
+    async fn time_to_progress(&self) -> Duration {
+        let (floor, since) = (self.ack_floor().await, Instant::now());
+        wait_for(
+            "the partition to make progress",
+            Duration::from_secs(60),
+            || async { self.ack_floor().await > floor },
+        )
+        .await;
+        since.elapsed()
+    }
+
+    async fn wait_until_processed(&self) {
+        wait_for(
+            "every input processed",
+            Duration::from_secs(120),
+            || async {
+                drained(&self.js, "ORDERS", "weir").await
+                    && check_orders_in(&self.js, "ORDERS_OUT", "ORDERS_OUT", &self.payloads)
+                        .await
+                        .missing
+                        == 0
+            },
+        )
+        .await;
+    }
+
+    async fn verify(&self) {
+        let verdict = check_orders_in(&self.js, "ORDERS_OUT", "ORDERS_OUT", &self.payloads).await;
+        println!("verdict: {}", verdict.counts());
+        assert!(verdict.is_exact(), "not exactly once: {verdict:?}");
+    }
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_within_the_lease_ttl_when_the_holder_is_killed() {
+    let rig = Rig::start(TTL_SECS).await;
+    let mut a = rig.host("a");
+    rig.holds_the_lease("a").await;
+    let mut b = rig.host("b");
+    let publisher = publish_orders_spread(&rig.js, &rig.payloads, Duration::from_millis(40));
+    wait_for("a to make progress", Duration::from_secs(60), || async {
+        rig.ack_floor().await > 200
+    })
+    .await;
+    assert!(!read_log(&rig.log("b")).contains("took the partition's lease"));
+
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let took = rig.time_to_progress().await;
+    println!("failover after SIGKILL: {took:?} (lease TTL {TTL_SECS} s)");
+    assert!(
+        took <= Duration::from_secs(TTL_SECS + 2),
+        "the standby made progress {took:?} after the holder died"
+    );
+    publisher.await.unwrap();
+    rig.wait_until_processed().await;
+    assert!(terminate(&mut b).success());
+    rig.verify().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_stopped_with_sigterm_hands_the_partition_over_at_once() {
+    // A long lease: the handover must not wait for it.
+    let rig = Rig::start(30).await;
+    let mut a = rig.host("a");
+    rig.holds_the_lease("a").await;
+    let mut b = rig.host("b");
+    let publisher = publish_orders_spread(&rig.js, &rig.payloads, Duration::from_millis(40));
+    wait_for("a to make progress", Duration::from_secs(60), || async {
+        rig.ack_floor().await > 200
+    })
+    .await;
+
+    assert!(terminate(&mut a).success(), "a stops cleanly");
+    assert!(read_log(&rig.log("a")).contains("released the partition's lease"));
+    let took = rig.time_to_progress().await;
+    println!("handover after SIGTERM: {took:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "b made progress {took:?} after a stopped"
+    );
+    publisher.await.unwrap();
+    rig.wait_until_processed().await;
+    assert!(terminate(&mut b).success());
+    rig.verify().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_stopped_past_its_lease_stands_by_when_it_wakes_and_commits_nothing() {
+    let rig = Rig::start(TTL_SECS).await;
+    let mut a = rig.host("a");
+    rig.holds_the_lease("a").await;
+    let mut b = rig.host("b");
+    let publisher = publish_orders_spread(&rig.js, &rig.payloads, Duration::from_millis(40));
+    wait_for("a to make progress", Duration::from_secs(60), || async {
+        rig.ack_floor().await > 200
+    })
+    .await;
+
+    send_signal(&a, libc::SIGSTOP);
+    let took = rig.time_to_progress().await;
+    println!("failover after SIGSTOP: {took:?} (lease TTL {TTL_SECS} s)");
+    assert!(took <= Duration::from_secs(TTL_SECS + 2), "{took:?}");
+    rig.holds_the_lease("b").await;
+    send_signal(&a, libc::SIGCONT);
+    wait_for("a to stand by", Duration::from_secs(30), || async {
+        read_log(&rig.log("a")).contains("standing by")
+    })
+    .await;
+    assert!(
+        a.try_wait().unwrap().is_none(),
+        "a stands by, it does not exit"
+    );
+    publisher.await.unwrap();
+    rig.wait_until_processed().await;
+    assert!(terminate(&mut a).success(), "a standby stops cleanly");
+    assert!(terminate(&mut b).success());
+    rig.verify().await;
+    // Once b took the partition over, no marker of a's follows.
+    let markers = progress_markers(&rig.js, "ORDERS_OUT", "_weir.progress.orders.0").await;
+    let a_owner = markers[0].0.clone();
+    let takeover = markers
+        .iter()
+        .position(|(owner, _)| *owner != a_owner)
+        .expect("b took over");
+    assert!(
+        markers[takeover..]
+            .iter()
+            .all(|(owner, _)| *owner != a_owner),
+        "{markers:?}"
+    );
+}
