@@ -1123,6 +1123,8 @@ pub struct FaultyProxy {
     connections: std::sync::Arc<std::sync::Mutex<Vec<ProxiedConnection>>>,
     /// Black-holed connections: kept open, never forwarded again, closed on drop.
     silenced: std::sync::Mutex<Vec<ProxiedConnection>>,
+    /// While set, new connections are closed as soon as they are accepted.
+    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -1141,8 +1143,13 @@ impl FaultyProxy {
         let port = listener.local_addr().expect("a local address").port();
         let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let tracked = connections.clone();
+        let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refuse = refusing.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await
                 else {
                     continue;
@@ -1169,6 +1176,7 @@ impl FaultyProxy {
             port,
             connections,
             silenced: std::sync::Mutex::default(),
+            refusing,
             accept,
         }
     }
@@ -1218,6 +1226,19 @@ impl FaultyProxy {
             }
         });
         connections.len()
+    }
+
+    /// Cuts the host off for `duration`: the open connections pass nothing and new ones are
+    /// closed at once, as when its network is down; then both work again.
+    pub fn cut_off(&self, duration: Duration) {
+        self.refusing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stall(duration);
+        let refusing = self.refusing.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(duration).await;
+            refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+        });
     }
 
     /// Stops forwarding on every open connection for good, without closing it: only the

@@ -1437,6 +1437,38 @@ impl Broker {
     }
 }
 
+/// A lease as an operator sees it.
+#[derive(Debug, Clone)]
+pub struct LeaseView {
+    /// Who holds it; `None` when none does.
+    pub holder: Option<String>,
+    /// How long ago it was last written (taken, renewed, released or expired).
+    pub age: Duration,
+}
+
+impl LeaseStore {
+    /// Lease `key` as it is now; `None` if it was never written (or is long gone).
+    pub async fn view(&self, key: &str) -> Result<Option<LeaseView>, BrokerError> {
+        use jetstream::kv::Operation;
+        let entry = self
+            .store
+            .entry(key)
+            .await
+            .map_err(|e| BrokerError::JetStream {
+                action: format!("cannot read lease {key:?}"),
+                source: Box::new(e),
+            })?;
+        Ok(entry.map(|entry| {
+            let written = std::time::SystemTime::from(entry.created);
+            LeaseView {
+                holder: (entry.operation == Operation::Put)
+                    .then(|| String::from_utf8_lossy(&entry.value).into_owned()),
+                age: written.elapsed().unwrap_or_default(),
+            }
+        }))
+    }
+}
+
 impl ports::Leases for LeaseStore {
     async fn read(&self, key: &str) -> Result<ports::LeaseState, ports::LeaseError> {
         use jetstream::kv::Operation;

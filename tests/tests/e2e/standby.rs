@@ -15,7 +15,7 @@ const MALFORMED_EVERY: usize = 50;
 const TTL_SECS: u64 = 3;
 
 struct Rig {
-    _cluster: NatsCluster,
+    cluster: NatsCluster,
     js: jetstream::Context,
     dir: tempfile::TempDir,
     config: PathBuf,
@@ -63,7 +63,7 @@ impl Rig {
         let path = dir.path().join("weir.toml");
         std::fs::write(&path, ADMIN_OFF.to_owned() + &config).unwrap();
         Rig {
-            _cluster: cluster,
+            cluster,
             js,
             config: path,
             dir,
@@ -178,6 +178,22 @@ async fn a_holder_stopped_with_sigterm_hands_the_partition_over_at_once() {
     })
     .await;
 
+    // The operator's view: a holds the partition, its marker counts its commits.
+    let report = std::process::Command::new(weir_binary())
+        .args(["cluster", "status", "--config"])
+        .arg(&rig.config)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&report.stdout).into_owned();
+    let markers = progress_markers(&rig.js, "ORDERS_OUT", "_weir.progress.orders.0").await;
+    let (a_owner, _) = &markers[0];
+    let row = report
+        .lines()
+        .find(|line| line.starts_with("0 "))
+        .unwrap_or_else(|| panic!("no row for partition 0:\n{report}"));
+    assert!(row.contains(a_owner.as_str()), "{report}");
+    assert!(report.contains("lease TTL 30 s"), "{report}");
+
     assert!(terminate(&mut a).success(), "a stops cleanly");
     assert!(read_log(&rig.log("a")).contains("released the partition's lease"));
     let took = rig.time_to_progress().await;
@@ -236,4 +252,151 @@ async fn a_holder_stopped_past_its_lease_stands_by_when_it_wakes_and_commits_not
             .all(|(owner, _)| *owner != a_owner),
         "{markers:?}"
     );
+}
+
+/// The index of the cluster node that leads `stream`.
+async fn leader_of(js: &jetstream::Context, stream: &str) -> usize {
+    let mut stream = js.get_stream(stream).await.expect("the stream");
+    let info = stream.info().await.expect("the stream's info");
+    let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+    let leader = leader.expect("the stream has a leader");
+    leader
+        .trim_start_matches('n')
+        .parse()
+        .expect("nodes are named n0, n1, n2")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_output_streams_leader_killed_and_moved_under_a_holder_and_a_standby_loses_nothing() {
+    let mut rig = Rig::start(10).await;
+    let mut a = rig.host("a");
+    rig.holds_the_lease("a").await;
+    let mut b = rig.host("b");
+    let publisher = publish_orders_spread(&rig.js, &rig.payloads, Duration::from_millis(60));
+    wait_for("a to make progress", Duration::from_secs(60), || async {
+        rig.ack_floor().await > 200
+    })
+    .await;
+
+    // The node leading the output stream (where every commit goes) dies mid-work.
+    let leader = leader_of(&rig.js, "ORDERS_OUT").await;
+    rig.cluster.kill(leader);
+    let js = jetstream::new(
+        connect_client(&rig.cluster.url((leader + 1) % 3))
+            .await
+            .unwrap(),
+    );
+    rig.js = js;
+    let took = rig.time_to_progress().await;
+    println!("progress again {took:?} after the output stream's leader died");
+    rig.cluster.restart(leader).await;
+    // And the new leader steps down: the commits move once more.
+    let client = connect_client(&rig.cluster.url((leader + 1) % 3))
+        .await
+        .unwrap();
+    let response = client
+        .request("$JS.API.STREAM.LEADER.STEPDOWN.ORDERS_OUT", "".into())
+        .await
+        .expect("the step-down is answered");
+    assert!(
+        !String::from_utf8_lossy(&response.payload).contains("\"error\""),
+        "{:?}",
+        response.payload
+    );
+    publisher.await.unwrap();
+    rig.wait_until_processed().await;
+    assert!(terminate(&mut a).success());
+    assert!(terminate(&mut b).success());
+    rig.verify().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_cut_off_from_the_server_past_its_lease_is_replaced_and_then_stands_by() {
+    let server = NatsServer::start();
+    let proxy = FaultyProxy::start(server.port()).await;
+    let js = server.jetstream().await;
+    js.create_stream(Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.in.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // a reaches the server through the proxy, b directly.
+    let config = |name: &str, url: &str| {
+        let text = PipelineToml {
+            partitions: Some(1),
+            extra: "[pipeline.batch]\nmax_messages = 64\n",
+            ..PipelineToml::orders(url, &plugin("orders"), Path::new("unused"))
+        }
+        .render()
+        .replace(
+            "partitions = 1",
+            &format!("partitions = 1\nlease_ttl_secs = {TTL_SECS}"),
+        );
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, ADMIN_OFF.to_owned() + &text).unwrap();
+        path
+    };
+    let (a_config, b_config) = (config("a", &proxy.url()), config("b", &server.url()));
+    let (a_log, b_log) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let mut a = spawn_weir(&a_config, Some(&a_log), None);
+    wait_for("a to take the lease", Duration::from_secs(60), || async {
+        read_log(&a_log).contains("took the partition's lease")
+    })
+    .await;
+    let mut b = spawn_weir(&b_config, Some(&b_log), None);
+    let payloads = order_workload(INPUTS, MALFORMED_EVERY);
+    let publisher = publish_orders_spread(&js, &payloads, Duration::from_millis(40));
+    let ack_floor = || async {
+        let stream = js.get_stream("ORDERS").await.unwrap();
+        stream
+            .consumer_info("weir")
+            .await
+            .map_or(0, |info| info.ack_floor.stream_sequence)
+    };
+    wait_for("a to make progress", Duration::from_secs(60), || async {
+        ack_floor().await > 200
+    })
+    .await;
+
+    // a's network is down for three TTLs: b takes over once a's lease expires.
+    proxy.cut_off(Duration::from_secs(3 * TTL_SECS));
+    let cut = Instant::now();
+    wait_for("b to take the lease", Duration::from_secs(60), || async {
+        read_log(&b_log).contains("took the partition's lease")
+    })
+    .await;
+    let floor = ack_floor().await;
+    wait_for("b to make progress", Duration::from_secs(60), || async {
+        ack_floor().await > floor
+    })
+    .await;
+    let took = cut.elapsed();
+    println!("progress elsewhere {took:?} after a was cut off (lease TTL {TTL_SECS} s)");
+    assert!(took <= Duration::from_secs(TTL_SECS + 2), "{took:?}");
+    // Back on the network, a stands by.
+    wait_for("a to stand by", Duration::from_secs(60), || async {
+        read_log(&a_log).contains("standing by")
+    })
+    .await;
+    publisher.await.unwrap();
+    wait_for(
+        "every input processed",
+        Duration::from_secs(120),
+        || async {
+            drained(&js, "ORDERS", "weir").await
+                && check_orders_in(&js, "ORDERS_OUT", "ORDERS_OUT", &payloads)
+                    .await
+                    .missing
+                    == 0
+        },
+    )
+    .await;
+    assert!(terminate(&mut a).success());
+    assert!(terminate(&mut b).success());
+    let verdict = check_orders_in(&js, "ORDERS_OUT", "ORDERS_OUT", &payloads).await;
+    println!("verdict: {}", verdict.counts());
+    assert!(verdict.is_exact(), "not exactly once: {verdict:?}");
 }

@@ -10,6 +10,7 @@ use crate::config::LimitsConfig;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+mod cluster;
 mod dlq;
 mod plugin;
 mod scaffold;
@@ -67,6 +68,11 @@ enum Command {
     State {
         #[command(subcommand)]
         command: StateCommand,
+    },
+    /// A partitioned pipeline's partitions, as the server knows them.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
     },
     /// weir's compiler process, which weir runs itself for each component it compiles.
     #[command(hide = true)]
@@ -195,6 +201,16 @@ enum DlqCommand {
 }
 
 #[derive(Subcommand)]
+enum ClusterCommand {
+    /// Each partition: who holds its lease and how fresh it is, what its last progress
+    /// marker says (commits, ack floor, inputs done above it), and the consumer's backlog.
+    Status {
+        #[command(flatten)]
+        target: PipelineArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum StateCommand {
     /// List the state keys, each with its entry count and bytes.
     List {
@@ -235,6 +251,9 @@ pub fn main() -> ExitCode {
         Command::Check { config } => block_on(check(config)),
         Command::Dlq { command } => block_on(dlq::run(command)),
         Command::State { command } => state::run(command),
+        Command::Cluster {
+            command: ClusterCommand::Status { target },
+        } => block_on(cluster::status(target)),
         Command::Status { admin, config } => block_on(status(admin, config)),
     };
     match result {
