@@ -54,6 +54,15 @@ pub enum BrokerError {
     },
     #[error("stream {stream:?} cannot hold a partitioned pipeline's commits: {reason}")]
     NotALedger { stream: String, reason: String },
+    #[error(
+        "input stream {stream:?} has {found}, not the transform {from:?} → {destination:?} that puts each input's partition in front of its subject: the number of partitions is fixed for a stream's life; consume a new stream (or set it with `nats stream edit`, if it is empty)"
+    )]
+    NotPartitioned {
+        stream: String,
+        found: String,
+        from: String,
+        destination: String,
+    },
     #[error("{action}: {source}")]
     JetStream {
         action: String,
@@ -283,9 +292,35 @@ impl Broker {
         self.client.server_info().max_payload
     }
 
-    /// Finds the input stream, creating it when configured to.
-    pub async fn ensure_input_stream(&self, input: &InputConfig) -> Result<(), BrokerError> {
-        if self.find_stream(&input.stream).await?.is_some() {
+    /// Finds the input stream, creating it when configured to. A partitioned pipeline's
+    /// stream puts each input's partition in front of its subject (`partitioning`): a
+    /// stream found without that transform is refused, since its stored subjects name no
+    /// partition.
+    pub async fn ensure_input_stream(
+        &self,
+        input: &InputConfig,
+        partitioning: Option<&InputPartitioning>,
+    ) -> Result<(), BrokerError> {
+        if let Some(stream) = self.find_stream(&input.stream).await? {
+            let Some(partitioning) = partitioning else {
+                return Ok(());
+            };
+            let transform = stream.cached_info().config.subject_transform.clone();
+            let found = transform.map(|t| (t.source, t.destination));
+            let wanted = (
+                partitioning.source.clone(),
+                partitioning.destination.clone(),
+            );
+            if found.as_ref() != Some(&wanted) {
+                return Err(BrokerError::NotPartitioned {
+                    stream: input.stream.clone(),
+                    found: found.map_or("no subject transform".into(), |(source, destination)| {
+                        format!("the transform {source:?} → {destination:?}")
+                    }),
+                    from: wanted.0,
+                    destination: wanted.1,
+                });
+            }
             return Ok(());
         }
         if !input.create_stream {
@@ -294,8 +329,17 @@ impl Broker {
                 subject: input.subject.clone(),
             });
         }
-        self.create_stream(&input.stream, vec![input.subject.clone()])
-            .await?;
+        self.create_stream_with(stream::Config {
+            name: input.stream.clone(),
+            subjects: vec![input.subject.clone()],
+            storage: stream::StorageType::File,
+            subject_transform: partitioning.map(|partitioning| stream::SubjectTransform {
+                source: partitioning.source.clone(),
+                destination: partitioning.destination.clone(),
+            }),
+            ..Default::default()
+        })
+        .await?;
         Ok(())
     }
 
@@ -817,7 +861,14 @@ impl MessageSource {
         let Some(message) = &self.arriving else {
             return;
         };
-        match InputMessage::read(message, self.stream_created_unix_ns, &self.jetstream).await {
+        match InputMessage::read(
+            message,
+            self.stream_created_unix_ns,
+            &self.jetstream,
+            self.input.strip_partition,
+        )
+        .await
+        {
             Ok(input) => {
                 let message = self.arriving.take().expect("checked above");
                 self.taken.push(InputMessage { input, message });
@@ -944,6 +995,7 @@ impl InputMessage {
         message: &jetstream::Message,
         stream_created_unix_ns: u64,
         jetstream: &jetstream::Context,
+        strip_partition: bool,
     ) -> Result<Input, BrokerError> {
         let info = message
             .info()
@@ -964,8 +1016,15 @@ impl InputMessage {
             }
             None => None,
         };
+        let subject = match strip_partition {
+            true => message
+                .subject
+                .split_once('.')
+                .map_or(message.subject.as_str(), |(_, subject)| subject),
+            false => message.subject.as_str(),
+        };
         Ok(Input {
-            subject: message.subject.to_string(),
+            subject: subject.to_owned(),
             headers: sorted_headers(message.headers.as_ref()),
             payload: message.payload.clone(),
             stream_sequence,
@@ -1783,6 +1842,11 @@ fn default_ping_interval_ms() -> u64 {
 pub struct InputConfig {
     /// The JetStream stream to consume.
     pub stream: String,
+    /// Set by a partitioned pipeline for each partition's consumer: the stored subjects
+    /// begin with the partition, which the core never sees (the plugin sees the subject as
+    /// it was published).
+    #[serde(skip)]
+    pub strip_partition: bool,
     /// The subject filter of the consumer, e.g. `orders.>`. Also the stream's subject when
     /// weir creates the stream.
     pub subject: String,
@@ -1805,6 +1869,14 @@ fn default_true() -> bool {
 
 fn default_ack_wait_ms() -> u64 {
     30_000
+}
+
+/// The input stream's subject transform that puts each input's partition in front of its
+/// subject (nats-server's `partition(n, wildcards…)` mapping).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputPartitioning {
+    pub source: String,
+    pub destination: String,
 }
 
 /// Where outputs and dead letters go.

@@ -80,14 +80,22 @@ pub struct PipelineConfig {
     /// lost a partition cannot publish. Nothing the pipeline relies on stays on its host:
     /// no `store_dir`, and a host with an empty disk resumes exactly where the last one
     /// stopped. The output stream must also store the dead letters and the markers, and
-    /// allow atomic publish. Only 1 for now.
+    /// allow atomic publish. At most 64.
     pub partitions: Option<u32>,
+    /// Which part of an input names its partition, when there are several: `"subject-
+    /// token:N"`, the Nth token of its subject (from 1), which `input.subject` must match
+    /// with a `*`. The input stream stores each input under its partition
+    /// (`<partition>.<subject>`, by nats-server's deterministic `partition` mapping), and
+    /// inputs of one key keep their order.
+    pub partition_key: Option<String>,
     /// A partitioned pipeline's lease on its partition: held by one host at a time, renewed
     /// every third of this many seconds; a standby takes the partition over when its holder
     /// stops (at once) or dies (within this). By default 10.
     #[serde(default = "default_lease_ttl_secs")]
     pub lease_ttl_secs: u64,
 }
+
+const PARTITION_KEY_ALONE: &str = "partition_key is used only with partitions above 1";
 
 fn default_lease_ttl_secs() -> u64 {
     10
@@ -533,6 +541,8 @@ impl PipelineConfig {
         }
         if self.partitions.is_some() {
             problems.extend(self.partitioning_problems());
+        } else if self.partition_key.is_some() {
+            problems.push(PARTITION_KEY_ALONE.into());
         }
         if self.input.ack_wait_ms < 100 {
             problems.push("input.ack_wait_ms must be at least 100".into());
@@ -575,6 +585,76 @@ impl PipelineConfig {
         format!("_weir.progress.{}", self.name)
     }
 
+    /// The partitions that run, each with its index (one, 0, for a pipeline that is not
+    /// partitioned).
+    pub fn partition_indexes(&self) -> std::ops::Range<u32> {
+        0..self.partitions.unwrap_or(1).max(1)
+    }
+
+    /// The input stream's transform that puts each input's partition in front of its
+    /// subject; `None` for a pipeline of one partition (or none).
+    pub fn input_partitioning(&self) -> Option<weir_nats::InputPartitioning> {
+        let partitions = self.partitions.filter(|&n| n > 1)?;
+        let token = self.partition_token().ok()??;
+        let tokens: Vec<&str> = self.input.subject.split('.').collect();
+        // The partition hashes the key's wildcard, counted among the subject's wildcards.
+        let wildcard = tokens[..token].iter().filter(|t| **t == "*").count();
+        let mut wildcards = 0;
+        let destination: Vec<String> = tokens
+            .iter()
+            .map(|t| match *t {
+                "*" => {
+                    wildcards += 1;
+                    format!("{{{{wildcard({wildcards})}}}}")
+                }
+                other => other.to_owned(),
+            })
+            .collect();
+        Some(weir_nats::InputPartitioning {
+            source: self.input.subject.clone(),
+            destination: format!(
+                "{{{{partition({partitions},{wildcard})}}}}.{}",
+                destination.join(".")
+            ),
+        })
+    }
+
+    /// The input of partition `partition`: its own consumer, filtered on the partition's
+    /// stored subjects.
+    pub fn partition_input(&self, partition: u32) -> weir_nats::InputConfig {
+        match self.input_partitioning() {
+            None => self.input.clone(),
+            Some(_) => weir_nats::InputConfig {
+                consumer: format!("{}-p{partition}", self.input.consumer),
+                subject: format!("{partition}.>"),
+                strip_partition: true,
+                ..self.input.clone()
+            },
+        }
+    }
+
+    /// The token (from 1) `partition_key` names, if it is given; `Err` says what is wrong.
+    fn partition_token(&self) -> Result<Option<usize>, String> {
+        let Some(key) = &self.partition_key else {
+            return Ok(None);
+        };
+        let token = key
+            .strip_prefix("subject-token:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                format!("partition_key {key:?} must be \"subject-token:N\", N from 1")
+            })?;
+        let tokens: Vec<&str> = self.input.subject.split('.').collect();
+        if tokens.get(token - 1) != Some(&"*") {
+            return Err(format!(
+                "partition_key {key:?} names token {token} of input.subject {:?}, which must be a `*` there (e.g. \"orders.in.*\" for subject-token:3)",
+                self.input.subject
+            ));
+        }
+        Ok(Some(token))
+    }
+
     /// The key of a partition's lease.
     pub fn lease_key(&self, partition: u32) -> String {
         format!("{}.{partition}", self.name)
@@ -590,12 +670,19 @@ impl PipelineConfig {
         let mut problems = Vec::new();
         match self.partitions {
             Some(0) => problems.push("partitions must be at least 1".into()),
-            Some(2..) => problems.push(
-                "partitions above 1 are not supported yet: set partitions = 1 (one partition, \
-                 fenced commits on the output stream)"
+            Some(65..) => problems.push("partitions must be at most 64".into()),
+            Some(2..) if self.partition_key.is_none() => problems.push(
+                "partitions above 1 need partition_key (e.g. \"subject-token:3\"): which \
+                 part of an input names its partition"
                     .into(),
             ),
             _ => {}
+        }
+        if let Err(problem) = self.partition_token() {
+            problems.push(problem);
+        }
+        if self.partition_key.is_some() && self.partitions == Some(1) {
+            problems.push(PARTITION_KEY_ALONE.into());
         }
         if self.mode == Mode::AtLeastOnce {
             problems.push("partitions needs mode = \"exactly-once\"".into());
@@ -898,7 +985,7 @@ mod tests {
         );
         for (change, refusal) in [
             ("partitions = 0", "at least 1"),
-            ("partitions = 6", "not supported yet"),
+            ("partitions = 6", "need partition_key"),
             (
                 "partitions = 1\nstore_dir = \"store\"",
                 "store_dir is not used",
@@ -922,5 +1009,64 @@ mod tests {
         assert!(parse(&apart).unwrap_err().contains("one atomic batch"));
         let everything = partitioned.replace("\"orders.in.>\"", "\">\"");
         assert!(parse(&everything).unwrap_err().contains("progress markers"));
+    }
+
+    #[test]
+    fn several_partitions_split_the_input_by_a_wildcard_token_of_its_subject() {
+        let text = MINIMAL
+            .replace(
+                "store_dir = \"store\"",
+                "partitions = 6\npartition_key = \"subject-token:4\"",
+            )
+            .replace("\"orders.in.>\"", "\"ord.*.in.*.>\"");
+        let config = parse(&text).unwrap();
+        let pipeline = &config.pipelines[0];
+        let partitioning = pipeline.input_partitioning().unwrap();
+        assert_eq!(partitioning.source, "ord.*.in.*.>");
+        assert_eq!(
+            partitioning.destination,
+            "{{partition(6,2)}}.ord.{{wildcard(1)}}.in.{{wildcard(2)}}.>"
+        );
+        let input = pipeline.partition_input(5);
+        assert_eq!(
+            (
+                input.consumer.as_str(),
+                input.subject.as_str(),
+                input.strip_partition
+            ),
+            ("weir-p5", "5.>", true)
+        );
+        assert_eq!(pipeline.partition_indexes().len(), 6);
+
+        for (change, refusal) in [
+            ("partitions = 6", "need partition_key"),
+            (
+                "partitions = 6\npartition_key = \"subject-token:3\"",
+                "must be a `*` there",
+            ),
+            (
+                "partitions = 6\npartition_key = \"token:4\"",
+                "must be \"subject-token:N\"",
+            ),
+            (
+                "partitions = 65\npartition_key = \"subject-token:4\"",
+                "at most 64",
+            ),
+            (
+                "partitions = 1\npartition_key = \"subject-token:4\"",
+                "only with partitions above 1",
+            ),
+        ] {
+            let text = MINIMAL
+                .replace("store_dir = \"store\"", change)
+                .replace("\"orders.in.>\"", "\"ord.*.in.*.>\"");
+            let error = parse(&text).unwrap_err();
+            assert!(error.contains(refusal), "{change}: {error}");
+        }
+        // One partition: the input as configured, no transform.
+        let one = MINIMAL.replace("store_dir = \"store\"", "partitions = 1");
+        let one = parse(&one).unwrap();
+        assert!(one.pipelines[0].input_partitioning().is_none());
+        assert_eq!(one.pipelines[0].partition_input(0).consumer, "weir");
     }
 }

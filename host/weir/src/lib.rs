@@ -119,19 +119,35 @@ pub async fn run(
         weir_sandbox::Sandbox::new(config.sandbox(), config.largest_memory_limit(), compiler)
             .map_err(|e| Error::Engine(format!("{e:#}")))?;
     let sandbox = std::sync::Arc::new(sandbox);
-    let share = weir_core::plugin::thread_share(config.sandbox().threads, config.pipelines().len());
-    let metrics = weir_core::metrics::Metrics::default();
-    let watched: Vec<std::sync::Arc<weir_admin::Watched>> = config
+    // A partitioned pipeline runs each of its partitions as a pipeline of its own, named
+    // `<pipeline>/<partition>` in the logs, metrics and status when it has several.
+    let runs: Vec<(config::ValidPipeline, u32, String)> = config
         .pipelines()
         .iter()
-        .map(|pipeline| {
+        .flat_map(|pipeline| {
+            let partitions = pipeline.config().partition_indexes();
+            let several = partitions.len() > 1;
+            partitions.map(move |partition| {
+                let name = &pipeline.config().name;
+                let shown = match several {
+                    true => format!("{name}/{partition}"),
+                    false => name.clone(),
+                };
+                (pipeline.clone(), partition, shown)
+            })
+        })
+        .collect();
+    let share = weir_core::plugin::thread_share(config.sandbox().threads, runs.len());
+    let metrics = weir_core::metrics::Metrics::default();
+    let watched: Vec<std::sync::Arc<weir_admin::Watched>> = runs
+        .iter()
+        .map(|(pipeline, _, name)| {
             let store_dir = match pipeline.delivery() {
                 config::Delivery::ExactlyOnce { store_dir } => {
                     Some(store_dir.display().to_string())
                 }
                 config::Delivery::AtLeastOnce | config::Delivery::Partitioned => None,
             };
-            let name = &pipeline.config().name;
             std::sync::Arc::new(weir_admin::Watched::new(
                 name.clone(),
                 store_dir,
@@ -155,8 +171,7 @@ pub async fn run(
         None => None,
     };
     let mut running = tokio::task::JoinSet::new();
-    for (pipeline, watched) in config.into_pipelines().into_iter().zip(watched.clone()) {
-        let name = pipeline.config().name.clone();
+    for ((pipeline, partition, name), watched) in runs.into_iter().zip(watched.clone()) {
         let sandbox = sandbox.clone();
         let shutdown = shutdown.clone();
         // Every line a pipeline logs carries its name, through the span it runs in.
@@ -164,7 +179,7 @@ pub async fn run(
         running.spawn(tracing::Instrument::instrument(
             async move {
                 let started = tokio::select! {
-                    started = pipeline::Pipeline::start(pipeline, &sandbox, share, &watched) => started,
+                    started = pipeline::Pipeline::start(pipeline, partition, &sandbox, share, &watched) => started,
                     () = shutdown.cancelled() => {
                         watched.status.stopped("shut down while starting");
                         return Ok(());

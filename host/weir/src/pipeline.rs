@@ -82,6 +82,7 @@ impl Pipeline {
     /// `thread_share` of the sandbox's threads at once.
     pub async fn start(
         pipeline: ValidPipeline,
+        partition: u32,
         sandbox: &Arc<Sandbox>,
         thread_share: usize,
         watched: &Arc<Watched>,
@@ -145,9 +146,12 @@ impl Pipeline {
         // set-up waits for it as the connection waits for a restarting server.
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(config.nats.connect_timeout_ms);
-        answered(deadline, || broker.ensure_input_stream(&config.input))
-            .await
-            .map_err(|e| fail(e.into()))?;
+        let partitioning = config.input_partitioning();
+        answered(deadline, || {
+            broker.ensure_input_stream(&config.input, partitioning.as_ref())
+        })
+        .await
+        .map_err(|e| fail(e.into()))?;
         // A partitioned pipeline commits to its output stream: its name.
         let ledger = match pipeline.delivery() {
             Delivery::Partitioned => {
@@ -179,7 +183,9 @@ impl Pipeline {
         };
         let output_limit = message_limit(&format!("{}.probe", config.output.prefix)).await?;
         let dlq_limit = message_limit(&config.output.dlq_subject).await?;
-        let source = answered(deadline, || broker.consume(&config.input, &config.batch))
+        // The partition's own consumer, when the pipeline has several.
+        let input = config.partition_input(partition);
+        let source = answered(deadline, || broker.consume(&input, &config.batch))
             .await
             .map_err(|e| fail(e.into()))?;
         // What a previous weir on this consumer pulled and never finished is handed out
@@ -212,7 +218,7 @@ impl Pipeline {
                 name: config.name.clone(),
                 dedup: config.dedup,
                 input_stream: config.input.stream.clone(),
-                consumer: config.input.consumer.clone(),
+                consumer: input.consumer.clone(),
                 ack_wait: Duration::from_millis(config.input.ack_wait_ms),
                 state,
             },
@@ -242,7 +248,7 @@ impl Pipeline {
             store: store.clone(),
             fence: ledger.as_ref().map(|_| {
                 Fence::new(FenceSettings {
-                    marker_subject: config.marker_subject(0),
+                    marker_subject: config.marker_subject(partition),
                     owner: owner.clone(),
                 })
             }),
@@ -262,19 +268,19 @@ impl Pipeline {
                 Consuming::WhenLeased(Box::new(Partition {
                     leases,
                     lease: LeaseSettings {
-                        key: config.lease_key(0),
+                        key: config.lease_key(partition),
                         holder: owner,
                         ttl: Duration::from_secs(config.lease_ttl_secs),
                     },
                     broker: broker.clone(),
-                    input: config.input.clone(),
+                    input: input.clone(),
                     batch: config.batch.clone(),
                 }))
             }
         };
         let poller = Poller {
             broker,
-            input: config.input.clone(),
+            input,
             dlq_subject: config.output.dlq_subject.clone(),
             store,
             watched: watched.clone(),

@@ -96,3 +96,121 @@ async fn a_weir_killed_again_and_again_with_nothing_on_disk_leaves_every_output_
     let takeovers = markers.iter().filter(|(_, commit)| *commit == 0).count();
     assert_eq!(takeovers, KILLS + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_partitions_fail_over_to_a_standby_host_and_every_output_is_exactly_once() {
+    const PARTITIONS: usize = 3;
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = server.jetstream().await;
+    let text = PipelineToml {
+        subject: "orders.in.*",
+        partitions: Some(PARTITIONS as u32),
+        extra: "[pipeline.batch]\nmax_messages = 64\n",
+        ..PipelineToml::orders(&server.url(), &plugin("orders"), Path::new("unused"))
+    }
+    .render()
+    .replace(
+        "partitions = 3",
+        "partitions = 3\npartition_key = \"subject-token:3\"\nlease_ttl_secs = 2",
+    );
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, ADMIN_OFF.to_owned() + &text).unwrap();
+    let (a_log, b_log) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let leases_taken = |log: &Path| {
+        read_log_of(log)
+            .matches("took the partition's lease")
+            .count()
+    };
+
+    let mut a = spawn_weir(&config, Some(&a_log), None);
+    wait_for(
+        "a to take every partition",
+        Duration::from_secs(60),
+        || async { leases_taken(&a_log) == PARTITIONS },
+    )
+    .await;
+    let mut b = spawn_weir(&config, Some(&b_log), None);
+    // Each order on its customer's subject: the stream stores it under its partition.
+    let payloads = order_workload(INPUTS, MALFORMED_EVERY);
+    let publisher = {
+        let (js, payloads) = (js.clone(), payloads.clone());
+        tokio::spawn(async move {
+            for (at, chunk) in payloads.chunks(50).enumerate() {
+                let mut acks = Vec::new();
+                for (index, payload) in chunk.iter().enumerate() {
+                    let subject = format!("orders.in.c{}", (at * 50 + index) % 16);
+                    acks.push(js.publish(subject, payload.clone().into()).await.unwrap());
+                }
+                for ack in acks {
+                    ack.await.expect("an input stored");
+                }
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        })
+    };
+    wait_for("a to make progress", Duration::from_secs(60), || async {
+        stream_len(&js, "ORDERS_OUT").await > 500
+    })
+    .await;
+    a.kill().unwrap();
+    a.wait().unwrap();
+    wait_for(
+        "b to take every partition",
+        Duration::from_secs(60),
+        || async { leases_taken(&b_log) == PARTITIONS },
+    )
+    .await;
+    publisher.await.unwrap();
+    let drained_all = || async {
+        for partition in 0..PARTITIONS {
+            if !drained(&js, "ORDERS", &format!("weir-p{partition}")).await {
+                return false;
+            }
+        }
+        check_orders_in(&js, "ORDERS_OUT", "ORDERS_OUT", &payloads)
+            .await
+            .missing
+            == 0
+    };
+    wait_for(
+        "every input processed",
+        Duration::from_secs(120),
+        drained_all,
+    )
+    .await;
+    assert!(terminate(&mut b).success());
+
+    let verdict = check_orders_in(&js, "ORDERS_OUT", "ORDERS_OUT", &payloads).await;
+    println!("verdict: {}", verdict.counts());
+    assert!(verdict.is_exact(), "not exactly once: {verdict:?}");
+    // Every partition had inputs, committed by a and then by b.
+    for partition in 0..PARTITIONS {
+        let subject = format!("_weir.progress.orders.{partition}");
+        let markers = progress_markers(&js, "ORDERS_OUT", &subject).await;
+        let owners: HashSet<&str> = markers.iter().map(|(owner, _)| owner.as_str()).collect();
+        assert_eq!(owners.len(), 2, "partition {partition}: {markers:?}");
+        assert!(
+            markers.iter().any(|(_, commit)| *commit > 0),
+            "partition {partition} committed inputs: {markers:?}"
+        );
+    }
+    // weir saw each input's subject as it was published, without its partition: the dead
+    // letters name it.
+    let letters: Vec<StoredMessage> = read_stream(&js, "ORDERS_OUT")
+        .await
+        .into_iter()
+        .filter(|message| message.subject == "orders.dlq")
+        .collect();
+    assert!(!letters.is_empty());
+    for letter in letters {
+        let subject = letter
+            .header("Weir-Input-Subject")
+            .expect("the input's subject");
+        assert!(subject.starts_with("orders.in.c"), "{subject}");
+    }
+}
+
+fn read_log_of(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}

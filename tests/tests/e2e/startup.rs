@@ -630,3 +630,50 @@ async fn a_partitioned_pipeline_refuses_an_output_stream_that_cannot_hold_its_co
     assert!(report.status.success(), "{stdout}");
     assert!(stdout.contains("allows atomic publish"), "{stdout}");
 }
+
+/// A pipeline of several partitions needs its input stream to store each input under its
+/// partition: one found without that transform (or with another number of partitions) is
+/// refused, saying what to do, and nothing is consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_partitions_refuse_an_input_stream_that_does_not_partition() {
+    let server = NatsServer::start();
+    let js = server.jetstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = PipelineToml {
+        subject: "orders.in.*",
+        partitions: Some(3),
+        ..PipelineToml::orders(&server.url(), &plugin("orders"), &dir.path().join("store"))
+    }
+    .render()
+    .replace(
+        "partitions = 3",
+        "partitions = 3\npartition_key = \"subject-token:3\"",
+    );
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, ADMIN_OFF.to_owned() + &text).unwrap();
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.in.*".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    publish_all(&js, "orders.in.c1", &order_workload(5, 0)).await;
+
+    let (code, message) = failure(&weir_run(&config));
+    assert_eq!(code, 1, "{message}");
+    assert!(message.contains("has no subject transform"), "{message}");
+    assert!(
+        message.contains("{{partition(3,1)}}.orders.in.{{wildcard(1)}}"),
+        "{message}"
+    );
+    assert!(
+        message.contains("the number of partitions is fixed"),
+        "{message}"
+    );
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    assert!(
+        stream.consumer_info("weir-p0").await.is_err(),
+        "no consumer was created"
+    );
+}

@@ -47,8 +47,11 @@ pub async fn status(target: PipelineArgs) -> Result<(), crate::Error> {
         "PENDING",
         "ACK PENDING"
     );
-    let consumer = broker.consumer_state(&pipeline.input).await.ok();
-    for partition in 0..partitions {
+    for partition in pipeline.partition_indexes() {
+        let consumer = broker
+            .consumer_state(&pipeline.partition_input(partition))
+            .await
+            .ok();
         let lease = leases
             .view(&pipeline.lease_key(partition))
             .await
