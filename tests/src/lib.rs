@@ -663,6 +663,50 @@ pub fn publish_orders_spread(
     })
 }
 
+/// Publishes `payloads` in the background, in chunks of 50 with `pause` between them, input
+/// `i` on `subject(i)` with `Nats-Msg-Id` `input-<i>`, each sent again until JetStream
+/// acknowledges it: a cluster electing the input stream's leader delays this producer, as
+/// it would any, without failing the test (the stream's duplicate window drops a copy of
+/// what it stored).
+pub fn publish_spread_through_elections(
+    js: &jetstream::Context,
+    payloads: &[Vec<u8>],
+    pause: Duration,
+    subject: impl Fn(usize) -> String + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let js = js.clone();
+    let payloads = payloads.to_vec();
+    tokio::spawn(async move {
+        for (chunk, inputs) in payloads.chunks(50).enumerate() {
+            let mut unacked: Vec<usize> = (0..inputs.len()).map(|i| chunk * 50 + i).collect();
+            while !unacked.is_empty() {
+                let mut sent = Vec::new();
+                for &input in &unacked {
+                    let publish = jetstream::message::PublishMessage::build()
+                        .message_id(format!("input-{input}"))
+                        .payload(payloads[input].clone().into());
+                    sent.push((input, js.send_publish(subject(input), publish).await));
+                }
+                let mut failed = Vec::new();
+                for (input, sent) in sent {
+                    let acked = match sent {
+                        Ok(ack) => ack.await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if !acked {
+                        failed.push(input);
+                    }
+                }
+                if !failed.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                unacked = failed;
+            }
+            tokio::time::sleep(pause).await;
+        }
+    })
+}
+
 /// Publishes `payloads` to `subject` through JetStream, awaiting every ack.
 pub async fn publish_all(js: &jetstream::Context, subject: &str, payloads: &[Vec<u8>]) {
     let mut acks = Vec::with_capacity(payloads.len());

@@ -346,8 +346,8 @@ impl Publisher for FakePublisher {
     }
 }
 
-/// The output stream as a ledger: an atomic batch stores every message (the duplicate window
-/// aside, so that a batch committed twice shows twice) and the marker, or nothing.
+/// The output stream as a ledger: an atomic batch stores every message and the marker, or
+/// nothing; one with an id inside the duplicate window is refused whole.
 impl Ledger for FakePublisher {
     async fn last_marker(&self, subject: &str) -> Result<Option<StoredMarker>, PublishError> {
         let state = lock(&self.world.state);
@@ -375,14 +375,27 @@ impl Ledger for FakePublisher {
         {
             return Err(CommitError::Refused("message size exceeds maximum".into()));
         }
+        // As nats-server 2.12.1 does: an id inside the duplicate window refuses the batch.
+        if messages
+            .iter()
+            .copied()
+            .chain([marker])
+            .any(|message| state.window.contains(&message.msg_id))
+        {
+            return Err(CommitError::Refused(
+                "atomic publish batch contains duplicate message id".into(),
+            ));
+        }
         if state.failing_publishes > 0 {
             state.failing_publishes -= 1;
             return Err(CommitError::Failed("timed out".into()));
         }
-        for message in messages {
+        for message in messages.iter().copied().chain([marker]) {
             state.window.insert(message.msg_id.clone());
-            state.stored.push((*message).clone());
         }
+        state
+            .stored
+            .extend(messages.iter().map(|message| (*message).clone()));
         state.last_sequence += messages.len() as u64 + 1;
         let stored = StoredMarker {
             sequence: state.last_sequence,

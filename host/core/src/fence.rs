@@ -39,8 +39,10 @@ const PROGRESS_VERSION: &str = "1";
 pub struct FenceSettings {
     /// The subject of the partition's progress markers, on the output stream.
     pub marker_subject: String,
-    /// This run of this host, unique among every run that may ever own the partition: its
-    /// markers name it, so that it tells its own commit from another owner's.
+    /// This run of this host, unique among every run that may ever own the partition. Each
+    /// time the run takes the partition over, its markers name it with the count of its
+    /// takeovers (`<owner>#<n>`), so that it tells its own commits from another owner's and
+    /// from its own of an earlier takeover, and no two of its markers share an id.
     pub owner: String,
 }
 
@@ -57,6 +59,9 @@ pub struct Fence {
 
 #[derive(Default)]
 struct Chain {
+    /// The owner this run's markers name since its last takeover.
+    owner: String,
+    takeovers: u64,
     /// What the last marker says.
     progress: Progress,
     /// The last marker's stream sequence (0: none yet).
@@ -78,6 +83,19 @@ impl Fence {
         self.chain
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Begins a takeover: the owner its markers name from now on.
+    pub(crate) fn begin_takeover(&self) -> String {
+        let mut chain = self.chain();
+        chain.takeovers += 1;
+        chain.owner = format!("{}#{}", self.settings.owner, chain.takeovers);
+        chain.owner.clone()
+    }
+
+    /// The owner this run's markers name since its last takeover.
+    pub(crate) fn owner(&self) -> String {
+        self.chain().owner.clone()
     }
 
     /// Whether the last marker says `input` is done.

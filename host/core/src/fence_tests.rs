@@ -79,7 +79,7 @@ async fn every_input_is_published_once_and_the_markers_chain_with_no_store() {
     for (commit, progress) in markers.iter().enumerate() {
         assert_eq!(
             (progress.owner.as_str(), progress.commit),
-            ("a/1", commit as u64)
+            ("a/1#1", commit as u64)
         );
     }
     assert_eq!(done_count(&world, WORKLOAD.len() as u64), 10);
@@ -142,7 +142,7 @@ async fn an_owner_paused_past_a_takeover_publishes_and_acks_nothing_more() {
     }
     assert!(acked_by_zombie <= BATCH, "only its first batch");
     assert_exactly_once(&world, &WORKLOAD);
-    assert_eq!(last_progress(&world).owner, "b/1");
+    assert_eq!(last_progress(&world).owner, "b/1#1");
 }
 
 #[tokio::test(start_paused = true)]

@@ -187,7 +187,7 @@ async fn writes_whose_answers_are_lost_keep_the_lease() {
     assert!(
         world.markers().iter().all(|marker| {
             let progress = crate::fence::Progress::parse(marker.sequence, &marker.payload);
-            progress.unwrap().owner == "a"
+            progress.unwrap().owner == "a#1"
         }),
         "only a ever committed"
     );
@@ -227,4 +227,42 @@ async fn a_holder_that_cannot_renew_stops_working_when_its_lease_may_expire() {
     };
     tokio::join!(run(&a, &world, &leases, "a", &stop_a), scenario);
     assert_exactly_once(&world, &WORKLOAD);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_that_loses_its_lease_and_takes_it_again_goes_on_under_a_new_takeover() {
+    let (world, runtime, leases) = (
+        World::new(),
+        Arc::new(FakeRuntime::new()),
+        FakeLeases::new(),
+    );
+    world.publish_inputs(&WORKLOAD[..BATCH]);
+    let a = fenced(&world, &runtime, NoProbe, "a");
+    let stop_a = CancellationToken::new();
+    let scenario = async {
+        world.all_acked().await;
+        // Cut off past its lease, a stops working on the partition; back, it takes the
+        // lease and the partition again, and its markers are not taken for duplicates.
+        leases.cut_off("a", true);
+        while a.status.snapshot().phase == Phase::Running {
+            tokio::time::sleep(TTL / 10).await;
+        }
+        leases.cut_off("a", false);
+        world.publish_inputs(&WORKLOAD[BATCH..]);
+        world.all_acked().await;
+        stop_a.cancel();
+    };
+    tokio::join!(run(&a, &world, &leases, "a", &stop_a), scenario);
+    assert_exactly_once(&world, &WORKLOAD);
+    let owners: Vec<String> = world
+        .markers()
+        .iter()
+        .map(|marker| {
+            crate::fence::Progress::parse(marker.sequence, &marker.payload)
+                .unwrap()
+                .owner
+        })
+        .collect();
+    assert_eq!(owners.first().map(String::as_str), Some("a#1"));
+    assert_eq!(owners.last().map(String::as_str), Some("a#2"));
 }

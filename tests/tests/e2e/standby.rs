@@ -272,7 +272,10 @@ async fn the_output_streams_leader_killed_and_moved_under_a_holder_and_a_standby
     let mut a = rig.host("a");
     rig.holds_the_lease("a").await;
     let mut b = rig.host("b");
-    let publisher = publish_orders_spread(&rig.js, &rig.payloads, Duration::from_millis(60));
+    let publisher =
+        publish_spread_through_elections(&rig.js, &rig.payloads, Duration::from_millis(60), |_| {
+            "orders.in.new".to_owned()
+        });
     wait_for("a to make progress", Duration::from_secs(60), || async {
         rig.ack_floor().await > 200
     })
@@ -303,6 +306,29 @@ async fn the_output_streams_leader_killed_and_moved_under_a_holder_and_a_standby
         "{:?}",
         response.payload
     );
+    // The test reads the output stream once it has a leader and both replicas current
+    // again (a read during the election times out).
+    wait_for(
+        "the output stream to settle",
+        Duration::from_secs(60),
+        || async {
+            let Ok(mut stream) = rig.js.get_stream("ORDERS_OUT").await else {
+                return false;
+            };
+            let Ok(info) = stream.info().await else {
+                return false;
+            };
+            info.cluster.as_ref().is_some_and(|cluster| {
+                cluster.leader.is_some()
+                    && cluster.replicas.len() == 2
+                    && cluster
+                        .replicas
+                        .iter()
+                        .all(|peer| peer.current && !peer.offline)
+            })
+        },
+    )
+    .await;
     publisher.await.unwrap();
     rig.wait_until_processed().await;
     assert!(terminate(&mut a).success());
@@ -399,4 +425,147 @@ async fn a_holder_cut_off_from_the_server_past_its_lease_is_replaced_and_then_st
     let verdict = check_orders_in(&js, "ORDERS_OUT", "ORDERS_OUT", &payloads).await;
     println!("verdict: {}", verdict.counts());
     assert!(verdict.is_exact(), "not exactly once: {verdict:?}");
+}
+
+/// Three hosts and six partitions on a 3-node cluster, 4 000 orders on 16 customers'
+/// subjects, and faults struck at random while they arrive (seeded: `WEIR_CHAOS_SEED`): a
+/// host SIGKILLed and restarted, SIGSTOPped past its leases and woken, stopped with SIGTERM
+/// and started again; a cluster node SIGKILLed and restarted. Every output exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hosts_with_six_partitions_under_mixed_faults_leave_every_output_exactly_once() {
+    const HOSTS: usize = 3;
+    const FAULTS: usize = 6;
+    let seed = seed_from_env("WEIR_CHAOS_SEED");
+    println!("seed: {seed} (rerun with WEIR_CHAOS_SEED={seed})");
+    let mut rng = SeededRng(seed);
+    let mut cluster = NatsCluster::start().await;
+    // The test's own client stays on node 0, which no fault kills.
+    let js = jetstream::new(connect_client(&cluster.url(0)).await.unwrap());
+    js.create_stream(Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.in.*".into()],
+        num_replicas: 3,
+        subject_transform: Some(jetstream::stream::SubjectTransform {
+            source: "orders.in.*".into(),
+            destination: "{{partition(6,1)}}.orders.in.{{wildcard(1)}}".into(),
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("the partitioned input stream");
+    js.create_stream(Config {
+        name: "ORDERS_OUT".into(),
+        subjects: vec![
+            "orders.out.>".into(),
+            "orders.dlq".into(),
+            "_weir.progress.orders.>".into(),
+        ],
+        num_replicas: 3,
+        allow_atomic_publish: true,
+        ..Default::default()
+    })
+    .await
+    .expect("the output stream");
+    let dir = tempfile::tempdir().unwrap();
+    let text = PipelineToml {
+        subject: "orders.in.*",
+        partitions: Some(6),
+        extra: "[pipeline.batch]\nmax_messages = 64\n",
+        ..PipelineToml::orders(&cluster.urls(), &plugin("orders"), Path::new("unused"))
+    }
+    .render()
+    .replace(
+        "partitions = 6",
+        &format!(
+            "partitions = 6\npartition_key = \"subject-token:3\"\nlease_ttl_secs = {TTL_SECS}"
+        ),
+    );
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, ADMIN_OFF.to_owned() + &text).unwrap();
+    let log = |host: usize| dir.path().join(format!("h{host}.log"));
+    let start = |host: usize| spawn_weir(&config, Some(&log(host)), None);
+    let mut hosts: Vec<WeirProcess> = (0..HOSTS).map(start).collect();
+
+    let payloads = order_workload(2 * INPUTS, MALFORMED_EVERY);
+    let publisher =
+        publish_spread_through_elections(&js, &payloads, Duration::from_millis(150), |input| {
+            format!("orders.in.c{}", input % 16)
+        });
+    for fault in 0..FAULTS {
+        tokio::time::sleep(Duration::from_millis(1000 + rng.below(1000))).await;
+        let host = rng.below(HOSTS as u64) as usize;
+        match rng.below(4) {
+            0 => {
+                println!("fault {fault}: SIGKILL host {host}, then restart it");
+                hosts[host].kill().unwrap();
+                hosts[host].wait().unwrap();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                hosts[host] = start(host);
+            }
+            1 => {
+                println!("fault {fault}: SIGSTOP host {host} past its leases, then SIGCONT");
+                send_signal(&hosts[host], libc::SIGSTOP);
+                tokio::time::sleep(Duration::from_secs(TTL_SECS + 1)).await;
+                send_signal(&hosts[host], libc::SIGCONT);
+            }
+            2 => {
+                println!(
+                    "fault {fault}: SIGTERM host {host} (it leaves), then start it (it joins)"
+                );
+                let status = terminate(&mut hosts[host]);
+                assert!(
+                    status.success(),
+                    "host {host} stops cleanly, got {status}:\n{}",
+                    log_tail(&log(host))
+                );
+                hosts[host] = start(host);
+            }
+            _ => {
+                let node = 1 + rng.below(2) as usize;
+                println!("fault {fault}: SIGKILL cluster node {node}, then restart it");
+                cluster.kill(node);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                cluster.restart(node).await;
+            }
+        }
+    }
+    publisher.await.unwrap();
+    let processed = || async {
+        for partition in 0..6 {
+            if !drained(&js, "ORDERS", &format!("weir-p{partition}")).await {
+                return false;
+            }
+        }
+        check_orders_in(&js, "ORDERS_OUT", "ORDERS_OUT", &payloads)
+            .await
+            .missing
+            == 0
+    };
+    wait_for("every input processed", Duration::from_secs(180), processed).await;
+    for (host, process) in hosts.iter_mut().enumerate() {
+        let status = terminate(process);
+        assert!(
+            status.success(),
+            "host {host} stops cleanly, got {status}:\n{}",
+            log_tail(&log(host))
+        );
+    }
+    let verdict = check_orders_in(&js, "ORDERS_OUT", "ORDERS_OUT", &payloads).await;
+    println!(
+        "verdict: {} ({}, seed {seed})",
+        verdict.counts(),
+        if verdict.is_exact() {
+            "exactly once"
+        } else {
+            "NOT exactly once"
+        }
+    );
+    assert!(verdict.is_exact(), "not exactly once: {verdict:?}");
+}
+
+/// The last lines of a weir's log, for a failure's message.
+fn log_tail(path: &Path) -> String {
+    let log = read_log(path);
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }

@@ -41,7 +41,7 @@ where
         fence: &Fence,
         shutdown: &CancellationToken,
     ) -> Result<bool, Fatal> {
-        let owner = &fence.settings.owner;
+        let owner = &fence.begin_takeover();
         let mut retrier = Retrier::new(Step::TakeOver, self, shutdown);
         loop {
             let Some(last) = self.last_marker(fence, &mut retrier).await? else {
@@ -189,7 +189,7 @@ where
         unit: &[Publication],
         shutdown: &CancellationToken,
     ) -> Result<Unit, Fatal> {
-        let owner = &fence.settings.owner;
+        let owner = &fence.owner();
         let mut retrier = Retrier::new(Step::AtomicCommit, self, shutdown);
         let unit_inputs = || {
             unit.iter()
