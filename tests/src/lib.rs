@@ -1128,6 +1128,24 @@ pub async fn check_orders_in(
     verdict
 }
 
+/// Whether a partitioned orders pipeline of `partitions` partitions has acked every input
+/// and stored every output and dead letter of `payloads` in `ORDERS_OUT`.
+pub async fn partitions_processed(
+    js: &jetstream::Context,
+    partitions: u32,
+    payloads: &[Vec<u8>],
+) -> bool {
+    for partition in 0..partitions {
+        if !drained(js, "ORDERS", &format!("weir-p{partition}")).await {
+            return false;
+        }
+    }
+    check_orders_in(js, "ORDERS_OUT", "ORDERS_OUT", payloads)
+        .await
+        .missing
+        == 0
+}
+
 /// Every progress marker of a partitioned pipeline on `subject` of `stream`, in order: the
 /// owner and commit number of each (read as JSON, not through weir's code).
 pub async fn progress_markers(

@@ -133,22 +133,10 @@ async fn three_partitions_fail_over_to_a_standby_host_and_every_output_is_exactl
     let mut b = spawn_weir(&config, Some(&b_log), None);
     // Each order on its customer's subject: the stream stores it under its partition.
     let payloads = order_workload(INPUTS, MALFORMED_EVERY);
-    let publisher = {
-        let (js, payloads) = (js.clone(), payloads.clone());
-        tokio::spawn(async move {
-            for (at, chunk) in payloads.chunks(50).enumerate() {
-                let mut acks = Vec::new();
-                for (index, payload) in chunk.iter().enumerate() {
-                    let subject = format!("orders.in.c{}", (at * 50 + index) % 16);
-                    acks.push(js.publish(subject, payload.clone().into()).await.unwrap());
-                }
-                for ack in acks {
-                    ack.await.expect("an input stored");
-                }
-                tokio::time::sleep(Duration::from_millis(40)).await;
-            }
-        })
-    };
+    let publisher =
+        publish_spread_through_elections(&js, &payloads, Duration::from_millis(40), |input| {
+            format!("orders.in.c{}", input % 16)
+        });
     wait_for("a to make progress", Duration::from_secs(60), || async {
         stream_len(&js, "ORDERS_OUT").await > 500
     })
@@ -162,22 +150,9 @@ async fn three_partitions_fail_over_to_a_standby_host_and_every_output_is_exactl
     )
     .await;
     publisher.await.unwrap();
-    let drained_all = || async {
-        for partition in 0..PARTITIONS {
-            if !drained(&js, "ORDERS", &format!("weir-p{partition}")).await {
-                return false;
-            }
-        }
-        check_orders_in(&js, "ORDERS_OUT", "ORDERS_OUT", &payloads)
-            .await
-            .missing
-            == 0
-    };
-    wait_for(
-        "every input processed",
-        Duration::from_secs(120),
-        drained_all,
-    )
+    wait_for("every input processed", Duration::from_secs(120), || {
+        partitions_processed(&js, PARTITIONS as u32, &payloads)
+    })
     .await;
     assert!(terminate(&mut b).success());
 
