@@ -134,10 +134,13 @@ async fn outputs_are_exactly_once_across_cut_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_are_exactly_once_across_stalled_and_silent_connections() {
-    let run = ProxiedPipeline::start(Duration::from_millis(60)).await;
+    let mut run = ProxiedPipeline::start(Duration::from_millis(60)).await;
     // Stalls longer than a pull request's heartbeat, then links that die without a reset:
     // weir must notice on its own, reconnect and go on.
     let started = Instant::now();
+    // Inputs published while a link is silent, so that there is work to recover to however
+    // fast weir drained the first 2 000 (order_workload is the same orders, extended).
+    let extra = order_workload(run.payloads.len() + 100, 40);
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         run.proxy.wait_for_a_live_connection().await;
@@ -151,6 +154,10 @@ async fn outputs_are_exactly_once_across_stalled_and_silent_connections() {
         let before = stream_len(&run.js, "ORDERS_OUT").await;
         let silenced = run.proxy.blackhole();
         assert!(silenced > 0, "the black hole took no connection");
+        let published = run.payloads.len();
+        let more = &extra[published..published + 50];
+        publish_all(&run.js, "orders.in.new", more).await;
+        run.payloads.extend_from_slice(more);
         wait_for(
             "weir to recover from a silent connection",
             Duration::from_secs(60),
