@@ -853,6 +853,20 @@ fn current(state: &mut LeasesState, key: &str) -> LeaseState {
     )
 }
 
+/// The revision a write of `key` expecting `revision` gets, as the server's compare-and-set
+/// gives it: refused when the key's last revision is another.
+fn next_revision(state: &mut LeasesState, key: &str, revision: u64) -> Result<u64, LeaseError> {
+    let now = current(state, key);
+    if now.revision != revision {
+        return Err(LeaseError::Moved(format!(
+            "wrong last sequence: {}",
+            now.revision
+        )));
+    }
+    state.last_revision += 1;
+    Ok(state.last_revision)
+}
+
 impl Leases for FakeLeases {
     async fn read(&self, key: &str) -> Result<LeaseState, LeaseError> {
         let mut state = lock(&self.state);
@@ -870,15 +884,7 @@ impl Leases for FakeLeases {
         if state.cut_off.contains(holder) {
             return Err(LeaseError::Failed("no responders".into()));
         }
-        let now = current(&mut state, key);
-        if now.revision != revision {
-            return Err(LeaseError::Moved(format!(
-                "wrong last sequence: {}",
-                now.revision
-            )));
-        }
-        state.last_revision += 1;
-        let written = state.last_revision;
+        let written = next_revision(&mut state, key, revision)?;
         state.keys.insert(
             key.to_owned(),
             FakeLease {
@@ -896,15 +902,7 @@ impl Leases for FakeLeases {
 
     async fn release(&self, key: &str, revision: u64) -> Result<(), LeaseError> {
         let mut state = lock(&self.state);
-        let now = current(&mut state, key);
-        if now.revision != revision {
-            return Err(LeaseError::Moved(format!(
-                "wrong last sequence: {}",
-                now.revision
-            )));
-        }
-        state.last_revision += 1;
-        let released = state.last_revision;
+        let released = next_revision(&mut state, key, revision)?;
         let lease = state.keys.get_mut(key).expect("a lease of that revision");
         lease.holder = None;
         lease.revision = released;
