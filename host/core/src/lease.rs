@@ -3,6 +3,12 @@
 //! when the run stops, so that a standby takes over at once after a clean stop and within a
 //! TTL of a host's death.
 //!
+//! Which host should hold a partition is the spread's wish ([`crate::spread`]): a free
+//! lease is taken at once by the wanted host and by any other only after [`grace`] (so that
+//! partitions land where they are wanted, and still land somewhere if the wanted host does
+//! not take them); a holder that is not wanted for a while drains and hands the partition
+//! over (so that a host that joins gets its share).
+//!
 //! The lease is not what keeps exactly-once: the fence is ([`crate::fence`]). A run that
 //! lost its lease (paused, cut off) and still commits is refused by the marker chain. The
 //! lease keeps one run at a time working on the partition, so that runs do not take it from
@@ -19,6 +25,7 @@ use crate::ports::{
     DedupStore, LeaseError, LeaseState, Leases, Ledger, PluginRuntime, Probe, Publisher, Source,
 };
 use crate::retry::{Backoff, sleep_unless_shutdown};
+use crate::spread::Members;
 use crate::status::PipelineStatus;
 
 /// A partition's lease, as one run holds it.
@@ -30,6 +37,9 @@ pub struct LeaseSettings {
     pub holder: String,
     /// How long the lease lives unrenewed.
     pub ttl: Duration,
+    /// The lease's partition, and how many the pipeline has: which host is wanted for it.
+    pub partition: u32,
+    pub partitions: u32,
 }
 
 impl LeaseSettings {
@@ -42,6 +52,17 @@ impl LeaseSettings {
     /// of a release).
     fn look_every(&self) -> Duration {
         (self.ttl / 10).clamp(Duration::from_millis(100), Duration::from_millis(500))
+    }
+
+    /// How long a free lease waits for its wanted host before another takes it, and how
+    /// long a holder is unwanted before it hands the partition over (members seen a moment
+    /// apart do not move it): a third of the TTL.
+    pub fn grace(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    fn wanted(&self, members: &Members) -> Option<String> {
+        members.wanted(self.partition, self.partitions)
     }
 }
 
@@ -62,16 +83,20 @@ pub enum Kept {
     Lost(String),
 }
 
-/// Waits until this run holds the lease, showing who holds it meanwhile. `None` on shutdown
-/// first.
+/// Waits until this run holds the lease, showing who holds it meanwhile: takes it when it
+/// is free, at once if this host is wanted for it (or none is known), else once it has been
+/// free for [`LeaseSettings::grace`]. `None` on shutdown first.
 pub async fn take<L: Leases>(
     leases: &L,
     lease: &LeaseSettings,
+    members: &Members,
     status: &PipelineStatus,
     shutdown: &CancellationToken,
 ) -> Option<Held> {
     // When the last write that failed was sent: it may have gone through.
     let mut tried_at = None;
+    // Since when the lease has been seen free.
+    let mut free_since = None;
     loop {
         match leases.read(&lease.key).await {
             Ok(LeaseState {
@@ -87,11 +112,18 @@ pub async fn take<L: Leases>(
             Ok(LeaseState {
                 holder: Some(holder),
                 ..
-            }) => status.standing_by(Some(&holder)),
+            }) => {
+                free_since = None;
+                status.standing_by(Some(&holder));
+            }
             Ok(LeaseState {
                 holder: None,
                 revision,
-            }) => {
+            }) if lease
+                .wanted(members)
+                .is_none_or(|wanted| wanted == members.me())
+                || free_since.get_or_insert_with(Instant::now).elapsed() >= lease.grace() =>
+            {
                 status.standing_by(None);
                 let written_at = Instant::now();
                 match leases
@@ -112,6 +144,8 @@ pub async fn take<L: Leases>(
                     }
                 }
             }
+            // Free, and waiting for the host wanted for it.
+            Ok(LeaseState { holder: None, .. }) => status.standing_by(None),
             Err(error) => tracing::warn!(%error, "reading the partition's lease failed"),
         }
         if !sleep_unless_shutdown(lease.look_every(), shutdown).await {
@@ -123,17 +157,50 @@ pub async fn take<L: Leases>(
 /// Renews the lease until `stop` fires or it is lost. A renewal that fails for a while is
 /// tried again; the lease counts as lost once a whole TTL has passed since the last write
 /// that went through was sent, since by then another run may hold it.
+///
+/// Once another member has been wanted for the partition for [`LeaseSettings::grace`]
+/// (and this host sees itself among the members: a host whose own registration lapsed
+/// knows too little to give anything away), `work` is cancelled, so that the run drains;
+/// the lease is renewed until it has (`stop`), and then released for the wanted host.
 pub async fn keep<L: Leases>(
     leases: &L,
     lease: &LeaseSettings,
+    members: &Members,
     mut held: Held,
+    work: &CancellationToken,
     stop: &CancellationToken,
 ) -> Kept {
+    let mut members = members.clone();
     let mut next = held.written_at + lease.renew_every();
+    // Since when another member has been wanted for the partition.
+    let mut unwanted_since = None;
     loop {
+        let elsewhere = match lease.wanted(&members) {
+            Some(wanted)
+                if wanted != members.me() && members.includes_me() && !work.is_cancelled() =>
+            {
+                Some(wanted)
+            }
+            _ => None,
+        };
+        let hand_over_at = match &elsewhere {
+            Some(_) => *unwanted_since.get_or_insert_with(Instant::now) + lease.grace(),
+            None => {
+                unwanted_since = None;
+                // Far enough never to come before `next`.
+                next + lease.ttl
+            }
+        };
         tokio::select! {
             biased;
             () = stop.cancelled() => return Kept::Stopped(held),
+            () = tokio::time::sleep_until(hand_over_at), if elsewhere.is_some() => {
+                let wanted = elsewhere.unwrap_or_default();
+                tracing::info!(%wanted, "handing the partition over to the host wanted for it");
+                work.cancel();
+                continue;
+            }
+            () = members.changed() => continue,
             () = tokio::time::sleep_until(next) => {}
         }
         let sent = Instant::now();
@@ -200,14 +267,17 @@ pub async fn release<L: Leases>(leases: &L, lease: &LeaseSettings, held: Held) {
 }
 
 /// Runs a partitioned pipeline whenever this run holds its partition's lease: stands by
-/// while another run holds it, takes it when it is free, consumes (`consume` makes the
-/// source, which must not pull before the lease is held) and runs the pipeline while keeping
-/// the lease, and stands by again when the lease is lost or another run takes the partition
-/// over. Returns on shutdown, the lease released, or on a fatal error.
+/// while another run holds it, takes it when it is free (see [`take`]: `members` says which
+/// host is wanted for it), consumes (`consume` makes the source, which must not pull before
+/// the lease is held) and runs the pipeline while keeping the lease, and stands by again
+/// when the lease is lost, another run takes the partition over, or it hands the partition
+/// over to the host wanted for it. Returns on shutdown, the lease released, or on a fatal
+/// error.
 pub async fn run_partition<St, Pu, R, Pr, L, S, E, F, Fut>(
     pipeline: &Pipeline<St, Pu, R, Pr>,
     leases: &L,
     lease: &LeaseSettings,
+    members: Members,
     mut consume: F,
     shutdown: CancellationToken,
 ) -> Result<(), Fatal>
@@ -223,7 +293,7 @@ where
     Fut: Future<Output = Result<S, E>>,
 {
     loop {
-        let Some(held) = take(leases, lease, &pipeline.status, &shutdown).await else {
+        let Some(held) = take(leases, lease, &members, &pipeline.status, &shutdown).await else {
             pipeline.status.stopped("shut down");
             return Ok(());
         };
@@ -239,7 +309,7 @@ where
             ran
         };
         let keeping = async {
-            let kept = keep(leases, lease, held, &stop_keeping).await;
+            let kept = keep(leases, lease, &members, held, &run, &stop_keeping).await;
             if let Kept::Lost(reason) = &kept {
                 tracing::warn!(%reason, "lost the partition's lease; stopping work on it and standing by");
                 run.cancel();
@@ -261,13 +331,15 @@ where
                 }
                 return Err(fatal);
             }
-            Ok(()) if shutdown.is_cancelled() => {
+            Ok(()) => {
+                // Stopped, or handed over to the host wanted for it.
                 if let Some(held) = still_held {
                     release(leases, lease, held).await;
                 }
-                return Ok(());
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
             }
-            Ok(()) => {}
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Two runs of a partitioned pipeline, one holding the partition's lease and one standing
 //! by, against the fakes on tokio's paused clock: a holder that dies, stops cleanly, is cut
-//! off while paused, or loses a write's answer.
+//! off while paused, or loses a write's answer; and the partition going to the host the
+//! spread wants for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use crate::fence_tests::{Fenced, fenced};
 use crate::lease::{LeaseSettings, run_partition};
 use crate::pipeline_tests::{BATCH, WORKLOAD, assert_exactly_once};
 use crate::ports::{NoProbe, Point, Probe};
+use crate::spread::{Members, assign};
 use crate::status::Phase;
 
 const TTL: Duration = Duration::from_secs(6);
@@ -23,10 +25,13 @@ fn lease(holder: &str) -> LeaseSettings {
         key: KEY.into(),
         holder: holder.into(),
         ttl: TTL,
+        partition: 0,
+        partitions: 1,
     }
 }
 
-/// Runs `pipeline` as `holder` whenever it holds the lease, until `shutdown`.
+/// Runs `pipeline` as `holder` whenever it holds the lease, until `shutdown`, with no
+/// members known: the lease goes to whoever takes it first.
 async fn run<Pr: Probe>(
     pipeline: &Fenced<Pr>,
     world: &Arc<World>,
@@ -34,10 +39,44 @@ async fn run<Pr: Probe>(
     holder: &str,
     shutdown: &CancellationToken,
 ) {
+    let (_, members) = Members::channel(holder);
+    run_among(pipeline, world, leases, members, shutdown).await;
+}
+
+/// Runs `pipeline` as member `members.me()`, which is also its lease holder name.
+async fn run_among<Pr: Probe>(
+    pipeline: &Fenced<Pr>,
+    world: &Arc<World>,
+    leases: &FakeLeases,
+    members: Members,
+    shutdown: &CancellationToken,
+) {
     let consume = || async { Ok::<_, FakeError>(FakeSource::new(world, BATCH)) };
-    run_partition(pipeline, leases, &lease(holder), consume, shutdown.clone())
+    let lease = lease(members.me());
+    run_partition(pipeline, leases, &lease, members, consume, shutdown.clone())
         .await
         .expect("no fatal error");
+}
+
+/// Two hosts' names, the first of which the spread wants for the one partition when both
+/// are members.
+fn wanted_and_other() -> (&'static str, &'static str) {
+    match assign(1, &["a", "b"])[0] {
+        Some("a") => ("a", "b"),
+        _ => ("b", "a"),
+    }
+}
+
+/// Waits until `key`'s lease is held by `holder`; panics after a few TTLs.
+async fn held_by(leases: &FakeLeases, holder: &str) {
+    let held = async {
+        while leases.holder(KEY).as_deref() != Some(holder) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(TTL * 5, held)
+        .await
+        .unwrap_or_else(|_| panic!("{holder} never took the lease"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -265,4 +304,118 @@ async fn a_holder_that_loses_its_lease_and_takes_it_again_goes_on_under_a_new_ta
         .collect();
     assert_eq!(owners.first().map(String::as_str), Some("a#1"));
     assert_eq!(owners.last().map(String::as_str), Some("a#2"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_that_joins_is_handed_the_partition_wanted_for_it() {
+    let (world, runtime, leases) = (
+        World::new(),
+        Arc::new(FakeRuntime::new()),
+        FakeLeases::new(),
+    );
+    world.publish_inputs(&WORKLOAD);
+    let (joining, first) = wanted_and_other();
+    let (first_sees, first_members) = Members::channel(first);
+    let (joining_sees, joining_members) = Members::channel(joining);
+    first_sees.send_replace([first.to_owned()].into());
+    let a = fenced(&world, &runtime, NoProbe, first);
+    let b = fenced(&world, &runtime, NoProbe, joining);
+    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+    let scenario = async {
+        world.acked_at_least(BATCH).await;
+        // The second host starts and registers; both see it.
+        let both: std::collections::BTreeSet<String> = [first, joining].map(String::from).into();
+        joining_sees.send_replace(both.clone());
+        first_sees.send_replace(both);
+        let joined = Instant::now();
+        held_by(&leases, joining).await;
+        let moved = joined.elapsed();
+        world.all_acked().await;
+        stop_a.cancel();
+        stop_b.cancel();
+        moved
+    };
+    let ((), (), moved) = tokio::join!(
+        run_among(&a, &world, &leases, first_members, &stop_a),
+        run_among(&b, &world, &leases, joining_members, &stop_b),
+        scenario
+    );
+    // The holder waits out the grace, drains the batch in hand, and releases; the wanted
+    // host takes the lease within one look.
+    let grace = lease(first).grace();
+    assert!(
+        moved >= grace && moved <= grace + TTL / 10,
+        "the partition moved {moved:?} after the host joined"
+    );
+    assert_exactly_once(&world, &WORKLOAD);
+    let owners: Vec<String> = world
+        .markers()
+        .iter()
+        .map(|marker| {
+            crate::fence::Progress::parse(marker.sequence, &marker.payload)
+                .unwrap()
+                .owner
+        })
+        .collect();
+    assert_eq!(owners.first(), Some(&format!("{first}#1")));
+    assert_eq!(owners.last(), Some(&format!("{joining}#1")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_free_lease_waits_for_its_wanted_host_before_another_takes_it() {
+    let (world, runtime, leases) = (
+        World::new(),
+        Arc::new(FakeRuntime::new()),
+        FakeLeases::new(),
+    );
+    world.publish_inputs(&WORKLOAD);
+    // Both are members, but the wanted host never comes to take the partition (stuck, or
+    // its pipeline not started): the other takes it after the grace.
+    let (_, other) = wanted_and_other();
+    let (sees, members) = Members::channel(other);
+    sees.send_replace(["a", "b"].map(String::from).into());
+    let a = fenced(&world, &runtime, NoProbe, other);
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let scenario = async {
+        held_by(&leases, other).await;
+        let took = started.elapsed();
+        world.all_acked().await;
+        stop.cancel();
+        took
+    };
+    let ((), took) = tokio::join!(run_among(&a, &world, &leases, members, &stop), scenario);
+    let grace = lease(other).grace();
+    assert!(
+        took >= grace && took <= grace + TTL / 10,
+        "took the free lease {took:?} after it started"
+    );
+    assert_exactly_once(&world, &WORKLOAD);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_that_does_not_see_itself_among_the_members_keeps_its_partition() {
+    let (world, runtime, leases) = (
+        World::new(),
+        Arc::new(FakeRuntime::new()),
+        FakeLeases::new(),
+    );
+    world.publish_inputs(&WORKLOAD);
+    // Its own registration lapsed (it cannot write it): the members it sees say too little
+    // to give the partition away on.
+    let (joining, holder) = wanted_and_other();
+    let (sees, members) = Members::channel(holder);
+    let a = fenced(&world, &runtime, NoProbe, holder);
+    let stop = CancellationToken::new();
+    let scenario = async {
+        world.all_acked().await;
+        sees.send_replace([joining.to_owned()].into());
+        for _ in 0..6 {
+            tokio::time::sleep(TTL / 3).await;
+            assert_eq!(leases.holder(KEY).as_deref(), Some(holder));
+        }
+        stop.cancel();
+    };
+    tokio::join!(run_among(&a, &world, &leases, members, &stop), scenario);
+    assert_exactly_once(&world, &WORKLOAD);
 }

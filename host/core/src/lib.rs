@@ -35,6 +35,7 @@ pub mod policy;
 pub mod ports;
 pub mod record;
 pub mod retry;
+pub mod spread;
 pub mod state;
 pub mod status;
 pub mod subject;

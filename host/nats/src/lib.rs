@@ -1589,6 +1589,132 @@ impl ports::Leases for LeaseStore {
     }
 }
 
+/// A partitioned pipeline's members, the hosts running it, as keys of the lease bucket:
+/// `_members.<pipeline>.<member>`, each written with a TTL by its host while it runs.
+fn members_prefix(pipeline: &str) -> String {
+    format!("_members.{pipeline}.")
+}
+
+impl LeaseStore {
+    /// Keeps `me` registered as a member of `pipeline` (rewritten every third of `ttl`, so
+    /// that it expires a TTL after this host dies) and `live` current with every member the
+    /// bucket holds, this one included once the server has it. Runs until dropped.
+    pub async fn keep_membership(
+        &self,
+        pipeline: &str,
+        me: &str,
+        ttl: Duration,
+        live: tokio::sync::watch::Sender<std::collections::BTreeSet<String>>,
+    ) -> std::convert::Infallible {
+        let key = format!("{}{me}", members_prefix(pipeline));
+        let register = async {
+            loop {
+                let publish = PublishMessage::build()
+                    .ttl(ttl)
+                    .payload(Bytes::copy_from_slice(me.as_bytes()));
+                let written = match self
+                    .jetstream
+                    .send_publish(format!("$KV.{LEASE_BUCKET}.{key}"), publish)
+                    .await
+                {
+                    Ok(ack) => ack.await.map(drop),
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = written {
+                    tracing::warn!(%error, "registering this host as a member of the pipeline failed; trying again");
+                }
+                tokio::time::sleep(ttl / 3).await;
+            }
+        };
+        let watch = async {
+            loop {
+                if let Err(error) = self.watch_members(pipeline, &live).await {
+                    tracing::warn!(%error, "watching the pipeline's members failed; watching again");
+                }
+                tokio::time::sleep(MEMBERS_WATCH_RETRY).await;
+            }
+        };
+        tokio::join!(register, watch).0
+    }
+
+    /// Follows the members of `pipeline` into `live`, from the bucket's last entry for each,
+    /// until the watch ends.
+    async fn watch_members(
+        &self,
+        pipeline: &str,
+        live: &tokio::sync::watch::Sender<std::collections::BTreeSet<String>>,
+    ) -> Result<(), String> {
+        use jetstream::kv::Operation;
+        let prefix = members_prefix(pipeline);
+        let mut watch = self
+            .store
+            .watch_with_history(format!("{prefix}*"))
+            .await
+            .map_err(|e| e.to_string())?;
+        // Built afresh on each watch; published once it has caught up with the bucket, and
+        // on each change after that.
+        let mut members = std::collections::BTreeSet::new();
+        while let Some(entry) = watch.next().await {
+            let entry = entry.map_err(|e| e.to_string())?;
+            let Some(member) = entry.key.strip_prefix(&prefix) else {
+                continue;
+            };
+            match entry.operation {
+                Operation::Put => members.insert(member.to_owned()),
+                // Left (deleted on its way out) or expired (its host died).
+                Operation::Delete | Operation::Purge => members.remove(member),
+            };
+            if entry.delta == 0 {
+                live.send_if_modified(|live| {
+                    let changed = *live != members;
+                    live.clone_from(&members);
+                    changed
+                });
+            }
+        }
+        Err("the server ended the watch".into())
+    }
+
+    /// Removes `me` from the members of `pipeline` at once, so that the others take its
+    /// partitions without waiting for them. Best effort: otherwise it expires.
+    pub async fn leave_membership(&self, pipeline: &str, me: &str) {
+        let key = format!("{}{me}", members_prefix(pipeline));
+        match self.store.delete(&key).await {
+            Ok(()) => tracing::info!("left the pipeline's members"),
+            Err(error) => {
+                tracing::warn!(%error, "leaving the pipeline's members failed; this host's registration expires after the lease TTL")
+            }
+        }
+    }
+
+    /// The members of `pipeline` now, for the operator.
+    pub async fn members(&self, pipeline: &str) -> Result<Vec<String>, BrokerError> {
+        let prefix = members_prefix(pipeline);
+        let cannot = |e: &dyn std::fmt::Display| BrokerError::JetStream {
+            action: format!("cannot read the members of pipeline {pipeline:?}"),
+            source: e.to_string().into(),
+        };
+        let keys: Vec<String> = self
+            .store
+            .keys()
+            .await
+            .map_err(|e| cannot(&e))?
+            .filter_map(|key| async { key.ok() })
+            .collect()
+            .await;
+        let mut members: Vec<String> = keys
+            .iter()
+            .filter_map(|key| key.strip_prefix(&prefix))
+            .map(str::to_owned)
+            .collect();
+        members.sort_unstable();
+        Ok(members)
+    }
+}
+
+/// How long after a failed or ended watch of the members it is tried again.
+const MEMBERS_WATCH_RETRY: Duration = Duration::from_millis(500);
+
 /// JetStream API errors that refuse an atomic batch for good, besides those that refuse a
 /// message ([`REFUSED_FOR_GOOD`]): the core then commits its inputs one by one to find the
 /// one refused. A batch of ids the stream already has (10201) is one: retried, it would be

@@ -170,8 +170,22 @@ pub async fn run(
         }
         None => None,
     };
+    // Each partitioned pipeline's membership, shared by its partitions here.
+    let memberships: std::collections::BTreeMap<String, std::sync::Arc<pipeline::Membership>> =
+        config
+            .pipelines()
+            .iter()
+            .filter(|pipeline| matches!(pipeline.delivery(), config::Delivery::Partitioned))
+            .map(|pipeline| {
+                (
+                    pipeline.config().name.clone(),
+                    pipeline::Membership::new(pipeline),
+                )
+            })
+            .collect();
     let mut running = tokio::task::JoinSet::new();
     for ((pipeline, partition, name), watched) in runs.into_iter().zip(watched.clone()) {
+        let membership = memberships.get(&pipeline.config().name).cloned();
         let sandbox = sandbox.clone();
         let shutdown = shutdown.clone();
         // Every line a pipeline logs carries its name, through the span it runs in.
@@ -179,7 +193,7 @@ pub async fn run(
         running.spawn(tracing::Instrument::instrument(
             async move {
                 let started = tokio::select! {
-                    started = pipeline::Pipeline::start(pipeline, partition, &sandbox, share, &watched) => started,
+                    started = pipeline::Pipeline::start(pipeline, partition, &sandbox, share, &watched, membership) => started,
                     () = shutdown.cancelled() => {
                         watched.status.stopped("shut down while starting");
                         return Ok(());
@@ -215,6 +229,11 @@ pub async fn run(
         }
         shutdown.cancel();
         failure.get_or_insert(error);
+    }
+    // Every pipeline has stopped: each membership leaves.
+    shutdown.cancel();
+    for membership in memberships.values() {
+        membership.left().await;
     }
     admin_stop.cancel();
     if let Some(admin) = admin {

@@ -18,6 +18,7 @@ use crate::fault::FaultProbe;
 use crate::{Error, StartError};
 use weir_admin::{PluginIdentity, RECENT_DEAD_LETTERS, RecentDeadLetter, Watched};
 use weir_core::lease::LeaseSettings;
+use weir_core::spread::Members;
 use weir_nats::{
     BatchConfig, Broker, InputConfig, LeaseStore, MessageSource, Publisher, StreamMark,
 };
@@ -42,9 +43,80 @@ enum Consuming {
 struct Partition {
     leases: LeaseStore,
     lease: LeaseSettings,
+    membership: Arc<Membership>,
     broker: Broker,
     input: InputConfig,
     batch: BatchConfig,
+}
+
+/// A partitioned pipeline's membership on this host: the member it is, the members it
+/// sees (which say where each partition is wanted, `weir_core::spread`), and its
+/// registration. That starts once every partition of the pipeline here is ready to take its
+/// lease (a host wanted for partitions it cannot run yet would only hold them up), and ends
+/// at shutdown by leaving at once, so that the others take its partitions as it releases
+/// them.
+pub struct Membership {
+    pipeline: String,
+    members: Members,
+    ttl: Duration,
+    /// Partitions of the pipeline here not ready yet, and what the registration updates.
+    unready: std::sync::Mutex<(u32, Option<MembersSender>)>,
+    registration: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+type MembersSender = tokio::sync::watch::Sender<std::collections::BTreeSet<String>>;
+
+impl Membership {
+    pub fn new(pipeline: &ValidPipeline) -> Arc<Membership> {
+        let config = pipeline.config();
+        let (live, members) = Members::channel(&member_name());
+        Arc::new(Membership {
+            pipeline: config.name.clone(),
+            members,
+            ttl: Duration::from_secs(config.lease_ttl_secs),
+            unready: std::sync::Mutex::new((config.partition_indexes().len() as u32, Some(live))),
+            registration: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// A partition is ready: the last one starts the registration, on `leases`, until
+    /// `shutdown`.
+    fn ready(&self, leases: &LeaseStore, shutdown: &CancellationToken) {
+        let live = {
+            let mut unready = self.unready.lock().unwrap_or_else(|e| e.into_inner());
+            unready.0 = unready.0.saturating_sub(1);
+            match unready.0 {
+                0 => unready.1.take(),
+                _ => None,
+            }
+        };
+        let Some(live) = live else { return };
+        let (leases, shutdown) = (leases.clone(), shutdown.clone());
+        let (pipeline, me, ttl) = (
+            self.pipeline.clone(),
+            self.members.me().to_owned(),
+            self.ttl,
+        );
+        let registration = tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => leases.leave_membership(&pipeline, &me).await,
+                never = leases.keep_membership(&pipeline, &me, ttl, live) => match never {},
+            }
+        });
+        *self.registration.lock().unwrap_or_else(|e| e.into_inner()) = Some(registration);
+    }
+
+    /// Waits until the registration, if it started, has ended (after shutdown).
+    pub async fn left(&self) {
+        let registration = self
+            .registration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(registration) = registration {
+            let _ = registration.await;
+        }
+    }
 }
 
 impl Partition {
@@ -86,6 +158,7 @@ impl Pipeline {
         sandbox: &Arc<Sandbox>,
         thread_share: usize,
         watched: &Arc<Watched>,
+        membership: Option<Arc<Membership>>,
     ) -> Result<Pipeline, Error> {
         let config = pipeline.config();
         let status: &PipelineStatus = &watched.status;
@@ -256,9 +329,9 @@ impl Pipeline {
             metrics: watched.metrics.clone(),
             status: watched.status.clone(),
         };
-        let source = match ledger {
-            None => Consuming::Now(Box::new(source)),
-            Some(_) => {
+        let source = match (ledger, membership) {
+            (None, _) | (_, None) => Consuming::Now(Box::new(source)),
+            (Some(_), Some(membership)) => {
                 let replicas = answered(deadline, || broker.stream_replicas(&config.input.stream))
                     .await
                     .map_err(|e| fail(e.into()))?;
@@ -271,7 +344,10 @@ impl Pipeline {
                         key: config.lease_key(partition),
                         holder: owner,
                         ttl: Duration::from_secs(config.lease_ttl_secs),
+                        partition,
+                        partitions: config.partition_indexes().len() as u32,
                     },
+                    membership,
                     broker: broker.clone(),
                     input: input.clone(),
                     batch: config.batch.clone(),
@@ -304,11 +380,13 @@ impl Pipeline {
             match self.source {
                 Consuming::Now(source) => self.path.run(*source, shutdown).await,
                 Consuming::WhenLeased(partition) => {
+                    partition.membership.ready(&partition.leases, &shutdown);
                     let consume = || partition.consume();
                     weir_core::lease::run_partition(
                         &self.path,
                         &partition.leases,
                         &partition.lease,
+                        partition.membership.members.clone(),
                         consume,
                         shutdown,
                     )
@@ -339,6 +417,18 @@ fn owner() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| since.as_nanos());
     format!("{host}/{}/{started:x}", std::process::id())
+}
+
+/// This host as a member of a partitioned pipeline: its name, the process and when it
+/// started, in the characters a key's token may hold.
+fn member_name() -> String {
+    owner()
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '_' => c,
+            _ => '_',
+        })
+        .collect()
 }
 
 impl Poller {
