@@ -527,16 +527,49 @@ pub async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
 }
 
 /// Waits until `condition` holds, polling; panics with `what` after `timeout`.
-pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, condition: F)
 where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    wait_for_explained(what, timeout, String::new, condition).await;
+}
+
+/// [`wait_for`], and a timeout's panic shows the end of the weir log at `log`.
+pub async fn wait_for_showing_log<F, Fut>(what: &str, timeout: Duration, log: &Path, condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let explain = || format!("; the log ends:\n{}", log_tail(log));
+    wait_for_explained(what, timeout, explain, condition).await;
+}
+
+async fn wait_for_explained<F, Fut>(
+    what: &str,
+    timeout: Duration,
+    explain: impl Fn() -> String,
+    mut condition: F,
+) where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
     let deadline = Instant::now() + timeout;
     while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}{}",
+            explain()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The last 30 lines of a weir's log, for a failure's message.
+pub fn log_tail(path: &Path) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 /// Whether durable `consumer` of `stream` has been delivered and has acked everything.

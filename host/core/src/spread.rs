@@ -4,11 +4,12 @@
 //!
 //! Every host running a partitioned pipeline registers itself as a member (a key with a TTL,
 //! kept by the adapter) and sees the others. From the members' names alone, each host works
-//! out who is wanted for each partition: the first `N mod M` members (by name) take
-//! `⌈N/M⌉` partitions and the others `⌊N/M⌋`, and each partition, in order, goes to the
-//! member that ranks it highest (rendezvous hashing) among those with room left. A host's
-//! rank of a partition does not depend on the other members, so when one joins or leaves
-//! mostly its own share moves.
+//! out who is wanted for each partition. Each member scores each partition (rendezvous
+//! hashing: a hash of both names); the pairs are taken from the highest score down, each
+//! giving its partition to its member unless the partition has one already or the member is
+//! full. Full means `⌈N/M⌉` partitions, or `⌊N/M⌋` once `N mod M` members have the larger
+//! share, so every member ends with one or the other. A pair's score does not depend on the
+//! other members, so when one joins or leaves mostly its own share moves.
 //!
 //! The wanted host is only a wish: the lease decides who works on a partition
 //! ([`crate::lease`]), and the fence keeps exactly-once whoever does ([`crate::fence`]). Two
@@ -75,26 +76,35 @@ impl Members {
 /// The member wanted for each of `partitions` partitions, by index; every entry is `None`
 /// when there are no members. `members` must be sorted and distinct (as a set's are).
 pub fn assign<'m>(partitions: u32, members: &[&'m str]) -> Vec<Option<&'m str>> {
+    let mut wanted = vec![None; partitions as usize];
     if members.is_empty() {
-        return vec![None; partitions as usize];
+        return wanted;
     }
     let (share, extra) = (
         partitions as usize / members.len(),
         partitions as usize % members.len(),
     );
-    let mut room: Vec<usize> = (0..members.len())
-        .map(|rank| share + usize::from(rank < extra))
+    let mut pairs: Vec<(u64, u32, usize)> = (0..partitions)
+        .flat_map(|p| (0..members.len()).map(move |m| (score(members[m], p), p, m)))
         .collect();
-    (0..partitions)
-        .map(|partition| {
-            let chosen = (0..members.len())
-                .filter(|&m| room[m] > 0)
-                .max_by_key(|&m| (score(members[m], partition), std::cmp::Reverse(m)))
-                .expect("the members' room adds up to the partitions");
-            room[chosen] -= 1;
-            Some(members[chosen])
-        })
-        .collect()
+    pairs.sort_unstable_by(|a, b| b.cmp(a));
+    let mut load = vec![0; members.len()];
+    let mut larger_shares = 0;
+    for (_, partition, member) in pairs {
+        let slot = &mut wanted[partition as usize];
+        let has_room = load[member] < share || (load[member] == share && larger_shares < extra);
+        if slot.is_some() || !has_room {
+            continue;
+        }
+        if load[member] == share {
+            larger_shares += 1;
+        }
+        load[member] += 1;
+        *slot = Some(members[member]);
+    }
+    // Every partition has a member: a member stops taking only when full, and if one
+    // partition were left, the members' loads would add up to more than the partitions.
+    wanted
 }
 
 /// How much `member` wants `partition`: FNV-1a over both, the same on every host and every
@@ -169,6 +179,26 @@ mod tests {
             // The joining host's share must move; allow as much again for the rebalancing.
             let share = partitions as usize / after.len() + 1;
             prop_assert!(moved <= 2 * share, "{moved} of {partitions} moved");
+        }
+
+        /// A host that leaves gives up its share, and the others keep nearly all of theirs.
+        #[test]
+        fn a_leaving_host_moves_little_more_than_its_own_partitions(
+            members in proptest::collection::btree_set("[a-z0-9]{1,12}", 3..7),
+            partitions in 6u32..=64,
+            leaving in 0usize..7,
+        ) {
+            let before: Vec<&str> = members.iter().map(String::as_str).collect();
+            let leaving = before[leaving % before.len()];
+            let after: Vec<&str> = before.iter().copied().filter(|m| *m != leaving).collect();
+            let (old, new) = (assign(partitions, &before), assign(partitions, &after));
+            let others_moved = old
+                .iter()
+                .zip(&new)
+                .filter(|(o, n)| **o != Some(leaving) && o != n)
+                .count();
+            let share = partitions as usize / after.len() + 1;
+            prop_assert!(others_moved <= share, "{others_moved} of the others' moved");
         }
     }
 }

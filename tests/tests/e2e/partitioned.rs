@@ -1,7 +1,7 @@
 //! A partitioned pipeline (`partitions = 1`): no store on the host, every commit an atomic
 //! batch on the output stream with the progress marker that says which inputs are done. A
 //! weir killed and restarted with nothing on disk resumes exactly where the last one
-//! stopped. (`standby.rs` runs two hosts on a cluster.)
+//! stopped. (`standby.rs` runs several hosts on a cluster.)
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -31,11 +31,13 @@ fn partitioned_config(dir: &Path, url: &str, plugin: &Path) -> std::path::PathBu
     path
 }
 
-/// Waits until every input is acked and every output and dead letter is in `ORDERS_OUT`.
-async fn wait_until_processed(js: &jetstream::Context, payloads: &[Vec<u8>]) {
-    wait_for(
+/// Waits until every input is acked and every output and dead letter is in `ORDERS_OUT`
+/// (showing the end of the weir log `log` if that never comes).
+async fn wait_until_processed(js: &jetstream::Context, payloads: &[Vec<u8>], log: &Path) {
+    wait_for_showing_log(
         "every input processed",
         Duration::from_secs(120),
+        log,
         || async {
             drained(js, "ORDERS", "weir").await
                 && check_orders_in(js, "ORDERS_OUT", "ORDERS_OUT", payloads)
@@ -67,12 +69,13 @@ async fn a_weir_killed_again_and_again_with_nothing_on_disk_leaves_every_output_
     let mut weir = sigkill_while_working(&js, "ORDERS_OUT", KILLS, &mut rng, weir, start).await;
     publisher.await.unwrap();
     let started = Instant::now();
-    wait_until_processed(&js, &payloads).await;
+    wait_until_processed(&js, &payloads, &log).await;
     println!("drained {:?} after the last restart", started.elapsed());
     // The last run takes the partition over too, even with nothing left to do.
-    wait_for(
+    wait_for_showing_log(
         "the last run to take over",
         Duration::from_secs(30),
+        &log,
         || async {
             runs_in(&progress_markers(&js, "ORDERS_OUT", MARKERS).await).len() == KILLS + 1
         },
@@ -109,8 +112,10 @@ fn runs_in(markers: &[(String, u64)]) -> HashSet<&str> {
         .collect()
 }
 
+/// Three partitions on host a; b joins (a hands it its share) and a is killed: b takes the
+/// rest, and every partition was committed by a and then by b.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_partitions_fail_over_to_a_standby_host_and_every_output_is_exactly_once() {
+async fn three_partitions_fail_over_to_a_second_host_and_every_output_is_exactly_once() {
     const PARTITIONS: usize = 3;
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();

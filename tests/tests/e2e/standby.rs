@@ -1,8 +1,10 @@
 //! A partitioned pipeline on a 3-node cluster (R3 streams, `sync_interval: always`) with
-//! two hosts: one holds the partition's lease, the other stands by. The holder is SIGKILLed,
-//! stopped with SIGTERM, or SIGSTOPped past its lease; each time the standby takes over
-//! (within the lease's TTL plus two seconds, at once after a SIGTERM), and every output is
-//! stored exactly once. A holder woken after losing its lease stands by, committing nothing.
+//! two hosts: once the partition has settled on the host the spread wants, that one holds
+//! its lease and the other stands by. The holder is SIGKILLed, stopped with SIGTERM, or
+//! SIGSTOPped past its lease; each time the standby takes over (within the lease's TTL plus
+//! two seconds, at once after a SIGTERM), and every output is stored exactly once. A holder
+//! woken after losing its lease stands by, committing nothing. Then six partitions on three
+//! hosts: spread evenly as hosts join and leave, and under mixed faults.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -81,19 +83,39 @@ impl Rig {
         spawn_weir(&self.config, Some(&self.log(name)), None)
     }
 
-    fn log(&self, name: &str) -> PathBuf {
-        self.dir.path().join(format!("{name}.log"))
+    /// Starts two hosts and waits until the partition has settled on the one the spread
+    /// wants: that one (the holder) first, then the standby.
+    async fn holder_and_standby(&self) -> (Host, Host) {
+        let (x, y) = (self.host("x"), self.host("y"));
+        let holder = settled_holder(&self.js, &[&x, &y]).await;
+        let (x, y) = (
+            Host {
+                process: x,
+                name: "x",
+            },
+            Host {
+                process: y,
+                name: "y",
+            },
+        );
+        match holder {
+            0 => (x, y),
+            _ => (y, x),
+        }
     }
 
-    /// Waits until `log` says its weir holds the partition's lease.
-    async fn holds_the_lease(&self, name: &str) {
-        let log = self.log(name);
+    /// Waits until `host` holds the partition's lease.
+    async fn lease_held_by(&self, host: &Host) {
         wait_for(
-            &format!("{name} to take the lease"),
+            &format!("{} to hold the lease", host.name),
             Duration::from_secs(60),
-            || async { read_log(&log).contains("took the partition's lease") },
+            || async { lease_holder_pid(&self.js, 0).await == Some(host.process.id()) },
         )
         .await;
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
     }
 
     /// The input consumer's ack floor; 0 while the cluster does not answer (an election).
@@ -153,25 +175,91 @@ impl Rig {
     }
 }
 
+/// A weir host and the name its log goes by.
+struct Host {
+    process: WeirProcess,
+    name: &'static str,
+}
+
 fn read_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The process id in the name of the run holding `partition`'s lease (`<host>/<pid>/<start>`);
+/// `None` while it is free or cannot be read.
+async fn lease_holder_pid(js: &jetstream::Context, partition: u32) -> Option<u32> {
+    let bucket = js.get_key_value("weir-leases").await.ok()?;
+    let entry = bucket.entry(format!("orders.{partition}")).await.ok()??;
+    if entry.operation != jetstream::kv::Operation::Put {
+        return None;
+    }
+    String::from_utf8_lossy(&entry.value)
+        .split('/')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The index among `hosts` of the one that holds a one-partition pipeline's lease, once
+/// every host is a member and the holder is the one the spread wants.
+async fn settled_holder(js: &jetstream::Context, hosts: &[&WeirProcess]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(holder) = settled(js, hosts).await {
+            return holder;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the partition to settle on the host wanted for it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn settled(js: &jetstream::Context, hosts: &[&WeirProcess]) -> Option<usize> {
+    use futures::StreamExt;
+    let bucket = js.get_key_value("weir-leases").await.ok()?;
+    let keys: Vec<String> = bucket
+        .keys()
+        .await
+        .ok()?
+        .filter_map(|key| async { key.ok() })
+        .collect()
+        .await;
+    // A member is named `<host>_<pid>_<start>`.
+    let mut members: Vec<&str> = keys
+        .iter()
+        .filter_map(|key| key.strip_prefix("_members.orders."))
+        .collect();
+    members.sort_unstable();
+    if members.len() != hosts.len() {
+        return None;
+    }
+    let wanted = weir_core::spread::assign(1, &members)[0]?;
+    let wanted_pid: u32 = wanted.rsplit('_').nth(1)?.parse().ok()?;
+    if lease_holder_pid(js, 0).await? != wanted_pid {
+        return None;
+    }
+    hosts.iter().position(|host| host.id() == wanted_pid)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_within_the_lease_ttl_when_the_holder_is_killed() {
     let rig = Rig::start(TTL_SECS).await;
-    let mut a = rig.host("a");
-    rig.holds_the_lease("a").await;
-    let mut b = rig.host("b");
+    let (mut a, mut b) = rig.holder_and_standby().await;
     let publisher = publish_orders_spread(&rig.js, &rig.payloads, Duration::from_millis(40));
     wait_for("a to make progress", Duration::from_secs(60), || async {
         rig.ack_floor().await > 200
     })
     .await;
-    assert!(!read_log(&rig.log("b")).contains("took the partition's lease"));
+    assert_eq!(
+        lease_holder_pid(&rig.js, 0).await,
+        Some(a.process.id()),
+        "a holds it still"
+    );
 
-    a.kill().unwrap();
-    a.wait().unwrap();
+    a.process.kill().unwrap();
+    a.process.wait().unwrap();
     let took = rig.time_to_progress().await;
     println!("failover after SIGKILL: {took:?} (lease TTL {TTL_SECS} s)");
     assert!(
@@ -180,7 +268,7 @@ async fn a_standby_takes_over_within_the_lease_ttl_when_the_holder_is_killed() {
     );
     publisher.await.unwrap();
     rig.wait_until_processed().await;
-    assert!(terminate(&mut b).success());
+    assert!(terminate(&mut b.process).success());
     rig.verify().await;
 }
 
@@ -188,9 +276,7 @@ async fn a_standby_takes_over_within_the_lease_ttl_when_the_holder_is_killed() {
 async fn a_holder_stopped_with_sigterm_hands_the_partition_over_at_once() {
     // A long lease: the handover must not wait for it.
     let rig = Rig::start(30).await;
-    let mut a = rig.host("a");
-    rig.holds_the_lease("a").await;
-    let mut b = rig.host("b");
+    let (mut a, mut b) = rig.holder_and_standby().await;
     let publisher = publish_orders_spread(&rig.js, &rig.payloads, Duration::from_millis(40));
     wait_for("a to make progress", Duration::from_secs(60), || async {
         rig.ack_floor().await > 200
@@ -206,7 +292,7 @@ async fn a_holder_stopped_with_sigterm_hands_the_partition_over_at_once() {
     let report = String::from_utf8_lossy(&report.stdout).into_owned();
     let markers = progress_markers(&rig.js, "ORDERS_OUT", "_weir.progress.orders.0").await;
     // The lease names the run; its markers, the run and its takeover (`#1`).
-    let (a_owner, _) = &markers[0];
+    let (a_owner, _) = markers.last().expect("a's markers");
     let a_run = a_owner.split('#').next().unwrap();
     let row = report
         .lines()
@@ -215,8 +301,8 @@ async fn a_holder_stopped_with_sigterm_hands_the_partition_over_at_once() {
     assert!(row.contains(a_run), "{report}");
     assert!(report.contains("lease TTL 30 s"), "{report}");
 
-    assert!(terminate(&mut a).success(), "a stops cleanly");
-    assert!(read_log(&rig.log("a")).contains("released the partition's lease"));
+    assert!(terminate(&mut a.process).success(), "a stops cleanly");
+    assert!(read_log(&rig.log(a.name)).contains("released the partition's lease"));
     let took = rig.time_to_progress().await;
     println!("handover after SIGTERM: {took:?}");
     assert!(
@@ -225,48 +311,57 @@ async fn a_holder_stopped_with_sigterm_hands_the_partition_over_at_once() {
     );
     publisher.await.unwrap();
     rig.wait_until_processed().await;
-    assert!(terminate(&mut b).success());
+    assert!(terminate(&mut b.process).success());
     rig.verify().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_stopped_past_its_lease_stands_by_when_it_wakes_and_commits_nothing() {
     let rig = Rig::start(TTL_SECS).await;
-    let mut a = rig.host("a");
-    rig.holds_the_lease("a").await;
-    let mut b = rig.host("b");
+    let (mut a, mut b) = rig.holder_and_standby().await;
     let publisher = publish_orders_spread(&rig.js, &rig.payloads, Duration::from_millis(40));
     wait_for("a to make progress", Duration::from_secs(60), || async {
         rig.ack_floor().await > 200
     })
     .await;
 
-    send_signal(&a, libc::SIGSTOP);
+    send_signal(&a.process, libc::SIGSTOP);
+    // The run a's markers name (a commits while it holds the lease).
+    let markers = progress_markers(&rig.js, "ORDERS_OUT", "_weir.progress.orders.0").await;
+    let a_owner = markers.last().expect("a's markers").0.clone();
+    let stood_by = read_log(&rig.log(a.name)).matches("standing by").count();
     let took = rig.time_to_progress().await;
     println!("failover after SIGSTOP: {took:?} (lease TTL {TTL_SECS} s)");
     assert!(took <= Duration::from_secs(TTL_SECS + 2), "{took:?}");
-    rig.holds_the_lease("b").await;
-    send_signal(&a, libc::SIGCONT);
+    rig.lease_held_by(&b).await;
+    send_signal(&a.process, libc::SIGCONT);
     wait_for("a to stand by", Duration::from_secs(30), || async {
-        read_log(&rig.log("a")).contains("standing by")
+        read_log(&rig.log(a.name)).matches("standing by").count() > stood_by
     })
     .await;
     assert!(
-        a.try_wait().unwrap().is_none(),
+        a.process.try_wait().unwrap().is_none(),
         "a stands by, it does not exit"
     );
     publisher.await.unwrap();
     rig.wait_until_processed().await;
-    assert!(terminate(&mut a).success(), "a standby stops cleanly");
-    assert!(terminate(&mut b).success());
+    assert!(
+        terminate(&mut a.process).success(),
+        "a standby stops cleanly"
+    );
+    assert!(terminate(&mut b.process).success());
     rig.verify().await;
     // Once b took the partition over, no marker of a's follows.
     let markers = progress_markers(&rig.js, "ORDERS_OUT", "_weir.progress.orders.0").await;
-    let a_owner = markers[0].0.clone();
-    let takeover = markers
+    let first = markers
         .iter()
-        .position(|(owner, _)| *owner != a_owner)
-        .expect("b took over");
+        .position(|(owner, _)| *owner == a_owner)
+        .expect("a's markers");
+    let takeover = first
+        + markers[first..]
+            .iter()
+            .position(|(owner, _)| *owner != a_owner)
+            .expect("b took over");
     assert!(
         markers[takeover..]
             .iter()
@@ -290,9 +385,7 @@ async fn leader_of(js: &jetstream::Context, stream: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_output_streams_leader_killed_and_moved_under_a_holder_and_a_standby_loses_nothing() {
     let mut rig = Rig::start(10).await;
-    let mut a = rig.host("a");
-    rig.holds_the_lease("a").await;
-    let mut b = rig.host("b");
+    let (mut a, mut b) = rig.holder_and_standby().await;
     let publisher =
         publish_spread_through_elections(&rig.js, &rig.payloads, Duration::from_millis(60), |_| {
             "orders.in.new".to_owned()
@@ -354,15 +447,19 @@ async fn the_output_streams_leader_killed_and_moved_under_a_holder_and_a_standby
     .await;
     publisher.await.unwrap();
     rig.wait_until_processed().await;
-    assert!(terminate(&mut a).success());
-    assert!(terminate(&mut b).success());
+    assert!(terminate(&mut a.process).success());
+    assert!(terminate(&mut b.process).success());
     rig.verify().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_cut_off_from_the_server_past_its_lease_is_replaced_and_then_stands_by() {
     let server = NatsServer::start();
-    let proxy = FaultyProxy::start(server.port()).await;
+    // Each host reaches the server through a proxy of its own: the holder's is cut.
+    let proxies = [
+        FaultyProxy::start(server.port()).await,
+        FaultyProxy::start(server.port()).await,
+    ];
     let js = server.jetstream().await;
     js.create_stream(Config {
         name: "ORDERS".into(),
@@ -372,7 +469,6 @@ async fn a_holder_cut_off_from_the_server_past_its_lease_is_replaced_and_then_st
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    // a reaches the server through the proxy, b directly.
     let config = |name: &str, url: &str| {
         let text = PipelineToml {
             partitions: Some(1),
@@ -388,14 +484,18 @@ async fn a_holder_cut_off_from_the_server_past_its_lease_is_replaced_and_then_st
         std::fs::write(&path, ADMIN_OFF.to_owned() + &text).unwrap();
         path
     };
-    let (a_config, b_config) = (config("a", &proxy.url()), config("b", &server.url()));
-    let (a_log, b_log) = (dir.path().join("a.log"), dir.path().join("b.log"));
-    let mut a = spawn_weir(&a_config, Some(&a_log), None);
-    wait_for("a to take the lease", Duration::from_secs(60), || async {
-        read_log(&a_log).contains("took the partition's lease")
-    })
-    .await;
-    let mut b = spawn_weir(&b_config, Some(&b_log), None);
+    let logs = [dir.path().join("x.log"), dir.path().join("y.log")];
+    let hosts = [
+        spawn_weir(&config("x", &proxies[0].url()), Some(&logs[0]), None),
+        spawn_weir(&config("y", &proxies[1].url()), Some(&logs[1]), None),
+    ];
+    let holder = settled_holder(&js, &[&hosts[0], &hosts[1]]).await;
+    let [x, y] = hosts;
+    let (mut a, mut b) = match holder {
+        0 => (x, y),
+        _ => (y, x),
+    };
+    let (a_proxy, a_log) = (&proxies[holder], &logs[holder]);
     let payloads = order_workload(INPUTS, MALFORMED_EVERY);
     let publisher = publish_orders_spread(&js, &payloads, Duration::from_millis(40));
     let ack_floor = || async {
@@ -411,10 +511,11 @@ async fn a_holder_cut_off_from_the_server_past_its_lease_is_replaced_and_then_st
     .await;
 
     // a's network is down for three TTLs: b takes over once a's lease expires.
-    proxy.cut_off(Duration::from_secs(3 * TTL_SECS));
+    let stood_by = read_log(a_log).matches("standing by").count();
+    a_proxy.cut_off(Duration::from_secs(3 * TTL_SECS));
     let cut = Instant::now();
     wait_for("b to take the lease", Duration::from_secs(60), || async {
-        read_log(&b_log).contains("took the partition's lease")
+        lease_holder_pid(&js, 0).await == Some(b.id())
     })
     .await;
     let floor = ack_floor().await;
@@ -427,7 +528,7 @@ async fn a_holder_cut_off_from_the_server_past_its_lease_is_replaced_and_then_st
     assert!(took <= Duration::from_secs(TTL_SECS + 2), "{took:?}");
     // Back on the network, a stands by.
     wait_for("a to stand by", Duration::from_secs(60), || async {
-        read_log(&a_log).contains("standing by")
+        read_log(a_log).matches("standing by").count() > stood_by
     })
     .await;
     publisher.await.unwrap();
@@ -464,37 +565,7 @@ async fn three_hosts_with_six_partitions_under_mixed_faults_leave_every_output_e
     let mut cluster = NatsCluster::start().await;
     // The test's own client stays on node 0, which no fault kills.
     let js = jetstream::new(connect_client(&cluster.url(0)).await.unwrap());
-    js.create_stream(Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.in.*".into()],
-        num_replicas: 3,
-        subject_transform: Some(jetstream::stream::SubjectTransform {
-            source: "orders.in.*".into(),
-            destination: "{{partition(6,1)}}.orders.in.{{wildcard(1)}}".into(),
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("the partitioned input stream");
-    js.create_stream(output_stream())
-        .await
-        .expect("the output stream");
-    let dir = tempfile::tempdir().unwrap();
-    let text = PipelineToml {
-        subject: "orders.in.*",
-        partitions: Some(6),
-        extra: "[pipeline.batch]\nmax_messages = 64\n",
-        ..PipelineToml::orders(&cluster.urls(), &plugin("orders"), Path::new("unused"))
-    }
-    .render()
-    .replace(
-        "partitions = 6",
-        &format!(
-            "partitions = 6\npartition_key = \"subject-token:3\"\nlease_ttl_secs = {TTL_SECS}"
-        ),
-    );
-    let config = dir.path().join("weir.toml");
-    std::fs::write(&config, ADMIN_OFF.to_owned() + &text).unwrap();
+    let (dir, config) = six_partitions(&cluster, &js).await;
     let log = |host: usize| dir.path().join(format!("h{host}.log"));
     let start = |host: usize| spawn_weir(&config, Some(&log(host)), None);
     let mut hosts: Vec<WeirProcess> = (0..HOSTS).map(start).collect();
@@ -568,9 +639,129 @@ async fn three_hosts_with_six_partitions_under_mixed_faults_leave_every_output_e
     assert!(verdict.is_exact(), "not exactly once: {verdict:?}");
 }
 
-/// The last lines of a weir's log, for a failure's message.
-fn log_tail(path: &Path) -> String {
-    let log = read_log(path);
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+/// The R3 input stream, partitioned six ways by customer, the output stream, and the
+/// orders pipeline with six partitions: its directory and config.
+async fn six_partitions(
+    cluster: &NatsCluster,
+    js: &jetstream::Context,
+) -> (tempfile::TempDir, PathBuf) {
+    js.create_stream(Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.in.*".into()],
+        num_replicas: 3,
+        subject_transform: Some(jetstream::stream::SubjectTransform {
+            source: "orders.in.*".into(),
+            destination: "{{partition(6,1)}}.orders.in.{{wildcard(1)}}".into(),
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("the partitioned input stream");
+    js.create_stream(output_stream())
+        .await
+        .expect("the output stream");
+    let dir = tempfile::tempdir().unwrap();
+    let text = PipelineToml {
+        subject: "orders.in.*",
+        partitions: Some(6),
+        extra: "[pipeline.batch]\nmax_messages = 64\n",
+        ..PipelineToml::orders(&cluster.urls(), &plugin("orders"), Path::new("unused"))
+    }
+    .render()
+    .replace(
+        "partitions = 6",
+        &format!(
+            "partitions = 6\npartition_key = \"subject-token:3\"\nlease_ttl_secs = {TTL_SECS}"
+        ),
+    );
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, ADMIN_OFF.to_owned() + &text).unwrap();
+    (dir, config)
+}
+
+/// How many of the six partitions' leases each of `hosts` holds now, by the holder names in
+/// the lease bucket (`<host>/<pid>/<start>`); `None` while a lease is free or unreadable.
+async fn leases_held(js: &jetstream::Context, hosts: &[&WeirProcess]) -> Option<Vec<usize>> {
+    let mut held = vec![0; hosts.len()];
+    for partition in 0..6 {
+        let pid = lease_holder_pid(js, partition).await?;
+        if let Some(host) = hosts.iter().position(|h| h.id() == pid) {
+            held[host] += 1;
+        }
+    }
+    Some(held)
+}
+
+/// Waits until `hosts` hold the six partitions' leases `expected` each; returns how long
+/// that took.
+async fn spread_becomes(
+    js: &jetstream::Context,
+    hosts: &[&WeirProcess],
+    expected: &[usize],
+) -> Duration {
+    let since = Instant::now();
+    wait_for(
+        &format!("the partitions to spread {expected:?}"),
+        Duration::from_secs(60),
+        || async { leases_held(js, hosts).await.as_deref() == Some(expected) },
+    )
+    .await;
+    since.elapsed()
+}
+
+/// Hosts join one by one under load and one leaves with SIGTERM: the six partitions are
+/// spread evenly over the live hosts after each change, and every output is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_spread_evenly_as_hosts_join_and_leave_under_load() {
+    let cluster = NatsCluster::start().await;
+    let js = jetstream::new(connect_client(&cluster.url(0)).await.unwrap());
+    let (dir, config) = six_partitions(&cluster, &js).await;
+    let log = |host: usize| dir.path().join(format!("h{host}.log"));
+    let start = |host: usize| spawn_weir(&config, Some(&log(host)), None);
+
+    let h0 = start(0);
+    spread_becomes(&js, &[&h0], &[6]).await;
+    let payloads = order_workload(2 * INPUTS, MALFORMED_EVERY);
+    let publisher =
+        publish_spread_through_elections(&js, &payloads, Duration::from_millis(100), |input| {
+            format!("orders.in.c{}", input % 16)
+        });
+    let h1 = start(1);
+    let took = spread_becomes(&js, &[&h0, &h1], &[3, 3]).await;
+    println!("a second host joined: 3 and 3 after {took:?}");
+    let mut h2 = start(2);
+    let took = spread_becomes(&js, &[&h0, &h1, &h2], &[2, 2, 2]).await;
+    println!("a third host joined: 2, 2 and 2 after {took:?}");
+    let mut h1 = h1;
+    let status = terminate(&mut h1);
+    assert!(
+        status.success(),
+        "host 1 stops cleanly, got {status}:\n{}",
+        log_tail(&log(1))
+    );
+    let took = spread_becomes(&js, &[&h0, &h2], &[3, 3]).await;
+    println!("the second host left with SIGTERM: 3 and 3 after {took:?}");
+    // The grace before a holder hands over is a third of the TTL; the take is within a
+    // look of the release.
+    assert!(
+        took < Duration::from_secs(TTL_SECS),
+        "the partitions of a host that left moved after {took:?}"
+    );
+
+    publisher.await.unwrap();
+    wait_for("every input processed", Duration::from_secs(180), || {
+        partitions_processed(&js, 6, &payloads)
+    })
+    .await;
+    let mut h0 = h0;
+    for (host, process) in [(0, &mut h0), (2, &mut h2)] {
+        let status = terminate(process);
+        assert!(
+            status.success(),
+            "host {host} stops cleanly, got {status}:\n{}",
+            log_tail(&log(host))
+        );
+    }
+    let verdict = check_orders_in(&js, "ORDERS_OUT", "ORDERS_OUT", &payloads).await;
+    assert!(verdict.is_exact(), "not exactly once: {verdict:?}");
 }

@@ -1,6 +1,7 @@
 //! `weir cluster status`: a partitioned pipeline's partitions as the server knows them, for
-//! operators: who holds each partition's lease and how fresh it is, what its last progress
-//! marker says, and its consumer's backlog. Reads only.
+//! operators: the hosts running it (its members), who holds each partition's lease and how
+//! fresh it is, which host the spread wants for it, what its last progress marker says, and
+//! its consumer's backlog. Reads only.
 
 use weir_core::fence::Progress;
 use weir_core::ports::Ledger;
@@ -35,11 +36,19 @@ pub async fn status(target: PipelineArgs) -> Result<(), crate::Error> {
         pipeline.lease_ttl_secs,
         ledger.as_deref().unwrap_or("(none yet)")
     );
+    let members = leases.members(&pipeline.name).await.map_err(failed)?;
+    match members.is_empty() {
+        true => println!("members: none (no host is running it)"),
+        false => println!("members: {}", members.join(", ")),
+    }
+    let by_name: Vec<&str> = members.iter().map(String::as_str).collect();
+    let wanted = weir_core::spread::assign(partitions, &by_name);
     println!(
-        "{:<9}  {:<40}  {:>9}  {:>10}  {:>8}  {:>10}  {:>10}  {:>8}  {:>11}",
+        "{:<9}  {:<40}  {:>9}  {:<40}  {:>10}  {:>8}  {:>10}  {:>10}  {:>8}  {:>11}",
         "PARTITION",
         "LEASE HELD BY",
         "LEASE AGE",
+        "WANTED ON",
         "MARKER SEQ",
         "COMMITS",
         "FLOOR",
@@ -88,8 +97,9 @@ pub async fn status(target: PipelineArgs) -> Result<(), crate::Error> {
             Some(state) => (state.pending.to_string(), state.ack_pending.to_string()),
             None => ("-".into(), "-".into()),
         };
+        let wanted = wanted[partition as usize].unwrap_or("-");
         println!(
-            "{partition:<9}  {holder:<40}  {age:>9}  {sequence:>10}  {commits:>8}  {floor:>10}  {done_above:>10}  {pending:>8}  {ack_pending:>11}"
+            "{partition:<9}  {holder:<40}  {age:>9}  {wanted:<40}  {sequence:>10}  {commits:>8}  {floor:>10}  {done_above:>10}  {pending:>8}  {ack_pending:>11}"
         );
     }
     Ok(())
