@@ -48,6 +48,11 @@ struct WorldState {
     failing_subject: Option<String>,
     /// Messages whose payload is larger than this are refused for good.
     refuse_larger_than: Option<usize>,
+    /// Every atomic commit with a message besides its marker is refused for good (an output
+    /// stream whose limits no message fits).
+    refusing_every_message: bool,
+    /// How many atomic commits were tried.
+    commit_attempts: usize,
     /// The next this many acks fail.
     failing_acks: usize,
     /// The output stream's last sequence: every message stored and every marker count.
@@ -119,6 +124,14 @@ impl World {
 
     pub fn refuse_larger_than(&self, bytes: usize) {
         lock(&self.state).refuse_larger_than = Some(bytes);
+    }
+
+    pub fn refuse_every_message(&self) {
+        lock(&self.state).refusing_every_message = true;
+    }
+
+    pub fn commit_attempts(&self) -> usize {
+        lock(&self.state).commit_attempts
     }
 
     pub fn fail_acks(&self, count: usize) {
@@ -364,6 +377,10 @@ impl Ledger for FakePublisher {
         after: u64,
     ) -> Result<u64, CommitError> {
         let mut state = lock(&self.world.state);
+        state.commit_attempts += 1;
+        if state.refusing_every_message && !messages.is_empty() {
+            return Err(CommitError::Refused("message size exceeds maximum".into()));
+        }
         let last = state.markers.get(&marker.subject).map_or(0, |m| m.sequence);
         if last != after {
             return Err(CommitError::ChainMoved(format!(

@@ -190,6 +190,28 @@ async fn an_input_whose_output_is_refused_for_good_is_dead_lettered_and_its_batc
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_output_stream_that_refuses_even_a_bare_dead_letter_is_retried_with_a_growing_backoff() {
+    let (world, runtime) = (World::new(), Arc::new(FakeRuntime::new()));
+    world.publish_inputs(&WORKLOAD[..1]);
+    world.refuse_every_message();
+    let pipeline = fenced(&world, &runtime, NoProbe, "a/1");
+    let shutdown = CancellationToken::new();
+    let run = pipeline.run(FakeSource::new(&world, BATCH), shutdown.clone());
+    let watch = async {
+        tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+        shutdown.cancel();
+    };
+    let (result, ()) = tokio::join!(run, watch);
+    result.expect("a clean stop");
+    // The retries' delays grow to a second: some 20 attempts in 20 s, not one every few
+    // milliseconds.
+    let attempts = world.commit_attempts();
+    assert!(attempts < 60, "{attempts} commits tried in 20 s");
+    assert!(world.stored().is_empty());
+    assert_eq!(world.acked(), 0, "nothing acked while nothing is stored");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_new_owner_resumes_from_the_floor_and_its_markers_stay_short() {
     let (world, runtime) = (World::new(), Arc::new(FakeRuntime::new()));
     world.publish_inputs(&WORKLOAD);

@@ -126,6 +126,9 @@ where
         }
         let mut units = units(pending);
         let mut published: Vec<Option<String>> = vec![None; batch.len()];
+        // One retrier for every refusal of a dead letter at its barest, so that its backoff
+        // grows from one to the next.
+        let mut barest_refused = Retrier::new(Step::AtomicCommit, self, shutdown);
         while let Some(mut unit) = units.pop_front() {
             match self.commit_unit(fence, &inputs, &unit, shutdown).await? {
                 Unit::Committed => {
@@ -157,8 +160,7 @@ where
                         }
                         None => {
                             tracing::error!(%refusal, "the output stream refuses even a dead letter without payload or input headers: raise its max_msg_size");
-                            let mut retrier = Retrier::new(Step::AtomicCommit, self, shutdown);
-                            if !retrier.failed(refusal).await {
+                            if !barest_refused.failed(refusal).await {
                                 return Ok(None);
                             }
                         }
