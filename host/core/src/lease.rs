@@ -79,6 +79,9 @@ pub struct Held {
 pub enum Kept {
     /// Asked to stop: the lease is still held.
     Stopped(Held),
+    /// Asked to stop after handing the partition over: the lease is still held, for the
+    /// wanted host once it is released.
+    HandedOver(Held),
     /// Lost: another run wrote it, or it could not be renewed for a whole TTL.
     Lost(String),
 }
@@ -174,6 +177,7 @@ pub async fn keep<L: Leases>(
     let mut next = held.written_at + lease.renew_every();
     // Since when another member has been wanted for the partition.
     let mut unwanted_since = None;
+    let mut handed_over = false;
     loop {
         let elsewhere = match lease.wanted(&members) {
             Some(wanted)
@@ -193,11 +197,17 @@ pub async fn keep<L: Leases>(
         };
         tokio::select! {
             biased;
-            () = stop.cancelled() => return Kept::Stopped(held),
+            () = stop.cancelled() => {
+                return match handed_over {
+                    true => Kept::HandedOver(held),
+                    false => Kept::Stopped(held),
+                };
+            }
             () = tokio::time::sleep_until(hand_over_at), if elsewhere.is_some() => {
                 let wanted = elsewhere.unwrap_or_default();
                 tracing::info!(%wanted, "handing the partition over to the host wanted for it");
                 work.cancel();
+                handed_over = true;
                 continue;
             }
             () = members.changed() => continue,
@@ -298,6 +308,9 @@ where
             return Ok(());
         };
         tracing::info!(lease = %lease.key, "took the partition's lease");
+        let metrics = &pipeline.metrics;
+        metrics.leases_taken.inc();
+        metrics.lease_held.set(1);
         let run = shutdown.child_token();
         let stop_keeping = CancellationToken::new();
         let running = async {
@@ -317,9 +330,17 @@ where
             kept
         };
         let (ran, kept) = tokio::join!(running, keeping);
+        metrics.lease_held.set(0);
         let still_held = match kept {
             Kept::Stopped(held) => Some(held),
-            Kept::Lost(_) => None,
+            Kept::HandedOver(held) => {
+                metrics.handovers.inc();
+                Some(held)
+            }
+            Kept::Lost(_) => {
+                metrics.leases_lost.inc();
+                None
+            }
         };
         match ran {
             Err(Fatal::TakenOver(reason)) => {

@@ -245,6 +245,7 @@ async fn a_holder_that_cannot_renew_stops_working_when_its_lease_may_expire() {
     let scenario = async {
         world.all_acked().await;
         assert_eq!(a.status.snapshot().phase, Phase::Running);
+        assert_eq!(a.metrics.lease_held.get(), 1);
         leases.cut_off("a", true);
         let cut = Instant::now();
         let stops = async {
@@ -266,6 +267,8 @@ async fn a_holder_that_cannot_renew_stops_working_when_its_lease_may_expire() {
     };
     tokio::join!(run(&a, &world, &leases, "a", &stop_a), scenario);
     assert_exactly_once(&world, &WORKLOAD);
+    assert_eq!(a.metrics.leases_lost.get(), 1);
+    assert_eq!(a.metrics.lease_held.get(), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -359,6 +362,12 @@ async fn a_host_that_joins_is_handed_the_partition_wanted_for_it() {
         .collect();
     assert_eq!(owners.first(), Some(&format!("{first}#1")));
     assert_eq!(owners.last(), Some(&format!("{joining}#1")));
+    // What the operator's metrics count: one take each, one handover.
+    assert_eq!(a.metrics.handovers.get(), 1);
+    assert_eq!(a.metrics.leases_taken.get(), 1);
+    assert_eq!(a.metrics.lease_held.get(), 0);
+    assert_eq!(b.metrics.leases_taken.get(), 1);
+    assert_eq!(b.metrics.handovers.get(), 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -88,6 +88,9 @@ pub struct Metrics {
     handed_back: Counters,
     retries: Family<StepLabels, Counter>,
     reconnects: Counters,
+    leases_taken: Counters,
+    leases_lost: Counters,
+    handovers: Counters,
     plugin_call_seconds: Histograms<PipelineLabel>,
     plugin_fuel: Histograms<PipelineLabel>,
     batch_inputs: Histograms<PipelineLabel>,
@@ -99,6 +102,7 @@ pub struct Metrics {
     store_keys: Gauges,
     store_bytes: Gauges,
     store_block_cache_bytes: Gauges,
+    lease_held: Gauges,
     plugin_info: Family<PluginLabels, Gauge>,
 }
 
@@ -114,6 +118,9 @@ impl Default for Metrics {
             handed_back: Counters::default(),
             retries: Family::default(),
             reconnects: Counters::default(),
+            leases_taken: Counters::default(),
+            leases_lost: Counters::default(),
+            handovers: Counters::default(),
             plugin_call_seconds: Family::new_with_constructor(seconds),
             plugin_fuel: Family::new_with_constructor(fuel),
             batch_inputs: Family::new_with_constructor(batch_inputs),
@@ -125,6 +132,7 @@ impl Default for Metrics {
             store_keys: Gauges::default(),
             store_bytes: Gauges::default(),
             store_block_cache_bytes: Gauges::default(),
+            lease_held: Gauges::default(),
             plugin_info: Family::default(),
         }
     }
@@ -149,6 +157,9 @@ impl Metrics {
             acked: counter(&self.acked),
             handed_back: counter(&self.handed_back),
             reconnects: counter(&self.reconnects),
+            leases_taken: counter(&self.leases_taken),
+            leases_lost: counter(&self.leases_lost),
+            handovers: counter(&self.handovers),
             plugin_call_seconds: histogram(&self.plugin_call_seconds),
             plugin_fuel: histogram(&self.plugin_fuel),
             batch_inputs: histogram(&self.batch_inputs),
@@ -159,6 +170,7 @@ impl Metrics {
             store_keys: gauge(&self.store_keys),
             store_bytes: gauge(&self.store_bytes),
             store_block_cache_bytes: gauge(&self.store_block_cache_bytes),
+            lease_held: gauge(&self.lease_held),
             families: self.clone(),
         }
     }
@@ -166,7 +178,7 @@ impl Metrics {
     /// Registers every metric in `registry`, names without the `weir_` prefix the root
     /// registry adds.
     pub fn register(&self, registry: &mut Registry) {
-        let counters: [(&str, &str, &Counters); 7] = [
+        let counters: [(&str, &str, &Counters); 10] = [
             (
                 "inputs_received",
                 "Inputs the consumer delivered, redeliveries included",
@@ -197,6 +209,21 @@ impl Metrics {
                 "reconnects",
                 "Times the connection to NATS was re-established",
                 &self.reconnects,
+            ),
+            (
+                "partition_leases_taken",
+                "Times this host took a partition's lease and started work on it",
+                &self.leases_taken,
+            ),
+            (
+                "partition_leases_lost",
+                "Times this host lost a partition's lease (not renewed within its TTL, or taken)",
+                &self.leases_lost,
+            ),
+            (
+                "partition_handovers",
+                "Times this host drained a partition and handed it to the host wanted for it",
+                &self.handovers,
             ),
         ];
         for (name, help, counter) in counters {
@@ -240,7 +267,7 @@ impl Metrics {
             Unit::Seconds,
             self.end_to_end_seconds.clone(),
         );
-        let gauges: [(&str, &str, &Gauges); 6] = [
+        let gauges: [(&str, &str, &Gauges); 7] = [
             (
                 "consumer_pending_messages",
                 "Inputs in the stream not yet delivered to the consumer (its lag)",
@@ -271,6 +298,11 @@ impl Metrics {
                 "Memory the dedup store's block cache holds",
                 &self.store_block_cache_bytes,
             ),
+            (
+                "partition_lease_held",
+                "1 while this host holds the partition's lease",
+                &self.lease_held,
+            ),
         ];
         for (name, help, gauge) in gauges {
             registry.register(name, help, gauge.clone());
@@ -294,6 +326,9 @@ pub struct PipelineMetrics {
     pub acked: Counter,
     pub handed_back: Counter,
     pub reconnects: Counter,
+    pub leases_taken: Counter,
+    pub leases_lost: Counter,
+    pub handovers: Counter,
     pub plugin_call_seconds: Histogram,
     pub plugin_fuel: Histogram,
     pub batch_inputs: Histogram,
@@ -304,6 +339,7 @@ pub struct PipelineMetrics {
     pub store_keys: Gauge,
     pub store_bytes: Gauge,
     pub store_block_cache_bytes: Gauge,
+    pub lease_held: Gauge,
     /// The families of the metrics with labels beyond the pipeline's.
     families: Metrics,
 }
