@@ -20,8 +20,9 @@
 //! - `weir-bench fenced [COUNT] [--sync-always] [--rounds N]`: COUNT messages (default
 //!   100 000) through `weir run` exactly-once with its local store (l) and partitioned with
 //!   `partitions = 1`, whose commits are atomic batches with a progress marker on the output
-//!   stream and no local store (f), alternating for N rounds; then latency at 2 000 msgs/s of
-//!   each.
+//!   stream and no local store (f), and with `partitions = 6` on the same host (p, the
+//!   inputs spread over 64 keys), alternating for N rounds; then latency at 2 000 msgs/s of
+//!   the first two.
 //! - `weir-bench store [COUNT]`: COUNT committed ids (default 10 000 000) in a dedup store,
 //!   then the cost of looking ids up, and resident memory along the way.
 
@@ -381,7 +382,8 @@ async fn observability(count: usize, rounds: usize) {
 /// the store's growth per key is the stateful store's size on disk less the stateless
 /// one's, per account.
 /// What the fenced commit costs against the local one: the same identity workload through
-/// an exactly-once pipeline with its RocksDB store (l) and a partitioned one (f).
+/// an exactly-once pipeline with its RocksDB store (l), a partitioned one (f), and one of six
+/// partitions on the same host (p).
 async fn fenced(count: usize, sync_always: bool, rounds: usize) {
     let server = NatsServer::start_with_sync(sync_always);
     let js = server.jetstream().await;
@@ -394,14 +396,21 @@ async fn fenced(count: usize, sync_always: bool, rounds: usize) {
         }
     );
     let payloads = identity_payloads(count);
-    let mut ratios = Vec::new();
+    let (mut ratios, mut six_ratios) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let (l_tag, f_tag) = (format!("FL{round}"), format!("FF{round}"));
+        let (l_tag, f_tag, p_tag) = (
+            format!("FL{round}"),
+            format!("FF{round}"),
+            format!("FP{round}"),
+        );
         let local = WeirRun::new(&server, &l_tag, "hostile");
         let l = local.process(&js, &payloads, count, "weir").await;
         let mut fenced = WeirRun::new(&server, &f_tag, "hostile");
-        fenced.partitioned = true;
+        fenced.partitions = Some(1);
         let f = fenced.process(&js, &payloads, count, "weir").await;
+        let mut six = WeirRun::new(&server, &p_tag, "hostile");
+        six.partitions = Some(6);
+        let p = six.process(&js, &payloads, count, "weir").await;
         println!("  round {round} of {rounds}");
         println!(
             "    (l) local commit (RocksDB)   {:>9.0} msgs/s              {}",
@@ -413,16 +422,27 @@ async fn fenced(count: usize, sync_always: bool, rounds: usize) {
             f.rate / l.rate,
             f.cpu
         );
+        println!(
+            "    (p) fenced commit, 6 parts.  {:>9.0} msgs/s  p/f = {:.3}  {}",
+            p.rate,
+            p.rate / f.rate,
+            p.cpu
+        );
         ratios.push(f.rate / l.rate);
+        six_ratios.push(p.rate / f.rate);
     }
     println!(
         "  median f/l = {:.3} (the fenced commit's throughput against the local one)",
         median(&mut ratios)
     );
+    println!(
+        "  median p/f = {:.3} (six partitions on one host against one)",
+        median(&mut six_ratios)
+    );
     let local = WeirRun::new(&server, "LL", "hostile");
     latency(&js, &local, "(l) local commit").await;
     let mut fenced = WeirRun::new(&server, "LF", "hostile");
-    fenced.partitioned = true;
+    fenced.partitions = Some(1);
     latency(&js, &fenced, "(f) fenced commit").await;
 }
 
@@ -570,8 +590,9 @@ struct WeirRun<'a> {
     /// give the pipeline `[pipeline.state] key = "subject-token:2"` (the account).
     accounts: Option<usize>,
     stateful: bool,
-    /// Run partitioned (`partitions = 1`): fenced commits on the output stream, no store.
-    partitioned: bool,
+    /// Run partitioned with this many partitions: fenced commits on the output stream, no
+    /// store. With more than one, inputs are published over 64 keys (`in<tag>.k<i>`).
+    partitions: Option<u32>,
 }
 
 impl<'a> WeirRun<'a> {
@@ -586,7 +607,7 @@ impl<'a> WeirRun<'a> {
             trace_header: None,
             accounts: None,
             stateful: false,
-            partitioned: false,
+            partitions: None,
         }
     }
 
@@ -598,9 +619,13 @@ impl<'a> WeirRun<'a> {
         let (prefix, output_stream) = (format!("out{tag}"), format!("OUT{tag}"));
         let (dlq, dlq_stream) = (format!("dlq{tag}"), format!("DLQ{tag}"));
         // Partitioned runs on one server need marker subjects of their own.
-        let name = match self.partitioned {
-            true => format!("orders{tag}"),
-            false => "orders".to_owned(),
+        let name = match self.partitions {
+            Some(_) => format!("orders{tag}"),
+            None => "orders".to_owned(),
+        };
+        let subject = match self.partitions {
+            Some(2..) => format!("in{tag}.*"),
+            _ => subject,
         };
         let text = PipelineToml {
             name: &name,
@@ -611,11 +636,18 @@ impl<'a> WeirRun<'a> {
             output_stream: &output_stream,
             dlq_subject: &dlq,
             dlq_stream: &dlq_stream,
-            partitions: self.partitioned.then_some(1),
+            partitions: self.partitions,
             ..PipelineToml::orders(&url, &self.plugin, &store_dir)
         }
         .render()
         .replace("ack_wait_ms = 2000", "ack_wait_ms = 30000");
+        let text = match self.partitions {
+            Some(n @ 2..) => text.replace(
+                &format!("partitions = {n}"),
+                &format!("partitions = {n}\npartition_key = \"subject-token:2\""),
+            ),
+            _ => text,
+        };
         let text = if self.stateful {
             text + "\n[pipeline.state]\nkey = \"subject-token:2\"\n"
         } else {
@@ -660,16 +692,29 @@ impl<'a> WeirRun<'a> {
     ) -> Timed {
         let tag = self.tag;
         let input = format!("IN{tag}");
+        let partitions = self.partitions.filter(|&n| n > 1);
         if !payloads.is_empty() {
             js.create_stream(jetstream::stream::Config {
                 name: input.clone(),
-                subjects: vec![format!("in{tag}.>")],
+                subjects: vec![match partitions {
+                    Some(_) => format!("in{tag}.*"),
+                    None => format!("in{tag}.>"),
+                }],
+                subject_transform: partitions.map(|n| jetstream::stream::SubjectTransform {
+                    source: format!("in{tag}.*"),
+                    destination: format!("{{{{partition({n},1)}}}}.in{tag}.{{{{wildcard(1)}}}}"),
+                }),
                 ..Default::default()
             })
             .await
             .expect("create the input stream");
             for (at, chunk) in payloads.chunks(1000).enumerate() {
-                if let Some(accounts) = self.accounts {
+                if partitions.is_some() {
+                    for (i, keyed) in chunk.chunks(50).enumerate() {
+                        let key = (at * 20 + i) % 64;
+                        publish_all(js, &format!("in{tag}.k{key}"), keyed).await;
+                    }
+                } else if let Some(accounts) = self.accounts {
                     let mut acks = Vec::with_capacity(chunk.len());
                     for (i, payload) in chunk.iter().enumerate() {
                         let account = (at * 1000 + i) % accounts;
@@ -693,17 +738,28 @@ impl<'a> WeirRun<'a> {
         // The clock starts at the first delivery, as the pass-through's starts at its first
         // pull: start-up (loading the plugin, opening the store) is reported apart.
         let stream = js.get_stream(&input).await.expect("the input stream");
+        // Several partitions: one consumer each, over interleaved stream sequences.
+        let consumers: Vec<String> = match partitions {
+            Some(n) => (0..n).map(|p| format!("{consumer}-p{p}")).collect(),
+            None => vec![consumer.to_owned()],
+        };
+        // Whether any input was delivered, and whether every one is acked.
         let consumer_progress = || async {
-            let info = stream.consumer_info(consumer).await.ok()?;
-            Some((
-                info.delivered.stream_sequence,
-                info.ack_floor.stream_sequence,
-            ))
+            let (mut delivered, mut all_acked) = (false, true);
+            for name in &consumers {
+                let info = stream.consumer_info(name).await.ok()?;
+                delivered |= info.delivered.stream_sequence > 0;
+                all_acked &= match partitions {
+                    Some(_) => info.num_pending == 0 && info.num_ack_pending == 0,
+                    None => info.ack_floor.stream_sequence >= inputs,
+                };
+            }
+            Some((delivered, all_acked))
         };
         loop {
             if consumer_progress()
                 .await
-                .is_some_and(|(delivered, _)| delivered > 0)
+                .is_some_and(|(delivered, _)| delivered)
             {
                 break;
             }
@@ -717,7 +773,7 @@ impl<'a> WeirRun<'a> {
         let (weir_cpu, server_cpu) = (cpu_seconds(weir.id()), cpu_seconds(self.server.pid()));
         while consumer_progress()
             .await
-            .is_none_or(|(_, acked)| acked < inputs)
+            .is_none_or(|(_, all_acked)| !all_acked)
         {
             // Often enough to time the end within 0.5 % of a run, rarely enough to cost the
             // server next to nothing.
