@@ -301,26 +301,7 @@ impl Broker {
         input: &InputConfig,
         partitioning: Option<&InputPartitioning>,
     ) -> Result<(), BrokerError> {
-        if let Some(stream) = self.find_stream(&input.stream).await? {
-            let Some(partitioning) = partitioning else {
-                return Ok(());
-            };
-            let transform = stream.cached_info().config.subject_transform.clone();
-            let found = transform.map(|t| (t.source, t.destination));
-            let wanted = (
-                partitioning.source.clone(),
-                partitioning.destination.clone(),
-            );
-            if found.as_ref() != Some(&wanted) {
-                return Err(BrokerError::NotPartitioned {
-                    stream: input.stream.clone(),
-                    found: found.map_or("no subject transform".into(), |(source, destination)| {
-                        format!("the transform {source:?} → {destination:?}")
-                    }),
-                    from: wanted.0,
-                    destination: wanted.1,
-                });
-            }
+        if self.check_input_stream(input, partitioning).await? {
             return Ok(());
         }
         if !input.create_stream {
@@ -341,6 +322,38 @@ impl Broker {
         })
         .await?;
         Ok(())
+    }
+
+    /// Whether the input stream exists; an error if it does without the partitioning
+    /// transform a partitioned pipeline needs. Changes nothing.
+    pub async fn check_input_stream(
+        &self,
+        input: &InputConfig,
+        partitioning: Option<&InputPartitioning>,
+    ) -> Result<bool, BrokerError> {
+        if let Some(stream) = self.find_stream(&input.stream).await? {
+            let Some(partitioning) = partitioning else {
+                return Ok(true);
+            };
+            let transform = stream.cached_info().config.subject_transform.clone();
+            let found = transform.map(|t| (t.source, t.destination));
+            let wanted = (
+                partitioning.source.clone(),
+                partitioning.destination.clone(),
+            );
+            if found.as_ref() != Some(&wanted) {
+                return Err(BrokerError::NotPartitioned {
+                    stream: input.stream.clone(),
+                    found: found.map_or("no subject transform".into(), |(source, destination)| {
+                        format!("the transform {source:?} → {destination:?}")
+                    }),
+                    from: wanted.0,
+                    destination: wanted.1,
+                });
+            }
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Makes sure some stream stores the output subjects (`<prefix>.>`) and the DLQ subject,

@@ -127,10 +127,26 @@ async fn check_pipeline(
             }
         };
     let input = &pipeline.input;
+    let partitioning = pipeline.input_partitioning();
+    // A partitioned pipeline's stream must put each input's partition in its subject.
+    let stream = match broker
+        .check_input_stream(input, partitioning.as_ref())
+        .await
+    {
+        Ok(_) => broker.stream_len(&input.stream).await,
+        Err(error) => Err(error),
+    };
+    let under_partitions = match partitioning {
+        Some(_) => ", each under its partition",
+        None => "",
+    };
     found(
         "input stream",
-        match broker.stream_len(&input.stream).await {
-            Ok(Some(messages)) => Ok(format!("{:?} holds {messages} messages", input.stream)),
+        match stream {
+            Ok(Some(messages)) => Ok(format!(
+                "{:?} holds {messages} messages{under_partitions}",
+                input.stream
+            )),
             Ok(None) if input.create_stream => Ok(format!(
                 "{:?} does not exist yet; weir will create it",
                 input.stream
@@ -204,17 +220,21 @@ async fn check_pipeline(
             },
         );
     }
-    found(
-        "consumer",
-        match broker.consumer_exists(input).await {
-            Ok(true) => Ok(format!("{:?} filters {:?}", input.consumer, input.subject)),
-            Ok(false) => Ok(format!(
-                "{:?} does not exist yet; weir will create it",
-                input.consumer
-            )),
-            Err(error) => Err(error.to_string()),
-        },
-    );
+    // One consumer per partition, when there are several.
+    for partition in pipeline.partition_indexes() {
+        let input = pipeline.partition_input(partition);
+        found(
+            "consumer",
+            match broker.consumer_exists(&input).await {
+                Ok(true) => Ok(format!("{:?} filters {:?}", input.consumer, input.subject)),
+                Ok(false) => Ok(format!(
+                    "{:?} does not exist yet; weir will create it",
+                    input.consumer
+                )),
+                Err(error) => Err(error.to_string()),
+            },
+        );
+    }
 }
 
 /// Whether this process may create entries in `dir`, as the kernel decides it for this user

@@ -660,6 +660,18 @@ async fn several_partitions_refuse_an_input_stream_that_does_not_partition() {
     .unwrap();
     publish_all(&js, "orders.in.c1", &order_workload(5, 0)).await;
 
+    // `weir check` says so too, and names each partition's consumer.
+    let output = weir_check(&config);
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    let failures: Vec<&str> = report.lines().filter(|l| l.contains("FAIL")).collect();
+    assert_eq!(failures.len(), 1, "{report}");
+    assert!(failures[0].contains("has no subject transform"), "{report}");
+    for partition in 0..3 {
+        let consumer = format!("\"weir-p{partition}\" does not exist yet");
+        assert!(report.contains(&consumer), "{report}");
+    }
+
     let (code, message) = failure(&weir_run(&config));
     assert_eq!(code, 1, "{message}");
     assert!(message.contains("has no subject transform"), "{message}");
