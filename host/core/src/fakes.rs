@@ -367,7 +367,15 @@ impl Ledger for FakePublisher {
         if state.failing_subject.as_deref() == Some(subject) {
             return Err(PublishError::Failed("no responders".into()));
         }
-        Ok(state.markers.get(subject).cloned())
+        // A marker, or a key's state: the last stored message on the subject.
+        let stored = || {
+            let at = state.stored.iter().rposition(|m| m.subject == subject)?;
+            Some(StoredMarker {
+                sequence: at as u64 + 1,
+                payload: state.stored[at].payload.clone(),
+            })
+        };
+        Ok(state.markers.get(subject).cloned().or_else(stored))
     }
 
     async fn commit_atomically(

@@ -44,7 +44,17 @@ pub struct FenceSettings {
     /// takeovers (`<owner>#<n>`), so that it tells its own commits from another owner's and
     /// from its own of an earlier takeover, and no two of its markers share an id.
     pub owner: String,
+    /// What a stateful pipeline's state subjects start with: a key's state is the last
+    /// message on `<state_subjects>.<key in hex>` (see [`Fence::state_subject`]).
+    pub state_subjects: String,
+    /// The most bytes a key's encoded state may take in its message: a state that would
+    /// take more is refused (the input that would grow it is a `state-limit` dead letter).
+    pub max_state_bytes: usize,
 }
+
+/// The most keys whose state a run keeps in memory: past it the cache starts again empty
+/// (each key's state is in the output stream, read again when next needed).
+const MAX_CACHED_STATES: usize = 100_000;
 
 /// How often the consumer's ack floor is read for the markers: a floor read earlier is
 /// only lower, so it costs a longer `done_above`, never a wrong one.
@@ -69,6 +79,12 @@ struct Chain {
     /// The consumer's ack floor as last read, and when.
     floor: Option<u64>,
     floor_read_at: Option<tokio::time::Instant>,
+    /// A stateful pipeline's state as this run executed it, by key: what the run's commits
+    /// say, and its batch in hand on top. Emptied at each takeover.
+    states: std::collections::HashMap<String, std::sync::Arc<crate::state::KeyState>>,
+    /// A commit of this run did not go through (it shut down meanwhile): no later batch may
+    /// commit, since it ran on state that batch left.
+    abandoned: bool,
 }
 
 impl Fence {
@@ -88,9 +104,49 @@ impl Fence {
     /// Begins a takeover: the owner its markers name from now on.
     pub(crate) fn begin_takeover(&self) -> String {
         let mut chain = self.chain();
+        chain.states.clear();
+        chain.abandoned = false;
         chain.takeovers += 1;
         chain.owner = format!("{}#{}", self.settings.owner, chain.takeovers);
         chain.owner.clone()
+    }
+
+    /// The subject whose last message is `key`'s state. The key is in hex: any string may
+    /// be a state key, and a subject token holds few characters.
+    pub fn state_subject(&self, key: &str) -> String {
+        let mut subject = format!("{}.", self.settings.state_subjects);
+        for byte in key.bytes() {
+            subject.push_str(&format!("{byte:02x}"));
+        }
+        subject
+    }
+
+    /// `key`'s state as this run last executed it, if it has it.
+    pub(crate) fn cached_state(&self, key: &str) -> Option<std::sync::Arc<crate::state::KeyState>> {
+        self.chain().states.get(key).cloned()
+    }
+
+    /// Keeps `states` as this run executed them.
+    pub(crate) fn cache_states(
+        &self,
+        states: impl IntoIterator<Item = (String, std::sync::Arc<crate::state::KeyState>)>,
+    ) {
+        let mut chain = self.chain();
+        for (key, state) in states {
+            if chain.states.len() >= MAX_CACHED_STATES && !chain.states.contains_key(&key) {
+                chain.states.clear();
+            }
+            chain.states.insert(key, state);
+        }
+    }
+
+    /// A commit did not go through: nothing later commits until the next takeover.
+    pub(crate) fn abandon(&self) {
+        self.chain().abandoned = true;
+    }
+
+    pub(crate) fn is_abandoned(&self) -> bool {
+        self.chain().abandoned
     }
 
     /// The owner this run's markers name since its last takeover.

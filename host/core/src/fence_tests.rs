@@ -15,7 +15,8 @@ use crate::fence::{Fence, FenceSettings, Progress};
 use crate::input::DedupMode;
 use crate::pipeline::{Fatal, Pipeline};
 use crate::pipeline_tests::{
-    BATCH, EVERY_POINT, WORKLOAD, assert_exactly_once, expected_ids, pipeline,
+    BATCH, EVERY_POINT, WORKLOAD, assert_exactly_once, expected_ids, model, pipeline,
+    publish_transactions, stateful, transactions,
 };
 use crate::ports::{NoProbe, Point, Probe};
 
@@ -34,6 +35,8 @@ pub(crate) fn fenced<Pr: Probe>(
     fenced.fence = Some(Fence::new(FenceSettings {
         marker_subject: MARKERS.into(),
         owner: owner.into(),
+        state_subjects: "_weir.progress.p.state".into(),
+        max_state_bytes: 64 << 10,
     }));
     fenced
 }
@@ -116,6 +119,109 @@ async fn a_crash_at_each_point_then_a_new_owner_with_an_empty_disk_leaves_every_
             );
         }
     }
+}
+
+/// Every output exactly once with the model's balance at that point, and each account's
+/// state, as its last state message on the output stream says, the model's.
+fn assert_fenced_balances(world: &World, transactions: &[(String, i64)]) {
+    let (outputs, balances) = model(transactions);
+    const STATE: &str = "_weir.progress.p.state.";
+    let (state_messages, stored): (Vec<_>, Vec<_>) = world
+        .stored()
+        .into_iter()
+        .partition(|m| m.subject.starts_with(STATE));
+    let mut stored: Vec<(String, Option<String>)> = stored
+        .into_iter()
+        .map(|m| {
+            let balance = (m.subject != "dlq").then(|| String::from_utf8(m.payload).unwrap());
+            (m.msg_id, balance)
+        })
+        .collect();
+    stored.sort();
+    let mut expected = outputs;
+    expected.sort();
+    assert_eq!(
+        stored, expected,
+        "each balance exactly once, with the model's value"
+    );
+    let mut state = std::collections::BTreeMap::new();
+    for message in state_messages {
+        let hex = &message.subject[STATE.len()..];
+        let key: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|at| u8::from_str_radix(&hex[at..at + 2], 16).unwrap())
+            .collect();
+        let entries = crate::state::KeyState::decode(&message.payload).unwrap();
+        let balance = String::from_utf8(entries.entries()["balance"].clone()).unwrap();
+        state.insert(
+            String::from_utf8(key).unwrap(),
+            balance.parse::<i64>().unwrap(),
+        );
+    }
+    assert_eq!(state, balances, "the committed state is the model's");
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_state_every_owner_runs_each_key_on_the_state_the_last_commit_left() {
+    let (world, runtime) = (World::new(), Arc::new(FakeRuntime::new()));
+    let workload = transactions(30);
+    publish_transactions(&world, &workload);
+    run_to_the_end(&stateful(fenced(&world, &runtime, NoProbe, "a/1")), &world).await;
+    assert_fenced_balances(&world, &workload);
+    assert_eq!(runtime.calls.load(Ordering::SeqCst), workload.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_state_a_crash_at_each_point_then_a_new_owner_with_an_empty_disk_leaves_state_exact() {
+    for at in EVERY_POINT {
+        for nth in [1, 2, 3] {
+            let (world, runtime) = (World::new(), Arc::new(FakeRuntime::new()));
+            let workload = transactions(24);
+            publish_transactions(&world, &workload);
+            let probe = CrashProbe::new(at, nth);
+            let crashed = probe.crashed.clone();
+            let first = stateful(fenced(&world, &runtime, probe, "a/1"));
+            tokio::select! {
+                result = first.run(FakeSource::new(&world, BATCH), CancellationToken::new()) => {
+                    panic!("{at:?} {nth}: the pipeline stopped on its own: {result:?}")
+                }
+                () = crashed.notified() => {}
+            }
+            drop(first);
+            world.expire_duplicate_window();
+            run_to_the_end(&stateful(fenced(&world, &runtime, NoProbe, "b/1")), &world).await;
+            assert_fenced_balances(&world, &workload);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_state_too_large_for_its_message_is_a_state_limit_dead_letter() {
+    let (world, runtime) = (World::new(), Arc::new(FakeRuntime::new()));
+    let workload = transactions(6);
+    publish_transactions(&world, &workload);
+    let mut pipeline = stateful(fenced(&world, &runtime, NoProbe, "a/1"));
+    if let Some(fence) = &mut pipeline.fence {
+        // No balance fits: every transaction is refused, none applies.
+        fence.settings.max_state_bytes = 4;
+    }
+    run_to_the_end(&pipeline, &world).await;
+    let stored = world.stored();
+    assert_eq!(stored.len(), workload.len(), "a dead letter each, no state");
+    // Deposits are refused for their state; withdrawals from a balance still 0, as
+    // overdrafts.
+    let kinds: Vec<String> = stored
+        .iter()
+        .map(|letter| crate::dead_letter::DeadLetterHeaders::parse(&letter.headers).kind)
+        .collect();
+    let deposits = workload.iter().filter(|(_, amount)| *amount > 0).count();
+    let refused = kinds.iter().filter(|kind| *kind == "state-limit").count();
+    assert_eq!(refused, deposits, "{kinds:?}");
+    assert!(
+        kinds
+            .iter()
+            .all(|kind| kind == "state-limit" || kind == "invalid-input")
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -206,6 +206,13 @@ where
                 self.read_floor(source).await;
                 let staged = self
                     .with_keepalive(&batch, async {
+                        // A partitioned pipeline with state runs a batch once the batch
+                        // before is committed: on the state it committed, and knowing which
+                        // of its inputs are done.
+                        if self.fence.is_some() && self.settings.state.is_some() {
+                            let _ = finished_rx.await;
+                            return self.commit_stage(&batch, shutdown).await;
+                        }
                         let staged = self.commit_stage(&batch, shutdown).await;
                         // Committed, it waits for the previous batch to be published: the
                         // server must not redeliver it meanwhile either.
@@ -307,7 +314,13 @@ where
         let started = Instant::now();
         let publishing = async {
             match &self.fence {
-                Some(fence) => self.commit_fenced(fence, &batch, staged, shutdown).await,
+                Some(fence) => {
+                    let committed = self.commit_fenced(fence, &batch, staged, shutdown).await;
+                    if let Ok(None) = committed {
+                        fence.abandon();
+                    }
+                    committed
+                }
                 None => self.publish_stage(&batch, staged, shutdown).await,
             }
         };
@@ -515,6 +528,10 @@ where
         self.metrics.stage("execute", executed_at - looked_up_at);
         let mut new_records = Vec::with_capacity(executed.records.len());
         let mut dead_letters = Vec::new();
+        let mut states = vec![None; batch.len()];
+        for (&index, state) in to_execute.iter().zip(executed.after) {
+            states[index] = state;
+        }
         for (&index, (record, dead_letter)) in to_execute.iter().zip(executed.records) {
             let record = Arc::new(record);
             dead_letters.extend(dead_letter.map(|kind| (index, kind)));
@@ -528,6 +545,7 @@ where
                 recheck: Vec::new(),
                 keys,
                 dead_letters,
+                states,
             }));
         }
 
@@ -556,6 +574,7 @@ where
             recheck,
             keys,
             dead_letters: Vec::new(),
+            states: Vec::new(),
         }))
     }
 
@@ -616,6 +635,8 @@ where
             return Ok(None);
         };
         let mut changed: BTreeMap<String, StateChanges> = BTreeMap::new();
+        // Per input executed: its key's state after it, when it changed it.
+        let mut after: Vec<Option<(String, Arc<KeyState>)>> = vec![None; indexes.len()];
         for wave in waves {
             let calls = || {
                 wave.iter()
@@ -637,18 +658,34 @@ where
             };
             for ((at, state_key), result) in wave.into_iter().zip(results) {
                 let index = indexes[at];
-                let (record, dead_letter) =
-                    self.record_for(batch[index].input(), &keys[index], &lineage, result.outcome);
+                let input = batch[index].input();
+                let (mut record, mut dead_letter) =
+                    self.record_for(input, &keys[index], &lineage, result.outcome);
                 if let Some(state_key) = state_key
                     && dead_letter.is_none()
                     && !result.changes.is_empty()
                 {
                     let state = states.get_mut(&state_key).expect("loaded for its inputs");
-                    Arc::make_mut(state).apply(&result.changes);
-                    changed.entry(state_key).or_default().extend(result.changes);
+                    let mut next = KeyState::clone(state);
+                    next.apply(&result.changes);
+                    match self.state_too_large(&next) {
+                        Some(reason) => {
+                            let outcome = Outcome::failed(FailureKind::StateLimit, reason);
+                            (record, dead_letter) =
+                                self.record_for(input, &keys[index], &lineage, outcome);
+                        }
+                        None => {
+                            *state = Arc::new(next);
+                            after[at] = Some((state_key.clone(), state.clone()));
+                            changed.entry(state_key).or_default().extend(result.changes);
+                        }
+                    }
                 }
                 records[at] = Some((record, dead_letter));
             }
+        }
+        if let Some(fence) = &self.fence {
+            fence.cache_states(states);
         }
         Ok(Some(Executed {
             records: records
@@ -656,7 +693,22 @@ where
                 .map(|record| record.expect("every input has a record"))
                 .collect(),
             state: changed.into_iter().collect(),
+            after,
         }))
+    }
+
+    /// Why a key's state cannot be committed, if it cannot: a partitioned pipeline commits
+    /// a key's whole state as one message of the output stream, which must fit the stream's
+    /// and the server's limits.
+    fn state_too_large(&self, state: &KeyState) -> Option<String> {
+        let fence = self.fence.as_ref()?;
+        let limit = fence.settings.max_state_bytes;
+        (state.encoded_len() > limit).then(|| {
+            format!(
+                "the state of this key would take {} bytes in its message on the output stream, more than the {limit} the stream and the server accept",
+                state.encoded_len()
+            )
+        })
     }
 
     /// The state of `keys`, read from the store, retrying transient faults. `None` on
@@ -666,6 +718,9 @@ where
         keys: Vec<String>,
         shutdown: &CancellationToken,
     ) -> Result<Option<HashMap<String, Arc<KeyState>>>, Fatal> {
+        if let Some(fence) = &self.fence {
+            return self.load_fenced_state(fence, keys, shutdown).await;
+        }
         // Without a store (which a stateful pipeline's configuration refuses) every key
         // starts empty.
         let Some(store) = self.store.as_ref().filter(|_| !keys.is_empty()) else {
@@ -698,6 +753,46 @@ where
                 }
             }
         }
+    }
+
+    /// A partitioned pipeline's state of `keys`: as this run executed it, or else the last
+    /// message on the key's state subject (none: the key starts empty). `None` on shutdown
+    /// first.
+    async fn load_fenced_state(
+        &self,
+        fence: &Fence,
+        keys: Vec<String>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<HashMap<String, Arc<KeyState>>>, Fatal> {
+        let mut retrier = Retrier::new(Step::LoadState, self, shutdown);
+        let mut states = HashMap::with_capacity(keys.len());
+        for key in keys {
+            let state = match fence.cached_state(&key) {
+                Some(state) => state,
+                None => loop {
+                    let subject = fence.state_subject(&key);
+                    match self.publisher.last_marker(&subject).await {
+                        Ok(None) => break Arc::default(),
+                        Ok(Some(stored)) => {
+                            let state = KeyState::decode(&stored.payload).map_err(|error| {
+                                Fatal::Ledger(format!(
+                                    "the state of key {key:?} on {subject} (sequence {}) cannot be read: {error}",
+                                    stored.sequence
+                                ))
+                            })?;
+                            break Arc::new(state);
+                        }
+                        Err(error) => {
+                            if !retrier.failed(error).await {
+                                return Ok(None);
+                            }
+                        }
+                    }
+                },
+            };
+            states.insert(key, state);
+        }
+        Ok(Some(states))
     }
 
     /// Runs one wave of plugin calls, retrying while the runtime has no instance free.
@@ -1197,6 +1292,9 @@ struct Publication {
     acknowledged: Vec<bool>,
     /// `record` is already the barest dead letter there is.
     bare: bool,
+    /// A partitioned pipeline's: the input's key's state after it, when it changed it,
+    /// committed with it.
+    state: Option<(String, Arc<KeyState>)>,
 }
 
 impl Publication {
@@ -1207,6 +1305,7 @@ impl Publication {
             acknowledged: vec![false; record.messages.len()],
             record,
             bare: false,
+            state: None,
         }
     }
 
@@ -1259,6 +1358,9 @@ struct CommittedBatch<D> {
 struct Executed {
     records: Vec<(DoneRecord, Option<FailureKind>)>,
     state: Vec<(String, StateChanges)>,
+    /// Per input, its key's state after it, when it changed it: what a partitioned
+    /// pipeline commits.
+    after: Vec<Option<(String, Arc<KeyState>)>>,
 }
 
 /// What the commit stage leaves for the publish stage.
@@ -1273,6 +1375,9 @@ struct Staged {
     /// A partitioned pipeline's new dead letters (input index, kind), counted once
     /// committed.
     dead_letters: Vec<(usize, FailureKind)>,
+    /// A partitioned pipeline's state per input (by index): its key's state after it, when
+    /// it changed it.
+    states: Vec<Option<(String, Arc<KeyState>)>>,
 }
 
 /// A step of the message path that retries transient faults.

@@ -601,7 +601,7 @@ async fn at_least_once_keeps_no_store_and_relies_on_the_window() {
 }
 
 /// A stateful pipeline: each input's state key is its `Account` header.
-fn stateful<Pr: Probe>(
+pub(crate) fn stateful<Pr: Probe>(
     mut pipeline: Pipeline<FakeStore, FakePublisher, Arc<FakeRuntime>, Pr>,
 ) -> Pipeline<FakeStore, FakePublisher, Arc<FakeRuntime>, Pr> {
     pipeline.settings.state = Some(StateSettings {
@@ -612,7 +612,7 @@ fn stateful<Pr: Probe>(
 }
 
 /// Transactions over three accounts, some of them overdrafts, as (account, amount).
-fn transactions(count: usize) -> Vec<(String, i64)> {
+pub(crate) fn transactions(count: usize) -> Vec<(String, i64)> {
     (0..count)
         .map(|i| {
             let account = format!("acct-{}", i * 7 % 3);
@@ -622,7 +622,7 @@ fn transactions(count: usize) -> Vec<(String, i64)> {
         .collect()
 }
 
-fn publish_transactions(world: &World, transactions: &[(String, i64)]) {
+pub(crate) fn publish_transactions(world: &World, transactions: &[(String, i64)]) {
     for (account, amount) in transactions {
         world.publish_input_with_headers(&format!("{amount:+}"), &[("Account", account)]);
     }
@@ -630,9 +630,9 @@ fn publish_transactions(world: &World, transactions: &[(String, i64)]) {
 
 /// What the workload alone says: per input, its message id and the balance it outputs (or
 /// `None` for an overdraft's dead letter); and every account's final balance.
-type Model = (Vec<(String, Option<String>)>, BTreeMap<String, i64>);
+pub(crate) type Model = (Vec<(String, Option<String>)>, BTreeMap<String, i64>);
 
-fn model(transactions: &[(String, i64)]) -> Model {
+pub(crate) fn model(transactions: &[(String, i64)]) -> Model {
     let mut balances: BTreeMap<String, i64> = BTreeMap::new();
     let outputs = transactions
         .iter()

@@ -121,6 +121,36 @@ impl KeyState {
         self.bytes
     }
 
+    /// The key's entries as a partitioned pipeline commits them, in a message of the output
+    /// stream: for each entry in name order, the name's length (4 bytes, big-endian), the
+    /// name, the value's length, the value. Simple enough for any reader to decode.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut encoded = Vec::with_capacity(self.encoded_len());
+        for (name, value) in &self.entries {
+            for part in [name.as_bytes(), value] {
+                encoded.extend_from_slice(&(part.len() as u32).to_be_bytes());
+                encoded.extend_from_slice(part);
+            }
+        }
+        encoded
+    }
+
+    /// The length of [`KeyState::encode`]'s bytes.
+    pub fn encoded_len(&self) -> usize {
+        self.bytes + 8 * self.entries.len()
+    }
+
+    /// Reads what [`KeyState::encode`] wrote.
+    pub fn decode(mut bytes: &[u8]) -> Result<KeyState, String> {
+        let mut entries = Vec::new();
+        while !bytes.is_empty() {
+            let name = String::from_utf8(take_part(&mut bytes, "name")?)
+                .map_err(|_| "an entry's name is not UTF-8".to_owned())?;
+            entries.push((name, take_part(&mut bytes, "value")?));
+        }
+        Ok(KeyState::from_entries(entries))
+    }
+
     /// Applies `changes`, as a later input of the key will see them.
     pub fn apply(&mut self, changes: &StateChanges) {
         for (name, change) in changes {
@@ -133,6 +163,20 @@ impl KeyState {
             }
         }
     }
+}
+
+/// The next length-prefixed part of an encoded state, taken off `bytes`.
+fn take_part(bytes: &mut &[u8], what: &str) -> Result<Vec<u8>, String> {
+    let (length, rest) = bytes
+        .split_first_chunk::<4>()
+        .ok_or_else(|| format!("the state ends inside an entry's {what} length"))?;
+    let length = u32::from_be_bytes(*length) as usize;
+    if rest.len() < length {
+        return Err(format!("the state ends inside an entry's {what}"));
+    }
+    let (part, rest) = rest.split_at(length);
+    *bytes = rest;
+    Ok(part.to_vec())
 }
 
 /// A write the limits refuse: the call ends, and its input is dead-lettered as `state-limit`.
@@ -360,5 +404,25 @@ mod tests {
         ] {
             assert!(StateKeyRule::parse(wrong).is_err(), "{wrong}");
         }
+    }
+}
+
+#[cfg(test)]
+mod encoding_tests {
+    use super::*;
+
+    #[test]
+    fn a_key_state_decodes_to_what_was_encoded() {
+        let state = KeyState::from_entries([
+            ("balance".to_owned(), b"120".to_vec()),
+            ("empty".to_owned(), Vec::new()),
+            ("bytes".to_owned(), vec![0, 255, 7]),
+        ]);
+        let encoded = state.encode();
+        assert_eq!(encoded.len(), state.encoded_len());
+        assert_eq!(KeyState::decode(&encoded).unwrap(), state);
+        assert_eq!(KeyState::decode(&[]).unwrap(), KeyState::default());
+        assert!(KeyState::decode(&encoded[..encoded.len() - 1]).is_err());
+        assert!(KeyState::decode(&[0, 0, 0]).is_err());
     }
 }

@@ -576,6 +576,13 @@ impl PipelineConfig {
 
 impl PipelineConfig {
     /// The subject of a partition's progress markers.
+    /// What a stateful partitioned pipeline's state subjects start with (a key's state is
+    /// the last message on `<this>.<key in hex>`): among the marker subjects, so that the
+    /// output stream stores them.
+    pub fn state_subjects(&self) -> String {
+        format!("{}.state", self.marker_subjects_prefix())
+    }
+
     pub fn marker_subject(&self, partition: u32) -> String {
         format!("{}.{partition}", self.marker_subjects_prefix())
     }
@@ -702,8 +709,16 @@ impl PipelineConfig {
                     .into(),
             );
         }
-        if self.state.is_some() {
-            problems.push("[pipeline.state] is not supported with partitions yet".into());
+        if let (Some(state), Some(partition_key), Some(2..)) =
+            (&self.state, &self.partition_key, self.partitions)
+            && state.key != *partition_key
+        {
+            problems.push(format!(
+                "[pipeline.state] key {:?} is not partition_key {partition_key:?}: with several \
+                 partitions a key's inputs must all be in one partition, which alone changes \
+                 its state; make them the same",
+                state.key
+            ));
         }
         if let (Some(dlq_stream), Some(stream)) = (&self.output.dlq_stream, &self.output.stream)
             && dlq_stream != stream
@@ -1000,8 +1015,23 @@ mod tests {
             let error = parse(&text).unwrap_err();
             assert!(error.contains(refusal), "{change}: {error}");
         }
-        let state = format!("{partitioned}\n[pipeline.state]\nkey = \"subject-token:3\"\n");
-        assert!(parse(&state).unwrap_err().contains("[pipeline.state]"));
+        // State with one partition: any key; with several, the partition key.
+        let state = format!("{partitioned}\n[pipeline.state]\nkey = \"header:Account\"\n");
+        assert!(parse(&state).is_ok());
+        let several = MINIMAL
+            .replace(
+                "store_dir = \"store\"",
+                "partitions = 6\npartition_key = \"subject-token:3\"",
+            )
+            .replace("\"orders.in.>\"", "\"orders.in.*\"");
+        let other_key = format!("{several}\n[pipeline.state]\nkey = \"header:Account\"\n");
+        assert!(
+            parse(&other_key)
+                .unwrap_err()
+                .contains("is not partition_key")
+        );
+        let same_key = format!("{several}\n[pipeline.state]\nkey = \"subject-token:3\"\n");
+        assert!(parse(&same_key).is_ok(), "{:?}", parse(&same_key).err());
         let apart = partitioned.replace(
             "dlq_subject = \"orders.dlq\"",
             "dlq_subject = \"orders.dlq\"\nstream = \"OUT\"\ndlq_stream = \"DLQ\"",

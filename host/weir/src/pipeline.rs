@@ -256,6 +256,15 @@ impl Pipeline {
         };
         let output_limit = message_limit(&format!("{}.probe", config.output.prefix)).await?;
         let dlq_limit = message_limit(&config.output.dlq_subject).await?;
+        // A partitioned pipeline's state message: what the limit leaves beside its headers
+        // (its id, and the atomic batch's).
+        let stateful = state.is_some();
+        let state_limit = match (&ledger, stateful) {
+            (Some(_), true) => message_limit(&format!("{}.probe", config.state_subjects()))
+                .await?
+                .saturating_sub(1024),
+            _ => 0,
+        };
         // The partition's own consumer, when the pipeline has several.
         let input = config.partition_input(partition);
         let source = answered(deadline, || broker.consume(&input, &config.batch))
@@ -300,9 +309,11 @@ impl Pipeline {
                 prefix: config.output.prefix.clone(),
                 // A partitioned pipeline commits an input's outputs with the marker, in one
                 // atomic batch.
-                max_outputs: match ledger {
-                    Some(_) => config.limits.max_outputs.min(MAX_BATCH_MESSAGES - 1),
-                    None => config.limits.max_outputs,
+                // (And, with state, its key's state.)
+                max_outputs: match (&ledger, stateful) {
+                    (Some(_), false) => config.limits.max_outputs.min(MAX_BATCH_MESSAGES - 1),
+                    (Some(_), true) => config.limits.max_outputs.min(MAX_BATCH_MESSAGES - 2),
+                    (None, _) => config.limits.max_outputs,
                 },
                 max_output_bytes: config.limits.max_output_bytes,
                 max_message_bytes: output_limit,
@@ -323,6 +334,8 @@ impl Pipeline {
                 Fence::new(FenceSettings {
                     marker_subject: config.marker_subject(partition),
                     owner: owner.clone(),
+                    state_subjects: config.state_subjects(),
+                    max_state_bytes: state_limit,
                 })
             }),
             probe: FaultProbe,

@@ -6,6 +6,7 @@
 //! every overdraft is dead-lettered exactly once and changed nothing.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::time::Duration;
 
 use weir_tests::*;
@@ -201,4 +202,183 @@ async fn balances_are_exactly_once_in_state_and_outputs_across_repeated_sigkills
         });
         assert_eq!(balance, expected_balances[*account], "{account}'s state");
     }
+}
+
+/// A partitioned stateful pipeline keeps nothing on disk: each commit carries its keys'
+/// state with the outputs and the progress marker, in one atomic batch on the output
+/// stream. Three partitions (by account, which is also the state key) on a weir killed
+/// again and again, each run starting with nothing: every balance is exactly once with the
+/// model's value, every overdraft dead-lettered once, and each account's last state message
+/// holds the model's final balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_balances_are_exactly_once_with_nothing_on_disk_across_sigkills() {
+    const PARTITIONS: u32 = 3;
+    const PART_KILLS: usize = 6;
+    let seed = seed_from_env("WEIR_STATE_SEED");
+    println!("state test seed: {seed} (rerun with WEIR_STATE_SEED={seed})");
+    let mut rng = SeededRng(seed);
+    let transactions: Vec<(String, i64)> = workload(&mut rng).into_iter().take(4000).collect();
+    let (expected_outputs, expected_balances) = model(&transactions);
+
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let js = server.jetstream().await;
+    let plugin = plugin("balances");
+    let text = PipelineToml {
+        subject: "in.*",
+        partitions: Some(PARTITIONS),
+        extra: "[pipeline.batch]\nmax_messages = 64\n\n[pipeline.state]\nkey = \"subject-token:2\"\n",
+        ..PipelineToml::plain("balances", &server.url(), &plugin, Path::new("unused"))
+    }
+    .render()
+    .replace(
+        "partitions = 3",
+        "partitions = 3\npartition_key = \"subject-token:2\"\nlease_ttl_secs = 1",
+    );
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, ADMIN_OFF.to_owned() + &text).unwrap();
+    let log = dir.path().join("weir.log");
+
+    let weir = spawn_weir(&config, Some(&log), None);
+    wait_for_stream(&js, "IN").await;
+    // Spread over some 8 s, so that the kills strike while there is work.
+    let publisher = {
+        let (js, transactions) = (js.clone(), transactions.clone());
+        tokio::spawn(async move {
+            for chunk in transactions.chunks(100) {
+                let mut acks = Vec::with_capacity(chunk.len());
+                for (account, amount) in chunk {
+                    let ack = js
+                        .publish(format!("in.{account}"), format!("{amount:+}").into())
+                        .await
+                        .expect("publish a transaction");
+                    acks.push(ack);
+                }
+                for ack in acks {
+                    ack.await
+                        .expect("the input stream stores every transaction");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let mut weir = sigkill_while_working(&js, "OUT", PART_KILLS, &mut rng, weir, || {
+        spawn_weir(&config, Some(&log), None)
+    })
+    .await;
+    publisher.await.unwrap();
+    for partition in 0..PARTITIONS {
+        let consumer = format!("weir-p{partition}");
+        wait_for_showing_log(
+            &format!("partition {partition} to drain"),
+            Duration::from_secs(120),
+            &log,
+            || drained(&js, "IN", &consumer),
+        )
+        .await;
+    }
+    // The last run takes every partition over too, even with nothing left to do (its
+    // markers name its process).
+    let last_run = format!("/{}/", weir.id());
+    wait_for_showing_log(
+        "the last run to take every partition over",
+        Duration::from_secs(60),
+        &log,
+        || async {
+            let mut taken = 0;
+            for partition in 0..PARTITIONS {
+                let subject = format!("_weir.progress.balances.{partition}");
+                let markers = progress_markers(&js, "OUT", &subject).await;
+                taken += usize::from(markers.iter().any(|(owner, _)| owner.contains(&last_run)));
+            }
+            taken == PARTITIONS as usize
+        },
+    )
+    .await;
+    let status = terminate(&mut weir);
+    assert!(status.success(), "SIGTERM stops weir cleanly, got {status}");
+    assert!(!dir.path().join("unused").exists(), "nothing on disk");
+
+    let (mut seen, mut dead) = (HashMap::new(), Vec::new());
+    // Each account's last state message: its state now.
+    let mut last_state: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    const STATE: &str = "_weir.progress.balances.state.";
+    for message in read_stream(&js, "OUT").await {
+        if let Some(hex) = message.subject.strip_prefix(STATE) {
+            last_state.insert(from_hex(hex), message.payload);
+        } else if message.subject == "dlq" {
+            dead.push(input_sequence(message.msg_id.as_deref().expect("an id")));
+        } else if message.subject.starts_with("out.") {
+            let sequence = input_sequence(message.msg_id.as_deref().expect("an id"));
+            let balance: i64 = String::from_utf8(message.payload).unwrap().parse().unwrap();
+            let (account, _) = &transactions[sequence as usize - 1];
+            assert_eq!(message.subject, format!("out.balance.{account}"));
+            assert!(
+                seen.insert(sequence, balance).is_none(),
+                "the balance after input {sequence} is stored twice"
+            );
+        }
+    }
+    dead.sort_unstable();
+    let before_dedup = dead.len();
+    dead.dedup();
+    assert_eq!(
+        dead.len(),
+        before_dedup,
+        "each overdraft dead-lettered once"
+    );
+    for (index, expected) in expected_outputs.iter().enumerate() {
+        let sequence = index as u64 + 1;
+        match expected {
+            Some(balance) => assert_eq!(
+                seen.get(&sequence),
+                Some(balance),
+                "the balance after input {sequence}"
+            ),
+            None => assert!(
+                dead.binary_search(&sequence).is_ok(),
+                "overdraft {sequence} dead-lettered"
+            ),
+        }
+    }
+    assert_eq!(
+        seen.len() + dead.len(),
+        transactions.len(),
+        "nothing else stored"
+    );
+    for (account, balance) in &expected_balances {
+        // An account whose every transaction overdrew it has no state.
+        let stored = last_state
+            .get(account)
+            .map_or(0, |state| stored_balance(state));
+        assert_eq!(stored, *balance, "{account}'s state");
+    }
+}
+
+/// The key a state subject's last token names, in hex.
+fn from_hex(hex: &str) -> String {
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(&hex[at..at + 2], 16).expect("hex"))
+        .collect();
+    String::from_utf8(bytes).expect("a UTF-8 key")
+}
+
+/// The `balance` entry of a key's state as weir commits it: entries in turn, each a name
+/// and a value, each of them a 4-byte big-endian length and its bytes.
+fn stored_balance(mut state: &[u8]) -> i64 {
+    fn part(state: &mut &[u8]) -> Vec<u8> {
+        let length = u32::from_be_bytes(state[..4].try_into().unwrap()) as usize;
+        let part = state[4..4 + length].to_vec();
+        *state = &state[4 + length..];
+        part
+    }
+    let mut balance = None;
+    while !state.is_empty() {
+        let (name, value) = (part(&mut state), part(&mut state));
+        if name == b"balance" {
+            balance = Some(String::from_utf8(value).unwrap().parse().unwrap());
+        }
+    }
+    balance.expect("a balance entry")
 }

@@ -14,6 +14,7 @@ use crate::ports::{
     Publisher, Source,
 };
 use crate::record::{Disposition, OutboundMessage};
+use crate::state::KeyState;
 
 /// What became of one atomic batch.
 enum Unit {
@@ -92,18 +93,24 @@ where
         staged: Staged,
         shutdown: &CancellationToken,
     ) -> Result<Option<Vec<Option<String>>>, Fatal> {
+        // A batch before did not commit (this run is shutting down): this one ran on what
+        // it left, and must not commit without it.
+        if fence.is_abandoned() {
+            return Ok(None);
+        }
         // An input the batch before committed while this one executed (one delivered again
         // meanwhile) is done: committing it again would publish it twice.
         let mut pending: Vec<Publication> = Vec::new();
+        let mut states = staged.states;
+        states.resize(batch.len(), None);
         for (index, record) in staged.records.iter().enumerate() {
             if let Some(record) = record
                 && !fence.is_done(batch[index].input())
             {
-                pending.push(Publication::new(
-                    Some(index),
-                    &staged.keys[index],
-                    record.clone(),
-                ));
+                let mut publication =
+                    Publication::new(Some(index), &staged.keys[index], record.clone());
+                publication.state = states[index].take();
+                pending.push(publication);
             }
         }
         let inputs: Vec<_> = batch.iter().map(Delivery::input).collect();
@@ -111,10 +118,10 @@ where
         // An input whose messages cannot share a batch with the marker is refused before
         // anything is sent (the output limits of a partitioned pipeline keep it rare).
         for publication in &mut pending {
-            if publication.record.messages.len() >= MAX_BATCH_MESSAGES {
+            if messages_of(publication) >= MAX_BATCH_MESSAGES {
                 let refusal = PublishError::Refused(format!(
                     "its {} messages and the progress marker do not fit in one atomic batch of {MAX_BATCH_MESSAGES}",
-                    publication.record.messages.len()
+                    messages_of(publication)
                 ));
                 let index = publication.index.expect("an input of the batch");
                 let record = self
@@ -197,13 +204,35 @@ where
             unit.iter()
                 .map(|publication| inputs[publication.index.expect("an input of the batch")])
         };
-        let messages: Vec<&OutboundMessage> = unit
+        let outputs = unit
             .iter()
-            .flat_map(|publication| publication.record.messages.iter())
+            .flat_map(|publication| publication.record.messages.iter());
+        // Each key's state after the unit's last input of it.
+        let states: std::collections::BTreeMap<&str, &KeyState> = unit
+            .iter()
+            .filter_map(|publication| publication.state.as_ref())
+            .map(|(key, state)| (key.as_str(), &**state))
             .collect();
+        let outputs: Vec<&OutboundMessage> = outputs.collect();
         loop {
             let (next, after) = fence.next_commit(unit_inputs());
             let marker = next.marker(&fence.settings.marker_subject);
+            // Named by the commit, whose number is the same on every try of it: a try that
+            // went through is not stored again.
+            let state_messages: Vec<OutboundMessage> = states
+                .iter()
+                .map(|(key, state)| {
+                    let subject = fence.state_subject(key);
+                    OutboundMessage {
+                        msg_id: format!("{}:{}:{}", subject, owner, next.commit),
+                        subject,
+                        headers: Vec::new(),
+                        payload: state.encode(),
+                    }
+                })
+                .collect();
+            let messages: Vec<&OutboundMessage> =
+                outputs.iter().copied().chain(&state_messages).collect();
             let failure = match self
                 .publisher
                 .commit_atomically(&messages, &marker, after)
@@ -288,6 +317,12 @@ where
     }
 }
 
+/// The messages an input adds to an atomic batch: its outputs or dead letter, and its key's
+/// state when it changed it.
+fn messages_of(publication: &Publication) -> usize {
+    publication.record.messages.len() + usize::from(publication.state.is_some())
+}
+
 /// Splits publications, in order, into atomic batches: as many inputs as fit beside the
 /// marker, never one input's messages across two.
 fn units(publications: Vec<Publication>) -> VecDeque<Vec<Publication>> {
@@ -295,7 +330,7 @@ fn units(publications: Vec<Publication>) -> VecDeque<Vec<Publication>> {
     let mut unit: Vec<Publication> = Vec::new();
     let mut messages = 0;
     for publication in publications {
-        let count = publication.record.messages.len();
+        let count = messages_of(&publication);
         if !unit.is_empty() && messages + count >= MAX_BATCH_MESSAGES {
             units.push_back(std::mem::take(&mut unit));
             messages = 0;
