@@ -56,6 +56,29 @@ pub struct FenceSettings {
 /// (each key's state is in the output stream, read again when next needed).
 const MAX_CACHED_STATES: usize = 100_000;
 
+/// The subject whose last message is `key`'s state, under `state_subjects`; the key in hex.
+pub fn state_subject(state_subjects: &str, key: &str) -> String {
+    let mut subject = format!("{state_subjects}.");
+    for byte in key.bytes() {
+        subject.push_str(&format!("{byte:02x}"));
+    }
+    subject
+}
+
+/// The key a state subject names (what [`state_subject`] wrote after `state_subjects`);
+/// `None` for a subject that is not one.
+pub fn state_key(state_subjects: &str, subject: &str) -> Option<String> {
+    let hex = subject.strip_prefix(state_subjects)?.strip_prefix('.')?;
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(hex.get(at..at + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
 /// How often the consumer's ack floor is read for the markers: a floor read earlier is
 /// only lower, so it costs a longer `done_above`, never a wrong one.
 pub const FLOOR_PERIOD: Duration = Duration::from_secs(1);
@@ -114,11 +137,7 @@ impl Fence {
     /// The subject whose last message is `key`'s state. The key is in hex: any string may
     /// be a state key, and a subject token holds few characters.
     pub fn state_subject(&self, key: &str) -> String {
-        let mut subject = format!("{}.", self.settings.state_subjects);
-        for byte in key.bytes() {
-            subject.push_str(&format!("{byte:02x}"));
-        }
-        subject
+        state_subject(&self.settings.state_subjects, key)
     }
 
     /// `key`'s state as this run last executed it, if it has it.
@@ -331,5 +350,30 @@ mod tests {
         assert_eq!(Progress::parse(3, &marker.payload).unwrap(), progress);
         let corrupt = Progress::parse(3, b"{\"owner\":").unwrap_err();
         assert!(corrupt.to_string().contains("sequence 3"), "{corrupt}");
+    }
+}
+
+#[cfg(test)]
+mod state_subject_tests {
+    use super::*;
+
+    #[test]
+    fn a_state_subject_names_its_key_whatever_the_key_holds() {
+        for key in ["acct-7", "a.b c", "", "é>*"] {
+            let subject = state_subject("_weir.progress.p.state", key);
+            assert!(!subject[23..].contains(['.', ' ', '*', '>']), "{subject}");
+            assert_eq!(
+                state_key("_weir.progress.p.state", &subject).as_deref(),
+                Some(key)
+            );
+        }
+        assert_eq!(
+            state_key("_weir.progress.p.state", "_weir.progress.p.0"),
+            None
+        );
+        assert_eq!(
+            state_key("_weir.progress.p.state", "_weir.progress.p.state.zz"),
+            None
+        );
     }
 }

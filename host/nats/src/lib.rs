@@ -634,6 +634,28 @@ impl Broker {
 
     /// The publisher of a partitioned pipeline, whose atomic commits and progress markers
     /// go to `stream` (its output stream).
+    /// The subjects `stream` holds messages on that match `filter`.
+    pub async fn subjects(&self, stream: &str, filter: &str) -> Result<Vec<String>, BrokerError> {
+        let cannot = |e: &dyn std::fmt::Display| BrokerError::JetStream {
+            action: format!("cannot list the subjects {filter:?} of stream {stream:?}"),
+            source: e.to_string().into(),
+        };
+        let stream = self
+            .jetstream
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| cannot(&e))?;
+        let mut subjects = stream
+            .info_with_subjects(filter)
+            .await
+            .map_err(|e| cannot(&e))?;
+        let mut found = Vec::new();
+        while let Some(subject) = subjects.next().await {
+            found.push(subject.map_err(|e| cannot(&e))?.0);
+        }
+        Ok(found)
+    }
+
     pub fn ledger(&self, stream: &str) -> Publisher {
         Publisher {
             jetstream: self.jetstream.clone(),

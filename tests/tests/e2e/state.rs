@@ -353,6 +353,31 @@ async fn partitioned_balances_are_exactly_once_with_nothing_on_disk_across_sigki
             .map_or(0, |state| stored_balance(state));
         assert_eq!(stored, *balance, "{account}'s state");
     }
+
+    // An operator reads the same from the stream: `weir state` needs no store.
+    let state_cli = |args: &[&str]| {
+        let output = std::process::Command::new(weir_binary())
+            .arg("state")
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("run weir state");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stdout}{stderr}");
+        stdout
+    };
+    for (account, balance) in expected_balances.iter().filter(|(_, b)| **b > 0).take(3) {
+        let shown = state_cli(&["get", "--key", account]);
+        let line = format!("  \"balance\" = \"{balance}\"");
+        assert!(shown.lines().any(|l| l == line), "{account}: {shown}");
+    }
+    let listed = state_cli(&["list", "--limit", "5"]);
+    assert!(
+        listed.starts_with("5 state keys of pipeline \"balances\"") && listed.contains("--after"),
+        "{listed}"
+    );
 }
 
 /// The key a state subject's last token names, in hex.

@@ -1,7 +1,11 @@
 //! `weir state`: a stateful pipeline's state, read from its store while it runs (or not),
 //! for operators. Reads only: RocksDB's secondary instance takes no lock and writes nothing
-//! to the store.
+//! to the store. A partitioned pipeline's state is read from its output stream, where each
+//! key's last state message is its state.
 
+use weir_core::ports::Ledger;
+use weir_core::state::KeyState;
+use weir_nats::Broker;
 use weir_store::StateReader;
 
 use super::{PipelineArgs, StateCommand};
@@ -17,7 +21,7 @@ pub fn run(command: StateCommand) -> Result<(), crate::Error> {
             limit,
         } => {
             let (name, reader) = open(&target)?;
-            let keys = reader.keys(&after, limit).map_err(store_error)?;
+            let keys = reader.keys(&after, limit)?;
             println!("{} state keys of pipeline {name:?}", keys.len());
             if !keys.is_empty() {
                 println!("{:>8}  {:>10}  KEY", "ENTRIES", "BYTES");
@@ -34,7 +38,7 @@ pub fn run(command: StateCommand) -> Result<(), crate::Error> {
         }
         StateCommand::Get { target, key } => {
             let (name, reader) = open(&target)?;
-            let state = reader.entries(&key).map_err(store_error)?;
+            let state = reader.entries(&key)?;
             println!(
                 "state key {} of pipeline {name:?}: {} entries, {} bytes",
                 shown_text(&key),
@@ -49,16 +53,130 @@ pub fn run(command: StateCommand) -> Result<(), crate::Error> {
     }
 }
 
-fn open(target: &PipelineArgs) -> Result<(String, StateReader), crate::Error> {
+/// Where a pipeline's state is read from.
+enum States {
+    Store(StateReader),
+    /// A partitioned pipeline's output stream, its state subjects' prefix, and a runtime
+    /// for the client.
+    Stream {
+        runtime: tokio::runtime::Runtime,
+        broker: Broker,
+        stream: String,
+        subjects: String,
+    },
+}
+
+impl States {
+    /// Up to `limit` keys after `after`, in order, each with its entries and bytes.
+    fn keys(&self, after: &str, limit: usize) -> Result<Vec<(String, usize, usize)>, crate::Error> {
+        match self {
+            States::Store(reader) => reader.keys(after, limit).map_err(store_error),
+            States::Stream {
+                runtime,
+                broker,
+                stream,
+                subjects,
+            } => runtime.block_on(async {
+                let filter = format!("{subjects}.>");
+                let listed = broker.subjects(stream, &filter).await.map_err(engine)?;
+                let mut keys: Vec<String> = listed
+                    .iter()
+                    .filter_map(|subject| weir_core::fence::state_key(subjects, subject))
+                    .filter(|key| key.as_str() > after)
+                    .collect();
+                keys.sort_unstable();
+                keys.truncate(limit);
+                let mut shown = Vec::with_capacity(keys.len());
+                for key in keys {
+                    let state = self.stream_entries(broker, stream, subjects, &key).await?;
+                    shown.push((key, state.entries().len(), state.bytes()));
+                }
+                Ok(shown)
+            }),
+        }
+    }
+
+    fn entries(&self, key: &str) -> Result<KeyState, crate::Error> {
+        match self {
+            States::Store(reader) => reader.entries(key).map_err(store_error),
+            States::Stream {
+                runtime,
+                broker,
+                stream,
+                subjects,
+            } => runtime.block_on(self.stream_entries(broker, stream, subjects, key)),
+        }
+    }
+
+    /// A key's last state message, decoded (none: no entries).
+    async fn stream_entries(
+        &self,
+        broker: &Broker,
+        stream: &str,
+        subjects: &str,
+        key: &str,
+    ) -> Result<KeyState, crate::Error> {
+        let subject = weir_core::fence::state_subject(subjects, key);
+        match broker
+            .ledger(stream)
+            .last_marker(&subject)
+            .await
+            .map_err(engine)?
+        {
+            None => Ok(KeyState::default()),
+            Some(stored) => KeyState::decode(&stored.payload).map_err(|error| {
+                crate::Error::Engine(format!(
+                    "the state message at sequence {} of stream {stream:?} cannot be read: {error}",
+                    stored.sequence
+                ))
+            }),
+        }
+    }
+}
+
+fn open(target: &PipelineArgs) -> Result<(String, States), crate::Error> {
     let pipeline = target.load()?;
-    let (Some(store_dir), Some(_)) = (&pipeline.store_dir, &pipeline.state) else {
+    if pipeline.state.is_none() {
         return Err(crate::Error::Usage(format!(
             "pipeline {:?} keeps no state: it has no [pipeline.state]",
             pipeline.name
         )));
+    }
+    if let Some(store_dir) = &pipeline.store_dir {
+        let reader = StateReader::open(store_dir).map_err(store_error)?;
+        return Ok((pipeline.name, States::Store(reader)));
+    }
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| crate::Error::Engine(format!("cannot start the async runtime: {e}")))?;
+    let (broker, stream) = runtime.block_on(async {
+        let broker = Broker::connect(&pipeline.nats, &format!("weir-state-{}", pipeline.name))
+            .await
+            .map_err(engine)?;
+        let stream = broker
+            .existing_ledger(&pipeline.output, &pipeline.marker_subjects())
+            .await
+            .map_err(engine)?;
+        Ok::<_, crate::Error>((broker, stream))
+    })?;
+    let Some(stream) = stream else {
+        return Err(crate::Error::Engine(format!(
+            "no stream holds the commits of pipeline {:?} yet: it has not run",
+            pipeline.name
+        )));
     };
-    let reader = StateReader::open(store_dir).map_err(store_error)?;
-    Ok((pipeline.name, reader))
+    Ok((
+        pipeline.name.clone(),
+        States::Stream {
+            runtime,
+            broker,
+            stream,
+            subjects: pipeline.state_subjects(),
+        },
+    ))
+}
+
+fn engine(error: impl std::fmt::Display) -> crate::Error {
+    crate::Error::Engine(error.to_string())
 }
 
 fn store_error(error: weir_store::StoreError) -> crate::Error {
