@@ -56,14 +56,17 @@ pub fn run(command: StateCommand) -> Result<(), crate::Error> {
 /// Where a pipeline's state is read from.
 enum States {
     Store(StateReader),
-    /// A partitioned pipeline's output stream, its state subjects' prefix, and a runtime
-    /// for the client.
-    Stream {
-        runtime: tokio::runtime::Runtime,
-        broker: Broker,
-        stream: String,
-        subjects: String,
-    },
+    /// A partitioned pipeline's output stream (boxed: a runtime and a client are large).
+    Stream(Box<StreamStates>),
+}
+
+/// A partitioned pipeline's output stream, its state subjects' prefix, and a runtime for
+/// the client.
+struct StreamStates {
+    runtime: tokio::runtime::Runtime,
+    broker: Broker,
+    stream: String,
+    subjects: String,
 }
 
 impl States {
@@ -71,12 +74,13 @@ impl States {
     fn keys(&self, after: &str, limit: usize) -> Result<Vec<(String, usize, usize)>, crate::Error> {
         match self {
             States::Store(reader) => reader.keys(after, limit).map_err(store_error),
-            States::Stream {
-                runtime,
-                broker,
-                stream,
-                subjects,
-            } => runtime.block_on(async {
+            States::Stream(states) => states.runtime.block_on(async {
+                let StreamStates {
+                    broker,
+                    stream,
+                    subjects,
+                    ..
+                } = &**states;
                 let filter = format!("{subjects}.>");
                 let listed = broker.subjects(stream, &filter).await.map_err(engine)?;
                 let mut keys: Vec<String> = listed
@@ -99,12 +103,12 @@ impl States {
     fn entries(&self, key: &str) -> Result<KeyState, crate::Error> {
         match self {
             States::Store(reader) => reader.entries(key).map_err(store_error),
-            States::Stream {
-                runtime,
-                broker,
-                stream,
-                subjects,
-            } => runtime.block_on(self.stream_entries(broker, stream, subjects, key)),
+            States::Stream(states) => states.runtime.block_on(self.stream_entries(
+                &states.broker,
+                &states.stream,
+                &states.subjects,
+                key,
+            )),
         }
     }
 
@@ -166,12 +170,12 @@ fn open(target: &PipelineArgs) -> Result<(String, States), crate::Error> {
     };
     Ok((
         pipeline.name.clone(),
-        States::Stream {
+        States::Stream(Box::new(StreamStates {
             runtime,
             broker,
             stream,
             subjects: pipeline.state_subjects(),
-        },
+        })),
     ))
 }
 
