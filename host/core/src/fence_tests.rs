@@ -15,8 +15,8 @@ use crate::fence::{Fence, FenceSettings, Progress};
 use crate::input::DedupMode;
 use crate::pipeline::{Fatal, Pipeline};
 use crate::pipeline_tests::{
-    BATCH, EVERY_POINT, WORKLOAD, assert_exactly_once, expected_ids, model, pipeline,
-    publish_transactions, stateful, transactions,
+    BATCH, EVERY_POINT, WORKLOAD, assert_balances_once, assert_exactly_once, expected_ids, model,
+    pipeline, publish_transactions, stateful, transactions,
 };
 use crate::ports::{NoProbe, Point, Probe};
 
@@ -124,37 +124,20 @@ async fn a_crash_at_each_point_then_a_new_owner_with_an_empty_disk_leaves_every_
 /// Every output exactly once with the model's balance at that point, and each account's
 /// state, as its last state message on the output stream says, the model's.
 fn assert_fenced_balances(world: &World, transactions: &[(String, i64)]) {
-    let (outputs, balances) = model(transactions);
+    let (_, balances) = model(transactions);
     const STATE: &str = "_weir.progress.p.state.";
     let (state_messages, stored): (Vec<_>, Vec<_>) = world
         .stored()
         .into_iter()
         .partition(|m| m.subject.starts_with(STATE));
-    let mut stored: Vec<(String, Option<String>)> = stored
-        .into_iter()
-        .map(|m| {
-            let balance = (m.subject != "dlq").then(|| String::from_utf8(m.payload).unwrap());
-            (m.msg_id, balance)
-        })
-        .collect();
-    stored.sort();
-    let mut expected = outputs;
-    expected.sort();
-    assert_eq!(
-        stored, expected,
-        "each balance exactly once, with the model's value"
-    );
+    assert_balances_once(stored, transactions);
     let mut state = std::collections::BTreeMap::new();
     for message in state_messages {
-        let hex = &message.subject[STATE.len()..];
-        let key: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|at| u8::from_str_radix(&hex[at..at + 2], 16).unwrap())
-            .collect();
+        let key = crate::fence::state_key(STATE.trim_end_matches('.'), &message.subject);
         let entries = crate::state::KeyState::decode(&message.payload).unwrap();
         let balance = String::from_utf8(entries.entries()["balance"].clone()).unwrap();
         state.insert(
-            String::from_utf8(key).unwrap(),
+            key.expect("a state subject"),
             balance.parse::<i64>().unwrap(),
         );
     }

@@ -179,22 +179,20 @@ pub async fn keep<L: Leases>(
     let mut unwanted_since = None;
     let mut handed_over = false;
     loop {
-        let elsewhere = match lease.wanted(&members) {
-            Some(wanted)
-                if wanted != members.me() && members.includes_me() && !work.is_cancelled() =>
-            {
-                Some(wanted)
-            }
-            _ => None,
-        };
-        let hand_over_at = match &elsewhere {
-            Some(_) => *unwanted_since.get_or_insert_with(Instant::now) + lease.grace(),
-            None => {
-                unwanted_since = None;
-                // Far enough never to come before `next`.
-                next + lease.ttl
-            }
-        };
+        // Another member wanted for the partition, and when to hand it over to it.
+        let elsewhere = lease
+            .wanted(&members)
+            .filter(|wanted| {
+                wanted != members.me() && members.includes_me() && !work.is_cancelled()
+            })
+            .map(|wanted| {
+                let since = *unwanted_since.get_or_insert_with(Instant::now);
+                (wanted, since + lease.grace())
+            });
+        if elsewhere.is_none() {
+            unwanted_since = None;
+        }
+        let hand_over_at = elsewhere.as_ref().map_or(next, |(_, at)| *at);
         tokio::select! {
             biased;
             () = stop.cancelled() => {
@@ -204,7 +202,7 @@ pub async fn keep<L: Leases>(
                 };
             }
             () = tokio::time::sleep_until(hand_over_at), if elsewhere.is_some() => {
-                let wanted = elsewhere.unwrap_or_default();
+                let wanted = elsewhere.map(|(wanted, _)| wanted).unwrap_or_default();
                 tracing::info!(%wanted, "handing the partition over to the host wanted for it");
                 work.cancel();
                 handed_over = true;

@@ -632,6 +632,29 @@ pub(crate) fn publish_transactions(world: &World, transactions: &[(String, i64)]
 /// `None` for an overdraft's dead letter); and every account's final balance.
 pub(crate) type Model = (Vec<(String, Option<String>)>, BTreeMap<String, i64>);
 
+/// Each balance (and each overdraft's dead letter) in `stored` exactly once, with the
+/// model's value.
+pub(crate) fn assert_balances_once(
+    stored: Vec<crate::record::OutboundMessage>,
+    transactions: &[(String, i64)],
+) {
+    let (outputs, _) = model(transactions);
+    let mut stored: Vec<(String, Option<String>)> = stored
+        .into_iter()
+        .map(|m| {
+            let balance = (m.subject != "dlq").then(|| String::from_utf8(m.payload).unwrap());
+            (m.msg_id, balance)
+        })
+        .collect();
+    stored.sort();
+    let mut expected = outputs;
+    expected.sort();
+    assert_eq!(
+        stored, expected,
+        "each balance exactly once, with the model's value"
+    );
+}
+
 pub(crate) fn model(transactions: &[(String, i64)]) -> Model {
     let mut balances: BTreeMap<String, i64> = BTreeMap::new();
     let outputs = transactions
@@ -653,23 +676,8 @@ pub(crate) fn model(transactions: &[(String, i64)]) -> Model {
 /// Every output exactly once with the model's balance at that point, every input acked,
 /// and the store's state the model's.
 fn assert_balances(world: &World, store: &FakeStore, transactions: &[(String, i64)]) {
-    let (outputs, balances) = model(transactions);
-    let mut stored: Vec<(String, Option<String>)> = world
-        .stored()
-        .into_iter()
-        .map(|m| {
-            let balance =
-                (m.subject != "dlq").then(|| String::from_utf8(m.payload.to_vec()).unwrap());
-            (m.msg_id, balance)
-        })
-        .collect();
-    stored.sort();
-    let mut expected = outputs;
-    expected.sort();
-    assert_eq!(
-        stored, expected,
-        "each balance exactly once, with the model's value"
-    );
+    let (_, balances) = model(transactions);
+    assert_balances_once(world.stored(), transactions);
     assert_eq!(world.acked(), transactions.len(), "every input acked");
     let state: BTreeMap<String, i64> = store
         .state()

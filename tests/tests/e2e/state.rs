@@ -105,22 +105,7 @@ async fn balances_are_exactly_once_in_state_and_outputs_across_repeated_sigkills
     wait_until_drained(&js, "IN", "weir").await;
 
     // An operator reads the state while weir runs: every account's balance, as the model.
-    let state_cli = |args: &[&str]| {
-        let output = std::process::Command::new(weir_binary())
-            .arg("state")
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .expect("run weir state");
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(
-            output.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        stdout
-    };
+    let state_cli = |args: &[&str]| weir_state(&config, args);
     for (account, balance) in expected_balances.iter().take(5) {
         let shown = state_cli(&["get", "--key", account]);
         let line = format!("  \"balance\" = \"{balance}\"");
@@ -140,45 +125,8 @@ async fn balances_are_exactly_once_in_state_and_outputs_across_repeated_sigkills
     assert!(status.success(), "SIGTERM stops weir cleanly, got {status}");
 
     // Every balance exactly once, with the model's value after its transaction.
-    let mut seen: HashMap<u64, i64> = HashMap::new();
-    for message in read_stream(&js, "OUT").await {
-        let sequence = input_sequence(message.msg_id.as_deref().expect("an id"));
-        let balance: i64 = String::from_utf8(message.payload).unwrap().parse().unwrap();
-        let (account, _) = &transactions[sequence as usize - 1];
-        assert_eq!(message.subject, format!("out.balance.{account}"));
-        assert!(
-            seen.insert(sequence, balance).is_none(),
-            "the balance after input {sequence} is stored twice"
-        );
-    }
-    let mut dead: Vec<u64> = read_stream(&js, "DLQ")
-        .await
-        .iter()
-        .map(|letter| input_sequence(letter.msg_id.as_deref().expect("an id")))
-        .collect();
-    dead.sort_unstable();
-    let before_dedup = dead.len();
-    dead.dedup();
-    assert_eq!(
-        dead.len(),
-        before_dedup,
-        "each overdraft dead-lettered once"
-    );
-    for (index, expected) in expected_outputs.iter().enumerate() {
-        let sequence = index as u64 + 1;
-        match expected {
-            Some(balance) => assert_eq!(
-                seen.get(&sequence),
-                Some(balance),
-                "the balance after input {sequence}"
-            ),
-            None => assert!(
-                dead.binary_search(&sequence).is_ok(),
-                "overdraft {sequence} dead-lettered"
-            ),
-        }
-    }
-    assert_eq!(seen.len() + dead.len(), TRANSACTIONS, "nothing else stored");
+    let outputs = read_stream(&js, "OUT").await;
+    assert_balances_once(&transactions, outputs, read_stream(&js, "DLQ").await);
     let overdrafts = expected_outputs.iter().filter(|o| o.is_none()).count();
     println!(
         "{TRANSACTIONS} transactions over {ACCOUNTS} accounts, {overdrafts} overdrafts, {KILLS} kills"
@@ -218,7 +166,7 @@ async fn partitioned_balances_are_exactly_once_with_nothing_on_disk_across_sigki
     println!("state test seed: {seed} (rerun with WEIR_STATE_SEED={seed})");
     let mut rng = SeededRng(seed);
     let transactions: Vec<(String, i64)> = workload(&mut rng).into_iter().take(4000).collect();
-    let (expected_outputs, expected_balances) = model(&transactions);
+    let (_, expected_balances) = model(&transactions);
 
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
@@ -299,53 +247,20 @@ async fn partitioned_balances_are_exactly_once_with_nothing_on_disk_across_sigki
     assert!(status.success(), "SIGTERM stops weir cleanly, got {status}");
     assert!(!dir.path().join("unused").exists(), "nothing on disk");
 
-    let (mut seen, mut dead) = (HashMap::new(), Vec::new());
     // Each account's last state message: its state now.
     let mut last_state: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let (mut outputs, mut letters) = (Vec::new(), Vec::new());
     const STATE: &str = "_weir.progress.balances.state.";
     for message in read_stream(&js, "OUT").await {
         if let Some(hex) = message.subject.strip_prefix(STATE) {
             last_state.insert(from_hex(hex), message.payload);
         } else if message.subject == "dlq" {
-            dead.push(input_sequence(message.msg_id.as_deref().expect("an id")));
+            letters.push(message);
         } else if message.subject.starts_with("out.") {
-            let sequence = input_sequence(message.msg_id.as_deref().expect("an id"));
-            let balance: i64 = String::from_utf8(message.payload).unwrap().parse().unwrap();
-            let (account, _) = &transactions[sequence as usize - 1];
-            assert_eq!(message.subject, format!("out.balance.{account}"));
-            assert!(
-                seen.insert(sequence, balance).is_none(),
-                "the balance after input {sequence} is stored twice"
-            );
+            outputs.push(message);
         }
     }
-    dead.sort_unstable();
-    let before_dedup = dead.len();
-    dead.dedup();
-    assert_eq!(
-        dead.len(),
-        before_dedup,
-        "each overdraft dead-lettered once"
-    );
-    for (index, expected) in expected_outputs.iter().enumerate() {
-        let sequence = index as u64 + 1;
-        match expected {
-            Some(balance) => assert_eq!(
-                seen.get(&sequence),
-                Some(balance),
-                "the balance after input {sequence}"
-            ),
-            None => assert!(
-                dead.binary_search(&sequence).is_ok(),
-                "overdraft {sequence} dead-lettered"
-            ),
-        }
-    }
-    assert_eq!(
-        seen.len() + dead.len(),
-        transactions.len(),
-        "nothing else stored"
-    );
+    assert_balances_once(&transactions, outputs, letters);
     for (account, balance) in &expected_balances {
         // An account whose every transaction overdrew it has no state.
         let stored = last_state
@@ -355,19 +270,7 @@ async fn partitioned_balances_are_exactly_once_with_nothing_on_disk_across_sigki
     }
 
     // An operator reads the same from the stream: `weir state` needs no store.
-    let state_cli = |args: &[&str]| {
-        let output = std::process::Command::new(weir_binary())
-            .arg("state")
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .expect("run weir state");
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "{stdout}{stderr}");
-        stdout
-    };
+    let state_cli = |args: &[&str]| weir_state(&config, args);
     for (account, balance) in expected_balances.iter().filter(|(_, b)| **b > 0).take(3) {
         let shown = state_cli(&["get", "--key", account]);
         let line = format!("  \"balance\" = \"{balance}\"");
@@ -406,4 +309,71 @@ fn stored_balance(mut state: &[u8]) -> i64 {
         }
     }
     balance.expect("a balance entry")
+}
+
+/// Every balance in `outputs` exactly once, with the model's value after its transaction;
+/// every overdraft in `letters` exactly once; nothing else.
+fn assert_balances_once(
+    transactions: &[(String, i64)],
+    outputs: Vec<StoredMessage>,
+    letters: Vec<StoredMessage>,
+) {
+    let (expected_outputs, _) = model(transactions);
+    let mut seen: HashMap<u64, i64> = HashMap::new();
+    for message in outputs {
+        let sequence = input_sequence(message.msg_id.as_deref().expect("an id"));
+        let balance: i64 = String::from_utf8(message.payload).unwrap().parse().unwrap();
+        let (account, _) = &transactions[sequence as usize - 1];
+        assert_eq!(message.subject, format!("out.balance.{account}"));
+        assert!(
+            seen.insert(sequence, balance).is_none(),
+            "the balance after input {sequence} is stored twice"
+        );
+    }
+    let mut dead: Vec<u64> = letters
+        .iter()
+        .map(|letter| input_sequence(letter.msg_id.as_deref().expect("an id")))
+        .collect();
+    dead.sort_unstable();
+    let before_dedup = dead.len();
+    dead.dedup();
+    assert_eq!(
+        dead.len(),
+        before_dedup,
+        "each overdraft dead-lettered once"
+    );
+    for (index, expected) in expected_outputs.iter().enumerate() {
+        let sequence = index as u64 + 1;
+        match expected {
+            Some(balance) => assert_eq!(
+                seen.get(&sequence),
+                Some(balance),
+                "the balance after input {sequence}"
+            ),
+            None => assert!(
+                dead.binary_search(&sequence).is_ok(),
+                "overdraft {sequence} dead-lettered"
+            ),
+        }
+    }
+    assert_eq!(
+        seen.len() + dead.len(),
+        transactions.len(),
+        "nothing else stored"
+    );
+}
+
+/// What `weir state <args> --config <config>` prints; it must succeed.
+fn weir_state(config: &Path, args: &[&str]) -> String {
+    let output = std::process::Command::new(weir_binary())
+        .arg("state")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run weir state");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    stdout
 }
