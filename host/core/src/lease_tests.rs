@@ -30,6 +30,15 @@ fn lease(holder: &str) -> LeaseSettings {
     }
 }
 
+/// A world with nothing published yet, a runtime and the leases.
+fn fresh() -> (Arc<World>, Arc<FakeRuntime>, Arc<FakeLeases>) {
+    (
+        World::new(),
+        Arc::new(FakeRuntime::new()),
+        FakeLeases::new(),
+    )
+}
+
 /// Runs `pipeline` as `holder` whenever it holds the lease, until `shutdown`, with no
 /// members known: the lease goes to whoever takes it first.
 async fn run<Pr: Probe>(
@@ -81,11 +90,7 @@ async fn held_by(leases: &FakeLeases, holder: &str) {
 
 #[tokio::test(start_paused = true)]
 async fn a_standby_takes_over_within_a_ttl_of_the_holders_death() {
-    let (world, runtime, leases) = (
-        World::new(),
-        Arc::new(FakeRuntime::new()),
-        FakeLeases::new(),
-    );
+    let (world, runtime, leases) = fresh();
     world.publish_inputs(&WORKLOAD);
     let probe = CrashProbe::new(Point::Committed, 2);
     let crashed = probe.crashed.clone();
@@ -125,11 +130,7 @@ async fn a_standby_takes_over_within_a_ttl_of_the_holders_death() {
 
 #[tokio::test(start_paused = true)]
 async fn a_holder_that_stops_cleanly_hands_over_at_once() {
-    let (world, runtime, leases) = (
-        World::new(),
-        Arc::new(FakeRuntime::new()),
-        FakeLeases::new(),
-    );
+    let (world, runtime, leases) = fresh();
     world.publish_inputs(&WORKLOAD);
     let a = fenced(&world, &runtime, NoProbe, "a");
     let b = fenced(&world, &runtime, NoProbe, "b");
@@ -155,11 +156,7 @@ async fn a_holder_that_stops_cleanly_hands_over_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_holder_cut_off_while_paused_commits_nothing_after_a_standby_took_over() {
-    let (world, runtime, leases) = (
-        World::new(),
-        Arc::new(FakeRuntime::new()),
-        FakeLeases::new(),
-    );
+    let (world, runtime, leases) = fresh();
     world.publish_inputs(&WORKLOAD);
     let probe = PauseProbe::new(Point::Executed, 2);
     let (paused, release) = (probe.paused.clone(), probe.release.clone());
@@ -195,11 +192,7 @@ async fn a_holder_cut_off_while_paused_commits_nothing_after_a_standby_took_over
 
 #[tokio::test(start_paused = true)]
 async fn writes_whose_answers_are_lost_keep_the_lease() {
-    let (world, runtime, leases) = (
-        World::new(),
-        Arc::new(FakeRuntime::new()),
-        FakeLeases::new(),
-    );
+    let (world, runtime, leases) = fresh();
     world.publish_inputs(&WORKLOAD);
     // The take's answer and the first renewal's are lost; both went through.
     leases.lose_write_answers(2);
@@ -234,11 +227,7 @@ async fn writes_whose_answers_are_lost_keep_the_lease() {
 
 #[tokio::test(start_paused = true)]
 async fn a_holder_that_cannot_renew_stops_working_when_its_lease_may_expire() {
-    let (world, runtime, leases) = (
-        World::new(),
-        Arc::new(FakeRuntime::new()),
-        FakeLeases::new(),
-    );
+    let (world, runtime, leases) = fresh();
     world.publish_inputs(&WORKLOAD);
     let a = fenced(&world, &runtime, NoProbe, "a");
     let stop_a = CancellationToken::new();
@@ -273,11 +262,7 @@ async fn a_holder_that_cannot_renew_stops_working_when_its_lease_may_expire() {
 
 #[tokio::test(start_paused = true)]
 async fn a_holder_that_loses_its_lease_and_takes_it_again_goes_on_under_a_new_takeover() {
-    let (world, runtime, leases) = (
-        World::new(),
-        Arc::new(FakeRuntime::new()),
-        FakeLeases::new(),
-    );
+    let (world, runtime, leases) = fresh();
     world.publish_inputs(&WORKLOAD[..BATCH]);
     let a = fenced(&world, &runtime, NoProbe, "a");
     let stop_a = CancellationToken::new();
@@ -311,11 +296,7 @@ async fn a_holder_that_loses_its_lease_and_takes_it_again_goes_on_under_a_new_ta
 
 #[tokio::test(start_paused = true)]
 async fn a_host_that_joins_is_handed_the_partition_wanted_for_it() {
-    let (world, runtime, leases) = (
-        World::new(),
-        Arc::new(FakeRuntime::new()),
-        FakeLeases::new(),
-    );
+    let (world, runtime, leases) = fresh();
     world.publish_inputs(&WORKLOAD);
     let (joining, first) = wanted_and_other();
     let (first_sees, first_members) = Members::channel(first);
@@ -372,11 +353,7 @@ async fn a_host_that_joins_is_handed_the_partition_wanted_for_it() {
 
 #[tokio::test(start_paused = true)]
 async fn a_free_lease_waits_for_its_wanted_host_before_another_takes_it() {
-    let (world, runtime, leases) = (
-        World::new(),
-        Arc::new(FakeRuntime::new()),
-        FakeLeases::new(),
-    );
+    let (world, runtime, leases) = fresh();
     world.publish_inputs(&WORKLOAD);
     // Both are members, but the wanted host never comes to take the partition (stuck, or
     // its pipeline not started): the other takes it after the grace.
@@ -404,11 +381,7 @@ async fn a_free_lease_waits_for_its_wanted_host_before_another_takes_it() {
 
 #[tokio::test(start_paused = true)]
 async fn a_holder_that_does_not_see_itself_among_the_members_keeps_its_partition() {
-    let (world, runtime, leases) = (
-        World::new(),
-        Arc::new(FakeRuntime::new()),
-        FakeLeases::new(),
-    );
+    let (world, runtime, leases) = fresh();
     world.publish_inputs(&WORKLOAD);
     // Its own registration lapsed (it cannot write it): the members it sees say too little
     // to give the partition away on.

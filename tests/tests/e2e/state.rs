@@ -84,18 +84,7 @@ async fn balances_are_exactly_once_in_state_and_outputs_across_repeated_sigkills
     wait_for_stream(&js, "IN").await;
     // In chunks: the client holds only so many unawaited acks before it waits for them.
     for chunk in transactions.chunks(1000) {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for (account, amount) in chunk {
-            let ack = js
-                .publish(format!("in.{account}"), format!("{amount:+}").into())
-                .await
-                .expect("publish a transaction");
-            acks.push(ack);
-        }
-        for ack in acks {
-            ack.await
-                .expect("the input stream stores every transaction");
-        }
+        publish_transactions(&js, chunk).await;
     }
 
     let mut weir = sigkill_while_working(&js, "OUT", KILLS, &mut rng, weir, || {
@@ -194,18 +183,7 @@ async fn partitioned_balances_are_exactly_once_with_nothing_on_disk_across_sigki
         let (js, transactions) = (js.clone(), transactions.clone());
         tokio::spawn(async move {
             for chunk in transactions.chunks(100) {
-                let mut acks = Vec::with_capacity(chunk.len());
-                for (account, amount) in chunk {
-                    let ack = js
-                        .publish(format!("in.{account}"), format!("{amount:+}").into())
-                        .await
-                        .expect("publish a transaction");
-                    acks.push(ack);
-                }
-                for ack in acks {
-                    ack.await
-                        .expect("the input stream stores every transaction");
-                }
+                publish_transactions(&js, chunk).await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })
@@ -376,4 +354,21 @@ fn weir_state(config: &Path, args: &[&str]) -> String {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}{stderr}");
     stdout
+}
+
+/// Publishes `transactions`, each on its account's subject (`in.<account>`), and awaits
+/// the stream's acks.
+async fn publish_transactions(js: &async_nats::jetstream::Context, transactions: &[(String, i64)]) {
+    let mut acks = Vec::with_capacity(transactions.len());
+    for (account, amount) in transactions {
+        let ack = js
+            .publish(format!("in.{account}"), format!("{amount:+}").into())
+            .await
+            .expect("publish a transaction");
+        acks.push(ack);
+    }
+    for ack in acks {
+        ack.await
+            .expect("the input stream stores every transaction");
+    }
 }
