@@ -225,27 +225,7 @@ async fn partitioned_balances_are_exactly_once_with_nothing_on_disk_across_sigki
     assert!(status.success(), "SIGTERM stops weir cleanly, got {status}");
     assert!(!dir.path().join("unused").exists(), "nothing on disk");
 
-    // Each account's last state message: its state now.
-    let mut last_state: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let (mut outputs, mut letters) = (Vec::new(), Vec::new());
-    const STATE: &str = "_weir.progress.balances.state.";
-    for message in read_stream(&js, "OUT").await {
-        if let Some(hex) = message.subject.strip_prefix(STATE) {
-            last_state.insert(from_hex(hex), message.payload);
-        } else if message.subject == "dlq" {
-            letters.push(message);
-        } else if message.subject.starts_with("out.") {
-            outputs.push(message);
-        }
-    }
-    assert_balances_once(&transactions, outputs, letters);
-    for (account, balance) in &expected_balances {
-        // An account whose every transaction overdrew it has no state.
-        let stored = last_state
-            .get(account)
-            .map_or(0, |state| stored_balance(state));
-        assert_eq!(stored, *balance, "{account}'s state");
-    }
+    assert_commits_once(&js, &transactions).await;
 
     // An operator reads the same from the stream: `weir state` needs no store.
     let state_cli = |args: &[&str]| weir_state(&config, args);
@@ -259,6 +239,158 @@ async fn partitioned_balances_are_exactly_once_with_nothing_on_disk_across_sigki
         listed.starts_with("5 state keys of pipeline \"balances\"") && listed.contains("--after"),
         "{listed}"
     );
+}
+
+/// Three hosts share six partitions of the stateful pipeline on a 3-node cluster (R3
+/// streams), while transactions arrive: one host is SIGKILLed and restarted, one SIGSTOPped
+/// past its leases and woken, one stopped with SIGTERM and started again. Every balance is
+/// exactly once with the model's value, and every account's last state message holds the
+/// model's final balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_balances_on_a_cluster_stay_exact_as_hosts_die_stall_and_leave() {
+    const TTL_SECS: u64 = 3;
+    let seed = seed_from_env("WEIR_STATE_SEED");
+    println!("state test seed: {seed} (rerun with WEIR_STATE_SEED={seed})");
+    let mut rng = SeededRng(seed);
+    let transactions: Vec<(String, i64)> = workload(&mut rng).into_iter().take(3000).collect();
+    let (_, expected_balances) = model(&transactions);
+
+    let cluster = NatsCluster::start().await;
+    let js = async_nats::jetstream::new(connect_client(&cluster.url(0)).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "IN".into(),
+        subjects: vec!["in.*".into()],
+        num_replicas: 3,
+        subject_transform: Some(async_nats::jetstream::stream::SubjectTransform {
+            source: "in.*".into(),
+            destination: "{{partition(6,1)}}.in.{{wildcard(1)}}".into(),
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("the partitioned input stream");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "OUT".into(),
+        subjects: vec![
+            "out.>".into(),
+            "dlq".into(),
+            "_weir.progress.balances.>".into(),
+        ],
+        num_replicas: 3,
+        allow_atomic_publish: true,
+        ..Default::default()
+    })
+    .await
+    .expect("the output stream");
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = plugin("balances");
+    let text = PipelineToml {
+        subject: "in.*",
+        partitions: Some(6),
+        extra: "[pipeline.batch]\nmax_messages = 64\n\n[pipeline.state]\nkey = \"subject-token:2\"\n",
+        ..PipelineToml::plain("balances", &cluster.urls(), &plugin, Path::new("unused"))
+    }
+    .render()
+    .replace(
+        "partitions = 6",
+        &format!("partitions = 6\npartition_key = \"subject-token:2\"\nlease_ttl_secs = {TTL_SECS}"),
+    );
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, ADMIN_OFF.to_owned() + &text).unwrap();
+    let log = |host: usize| dir.path().join(format!("h{host}.log"));
+    let start = |host: usize| spawn_weir(&config, Some(&log(host)), None);
+    let mut hosts: Vec<WeirProcess> = (0..3).map(start).collect();
+
+    // Spread over some 9 s, so that every fault strikes while there is work.
+    let publisher = {
+        let (js, transactions) = (js.clone(), transactions.clone());
+        tokio::spawn(async move {
+            for chunk in transactions.chunks(100) {
+                publish_transactions(&js, chunk).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let progress = || async { stream_len(&js, "OUT").await };
+    let mut before = progress().await;
+    for fault in 0..3 {
+        wait_for_showing_log(
+            "the pipeline to make progress",
+            Duration::from_secs(60),
+            &log(fault),
+            || async { progress().await > before + 200 },
+        )
+        .await;
+        match fault {
+            0 => {
+                println!("SIGKILL host 0, then restart it");
+                hosts[0].kill().unwrap();
+                hosts[0].wait().unwrap();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                hosts[0] = start(0);
+            }
+            1 => {
+                println!("SIGSTOP host 1 past its leases, then SIGCONT");
+                send_signal(&hosts[1], libc::SIGSTOP);
+                tokio::time::sleep(Duration::from_secs(TTL_SECS + 1)).await;
+                send_signal(&hosts[1], libc::SIGCONT);
+            }
+            _ => {
+                println!("SIGTERM host 2 (it leaves), then start it (it joins)");
+                let status = terminate(&mut hosts[2]);
+                assert!(status.success(), "host 2 stops cleanly, got {status}");
+                hosts[2] = start(2);
+            }
+        }
+        before = progress().await;
+    }
+    publisher.await.unwrap();
+    for partition in 0..6 {
+        let consumer = format!("weir-p{partition}");
+        wait_for(
+            &format!("partition {partition} to drain"),
+            Duration::from_secs(120),
+            || drained(&js, "IN", &consumer),
+        )
+        .await;
+    }
+    for (host, process) in hosts.iter_mut().enumerate() {
+        let status = terminate(process);
+        assert!(status.success(), "host {host} stops cleanly, got {status}");
+    }
+
+    assert_commits_once(&js, &transactions).await;
+    println!(
+        "verdict: {} transactions over {} accounts on six partitions, exactly once in outputs and state",
+        transactions.len(),
+        expected_balances.len()
+    );
+}
+
+/// Reads a partitioned pipeline's output stream `OUT`: every balance and every dead letter
+/// in it is there exactly once, as the model says, and each account's last state message
+/// (its state now) holds the model's final balance.
+async fn assert_commits_once(js: &async_nats::jetstream::Context, transactions: &[(String, i64)]) {
+    const STATE: &str = "_weir.progress.balances.state.";
+    let mut last_state: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let (mut outputs, mut letters) = (Vec::new(), Vec::new());
+    for message in read_stream(js, "OUT").await {
+        if let Some(hex) = message.subject.strip_prefix(STATE) {
+            last_state.insert(from_hex(hex), message.payload);
+        } else if message.subject == "dlq" {
+            letters.push(message);
+        } else if message.subject.starts_with("out.") {
+            outputs.push(message);
+        }
+    }
+    assert_balances_once(transactions, outputs, letters);
+    for (account, balance) in &model(transactions).1 {
+        // An account whose every transaction overdrew it has no state.
+        let stored = last_state
+            .get(account)
+            .map_or(0, |state| stored_balance(state));
+        assert_eq!(stored, *balance, "{account}'s state");
+    }
 }
 
 /// The key a state subject's last token names, in hex.
