@@ -575,8 +575,24 @@ impl Broker {
             arriving: None,
             taken: Vec::new(),
             failed_restarts: 0,
+            next_in_order: None,
         };
         source.consumer().await?;
+        Ok(source)
+    }
+
+    /// A source that delivers a partition's inputs in stream order to this holder alone:
+    /// the consumer is rewound to its ack floor now (what another holder pulled and did not
+    /// ack comes again, in order), and again whenever a delivery is seen to have gone to
+    /// another puller.
+    pub async fn consume_in_order(
+        &self,
+        input: &InputConfig,
+        batch: &BatchConfig,
+    ) -> Result<MessageSource, BrokerError> {
+        let mut source = self.consume(input, batch).await?;
+        reset_consumer(&self.client, input).await?;
+        source.next_in_order = Some(1);
         Ok(source)
     }
 
@@ -606,22 +622,7 @@ impl Broker {
         if held == 0 {
             return Ok(0);
         }
-        // An empty request rewinds the consumer to its ack floor.
-        let reply = self
-            .client
-            .request(
-                format!("$JS.API.CONSUMER.RESET.{}.{}", input.stream, input.consumer),
-                Bytes::new(),
-            )
-            .await
-            .map_err(|e| BrokerError::jetstream("cannot reset the consumer", e))?;
-        let answer: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
-        if let Some(error) = answer.get("error") {
-            return Err(BrokerError::jetstream(
-                format!("cannot reset consumer {:?}", input.consumer),
-                error.to_string(),
-            ));
-        }
+        reset_consumer(&self.client, input).await?;
         Ok(held)
     }
 
@@ -764,6 +765,34 @@ pub struct MessageSource {
     taken: Vec<InputMessage>,
     /// Tries to pull afresh that failed in a row (see `restart_timeout`).
     failed_restarts: u32,
+    /// In order (a partition's source): the consumer sequence the next delivery must have,
+    /// counted from this source's own reset of the consumer. Another, that is a delivery
+    /// went to another puller (a holder that lost the partition and still pulls).
+    next_in_order: Option<u64>,
+}
+
+/// Rewinds the consumer to its ack floor (an empty `CONSUMER.RESET`, nats-server 2.14):
+/// what it delivered and was not acked is forgotten and delivered again, in stream order,
+/// numbered from consumer sequence 1.
+async fn reset_consumer(
+    client: &async_nats::Client,
+    input: &InputConfig,
+) -> Result<(), BrokerError> {
+    let reply = client
+        .request(
+            format!("$JS.API.CONSUMER.RESET.{}.{}", input.stream, input.consumer),
+            Bytes::new(),
+        )
+        .await
+        .map_err(|e| BrokerError::jetstream("cannot reset the consumer", e))?;
+    let answer: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+    if let Some(error) = answer.get("error") {
+        return Err(BrokerError::jetstream(
+            format!("cannot reset consumer {:?}", input.consumer),
+            error.to_string(),
+        ));
+    }
+    Ok(())
 }
 
 /// How long `stop` waits for the server to confirm the end of pulling (the messages it
@@ -1139,7 +1168,37 @@ impl Source for MessageSource {
             self.take_next().await?;
         }
         self.fill_batch().await;
-        Ok(std::mem::take(&mut self.taken))
+        let batch = std::mem::take(&mut self.taken);
+        let Some(next) = self.next_in_order else {
+            return Ok(batch);
+        };
+        let sequences: Vec<u64> = batch
+            .iter()
+            .filter_map(|m| m.message.info().ok().map(|info| info.consumer_sequence))
+            .collect();
+        let in_order = sequences.len() == batch.len()
+            && sequences
+                .iter()
+                .enumerate()
+                .all(|(at, &sequence)| sequence == next + at as u64);
+        if in_order {
+            self.next_in_order = Some(next + batch.len() as u64);
+            return Ok(batch);
+        }
+        // Another puller got deliveries since this source's reset (a holder that lost the
+        // partition and still pulled): what it got would come back after later inputs. Pull
+        // afresh from the ack floor instead; this batch comes again, in order.
+        tracing::warn!(
+            expected = next,
+            got = ?sequences.first(),
+            "another puller received inputs of this partition; rewinding its consumer to keep their order"
+        );
+        self.messages = None;
+        self.arriving = None;
+        let client = self.jetstream.client();
+        reset_consumer(&client, &self.input).await?;
+        self.next_in_order = Some(1);
+        Ok(Vec::new())
     }
 
     async fn ready(&mut self) -> Result<(), BrokerError> {

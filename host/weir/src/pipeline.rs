@@ -120,17 +120,12 @@ impl Membership {
 }
 
 impl Partition {
-    /// The partition's source, for a run that has just taken its lease: what the last
-    /// holder pulled and never acked is handed out again at once, not after ack_wait.
+    /// The partition's source, for a run that has just taken its lease: the consumer is
+    /// rewound to its ack floor, so that what the last holder pulled and never acked comes
+    /// again at once and in order, and whatever another puller gets from now on is noticed
+    /// (`Broker::consume_in_order`).
     async fn consume(&self) -> Result<MessageSource, weir_nats::BrokerError> {
-        match self.broker.redeliver_pending(&self.input).await {
-            Ok(0) => {}
-            Ok(held) => tracing::info!(held, "inputs the last holder held are redelivered now"),
-            Err(error) => {
-                tracing::warn!(%error, "inputs the last holder held wait out input.ack_wait_ms")
-            }
-        }
-        self.broker.consume(&self.input, &self.batch).await
+        self.broker.consume_in_order(&self.input, &self.batch).await
     }
 }
 

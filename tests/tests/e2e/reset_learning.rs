@@ -1,4 +1,7 @@
-//! Learning test (branch only): what CONSUMER.RESET does to a pull consumer's sequences.
+//! Learning test: what `CONSUMER.RESET` (nats-server 2.14, ADR-60) does to a pull consumer,
+//! which a partition's source relies on to keep its inputs in order
+//! (`Broker::consume_in_order`): it forgets what was pending, and numbers the deliveries
+//! after it from consumer sequence 1, in stream order from the ack floor.
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
@@ -6,7 +9,7 @@ use std::time::Duration;
 use weir_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn what_a_reset_does_to_consumer_sequences() {
+async fn a_reset_rewinds_to_the_ack_floor_and_numbers_deliveries_from_one() {
     let server = NatsServer::start();
     let client = connect_client(&server.url()).await.unwrap();
     let js = jetstream::new(client.clone());
@@ -69,19 +72,22 @@ async fn what_a_reset_does_to_consumer_sequences() {
         info.ack_floor.stream_sequence,
         info.num_ack_pending
     );
-    let reply = client
+    assert_eq!(info.num_ack_pending, 5, "two pullers hold five");
+    client
         .request("$JS.API.CONSUMER.RESET.S.c", "".into())
         .await
         .unwrap();
-    println!("reset: {}", String::from_utf8_lossy(&reply.payload));
     let info = c.info().await.unwrap();
-    println!(
-        "after reset: delivered consumer {} stream {}, ack floor consumer {} stream {}, ack pending {}",
-        info.delivered.consumer_sequence,
-        info.delivered.stream_sequence,
-        info.ack_floor.consumer_sequence,
-        info.ack_floor.stream_sequence,
-        info.num_ack_pending
-    );
-    show("after reset", fetch(5).await);
+    assert_eq!(info.num_ack_pending, 0, "what was pending is forgotten");
+    assert_eq!(info.delivered.consumer_sequence, 0);
+    assert_eq!(info.ack_floor.stream_sequence, 1);
+    let again = show("after reset", fetch(5).await);
+    let sequences: Vec<(u64, u64)> = again
+        .iter()
+        .map(|m| {
+            let info = m.info().unwrap();
+            (info.stream_sequence, info.consumer_sequence)
+        })
+        .collect();
+    assert_eq!(sequences, [(2, 1), (3, 2), (4, 3), (5, 4), (6, 5)]);
 }
