@@ -74,64 +74,61 @@ impl States {
     fn keys(&self, after: &str, limit: usize) -> Result<Vec<(String, usize, usize)>, crate::Error> {
         match self {
             States::Store(reader) => reader.keys(after, limit).map_err(store_error),
-            States::Stream(states) => states.runtime.block_on(async {
-                let StreamStates {
-                    broker,
-                    stream,
-                    subjects,
-                    ..
-                } = &**states;
-                let filter = format!("{subjects}.>");
-                let listed = broker.subjects(stream, &filter).await.map_err(engine)?;
-                let mut keys: Vec<String> = listed
-                    .iter()
-                    .filter_map(|subject| weir_core::fence::state_key(subjects, subject))
-                    .filter(|key| key.as_str() > after)
-                    .collect();
-                keys.sort_unstable();
-                keys.truncate(limit);
-                let mut shown = Vec::with_capacity(keys.len());
-                for key in keys {
-                    let state = self.stream_entries(broker, stream, subjects, &key).await?;
-                    shown.push((key, state.entries().len(), state.bytes()));
-                }
-                Ok(shown)
-            }),
+            States::Stream(states) => states.runtime.block_on(states.keys(after, limit)),
         }
     }
 
     fn entries(&self, key: &str) -> Result<KeyState, crate::Error> {
         match self {
             States::Store(reader) => reader.entries(key).map_err(store_error),
-            States::Stream(states) => states.runtime.block_on(self.stream_entries(
-                &states.broker,
-                &states.stream,
-                &states.subjects,
-                key,
-            )),
+            States::Stream(states) => states.runtime.block_on(states.entries(key)),
         }
+    }
+}
+
+impl StreamStates {
+    /// The keys with a state subject in the stream, as [`States::keys`].
+    async fn keys(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, usize, usize)>, crate::Error> {
+        let filter = format!("{}.>", self.subjects);
+        let listed = self
+            .broker
+            .subjects(&self.stream, &filter)
+            .await
+            .map_err(engine)?;
+        let mut keys: Vec<String> = listed
+            .iter()
+            .filter_map(|subject| weir_core::fence::state_key(&self.subjects, subject))
+            .filter(|key| key.as_str() > after)
+            .collect();
+        keys.sort_unstable();
+        keys.truncate(limit);
+        let mut shown = Vec::with_capacity(keys.len());
+        for key in keys {
+            let state = self.entries(&key).await?;
+            shown.push((key, state.entries().len(), state.bytes()));
+        }
+        Ok(shown)
     }
 
     /// A key's last state message, decoded (none: no entries).
-    async fn stream_entries(
-        &self,
-        broker: &Broker,
-        stream: &str,
-        subjects: &str,
-        key: &str,
-    ) -> Result<KeyState, crate::Error> {
-        let subject = weir_core::fence::state_subject(subjects, key);
-        match broker
-            .ledger(stream)
+    async fn entries(&self, key: &str) -> Result<KeyState, crate::Error> {
+        let subject = weir_core::fence::state_subject(&self.subjects, key);
+        let stored = self
+            .broker
+            .ledger(&self.stream)
             .last_marker(&subject)
             .await
-            .map_err(engine)?
-        {
+            .map_err(engine)?;
+        match stored {
             None => Ok(KeyState::default()),
             Some(stored) => KeyState::decode(&stored.payload).map_err(|error| {
                 crate::Error::Engine(format!(
-                    "the state message at sequence {} of stream {stream:?} cannot be read: {error}",
-                    stored.sequence
+                    "the state message at sequence {} of stream {:?} cannot be read: {error}",
+                    stored.sequence, self.stream
                 ))
             }),
         }
