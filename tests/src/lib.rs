@@ -455,8 +455,28 @@ pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<StoredMes
         return Vec::new();
     }
     // On a cluster whose node just came back, the request can go unanswered for a while
-    // (the stream's replicas catching up): asked again for half a minute.
+    // (the stream's replicas catching up), and a pull sent before a new consumer's leader
+    // answers gets "no responders": the whole read starts over, for half a minute.
     let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match read_stream_once(&handle, stream, total, deadline).await {
+            Ok(messages) => return messages,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("read_stream: reading {stream:?} failed ({error}); reading it again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => panic!("read {stream:?}: {error}"),
+        }
+    }
+}
+
+/// One read of the first `total` messages of `stream` through a new consumer.
+async fn read_stream_once(
+    handle: &jetstream::stream::Stream,
+    stream: &str,
+    total: usize,
+    deadline: Instant,
+) -> Result<Vec<StoredMessage>, String> {
     let reader = loop {
         let created = handle
             .create_consumer(consumer::pull::Config {
@@ -482,14 +502,14 @@ pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<StoredMes
         .max_messages_per_batch(1000)
         .messages()
         .await
-        .expect("pull from the reader consumer");
+        .map_err(|error| format!("pull from the reader consumer: {error}"))?;
     let mut out = Vec::with_capacity(total);
     while out.len() < total {
         let message = tokio::time::timeout(Duration::from_secs(20), messages.next())
             .await
-            .expect("stream messages arrive")
+            .map_err(|_| "no message came for 20 s".to_owned())?
             .expect("the reader stream does not end")
-            .expect("a message");
+            .map_err(|error| format!("a message: {error}"))?;
         let headers: Vec<(String, String)> = message
             .headers
             .iter()
@@ -515,7 +535,7 @@ pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<StoredMes
             payload: message.payload.to_vec(),
         });
     }
-    out
+    Ok(out)
 }
 
 /// How many messages `stream` holds (0 if it is missing).
