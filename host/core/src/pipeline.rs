@@ -666,17 +666,19 @@ where
                     && !result.changes.is_empty()
                 {
                     let state = states.get_mut(&state_key).expect("loaded for its inputs");
-                    let mut next = KeyState::clone(state);
-                    next.apply(&result.changes);
-                    match self.state_too_large(&next) {
+                    match self.state_too_large(state.encoded_len_after(&result.changes)) {
                         Some(reason) => {
                             let outcome = Outcome::failed(FailureKind::StateLimit, reason);
                             (record, dead_letter) =
                                 self.record_for(input, &keys[index], &lineage, outcome);
                         }
                         None => {
-                            *state = Arc::new(next);
-                            after[at] = Some((state_key.clone(), state.clone()));
+                            // Copied only while someone else holds this state: a snapshot
+                            // a partitioned pipeline keeps for an earlier input (below).
+                            Arc::make_mut(state).apply(&result.changes);
+                            if self.fence.is_some() {
+                                after[at] = Some((state_key.clone(), state.clone()));
+                            }
                             changed.entry(state_key).or_default().extend(result.changes);
                         }
                     }
@@ -700,13 +702,12 @@ where
     /// Why a key's state cannot be committed, if it cannot: a partitioned pipeline commits
     /// a key's whole state as one message of the output stream, which must fit the stream's
     /// and the server's limits.
-    fn state_too_large(&self, state: &KeyState) -> Option<String> {
+    fn state_too_large(&self, encoded_len: usize) -> Option<String> {
         let fence = self.fence.as_ref()?;
         let limit = fence.settings.max_state_bytes;
-        (state.encoded_len() > limit).then(|| {
+        (encoded_len > limit).then(|| {
             format!(
-                "the state of this key would take {} bytes in its message on the output stream, more than the {limit} the stream and the server accept",
-                state.encoded_len()
+                "the state of this key would take {encoded_len} bytes in its message on the output stream, more than the {limit} the stream and the server accept"
             )
         })
     }

@@ -140,6 +140,21 @@ impl KeyState {
         self.bytes + 8 * self.entries.len()
     }
 
+    /// The length of [`KeyState::encode`]'s bytes once `changes` are applied, without
+    /// applying them (a change the limits refuse must not cost a copy of the state).
+    pub fn encoded_len_after(&self, changes: &StateChanges) -> usize {
+        let (mut added, mut removed) = (0, 0);
+        for (name, change) in changes {
+            if let Some(old) = self.entries.get(name) {
+                removed += 8 + name.len() + old.len();
+            }
+            if let Some(value) = change {
+                added += 8 + name.len() + value.len();
+            }
+        }
+        self.encoded_len() + added - removed
+    }
+
     /// Reads what [`KeyState::encode`] wrote.
     pub fn decode(mut bytes: &[u8]) -> Result<KeyState, String> {
         let mut entries = Vec::new();
@@ -424,5 +439,24 @@ mod encoding_tests {
         assert_eq!(KeyState::decode(&[]).unwrap(), KeyState::default());
         assert!(KeyState::decode(&encoded[..encoded.len() - 1]).is_err());
         assert!(KeyState::decode(&[0, 0, 0]).is_err());
+    }
+
+    proptest::proptest! {
+        /// The size a change is checked at before it is applied is the size it gives.
+        #[test]
+        fn the_length_after_changes_is_the_length_of_the_changed_state(
+            entries in proptest::collection::btree_map("[a-d]{1,2}", proptest::collection::vec(0u8..4, 0..6), 0..6),
+            changes in proptest::collection::btree_map(
+                "[a-d]{1,2}",
+                proptest::option::of(proptest::collection::vec(0u8..4, 0..6)),
+                0..6,
+            ),
+        ) {
+            let mut state = KeyState::from_entries(entries);
+            let predicted = state.encoded_len_after(&changes);
+            state.apply(&changes);
+            proptest::prop_assert_eq!(predicted, state.encoded_len());
+            proptest::prop_assert_eq!(predicted, state.encode().len());
+        }
     }
 }
