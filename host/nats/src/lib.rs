@@ -52,6 +52,14 @@ pub enum BrokerError {
         filters: String,
         subject: String,
     },
+    #[error(
+        "{what} needs nats-server {needed} or later, and the server is {found}: upgrade the cluster's servers"
+    )]
+    ServerTooOld {
+        what: &'static str,
+        needed: &'static str,
+        found: String,
+    },
     #[error("stream {stream:?} cannot hold a partitioned pipeline's commits: {reason}")]
     NotALedger { stream: String, reason: String },
     #[error(
@@ -510,6 +518,15 @@ impl Broker {
         output: &OutputConfig,
         markers: &str,
     ) -> Result<(), BrokerError> {
+        // Atomic batches (2.12) and, for a partition's order across takeovers, consumer
+        // reset (2.14): without reset a new holder would wait forever for inputs in order.
+        if !self.server_at_least(2, 14) {
+            return Err(BrokerError::ServerTooOld {
+                what: "a partitioned pipeline (atomic batches, consumer reset)",
+                needed: "2.14",
+                found: self.client.server_info().version,
+            });
+        }
         let marker_probe = markers.replace('>', "0");
         let not_a_ledger = |reason: String| BrokerError::NotALedger {
             stream: name.to_owned(),
@@ -604,9 +621,7 @@ impl Broker {
     /// Needs nats-server 2.14 or later (consumer reset, ADR-60); on an older server the
     /// inputs wait out `ack_wait`, as they would without it. Returns how many were held.
     pub async fn redeliver_pending(&self, input: &InputConfig) -> Result<u64, BrokerError> {
-        let version = self.client.server_info().version;
-        let mut numbers = version.split('.').map(|n| n.parse::<u64>().unwrap_or(0));
-        if (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) < (2, 14) {
+        if !self.server_at_least(2, 14) {
             return Ok(0);
         }
         let Some(stream) = self.find_stream(&input.stream).await? else {
@@ -624,6 +639,11 @@ impl Broker {
         }
         reset_consumer(&self.client, input).await?;
         Ok(held)
+    }
+
+    /// Whether the connected server's version is `major.minor` or later.
+    fn server_at_least(&self, major: u64, minor: u64) -> bool {
+        version_at_least(&self.client.server_info().version, major, minor)
     }
 
     pub fn publisher(&self) -> Publisher {
@@ -769,6 +789,14 @@ pub struct MessageSource {
     /// counted from this source's own reset of the consumer. Another, that is a delivery
     /// went to another puller (a holder that lost the partition and still pulls).
     next_in_order: Option<u64>,
+}
+
+/// Whether `version` ("2.14.0", "2.15.1-beta") is `major.minor` or later.
+fn version_at_least(version: &str, major: u64, minor: u64) -> bool {
+    let mut numbers = version
+        .split(['.', '-'])
+        .map(|n| n.parse::<u64>().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (major, minor)
 }
 
 /// Rewinds the consumer to its ack floor (an empty `CONSUMER.RESET`, nats-server 2.14):
@@ -2134,5 +2162,21 @@ impl Default for BatchConfig {
             max_messages: 256,
             max_wait_ms: 5,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_at_least;
+
+    #[test]
+    fn server_versions_compare_by_major_then_minor() {
+        assert!(version_at_least("2.14.0", 2, 14));
+        assert!(version_at_least("2.15.1", 2, 14));
+        assert!(version_at_least("3.0.0", 2, 14));
+        assert!(version_at_least("2.14.0-RC.1", 2, 14));
+        assert!(!version_at_least("2.13.9", 2, 14));
+        assert!(!version_at_least("2.9.25", 2, 14));
+        assert!(!version_at_least("", 2, 14));
     }
 }
