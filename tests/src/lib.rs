@@ -2,6 +2,7 @@
 //! the plugins built from `plugins/`, the `weir` binary, and readers for whole streams.
 
 pub mod chaos;
+pub mod cluster_chaos;
 pub mod matrix;
 pub mod wat;
 
@@ -266,6 +267,11 @@ impl NatsCluster {
         )
         .await;
         cluster
+    }
+
+    /// The client port of node `node`.
+    pub fn port(&self, node: usize) -> u16 {
+        self.ports[node]
     }
 
     /// The client URL of node `node`.
@@ -536,6 +542,25 @@ async fn read_stream_once(
         });
     }
     Ok(out)
+}
+
+/// Whether a replicated `stream` has a leader and both its other replicas online and
+/// current: an election (a node killed, a leader moved) is over.
+pub async fn stream_settled(js: &jetstream::Context, stream: &str) -> bool {
+    let Ok(mut stream) = js.get_stream(stream).await else {
+        return false;
+    };
+    let Ok(info) = stream.info().await else {
+        return false;
+    };
+    info.cluster.as_ref().is_some_and(|cluster| {
+        cluster.leader.is_some()
+            && cluster.replicas.len() == 2
+            && cluster
+                .replicas
+                .iter()
+                .all(|peer| peer.current && !peer.offline)
+    })
 }
 
 /// How many messages `stream` holds (0 if it is missing).

@@ -14,23 +14,7 @@ use weir_tests::*;
 
 const INPUTS: usize = 2000;
 const MALFORMED_EVERY: usize = 50;
-const TTL_SECS: u64 = 3;
-
-/// The orders pipeline's output stream, partitioned: outputs, dead letters and progress
-/// markers on three replicas, atomic publish allowed.
-fn output_stream() -> Config {
-    Config {
-        name: "ORDERS_OUT".into(),
-        subjects: vec![
-            "orders.out.>".into(),
-            "orders.dlq".into(),
-            "_weir.progress.orders.>".into(),
-        ],
-        num_replicas: 3,
-        allow_atomic_publish: true,
-        ..Default::default()
-    }
-}
+use weir_tests::cluster_chaos::TTL_SECS;
 
 struct Rig {
     cluster: NatsCluster,
@@ -54,7 +38,7 @@ impl Rig {
         })
         .await
         .expect("the input stream");
-        js.create_stream(output_stream())
+        js.create_stream(cluster_chaos::partitioned_output_stream())
             .await
             .expect("the output stream");
         let dir = tempfile::tempdir().unwrap();
@@ -109,7 +93,10 @@ impl Rig {
         wait_for(
             &format!("{} to hold the lease", host.name),
             Duration::from_secs(60),
-            || async { lease_holder_pid(&self.js, 0).await == Some(host.process.id()) },
+            || async {
+                cluster_chaos::lease_holder_pid(&self.js, "orders", 0).await
+                    == Some(host.process.id())
+            },
         )
         .await;
     }
@@ -185,21 +172,6 @@ fn read_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// The process id in the name of the run holding `partition`'s lease (`<host>/<pid>/<start>`);
-/// `None` while it is free or cannot be read.
-async fn lease_holder_pid(js: &jetstream::Context, partition: u32) -> Option<u32> {
-    let bucket = js.get_key_value("weir-leases").await.ok()?;
-    let entry = bucket.entry(format!("orders.{partition}")).await.ok()??;
-    if entry.operation != jetstream::kv::Operation::Put {
-        return None;
-    }
-    String::from_utf8_lossy(&entry.value)
-        .split('/')
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// The index among `hosts` of the one that holds a one-partition pipeline's lease, once
 /// every host is a member and the holder is the one the spread wants.
 async fn settled_holder(js: &jetstream::Context, hosts: &[&WeirProcess]) -> usize {
@@ -237,7 +209,7 @@ async fn settled(js: &jetstream::Context, hosts: &[&WeirProcess]) -> Option<usiz
     }
     let wanted = weir_core::spread::assign(1, &members)[0]?;
     let wanted_pid: u32 = wanted.rsplit('_').nth(1)?.parse().ok()?;
-    if lease_holder_pid(js, 0).await? != wanted_pid {
+    if cluster_chaos::lease_holder_pid(js, "orders", 0).await? != wanted_pid {
         return None;
     }
     hosts.iter().position(|host| host.id() == wanted_pid)
@@ -253,7 +225,7 @@ async fn a_standby_takes_over_within_the_lease_ttl_when_the_holder_is_killed() {
     })
     .await;
     assert_eq!(
-        lease_holder_pid(&rig.js, 0).await,
+        cluster_chaos::lease_holder_pid(&rig.js, "orders", 0).await,
         Some(a.process.id()),
         "a holds it still"
     );
@@ -427,22 +399,7 @@ async fn the_output_streams_leader_killed_and_moved_under_a_holder_and_a_standby
     wait_for(
         "the output stream to settle",
         Duration::from_secs(60),
-        || async {
-            let Ok(mut stream) = rig.js.get_stream("ORDERS_OUT").await else {
-                return false;
-            };
-            let Ok(info) = stream.info().await else {
-                return false;
-            };
-            info.cluster.as_ref().is_some_and(|cluster| {
-                cluster.leader.is_some()
-                    && cluster.replicas.len() == 2
-                    && cluster
-                        .replicas
-                        .iter()
-                        .all(|peer| peer.current && !peer.offline)
-            })
-        },
+        || stream_settled(&rig.js, "ORDERS_OUT"),
     )
     .await;
     publisher.await.unwrap();
@@ -515,7 +472,7 @@ async fn a_holder_cut_off_from_the_server_past_its_lease_is_replaced_and_then_st
     a_proxy.cut_off(Duration::from_secs(3 * TTL_SECS));
     let cut = Instant::now();
     wait_for("b to take the lease", Duration::from_secs(60), || async {
-        lease_holder_pid(&js, 0).await == Some(b.id())
+        cluster_chaos::lease_holder_pid(&js, "orders", 0).await == Some(b.id())
     })
     .await;
     let floor = ack_floor().await;
@@ -553,90 +510,22 @@ async fn a_holder_cut_off_from_the_server_past_its_lease_is_replaced_and_then_st
 
 /// Three hosts and six partitions on a 3-node cluster, 4 000 orders on 16 customers'
 /// subjects, and faults struck at random while they arrive (seeded: `WEIR_CHAOS_SEED`): a
-/// host SIGKILLed and restarted, SIGSTOPped past its leases and woken, stopped with SIGTERM
-/// and started again; a cluster node SIGKILLed and restarted. Every output exactly once.
+/// host SIGKILLed and restarted, SIGSTOPped or cut off past its leases, stopped with SIGTERM
+/// and started again; a cluster node SIGKILLed and restarted, a stream's leader moved
+/// (`weir_tests::cluster_chaos`, which `weir-chaos --cluster` runs at any size). Every
+/// output exactly once, every host stopped cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_with_six_partitions_under_mixed_faults_leave_every_output_exactly_once() {
-    const HOSTS: usize = 3;
-    const FAULTS: usize = 6;
     let seed = seed_from_env("WEIR_CHAOS_SEED");
     println!("seed: {seed} (rerun with WEIR_CHAOS_SEED={seed})");
-    let mut rng = SeededRng(seed);
-    let mut cluster = NatsCluster::start().await;
-    // The test's own client stays on node 0, which no fault kills.
-    let js = jetstream::new(connect_client(&cluster.url(0)).await.unwrap());
-    let (dir, config) = six_partitions(&cluster, &js).await;
-    let log = |host: usize| dir.path().join(format!("h{host}.log"));
-    let start = |host: usize| spawn_weir(&config, Some(&log(host)), None);
-    let mut hosts: Vec<WeirProcess> = (0..HOSTS).map(start).collect();
-
-    let payloads = order_workload(2 * INPUTS, MALFORMED_EVERY);
-    let publisher =
-        publish_spread_through_elections(&js, &payloads, Duration::from_millis(150), |input| {
-            format!("orders.in.c{}", input % 16)
-        });
-    for fault in 0..FAULTS {
-        tokio::time::sleep(Duration::from_millis(1000 + rng.below(1000))).await;
-        let host = rng.below(HOSTS as u64) as usize;
-        match rng.below(4) {
-            0 => {
-                println!("fault {fault}: SIGKILL host {host}, then restart it");
-                hosts[host].kill().unwrap();
-                hosts[host].wait().unwrap();
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                hosts[host] = start(host);
-            }
-            1 => {
-                println!("fault {fault}: SIGSTOP host {host} past its leases, then SIGCONT");
-                send_signal(&hosts[host], libc::SIGSTOP);
-                tokio::time::sleep(Duration::from_secs(TTL_SECS + 1)).await;
-                send_signal(&hosts[host], libc::SIGCONT);
-            }
-            2 => {
-                println!(
-                    "fault {fault}: SIGTERM host {host} (it leaves), then start it (it joins)"
-                );
-                let status = terminate(&mut hosts[host]);
-                assert!(
-                    status.success(),
-                    "host {host} stops cleanly, got {status}:\n{}",
-                    log_tail(&log(host))
-                );
-                hosts[host] = start(host);
-            }
-            _ => {
-                let node = 1 + rng.below(2) as usize;
-                println!("fault {fault}: SIGKILL cluster node {node}, then restart it");
-                cluster.kill(node);
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                cluster.restart(node).await;
-            }
-        }
-    }
-    publisher.await.unwrap();
-    wait_for("every input processed", Duration::from_secs(180), || {
-        partitions_processed(&js, 6, &payloads)
+    let report = cluster_chaos::run(cluster_chaos::ClusterChaosPlan {
+        messages: 2 * INPUTS,
+        faults: 6,
+        seed,
     })
     .await;
-    for (host, process) in hosts.iter_mut().enumerate() {
-        let status = terminate(process);
-        assert!(
-            status.success(),
-            "host {host} stops cleanly, got {status}:\n{}",
-            log_tail(&log(host))
-        );
-    }
-    let verdict = check_orders_in(&js, "ORDERS_OUT", "ORDERS_OUT", &payloads).await;
-    println!(
-        "verdict: {} ({}, seed {seed})",
-        verdict.counts(),
-        if verdict.is_exact() {
-            "exactly once"
-        } else {
-            "NOT exactly once"
-        }
-    );
-    assert!(verdict.is_exact(), "not exactly once: {verdict:?}");
+    println!("{}", report.line());
+    assert!(report.passed(), "{report:#?}");
 }
 
 /// The R3 input stream, partitioned six ways by customer, the output stream, and the
@@ -645,37 +534,10 @@ async fn six_partitions(
     cluster: &NatsCluster,
     js: &jetstream::Context,
 ) -> (tempfile::TempDir, PathBuf) {
-    js.create_stream(Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.in.*".into()],
-        num_replicas: 3,
-        subject_transform: Some(jetstream::stream::SubjectTransform {
-            source: "orders.in.*".into(),
-            destination: "{{partition(6,1)}}.orders.in.{{wildcard(1)}}".into(),
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("the partitioned input stream");
-    js.create_stream(output_stream())
-        .await
-        .expect("the output stream");
+    cluster_chaos::create_partitioned_orders_streams(js, 6).await;
     let dir = tempfile::tempdir().unwrap();
-    let text = PipelineToml {
-        subject: "orders.in.*",
-        partitions: Some(6),
-        extra: "[pipeline.batch]\nmax_messages = 64\n",
-        ..PipelineToml::orders(&cluster.urls(), &plugin("orders"), Path::new("unused"))
-    }
-    .render()
-    .replace(
-        "partitions = 6",
-        &format!(
-            "partitions = 6\npartition_key = \"subject-token:3\"\nlease_ttl_secs = {TTL_SECS}"
-        ),
-    );
     let config = dir.path().join("weir.toml");
-    std::fs::write(&config, ADMIN_OFF.to_owned() + &text).unwrap();
+    cluster_chaos::write_partitioned_orders_config(&config, &cluster.urls(), 6, TTL_SECS);
     (dir, config)
 }
 
@@ -684,7 +546,7 @@ async fn six_partitions(
 async fn leases_held(js: &jetstream::Context, hosts: &[&WeirProcess]) -> Option<Vec<usize>> {
     let mut held = vec![0; hosts.len()];
     for partition in 0..6 {
-        let pid = lease_holder_pid(js, partition).await?;
+        let pid = cluster_chaos::lease_holder_pid(js, "orders", partition).await?;
         if let Some(host) = hosts.iter().position(|h| h.id() == pid) {
             held[host] += 1;
         }
