@@ -23,9 +23,16 @@
 //!   stream and no local store (f), and with `partitions = 6` on the same host (p, the
 //!   inputs spread over 64 keys), alternating for N rounds; then latency at 2 000 msgs/s of
 //!   the first two.
+//! - `weir-bench failover [--rounds N]`: a partitioned pipeline (`partitions = 1`, lease TTL
+//!   3 s) on two hosts under 2 000 orders/s; N times (default 3) the holder is SIGKILLed and
+//!   restarted. Per failover: the time until the partition makes progress on the other host,
+//!   the inputs the dead holder had received and not committed (run again by the next, the
+//!   work a failover costs), and those it had committed and not acked (acked by the next
+//!   without running: what the fence saves). Then the verifier's verdict.
 //! - `weir-bench store [COUNT]`: COUNT committed ids (default 10 000 000) in a dedup store,
 //!   then the cost of looking ids up, and resident memory along the way.
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -64,13 +71,14 @@ async fn main() {
         "observability" => observability(count(100_000), rounds).await,
         "state" => state(count(50_000), rounds).await,
         "fenced" => fenced(count(100_000), sync_always, rounds).await,
+        "failover" => failover(rounds).await,
         // Plugin calls block: off the async workers, as in the pipeline.
         "sandbox" => tokio::task::spawn_blocking(sandbox_overhead)
             .await
             .expect("the sandbox benchmark"),
         other => {
             eprintln!(
-                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox, fairness, observability, state, fenced"
+                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox, fairness, observability, state, fenced, failover"
             );
             std::process::exit(2);
         }
@@ -444,6 +452,145 @@ async fn fenced(count: usize, sync_always: bool, rounds: usize) {
     let mut fenced = WeirRun::new(&server, "LF", "hostile");
     fenced.partitions = Some(1);
     latency(&js, &fenced, "(f) fenced commit").await;
+}
+
+async fn failover(rounds: usize) {
+    const TTL_SECS: u64 = 3;
+    const RATE: u64 = 2000;
+    let server = NatsServer::start_with_sync(false);
+    let js = server.jetstream().await;
+    create_orders_stream(&js, None).await;
+    js.create_stream(jetstream::stream::Config {
+        num_replicas: 1,
+        ..weir_tests::cluster_chaos::partitioned_output_stream()
+    })
+    .await
+    .expect("the output stream");
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let text = PipelineToml {
+        partitions: Some(1),
+        ..PipelineToml::orders(&server.url(), &plugin("orders"), Path::new("unused"))
+    }
+    .render()
+    .replace(
+        "partitions = 1",
+        &format!("partitions = 1\nlease_ttl_secs = {TTL_SECS}"),
+    );
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, ADMIN_OFF.to_owned() + &text).expect("write weir.toml");
+    println!(
+        "{rounds} failovers of a partitioned pipeline (1 partition, lease TTL {TTL_SECS} s) between two hosts under {RATE} orders/s, nats-server default sync"
+    );
+    let start = |name: &str| spawn_weir(&config, Some(&dir.path().join(name)), None);
+    let mut hosts = [start("h0.log"), start("h1.log")];
+    // Enough orders to keep arriving through every round.
+    let seconds = 5 + rounds as u64 * (TTL_SECS + 6);
+    let payloads = order_workload((RATE * seconds) as usize, 50);
+    let publisher = publish_orders_spread(&js, &payloads, Duration::from_millis(50 * 1000 / RATE));
+    let (mut times, mut redone, mut saved) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let holder_pid = loop {
+            if let Some(pid) = weir_tests::cluster_chaos::lease_holder_pid(&js, "orders", 0).await {
+                break pid;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let holder = hosts
+            .iter()
+            .position(|host| host.id() == holder_pid)
+            .expect("one of the two hosts holds the lease");
+        hosts[holder].kill().expect("SIGKILL the holder");
+        let killed = Instant::now();
+        hosts[holder].wait().expect("reap the holder");
+        // What the dead holder had: every input delivered to it, and what its last marker
+        // says is done.
+        let stream = js.get_stream("ORDERS").await.expect("the input stream");
+        let consumer = stream.consumer_info("weir").await.expect("the consumer");
+        let (delivered, acked) = (
+            consumer.delivered.stream_sequence,
+            consumer.ack_floor.stream_sequence,
+        );
+        let marker = js
+            .get_stream("ORDERS_OUT")
+            .await
+            .expect("the output stream")
+            .get_last_raw_message_by_subject("_weir.progress.orders.0")
+            .await
+            .expect("the holder's last marker");
+        let progress: serde_json::Value =
+            serde_json::from_slice(&marker.payload).expect("a marker is JSON");
+        let floor = progress["floor"].as_u64().expect("a floor");
+        let done_above: std::collections::BTreeSet<u64> = progress["done_above"]
+            .as_array()
+            .expect("the inputs done above the floor")
+            .iter()
+            .map(|sequence| sequence.as_u64().expect("a sequence"))
+            .collect();
+        let received_not_committed = (floor + 1..=delivered)
+            .filter(|sequence| !done_above.contains(sequence))
+            .count();
+        let committed_not_acked = floor.saturating_sub(acked) as usize
+            + done_above.iter().filter(|&&s| s > acked).count();
+        // Only the next holder can move the ack floor now.
+        loop {
+            let consumer = stream.consumer_info("weir").await.expect("the consumer");
+            if consumer.ack_floor.stream_sequence > acked {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let took = killed.elapsed();
+        println!(
+            "  failover {round}: progress after {:.2} s (TTL + {:.2} s); run again: {received_not_committed} inputs delivered to it and not committed; acked without running: {committed_not_acked} committed and not acked",
+            took.as_secs_f64(),
+            took.as_secs_f64() - TTL_SECS as f64
+        );
+        times.push(took.as_secs_f64());
+        redone.push(received_not_committed as f64);
+        saved.push(committed_not_acked as f64);
+        hosts[holder] = start(&format!("h{holder}-{round}.log"));
+    }
+    publisher.await.expect("the publisher finishes");
+    let processed = tokio::time::timeout(Duration::from_secs(120), async {
+        // One partition is consumed as configured: consumer `weir`.
+        while !(drained(&js, "ORDERS", "weir").await
+            && check_orders_in(&js, "ORDERS_OUT", "ORDERS_OUT", &payloads)
+                .await
+                .missing
+                == 0)
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    if processed.is_err() {
+        println!(
+            "  FAILED: not every order was processed within 120 s; the hosts' logs are in {}",
+            dir.keep().display()
+        );
+        std::process::exit(1);
+    }
+    for host in &mut hosts {
+        terminate(host);
+    }
+    let verdict = check_orders_in(&js, "ORDERS_OUT", "ORDERS_OUT", &payloads).await;
+    println!(
+        "  medians: failover {:.2} s (TTL + {:.2} s), run again {:.0} inputs, acked without running {:.0}",
+        median(&mut times),
+        median(&mut times) - TTL_SECS as f64,
+        median(&mut redone),
+        median(&mut saved)
+    );
+    println!(
+        "  verdict: {} {}",
+        if verdict.is_exact() {
+            "EXACTLY-ONCE"
+        } else {
+            "FAILED"
+        },
+        verdict.counts()
+    );
 }
 
 async fn state(count: usize, rounds: usize) {
