@@ -228,6 +228,22 @@ async fn readiness_follows_start_up_and_the_server() {
     assert!(terminate(&mut weir).success());
 }
 
+/// A weir still starting (waiting for a server that is down) stops at once and cleanly on
+/// SIGTERM, as an operator or a supervisor stopping it expects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weir_waiting_for_its_server_stops_cleanly_on_sigterm() {
+    let mut server = NatsServer::start();
+    server.stop_with(libc::SIGKILL);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_address();
+    let config = config_with_admin(dir.path(), &server.url(), &admin);
+    let mut weir = spawn_weir(&config, None, None);
+    wait_for_readiness(&admin, 503, "starting: connecting to NATS").await;
+    send_signal(&weir, libc::SIGTERM);
+    let status = wait_for_exit(&mut weir, Duration::from_secs(5)).await;
+    assert!(status.success(), "{status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_rises_while_weir_is_held_and_falls_to_zero_after() {
     let server = NatsServer::start();

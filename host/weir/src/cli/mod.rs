@@ -297,9 +297,12 @@ fn exit_code(error: &crate::Error) -> u8 {
 }
 
 async fn run(config_path: PathBuf) -> Result<(), crate::Error> {
+    // Installed before anything else, so that a signal during start-up stops weir cleanly
+    // too.
+    let signals = shutdown_signals();
     let config = crate::Config::load(&config_path)?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tokio::spawn(cancel_on_signal(signals, shutdown.clone()));
     let report = crate::run(config, crate::own_compiler()?, shutdown).await?;
     for (pipeline, stats) in report.pipelines {
         tracing::info!(
@@ -390,14 +393,27 @@ impl PipelineArgs {
     }
 }
 
-/// Fires `shutdown` on the first SIGINT or SIGTERM.
-async fn cancel_on_signal(shutdown: CancellationToken) {
+type Signals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+/// SIGINT's and SIGTERM's handlers, from now on; `None` (and an error logged) if they
+/// cannot be installed.
+fn shutdown_signals() -> Option<Signals> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
+    match (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop weir with SIGKILL");
+    ) {
+        (Ok(interrupt), Ok(terminate)) => Some((interrupt, terminate)),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop weir with SIGKILL");
+            None
+        }
+    }
+}
+
+/// Fires `shutdown` on the first SIGINT or SIGTERM.
+async fn cancel_on_signal(signals: Option<Signals>, shutdown: CancellationToken) {
+    let Some((mut interrupt, mut terminate)) = signals else {
         return;
     };
     tokio::select! {
