@@ -424,8 +424,23 @@ async fn step_down(client: &async_nats::Client, stream: &str) {
 /// Writes the orders pipeline with `partitions` partitions keyed by customer (the subject's
 /// fourth token), reaching the cluster at `urls`, leases of `ttl_secs`, admin port off.
 pub fn write_partitioned_orders_config(path: &Path, urls: &str, partitions: u32, ttl_secs: u64) {
+    std::fs::write(path, partitioned_orders_config(urls, partitions, ttl_secs))
+        .expect("write the host's weir.toml");
+}
+
+/// The orders pipeline with `partitions` partitions, at most 64 inputs a batch, leases of
+/// `ttl_secs`, admin port off. With one partition it consumes `orders.in.>` as it is; with
+/// several, `orders.in.*` keyed by customer (the subject's fourth token).
+pub fn partitioned_orders_config(urls: &str, partitions: u32, ttl_secs: u64) -> String {
+    let (subject, key) = match partitions {
+        1 => ("orders.in.>", String::new()),
+        _ => (
+            "orders.in.*",
+            "\npartition_key = \"subject-token:3\"".to_owned(),
+        ),
+    };
     let text = PipelineToml {
-        subject: "orders.in.*",
+        subject,
         partitions: Some(partitions),
         extra: "[pipeline.batch]\nmax_messages = 64\n",
         ..PipelineToml::orders(urls, &plugin("orders"), Path::new("unused"))
@@ -433,11 +448,9 @@ pub fn write_partitioned_orders_config(path: &Path, urls: &str, partitions: u32,
     .render()
     .replace(
         &format!("partitions = {partitions}"),
-        &format!(
-            "partitions = {partitions}\npartition_key = \"subject-token:3\"\nlease_ttl_secs = {ttl_secs}"
-        ),
+        &format!("partitions = {partitions}{key}\nlease_ttl_secs = {ttl_secs}"),
     );
-    std::fs::write(path, ADMIN_OFF.to_owned() + &text).expect("write the host's weir.toml");
+    ADMIN_OFF.to_owned() + &text
 }
 
 /// The R3 input stream, partitioned `partitions` ways by customer (`orders.in.<customer>`),

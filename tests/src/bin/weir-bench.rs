@@ -32,7 +32,6 @@
 //! - `weir-bench store [COUNT]`: COUNT committed ids (default 10 000 000) in a dedup store,
 //!   then the cost of looking ids up, and resident memory along the way.
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -467,17 +466,8 @@ async fn failover(rounds: usize) {
     .await
     .expect("the output stream");
     let dir = tempfile::tempdir().expect("a temp dir");
-    let text = PipelineToml {
-        partitions: Some(1),
-        ..PipelineToml::orders(&server.url(), &plugin("orders"), Path::new("unused"))
-    }
-    .render()
-    .replace(
-        "partitions = 1",
-        &format!("partitions = 1\nlease_ttl_secs = {TTL_SECS}"),
-    );
     let config = dir.path().join("weir.toml");
-    std::fs::write(&config, ADMIN_OFF.to_owned() + &text).expect("write weir.toml");
+    weir_tests::cluster_chaos::write_partitioned_orders_config(&config, &server.url(), 1, TTL_SECS);
     println!(
         "{rounds} failovers of a partitioned pipeline (1 partition, lease TTL {TTL_SECS} s) between two hosts under {RATE} orders/s, nats-server default sync"
     );

@@ -208,16 +208,23 @@ async fn wait_for_readiness(admin: &str, code: u16, because: &str) {
     panic!("/readyz never said {code} {because:?}; last {last:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readiness_follows_start_up_and_the_server() {
+/// A weir started while its server is down, once its admin port says it is waiting for the
+/// server: the server, the weir, its admin address and its directory.
+async fn weir_waiting_for_its_server() -> (NatsServer, WeirProcess, String, tempfile::TempDir) {
     let mut server = NatsServer::start();
     server.stop_with(libc::SIGKILL);
     let dir = tempfile::tempdir().unwrap();
     let admin = free_address();
     let config = config_with_admin(dir.path(), &server.url(), &admin);
-    let mut weir = spawn_weir(&config, None, None);
+    let weir = spawn_weir(&config, None, None);
     // Bound before anything starts: not ready while it waits for the server.
     wait_for_readiness(&admin, 503, "starting: connecting to NATS").await;
+    (server, weir, admin, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_start_up_and_the_server() {
+    let (mut server, mut weir, admin, _dir) = weir_waiting_for_its_server().await;
     server.start_again();
     wait_for_readiness(&admin, 200, "").await;
     // The server goes away: not ready until it is back.
@@ -232,13 +239,7 @@ async fn readiness_follows_start_up_and_the_server() {
 /// SIGTERM, as an operator or a supervisor stopping it expects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_weir_waiting_for_its_server_stops_cleanly_on_sigterm() {
-    let mut server = NatsServer::start();
-    server.stop_with(libc::SIGKILL);
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_address();
-    let config = config_with_admin(dir.path(), &server.url(), &admin);
-    let mut weir = spawn_weir(&config, None, None);
-    wait_for_readiness(&admin, 503, "starting: connecting to NATS").await;
+    let (_server, mut weir, _admin, _dir) = weir_waiting_for_its_server().await;
     send_signal(&weir, libc::SIGTERM);
     let status = wait_for_exit(&mut weir, Duration::from_secs(5)).await;
     assert!(status.success(), "{status}");

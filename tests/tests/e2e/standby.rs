@@ -42,18 +42,8 @@ impl Rig {
             .await
             .expect("the output stream");
         let dir = tempfile::tempdir().unwrap();
-        let config = PipelineToml {
-            partitions: Some(1),
-            extra: "[pipeline.batch]\nmax_messages = 64\n",
-            ..PipelineToml::orders(&cluster.urls(), &plugin("orders"), Path::new("unused"))
-        }
-        .render()
-        .replace(
-            "partitions = 1",
-            &format!("partitions = 1\nlease_ttl_secs = {ttl_secs}"),
-        );
         let path = dir.path().join("weir.toml");
-        std::fs::write(&path, ADMIN_OFF.to_owned() + &config).unwrap();
+        cluster_chaos::write_partitioned_orders_config(&path, &cluster.urls(), 1, ttl_secs);
         Rig {
             cluster,
             js,
@@ -427,18 +417,8 @@ async fn a_holder_cut_off_from_the_server_past_its_lease_is_replaced_and_then_st
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = |name: &str, url: &str| {
-        let text = PipelineToml {
-            partitions: Some(1),
-            extra: "[pipeline.batch]\nmax_messages = 64\n",
-            ..PipelineToml::orders(url, &plugin("orders"), Path::new("unused"))
-        }
-        .render()
-        .replace(
-            "partitions = 1",
-            &format!("partitions = 1\nlease_ttl_secs = {TTL_SECS}"),
-        );
         let path = dir.path().join(format!("{name}.toml"));
-        std::fs::write(&path, ADMIN_OFF.to_owned() + &text).unwrap();
+        cluster_chaos::write_partitioned_orders_config(&path, url, 1, TTL_SECS);
         path
     };
     let logs = [dir.path().join("x.log"), dir.path().join("y.log")];
