@@ -19,6 +19,9 @@ use weir_core::input::{Input, UnreadableHeaders};
 use weir_core::ports::{self, Delivery, PublishError, Source};
 use weir_core::record::OutboundMessage;
 
+mod replay;
+pub use replay::{ReplayFrom, ReplayProgress, StreamPlace};
+
 /// A broker failure. At start they stop the host with the message; at run time they are
 /// transient: the pipeline retries them and acks nothing in the meantime.
 #[derive(Debug, thiserror::Error)]
@@ -855,6 +858,13 @@ impl MessageSource {
                 &self.input.consumer,
                 pull::Config {
                     durable_name: Some(self.input.consumer.clone()),
+                    description: self.input.description.clone(),
+                    deliver_policy: match self.input.start_sequence {
+                        Some(start_sequence) => {
+                            jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence }
+                        }
+                        None => jetstream::consumer::DeliverPolicy::All,
+                    },
                     filter_subject: self.input.subject.clone(),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: Duration::from_millis(self.input.ack_wait_ms),
@@ -2100,6 +2110,14 @@ pub struct InputConfig {
     pub subject: String,
     /// The durable consumer's name; weir creates it when it does not exist.
     pub consumer: String,
+    /// Set by a replay run: the stream sequence its consumer starts at (by default the
+    /// stream's first).
+    #[serde(skip)]
+    pub start_sequence: Option<u64>,
+    /// Set by a replay run: its definition, kept as the consumer's description so that a
+    /// run started again can tell its own consumer.
+    #[serde(skip)]
+    pub description: Option<String>,
     /// Create the stream (file storage, subject = `subject`) when it does not exist. By
     /// default true.
     #[serde(default = "default_true")]

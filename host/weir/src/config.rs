@@ -224,6 +224,52 @@ impl ValidPipeline {
     pub fn delivery(&self) -> &Delivery {
         &self.delivery
     }
+
+    /// This pipeline as replay run `run` runs it: with `plugin`, outputs under `prefix`
+    /// (stored by `output_stream` if weir is to create one), exactly once with a store of
+    /// its own, its own durable consumer (`weir-replay-<run>`, starting at stream sequence
+    /// `first`, with `description`), and its own output ids: the run's name
+    /// (`<pipeline>.replay.<run>`) is in every one. A partitioned pipeline's replay reads
+    /// every partition at once. Nothing of the live pipeline's is shared.
+    pub fn for_replay(&self, replay: ReplayWiring) -> ValidPipeline {
+        let mut config = self.config.clone();
+        config.name = format!("{}.replay.{}", config.name, replay.run);
+        config.plugin = replay.plugin;
+        if config.output.prefix != replay.prefix {
+            config.output.prefix = replay.prefix;
+            config.output.stream = replay.output_stream;
+        }
+        config.mode = Mode::ExactlyOnce;
+        config.store_dir = Some(replay.store_dir.clone());
+        if self.config.input_partitioning().is_some() {
+            // Stored as `<partition>.<subject>`; the plugin sees the subject as published.
+            config.input.subject = format!("*.{}", config.input.subject);
+            config.input.strip_partition = true;
+        }
+        config.partitions = None;
+        config.partition_key = None;
+        config.input.consumer = format!("weir-replay-{}", replay.run);
+        config.input.create_stream = false;
+        config.input.start_sequence = Some(replay.first);
+        config.input.description = Some(replay.description);
+        ValidPipeline {
+            config,
+            delivery: Delivery::ExactlyOnce {
+                store_dir: replay.store_dir,
+            },
+        }
+    }
+}
+
+/// What makes a pipeline a replay run ([`ValidPipeline::for_replay`]).
+pub struct ReplayWiring {
+    pub run: String,
+    pub plugin: PathBuf,
+    pub prefix: String,
+    pub output_stream: Option<String>,
+    pub store_dir: PathBuf,
+    pub first: u64,
+    pub description: String,
 }
 
 /// A pipeline's guarantee, with what it needs: an exactly-once pipeline always has a store,

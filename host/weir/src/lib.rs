@@ -11,6 +11,7 @@ pub mod config;
 pub mod dlq;
 pub mod fault;
 pub mod pipeline;
+pub mod replay;
 
 use tokio_util::sync::CancellationToken;
 

@@ -406,12 +406,112 @@ impl Pipeline {
             ran = running => ran,
             never = self.poller.run() => match never {},
         };
-        ran.map_err(|fatal| match fatal {
-            Fatal::Store(source) => Error::Stopped { pipeline, source },
-            Fatal::PluginCrashed(message) => Error::Crashed { pipeline, message },
-            Fatal::Ledger(message) => Error::Ledger { pipeline, message },
-            Fatal::TakenOver(message) => Error::TakenOver { pipeline, message },
-        })
+        ran.map_err(|fatal| stopped_by(pipeline, fatal))
+    }
+
+    /// Runs a replay run (`ValidPipeline::for_replay`) until every input of its range, up
+    /// to stream sequence `last`, is acknowledged on its consumer, or until `shutdown`
+    /// (then it finishes the batches in hand). Inputs past `last` are acknowledged and never
+    /// run. `progress` hears where the consumer is, every fifth of a second. Returns
+    /// whether the range is done.
+    pub async fn run_until(
+        self,
+        last: u64,
+        shutdown: CancellationToken,
+        progress: impl Fn(weir_nats::ReplayProgress) + Send,
+    ) -> Result<bool, Error> {
+        let pipeline = self.path.settings.name.clone();
+        let Consuming::Now(source) = self.source else {
+            return Err(Error::Crashed {
+                pipeline,
+                message: "a replay run is never partitioned".into(),
+            });
+        };
+        let stop = shutdown.child_token();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (broker, input) = (&self.poller.broker, &self.poller.input);
+        let watching = async {
+            loop {
+                if let Ok(now) = broker.replay_progress(input).await {
+                    progress(now);
+                    // The consumer's ack floor passes `last` once every input up to it is
+                    // acknowledged and one past it was; a consumer with nothing left
+                    // matched nothing past it yet.
+                    if now.ack_floor >= last || (now.pending == 0 && now.ack_pending == 0) {
+                        done.store(true, std::sync::atomic::Ordering::SeqCst);
+                        stop.cancel();
+                        return std::future::pending::<std::convert::Infallible>().await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        let running = self.path.run(
+            Bounded {
+                inner: *source,
+                last,
+            },
+            stop.clone(),
+        );
+        let ran = tokio::select! {
+            ran = running => ran,
+            never = watching => match never {},
+        };
+        ran.map_err(|fatal| stopped_by(pipeline, fatal))?;
+        Ok(done.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+/// The error a pipeline stopped with, for a fault retrying cannot heal.
+fn stopped_by(pipeline: String, fatal: Fatal) -> Error {
+    match fatal {
+        Fatal::Store(source) => Error::Stopped { pipeline, source },
+        Fatal::PluginCrashed(message) => Error::Crashed { pipeline, message },
+        Fatal::Ledger(message) => Error::Ledger { pipeline, message },
+        Fatal::TakenOver(message) => Error::TakenOver { pipeline, message },
+    }
+}
+
+/// A replay run's source: the inputs of its range. One past the range's end (up to stream
+/// sequence `last`) is acknowledged on the run's own consumer, which nothing else reads,
+/// and never reaches the pipeline.
+struct Bounded {
+    inner: MessageSource,
+    last: u64,
+}
+
+impl weir_core::ports::Source for Bounded {
+    type Delivery = <MessageSource as weir_core::ports::Source>::Delivery;
+    type Error = <MessageSource as weir_core::ports::Source>::Error;
+
+    async fn next_batch(&mut self) -> Result<Vec<Self::Delivery>, Self::Error> {
+        use weir_core::ports::Delivery as _;
+        let batch = self.inner.next_batch().await?;
+        let (inside, past): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|delivery| delivery.input().stream_sequence <= self.last);
+        if !past.is_empty() {
+            // Acked apart, so that this future stays cancel-safe: nothing awaits after
+            // the batch is taken.
+            tokio::spawn(async move {
+                for delivery in past {
+                    let _ = delivery.ack_unconfirmed().await;
+                }
+            });
+        }
+        Ok(inside)
+    }
+
+    async fn ready(&mut self) -> Result<(), Self::Error> {
+        self.inner.ready().await
+    }
+
+    async fn ack_floor(&mut self) -> Result<u64, Self::Error> {
+        self.inner.ack_floor().await
+    }
+
+    async fn stop(&mut self) -> usize {
+        self.inner.stop().await
     }
 }
 

@@ -558,6 +558,10 @@ async fn failover(rounds: usize) {
             "  FAILED: not every order was processed within 120 s; the hosts' logs are in {}",
             dir.keep().display()
         );
+        // `exit` drops nothing: the hosts are stopped here.
+        for host in &mut hosts {
+            terminate(host);
+        }
         std::process::exit(1);
     }
     for host in &mut hosts {

@@ -22,6 +22,7 @@ mod poison;
 mod props;
 mod python;
 mod refusals;
+mod replay;
 mod reset_learning;
 mod restart;
 mod scaffold;

@@ -587,7 +587,10 @@ async fn partitions_spread_evenly_as_hosts_join_and_leave_under_load() {
     // look of the release.
     assert!(
         took < Duration::from_secs(TTL_SECS),
-        "the partitions of a host that left moved after {took:?}"
+        "the partitions of a host that left moved after {took:?}\nhost 0:\n{}\nhost 1:\n{}\nhost 2:\n{}",
+        log_tail(&log(0)),
+        log_tail(&log(1)),
+        log_tail(&log(2))
     );
 
     publisher.await.unwrap();

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 mod cluster;
 mod dlq;
 mod plugin;
+mod replay;
 mod scaffold;
 mod state;
 mod status;
@@ -69,6 +70,11 @@ enum Command {
         #[command(subcommand)]
         command: StateCommand,
     },
+    /// Run a range of a pipeline's input stream again, through its plugin or another, to
+    /// its output prefix or another: a backfill. Exactly once per run: a run stopped (even
+    /// with SIGKILL) and started again with the same arguments goes on where it stopped.
+    /// Never touches the pipeline's own consumer, store or output ids.
+    Replay(replay::ReplayArgs),
     /// A partitioned pipeline's partitions, as the server knows them.
     Cluster {
         #[command(subcommand)]
@@ -255,6 +261,7 @@ pub fn main() -> ExitCode {
             command: ClusterCommand::Status { target },
         } => block_on(cluster::status(target)),
         Command::Status { admin, config } => block_on(status(admin, config)),
+        Command::Replay(args) => block_on(replay::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -366,13 +373,20 @@ async fn check(config_path: PathBuf) -> Result<(), crate::Error> {
 impl PipelineArgs {
     /// The selected pipeline's configuration.
     fn load(&self) -> Result<crate::config::PipelineConfig, crate::Error> {
+        let (_, pipeline) = self.load_valid()?;
+        Ok(pipeline.config().clone())
+    }
+
+    /// The whole configuration, and the selected pipeline.
+    fn load_valid(
+        &self,
+    ) -> Result<(crate::ValidConfig, crate::config::ValidPipeline), crate::Error> {
         let config = crate::Config::load(&self.config)?;
-        let pipelines: Vec<&crate::config::PipelineConfig> =
-            config.pipelines().iter().map(|p| p.config()).collect();
-        let names: Vec<&str> = pipelines.iter().map(|p| p.name.as_str()).collect();
+        let pipelines = config.pipelines();
+        let names: Vec<&str> = pipelines.iter().map(|p| p.config().name.as_str()).collect();
         let found = match &self.pipeline {
-            Some(name) => pipelines.iter().copied().find(|p| &p.name == name),
-            None if pipelines.len() == 1 => pipelines.first().copied(),
+            Some(name) => pipelines.iter().find(|p| &p.config().name == name),
+            None if pipelines.len() == 1 => pipelines.first(),
             None => {
                 return Err(crate::Error::Usage(format!(
                     "{:?} has {} pipelines: choose one with --pipeline ({})",
@@ -382,14 +396,15 @@ impl PipelineArgs {
                 )));
             }
         };
-        found.cloned().ok_or_else(|| {
+        let found = found.cloned().ok_or_else(|| {
             crate::Error::Usage(format!(
                 "{:?} has no pipeline {:?}; it has: {}",
                 self.config,
                 self.pipeline.as_deref().unwrap_or_default(),
                 names.join(", ")
             ))
-        })
+        })?;
+        Ok((config, found))
     }
 }
 
