@@ -29,6 +29,9 @@
 //!   the inputs the dead holder had received and not committed (run again by the next, the
 //!   work a failover costs), and those it had committed and not acked (acked by the next
 //!   without running: what the fence saves). Then the verifier's verdict.
+//! - `weir-bench replay [COUNT] [--rounds N]`: COUNT orders (default 50 000) through the live
+//!   orders pipeline (l), then the same range again with `weir replay` to another prefix
+//!   (r), each timed from its first delivery to its last ack, alternating for N rounds.
 //! - `weir-bench store [COUNT]`: COUNT committed ids (default 10 000 000) in a dedup store,
 //!   then the cost of looking ids up, and resident memory along the way.
 
@@ -71,13 +74,14 @@ async fn main() {
         "state" => state(count(50_000), rounds).await,
         "fenced" => fenced(count(100_000), sync_always, rounds).await,
         "failover" => failover(rounds).await,
+        "replay" => replay(count(50_000), rounds).await,
         // Plugin calls block: off the async workers, as in the pipeline.
         "sandbox" => tokio::task::spawn_blocking(sandbox_overhead)
             .await
             .expect("the sandbox benchmark"),
         other => {
             eprintln!(
-                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox, fairness, observability, state, fenced, failover"
+                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox, fairness, observability, state, fenced, failover, replay"
             );
             std::process::exit(2);
         }
@@ -582,6 +586,82 @@ async fn failover(rounds: usize) {
             "FAILED"
         },
         verdict.counts()
+    );
+}
+
+async fn replay(count: usize, rounds: usize) {
+    let server = NatsServer::start_with_sync(false);
+    let js = server.jetstream().await;
+    println!("{count} orders per run, exactly-once, nats-server default sync");
+    let payloads = order_workload(count, 50);
+    let valid = payloads
+        .iter()
+        .filter(|p| serde_json::from_slice::<serde_json::Value>(p).is_ok())
+        .count();
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let tag = format!("RP{round}");
+        let live = WeirRun::new(&server, &tag, "orders");
+        let l = live.process(&js, &payloads, 2 * valid, "weir").await;
+        // The live run's configuration, replayed whole to another prefix.
+        let config = live.dir.path().join("weir.toml");
+        let name = format!("bench{round}");
+        let spawned = Instant::now();
+        let mut replaying = Command::new(weir_binary())
+            .args(["replay", "--config"])
+            .arg(&config)
+            .args(["--from-seq", "1", "--name", &name])
+            .args(["--output-prefix", &format!("rep{tag}")])
+            .args(["--output-stream", &format!("REP{tag}")])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start weir replay");
+        let stream = js
+            .get_stream(format!("IN{tag}"))
+            .await
+            .expect("the input stream");
+        let consumer = format!("weir-replay-{name}");
+        let progress = || async {
+            let info = stream.consumer_info(&consumer).await.ok()?;
+            Some((
+                info.delivered.stream_sequence,
+                info.ack_floor.stream_sequence,
+            ))
+        };
+        while progress().await.is_none_or(|(delivered, _)| delivered == 0) {
+            assert!(
+                spawned.elapsed() < Duration::from_secs(60),
+                "weir replay took a minute to start"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let started = Instant::now();
+        while progress()
+            .await
+            .is_none_or(|(_, acked)| acked < payloads.len() as u64)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let r = payloads.len() as f64 / started.elapsed().as_secs_f64();
+        let status = replaying.wait().expect("weir replay ends");
+        assert!(status.success(), "weir replay failed: {status}");
+        assert_eq!(
+            stream_len(&js, &format!("REP{tag}")).await,
+            2 * valid as u64,
+            "every output of the replay stored once"
+        );
+        println!("  round {round} of {rounds}");
+        println!("    (l) live pipeline   {:>9.0} inputs/s", l.rate);
+        println!(
+            "    (r) weir replay     {r:>9.0} inputs/s  r/l = {:.3}",
+            r / l.rate
+        );
+        ratios.push(r / l.rate);
+    }
+    println!(
+        "  median r/l = {:.3} (a replay's speed against the live pipeline's)",
+        median(&mut ratios)
     );
 }
 
