@@ -277,3 +277,64 @@ async fn a_replay_killed_three_times_and_started_again_publishes_each_output_onc
     assert!(text.contains("complete"), "{text}");
     assert_replayed_once(&js, 1..=6000, &fixed).await;
 }
+
+/// A partitioned pipeline's replay reads every partition of its input at once (stored as
+/// `<partition>.<subject>`), each input once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_pipelines_range_is_replayed_across_its_partitions_once() {
+    let server = NatsServer::start();
+    let js = server.jetstream().await;
+    js.create_stream(jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.in.*".into()],
+        subject_transform: Some(jetstream::stream::SubjectTransform {
+            source: "orders.in.*".into(),
+            destination: "{{partition(3,1)}}.orders.in.{{wildcard(1)}}".into(),
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.create_stream(jetstream::stream::Config {
+        num_replicas: 1,
+        ..cluster_chaos::partitioned_output_stream()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        cluster_chaos::partitioned_orders_config(&server.url(), 3, 3),
+    )
+    .unwrap();
+    let payloads = order_workload(600, 50);
+    for (customer, chunk) in payloads.chunks(50).enumerate() {
+        publish_all(&js, &format!("orders.in.c{customer}"), chunk).await;
+    }
+    let fixed = plugin("hostile");
+    let ran = replay(
+        &config,
+        &[
+            "--from-seq",
+            "1",
+            "--plugin",
+            fixed.to_str().unwrap(),
+            "--output-prefix",
+            "fixed",
+            "--output-stream",
+            "FIXED",
+        ],
+    );
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert!(
+        stdout(&ran).contains("complete: 600 inputs run"),
+        "{}",
+        stdout(&ran)
+    );
+    assert_replayed_once(&js, 1..=600, &fixed).await;
+}
