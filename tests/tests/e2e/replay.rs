@@ -26,6 +26,37 @@ fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// `weir replay` with `args`, which must succeed and say `says`; what it printed.
+fn replayed(config: &Path, args: &[&str], says: &str) -> String {
+    let output = replay(config, args);
+    let printed = stdout(&output);
+    assert!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(printed.contains(says), "{printed}");
+    printed
+}
+
+/// The arguments that replay `range` through `plugin` to prefix `fixed` in stream `FIXED`.
+fn to_fixed<'a>(range: &[&'a str], plugin: &'a Path) -> Vec<&'a str> {
+    let plugin = plugin.to_str().expect("a UTF-8 path");
+    let to = ["--plugin", plugin, "--output-prefix", "fixed"];
+    [range, &to, &["--output-stream", "FIXED"]].concat()
+}
+
+/// The live consumer's ack floor.
+async fn live_ack_floor(js: &jetstream::Context) -> u64 {
+    let stream = js.get_stream("ORDERS").await.unwrap();
+    stream
+        .consumer_info("weir")
+        .await
+        .unwrap()
+        .ack_floor
+        .stream_sequence
+}
+
 /// The input stream's payloads by sequence.
 async fn inputs_by_sequence(js: &jetstream::Context) -> BTreeMap<u64, Vec<u8>> {
     read_stream(js, "ORDERS")
@@ -96,91 +127,37 @@ async fn a_fix_replayed_over_a_range_gives_each_input_of_it_the_fixed_outputs_on
     wait_until_orders_processed(&js, &payloads, Duration::from_secs(60)).await;
     assert!(terminate(&mut live).success());
     let live_outputs = stream_len(&js, "ORDERS_OUT").await;
-    let live_floor = js
-        .get_stream("ORDERS")
-        .await
-        .unwrap()
-        .consumer_info("weir")
-        .await
-        .unwrap()
-        .ack_floor
-        .stream_sequence;
+    let live_floor = live_ack_floor(&js).await;
 
     let fixed = plugin("hostile");
-    let args = [
-        "--from-seq",
-        "101",
-        "--to-seq",
-        "200",
-        "--plugin",
-        fixed.to_str().unwrap(),
-        "--output-prefix",
-        "fixed",
-        "--output-stream",
-        "FIXED",
-    ];
-    let dry = replay(&config, &[&args[..], &["--dry-run"]].concat());
-    assert!(
-        dry.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dry.stderr)
+    let args = to_fixed(&["--from-seq", "101", "--to-seq", "200"], &fixed);
+    let dry = replayed(
+        &config,
+        &[&args[..], &["--dry-run"]].concat(),
+        ": 100 inputs",
     );
-    assert!(stdout(&dry).contains("to 200"), "{}", stdout(&dry));
-    assert!(stdout(&dry).contains(": 100 inputs"), "{}", stdout(&dry));
+    assert!(dry.contains("to 200"), "{dry}");
     assert_eq!(
         stream_len(&js, "FIXED").await,
         0,
         "a dry run publishes nothing"
     );
 
-    let ran = replay(&config, &args);
-    assert!(
-        ran.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ran.stderr)
-    );
-    assert!(
-        stdout(&ran).contains("complete: 100 inputs run"),
-        "{}",
-        stdout(&ran)
-    );
+    let ran = replayed(&config, &args, "complete: 100 inputs run");
     assert_replayed_once(&js, 101..=200, &fixed).await;
 
     // The same command again: the run is done, nothing more is published.
-    let again = replay(&config, &args);
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
-    assert!(
-        stdout(&again).contains("going on where it stopped"),
-        "{}",
-        stdout(&again)
-    );
+    replayed(&config, &args, "going on where it stopped");
     assert_replayed_once(&js, 101..=200, &fixed).await;
 
     // The same name with other arguments is refused, saying what to do.
-    let name: String = stdout(&ran)
+    let name: String = ran
         .split_whitespace()
         .nth(1)
         .expect("the run's name")
         .to_owned();
-    let other = replay(
-        &config,
-        &[
-            "--from-seq",
-            "102",
-            "--to-seq",
-            "200",
-            "--plugin",
-            fixed.to_str().unwrap(),
-            "--output-prefix",
-            "fixed",
-            "--name",
-            &name,
-        ],
-    );
+    let other_args = to_fixed(&["--from-seq", "102", "--to-seq", "200"], &fixed);
+    let other = replay(&config, &[&other_args[..], &["--name", &name]].concat());
     assert_eq!(other.status.code(), Some(2), "{}", stdout(&other));
     assert!(
         String::from_utf8_lossy(&other.stderr).contains("give the same arguments to resume it"),
@@ -190,15 +167,7 @@ async fn a_fix_replayed_over_a_range_gives_each_input_of_it_the_fixed_outputs_on
 
     // The live pipeline's consumer and outputs are untouched.
     assert_eq!(stream_len(&js, "ORDERS_OUT").await, live_outputs);
-    let floor = js
-        .get_stream("ORDERS")
-        .await
-        .unwrap()
-        .consumer_info("weir")
-        .await
-        .unwrap()
-        .ack_floor
-        .stream_sequence;
+    let floor = live_ack_floor(&js).await;
     assert_eq!(floor, live_floor);
 }
 
@@ -222,16 +191,7 @@ async fn a_replay_killed_three_times_and_started_again_publishes_each_output_onc
         publish_all(&js, "orders.in.new", chunk).await;
     }
     let fixed = plugin("hostile");
-    let args = [
-        "--from-seq",
-        "1",
-        "--plugin",
-        fixed.to_str().unwrap(),
-        "--output-prefix",
-        "fixed",
-        "--output-stream",
-        "FIXED",
-    ];
+    let args = to_fixed(&["--from-seq", "1"], &fixed);
     let log = dir.path().join("replay.log");
     let start = || {
         let log = std::fs::OpenOptions::new()
@@ -243,7 +203,7 @@ async fn a_replay_killed_three_times_and_started_again_publishes_each_output_onc
             .arg("replay")
             .arg("--config")
             .arg(&config)
-            .args(args)
+            .args(&args)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -313,28 +273,10 @@ async fn a_partitioned_pipelines_range_is_replayed_across_its_partitions_once() 
         publish_all(&js, &format!("orders.in.c{customer}"), chunk).await;
     }
     let fixed = plugin("hostile");
-    let ran = replay(
+    replayed(
         &config,
-        &[
-            "--from-seq",
-            "1",
-            "--plugin",
-            fixed.to_str().unwrap(),
-            "--output-prefix",
-            "fixed",
-            "--output-stream",
-            "FIXED",
-        ],
-    );
-    assert!(
-        ran.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ran.stderr)
-    );
-    assert!(
-        stdout(&ran).contains("complete: 600 inputs run"),
-        "{}",
-        stdout(&ran)
+        &to_fixed(&["--from-seq", "1"], &fixed),
+        "complete: 600 inputs run",
     );
     assert_replayed_once(&js, 1..=600, &fixed).await;
 }
