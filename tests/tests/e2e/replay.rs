@@ -112,7 +112,7 @@ fn sha256_of(path: &Path) -> String {
 /// A fix replayed over exactly the affected range: every input of the range gets the new
 /// plugin's output once, under the new prefix and sha; none outside it; the live
 /// pipeline's consumer and outputs are as they were. Run again, the finished run publishes
-/// nothing more; `--dry-run` counts the range.
+/// nothing more; `--dry-run` counts the range, given by sequences or by stored times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fix_replayed_over_a_range_gives_each_input_of_it_the_fixed_outputs_once() {
     let server = NatsServer::start();
@@ -142,6 +142,36 @@ async fn a_fix_replayed_over_a_range_gives_each_input_of_it_the_fixed_outputs_on
         0,
         "a dry run publishes nothing"
     );
+
+    // The same range by the inputs' stored times: from the first input stored at or after
+    // a time to the last stored at or before another (ends where the time moves on).
+    let stored: BTreeMap<u64, i128> = read_stream(&js, "ORDERS")
+        .await
+        .into_iter()
+        .map(|message| (message.sequence, message.stored_unix_ns))
+        .collect();
+    let first = (101..).find(|s| stored[s] > stored[&(s - 1)]).unwrap();
+    let last = (first..=200)
+        .rev()
+        .find(|s| stored[s] < stored[&(s + 1)])
+        .unwrap();
+    let at = |sequence: u64| {
+        weir::replay::rfc3339(
+            time::OffsetDateTime::from_unix_timestamp_nanos(stored[&sequence]).unwrap(),
+        )
+    };
+    let (from_time, to_time) = (at(first), at(last));
+    let by_time = to_fixed(&["--from-time", &from_time, "--to-time", &to_time], &fixed);
+    let dry = replayed(
+        &config,
+        &[&by_time[..], &["--dry-run"]].concat(),
+        &format!(": {} inputs", last - first + 1),
+    );
+    assert!(
+        dry.contains(&format!("stream sequence {first} (stored")),
+        "{dry}"
+    );
+    assert!(dry.contains(&format!("to {last} (stored")), "{dry}");
 
     let ran = replayed(&config, &args, "complete: 100 inputs run");
     assert_replayed_once(&js, 101..=200, &fixed).await;
