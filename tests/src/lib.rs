@@ -785,18 +785,22 @@ pub fn publish_spread_through_elections(
     })
 }
 
-/// Publishes `payloads` to `subject` through JetStream, awaiting every ack.
+/// Publishes `payloads` to `subject` through JetStream, awaiting every ack: in chunks of
+/// 1 000, since the client stops sending once so many publishes await their acks (and
+/// publishing them all before awaiting any would then never end).
 pub async fn publish_all(js: &jetstream::Context, subject: &str, payloads: &[Vec<u8>]) {
-    let mut acks = Vec::with_capacity(payloads.len());
-    for payload in payloads {
-        acks.push(
-            js.publish(subject.to_owned(), payload.clone().into())
-                .await
-                .expect("publish an input"),
-        );
-    }
-    for ack in acks {
-        ack.await.expect("input acknowledged by JetStream");
+    for chunk in payloads.chunks(1000) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for payload in chunk {
+            acks.push(
+                js.publish(subject.to_owned(), payload.clone().into())
+                    .await
+                    .expect("publish an input"),
+            );
+        }
+        for ack in acks {
+            ack.await.expect("input acknowledged by JetStream");
+        }
     }
 }
 

@@ -216,10 +216,7 @@ async fn a_replay_killed_three_times_and_started_again_publishes_each_output_onc
     .write(dir.path(), "weir.toml");
     create_orders_stream(&js, None).await;
     let payloads = order_workload(6000, 50);
-    // In chunks: the client holds at most so many publishes awaiting their acks.
-    for chunk in payloads.chunks(1000) {
-        publish_all(&js, "orders.in.new", chunk).await;
-    }
+    publish_all(&js, "orders.in.new", &payloads).await;
     let fixed = plugin("hostile");
     let args = to_fixed(&["--from-seq", "1"], &fixed);
     let log = dir.path().join("replay.log");
