@@ -20,7 +20,7 @@ use weir_core::ports::{self, Delivery, PublishError, Source};
 use weir_core::record::OutboundMessage;
 
 mod replay;
-pub use replay::{ReplayFrom, ReplayProgress, StreamPlace};
+pub use replay::{ReplayFrom, StreamPlace};
 
 /// A broker failure. At start they stop the host with the message; at run time they are
 /// transient: the pipeline retries them and acks nothing in the meantime.
@@ -243,21 +243,46 @@ impl Broker {
         let Some(stream) = self.find_stream(&input.stream).await? else {
             return Ok(false);
         };
+        match self.existing_consumer(&stream, input).await? {
+            Some(info) => check_consumer(&info.config, input).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// The info of `input`'s consumer on `stream`, if it exists.
+    async fn existing_consumer(
+        &self,
+        stream: &jetstream::stream::Stream,
+        input: &InputConfig,
+    ) -> Result<Option<jetstream::consumer::Info>, BrokerError> {
         match stream.consumer_info(&input.consumer).await {
-            Ok(info) => check_consumer(&info.config, input).map(|()| true),
+            Ok(info) => Ok(Some(info)),
             Err(error)
                 if matches!(
                     error.kind(),
                     jetstream::context::ConsumerInfoErrorKind::NotFound
                 ) =>
             {
-                Ok(false)
+                Ok(None)
             }
             Err(error) => Err(BrokerError::jetstream(
                 format!("cannot look up consumer {:?}", input.consumer),
                 error,
             )),
         }
+    }
+
+    /// `input`'s stream, which must exist.
+    async fn input_stream(
+        &self,
+        input: &InputConfig,
+    ) -> Result<jetstream::stream::Stream, BrokerError> {
+        self.find_stream(&input.stream)
+            .await?
+            .ok_or_else(|| BrokerError::MissingStream {
+                stream: input.stream.clone(),
+                subject: input.subject.clone(),
+            })
     }
 
     /// Whether the connection is up now, and how many times it was re-established.
@@ -281,17 +306,12 @@ impl Broker {
 
     /// What the durable consumer's own info says of its backlog, if it answers.
     pub async fn consumer_state(&self, input: &InputConfig) -> Result<ConsumerState, BrokerError> {
-        let stream =
-            self.find_stream(&input.stream)
-                .await?
-                .ok_or_else(|| BrokerError::MissingStream {
-                    stream: input.stream.clone(),
-                    subject: input.subject.clone(),
-                })?;
+        let stream = self.input_stream(input).await?;
         let info = stream.consumer_info(&input.consumer).await.map_err(|e| {
             BrokerError::jetstream(format!("cannot look up consumer {:?}", input.consumer), e)
         })?;
         Ok(ConsumerState {
+            ack_floor: info.ack_floor.stream_sequence,
             pending: info.num_pending,
             ack_pending: info.num_ack_pending as u64,
             redelivered: info.num_redelivered as u64,
@@ -758,9 +778,11 @@ fn max_ack_pending(max_messages: usize) -> i64 {
         .max(1000)
 }
 
-/// A durable consumer's backlog, from its info.
+/// A durable consumer's ack floor and backlog, from its info.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ConsumerState {
+    /// Every input at or below this stream sequence is acknowledged.
+    pub ack_floor: u64,
     /// Messages in the stream not yet delivered (the lag).
     pub pending: u64,
     /// Delivered and not acknowledged.

@@ -17,17 +17,6 @@ pub struct StreamPlace {
     pub stored: OffsetDateTime,
 }
 
-/// Where a replay run's consumer is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReplayProgress {
-    /// Every input at or below this stream sequence is acknowledged.
-    pub ack_floor: u64,
-    /// Inputs not delivered yet.
-    pub pending: u64,
-    /// Inputs delivered and not acknowledged.
-    pub ack_pending: u64,
-}
-
 /// Where a range starts: a stream sequence, or the first input stored at or after a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplayFrom {
@@ -36,9 +25,10 @@ pub enum ReplayFrom {
 }
 
 impl Broker {
-    /// The sequence of the last message of stream `name` now (0 while it is empty).
-    pub async fn last_sequence(&self, name: &str) -> Result<u64, BrokerError> {
-        let mut stream = self.input_stream(name).await?;
+    /// The sequence of the last message of `input`'s stream now (0 while it is empty).
+    pub async fn last_sequence(&self, input: &InputConfig) -> Result<u64, BrokerError> {
+        let mut stream = self.input_stream(input).await?;
+        let name = &input.stream;
         let info = stream
             .info()
             .await
@@ -59,7 +49,7 @@ impl Broker {
             },
             ReplayFrom::Time(start_time) => DeliverPolicy::ByStartTime { start_time },
         };
-        let stream = self.input_stream(&input.stream).await?;
+        let stream = self.input_stream(input).await?;
         let cannot = |e: &dyn std::fmt::Display| {
             BrokerError::jetstream(
                 format!("cannot read stream {:?}", input.stream),
@@ -103,13 +93,14 @@ impl Broker {
         Ok((first, pending))
     }
 
-    /// When stream `name` stored its message at `sequence`, if it has one there.
+    /// When `input`'s stream stored its message at `sequence`, if it has one there.
     pub async fn stored_at(
         &self,
-        name: &str,
+        input: &InputConfig,
         sequence: u64,
     ) -> Result<Option<OffsetDateTime>, BrokerError> {
-        let stream = self.input_stream(name).await?;
+        let stream = self.input_stream(input).await?;
+        let name = &input.stream;
         match stream.get_raw_message(sequence).await {
             Ok(message) => Ok(Some(message.time)),
             Err(error)
@@ -133,46 +124,8 @@ impl Broker {
         &self,
         input: &InputConfig,
     ) -> Result<Option<Option<String>>, BrokerError> {
-        let stream = self.input_stream(&input.stream).await?;
-        match stream.consumer_info(&input.consumer).await {
-            Ok(info) => Ok(Some(info.config.description.clone())),
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    jetstream::context::ConsumerInfoErrorKind::NotFound
-                ) =>
-            {
-                Ok(None)
-            }
-            Err(error) => Err(BrokerError::jetstream(
-                format!("cannot look up consumer {:?}", input.consumer),
-                error,
-            )),
-        }
-    }
-
-    /// Where `input`'s consumer is.
-    pub async fn replay_progress(
-        &self,
-        input: &InputConfig,
-    ) -> Result<ReplayProgress, BrokerError> {
-        let stream = self.input_stream(&input.stream).await?;
-        let info = stream.consumer_info(&input.consumer).await.map_err(|e| {
-            BrokerError::jetstream(format!("cannot look up consumer {:?}", input.consumer), e)
-        })?;
-        Ok(ReplayProgress {
-            ack_floor: info.ack_floor.stream_sequence,
-            pending: info.num_pending,
-            ack_pending: info.num_ack_pending as u64,
-        })
-    }
-
-    async fn input_stream(&self, name: &str) -> Result<jetstream::stream::Stream, BrokerError> {
-        self.find_stream(name)
-            .await?
-            .ok_or_else(|| BrokerError::MissingStream {
-                stream: name.to_owned(),
-                subject: String::new(),
-            })
+        let stream = self.input_stream(input).await?;
+        let info = self.existing_consumer(&stream, input).await?;
+        Ok(info.map(|info| info.config.description))
     }
 }

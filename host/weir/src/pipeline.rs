@@ -418,7 +418,7 @@ impl Pipeline {
         self,
         last: u64,
         shutdown: CancellationToken,
-        progress: impl Fn(weir_nats::ReplayProgress) + Send,
+        progress: impl Fn(weir_nats::ConsumerState) + Send,
     ) -> Result<bool, Error> {
         let pipeline = self.path.settings.name.clone();
         let Consuming::Now(source) = self.source else {
@@ -432,7 +432,7 @@ impl Pipeline {
         let (broker, input) = (&self.poller.broker, &self.poller.input);
         let watching = async {
             loop {
-                if let Ok(now) = broker.replay_progress(input).await {
+                if let Ok(now) = broker.consumer_state(input).await {
                     progress(now);
                     // The consumer's ack floor passes `last` once every input up to it is
                     // acknowledged and one past it was; a consumer with nothing left

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
-use weir_nats::{Broker, ReplayFrom, ReplayProgress, StreamPlace};
+use weir_nats::{Broker, ConsumerState, ReplayFrom, StreamPlace};
 
 use crate::config::{ReplayWiring, ValidPipeline};
 use crate::{Error, StartError};
@@ -222,10 +222,10 @@ pub async fn plan(
                     .map_err(range)?
                 {
                     (Some(next), _) => next.sequence - 1,
-                    (None, _) => broker.last_sequence(&input.stream).await.map_err(range)?,
+                    (None, _) => broker.last_sequence(&input).await.map_err(range)?,
                 }
             }
-            None => broker.last_sequence(&input.stream).await.map_err(range)?,
+            None => broker.last_sequence(&input).await.map_err(range)?,
         };
     }
     let from = match resumed {
@@ -244,7 +244,7 @@ pub async fn plan(
     }
     let last_stored = match definition.last {
         0 => None,
-        last => broker.stored_at(&input.stream, last).await.map_err(range)?,
+        last => broker.stored_at(&input, last).await.map_err(range)?,
     };
     let description = serde_json::to_string(&definition).expect("a definition serializes");
     Ok(ReplayPlan {
@@ -281,7 +281,7 @@ pub async fn run(
     plan: ReplayPlan,
     compiler: crate::Compiler,
     shutdown: CancellationToken,
-    progress: impl Fn(ReplayProgress) + Send,
+    progress: impl Fn(ConsumerState) + Send,
 ) -> Result<ReplaySummary, Error> {
     let sandbox =
         weir_sandbox::Sandbox::new(config.sandbox(), config.largest_memory_limit(), compiler)

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
-use weir_nats::{ReplayFrom, ReplayProgress};
+use weir_nats::{ConsumerState, ReplayFrom};
 
 use crate::replay::{self, ReplayPlan, ReplayRequest, ReplayTo, parse_rfc3339, rfc3339};
 
@@ -189,7 +189,7 @@ impl Progress {
         }
     }
 
-    fn update(&self, now: ReplayProgress) {
+    fn update(&self, now: ConsumerState) {
         let done = now
             .ack_floor
             .min(self.last)
