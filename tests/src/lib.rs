@@ -1011,7 +1011,8 @@ impl InProcessWeir {
         let shutdown = tokio_util::sync::CancellationToken::new();
         // Plugins compile in the real `weir` binary's compiler process, as `weir run`'s do.
         let compiler = weir::compiler_at(weir_binary());
-        let task = tokio::spawn(weir::run(config, compiler, shutdown.clone()));
+        let reloads = weir::ReloadRequests::default();
+        let task = tokio::spawn(weir::run(config, compiler, shutdown.clone(), reloads));
         wait_for_stream(js, input_stream).await;
         InProcessWeir { shutdown, task }
     }

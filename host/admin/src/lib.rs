@@ -2,19 +2,23 @@
 //! `/healthz` (liveness), `/readyz` (readiness, 503 naming each pipeline that is not ready
 //! and why), `/status` (the same facts as JSON, for scripts and `weir status`), `/history`
 //! (the last ten minutes of rates and lag) and `/` (the status page, `status.html`, which
-//! polls the last two). It reads
-//! weir-core's metrics and status and decides nothing: what is counted, and what "ready"
-//! means, is the core's. Also the small client `weir status` reads `/status` with.
+//! polls the last two). `POST /reload[?pipeline=P]` has the wiring's [`Reload`] load the
+//! plugins again (as SIGHUP does) and answers what became of each, as a [`ReloadReport`].
+//! It reads weir-core's metrics and status and decides nothing: what is counted, and what
+//! "ready" means, is the core's. Also the small client `weir status` and `weir plugin
+//! deploy` call it with.
 //!
 //! **Boundary:** the only crate that imports axum (and hyper); it reaches no other adapter.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -63,8 +67,8 @@ pub struct Watched {
     pub name: String,
     pub metrics: PipelineMetrics,
     pub status: Arc<PipelineStatus>,
-    /// Set by the wiring once the plugin is loaded.
-    pub plugin: OnceLock<PluginIdentity>,
+    /// Set by the wiring once the plugin is loaded, and again when a reload swaps it.
+    plugin: Mutex<Option<PluginIdentity>>,
     pub store_dir: Option<String>,
     /// The last few dead letters in the DLQ stream, newest first, as the wiring last read
     /// them (the stream, not this process, is their record: they survive a restart and
@@ -79,10 +83,22 @@ impl Watched {
             name,
             metrics,
             status: Arc::default(),
-            plugin: OnceLock::new(),
+            plugin: Mutex::default(),
             store_dir,
             recent_dead_letters: Mutex::default(),
         }
+    }
+
+    /// The plugin the pipeline runs now.
+    pub fn plugin(&self) -> Option<PluginIdentity> {
+        self.plugin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_plugin(&self, plugin: PluginIdentity) {
+        *self.plugin.lock().unwrap_or_else(|e| e.into_inner()) = Some(plugin);
     }
 
     fn recent_dead_letters(&self) -> Vec<RecentDeadLetter> {
@@ -129,6 +145,68 @@ pub struct Admin {
     pipelines: Vec<Arc<Watched>>,
     history: Mutex<Vec<VecDeque<Sample>>>,
     version: String,
+    reload: Option<Arc<dyn Reload>>,
+}
+
+/// What reloads the plugins when `POST /reload` asks: the wiring's, as SIGHUP does.
+pub trait Reload: Send + Sync + 'static {
+    /// Loads every pipeline's plugin again, or only `pipeline`'s, swapping in each that
+    /// changed and passes its checks, and says what became of each.
+    fn reload(
+        &self,
+        pipeline: Option<String>,
+    ) -> Pin<Box<dyn Future<Output = ReloadReport> + Send + '_>>;
+}
+
+/// What a reload did, pipeline by pipeline.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Why nothing was reloaded (the configuration cannot be read, no such pipeline).
+    pub error: Option<String>,
+    pub pipelines: Vec<PipelineReload>,
+    /// Settings other than the plugins that changed in the configuration: they apply only
+    /// when weir restarts.
+    pub restart_needed: Option<String>,
+}
+
+impl ReloadReport {
+    /// A reload that did nothing, because of `error`.
+    pub fn failed(error: String) -> ReloadReport {
+        ReloadReport {
+            error: Some(error),
+            pipelines: Vec::new(),
+            restart_needed: None,
+        }
+    }
+
+    /// Whether every pipeline asked for runs the plugin its file holds.
+    pub fn succeeded(&self) -> bool {
+        self.error.is_none()
+            && self
+                .pipelines
+                .iter()
+                .all(|pipeline| !matches!(pipeline.outcome, ReloadOutcome::Refused { .. }))
+    }
+}
+
+/// What a reload did to one pipeline.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PipelineReload {
+    pub pipeline: String,
+    pub outcome: ReloadOutcome,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum ReloadOutcome {
+    /// Its plugin file holds the plugin it runs.
+    Unchanged { sha256: String },
+    /// The new plugin passed its checks and runs from each partition's next batch.
+    Swapped { from: String, to: String },
+    /// The new plugin cannot run, for `reason`: the old one keeps serving.
+    Refused { reason: String },
+    /// It has not started yet: it loads its plugin file as it starts.
+    Starting,
 }
 
 impl Admin {
@@ -147,7 +225,15 @@ impl Admin {
             pipelines,
             history,
             version: version.to_owned(),
+            reload: None,
         }
+    }
+
+    /// Has `POST /reload` call `reload`; without one, it answers that this process cannot
+    /// reload.
+    pub fn with_reload(mut self, reload: Arc<dyn Reload>) -> Admin {
+        self.reload = Some(reload);
+        self
     }
 
     /// The metrics in Prometheus' text format (OpenMetrics 1.0).
@@ -244,7 +330,7 @@ fn pipeline_report(watched: &Watched, samples: &VecDeque<Sample>) -> PipelineRep
         ack_pending: metrics.consumer_ack_pending.get(),
         redelivered: metrics.consumer_redelivered.get(),
         recent_dead_letters: watched.recent_dead_letters(),
-        plugin: watched.plugin.get().cloned(),
+        plugin: watched.plugin(),
         store_dir: watched.store_dir.clone(),
         store_bytes: metrics.store_bytes.get(),
         store_keys: metrics.store_keys.get(),
@@ -337,6 +423,7 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/history", get(history))
+        .route("/reload", axum::routing::post(reload))
         .with_state(admin);
     let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned());
     let (served, ()) = tokio::join!(server, sampler);
@@ -405,6 +492,25 @@ async fn history(State(admin): State<Arc<Admin>>) -> axum::Json<BTreeMap<String,
     axum::Json(admin.history())
 }
 
+#[derive(Deserialize)]
+struct ReloadQuery {
+    pipeline: Option<String>,
+}
+
+/// 200 when every pipeline asked for runs the plugin its file holds, 422 otherwise (the
+/// report says why).
+async fn reload(State(admin): State<Arc<Admin>>, Query(query): Query<ReloadQuery>) -> Response {
+    let report = match &admin.reload {
+        Some(reload) => reload.reload(query.pipeline).await,
+        None => ReloadReport::failed("this process does not reload plugins".into()),
+    };
+    let code = match report.succeeded() {
+        true => StatusCode::OK,
+        false => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    (code, axum::Json(report)).into_response()
+}
+
 fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -412,9 +518,29 @@ fn unix_now() -> f64 {
 }
 
 /// `GET path` from the admin port at `address` (`host:port`, or with `http://`): the status
-/// code and body. HTTP/1.0, which the server answers with a length and a close: enough for
-/// its own port, and no HTTP client to depend on.
+/// code and body.
 pub async fn fetch(address: &str, path: &str) -> Result<(u16, String), AdminError> {
+    exchange(address, "GET", path, Duration::from_secs(10)).await
+}
+
+/// `POST path` (with no body) to the admin port at `address`, waiting up to `patience` for
+/// the answer: the status code and body.
+pub async fn post(
+    address: &str,
+    path: &str,
+    patience: Duration,
+) -> Result<(u16, String), AdminError> {
+    exchange(address, "POST", path, patience).await
+}
+
+/// One request to the admin port. HTTP/1.0, which the server answers with a length and a
+/// close: enough for its own port, and no HTTP client to depend on.
+async fn exchange(
+    address: &str,
+    method: &str,
+    path: &str,
+    patience: Duration,
+) -> Result<(u16, String), AdminError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = address.trim_start_matches("http://").trim_end_matches('/');
     let url = format!("http://{host}{path}");
@@ -426,7 +552,8 @@ pub async fn fetch(address: &str, path: &str) -> Result<(u16, String), AdminErro
         let mut stream = tokio::net::TcpStream::connect(host)
             .await
             .map_err(|e| failed(e.to_string()))?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n");
+        let request =
+            format!("{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n");
         stream
             .write_all(request.as_bytes())
             .await
@@ -438,9 +565,9 @@ pub async fn fetch(address: &str, path: &str) -> Result<(u16, String), AdminErro
             .map_err(|e| failed(e.to_string()))?;
         Ok(response)
     };
-    let response = tokio::time::timeout(Duration::from_secs(10), exchange)
+    let response = tokio::time::timeout(patience, exchange)
         .await
-        .map_err(|_elapsed| failed("no answer within 10 s".into()))??;
+        .map_err(|_elapsed| failed(format!("no answer within {} s", patience.as_secs())))??;
     let response = String::from_utf8_lossy(&response);
     let (head, body) = response
         .split_once("\r\n\r\n")

@@ -634,19 +634,30 @@ impl DedupStore for FakeStore {
 /// transaction: it adds to the key's `balance` entry and outputs the balance after it, unless
 /// that would go below zero (invalid input); `hoard…` writes an entry past any limit.
 pub struct FakeRuntime {
+    /// The sha256 its lineage gives.
+    pub sha256: String,
     pub calls: AtomicUsize,
     /// The next call panics (a host bug).
     pub panic_next: AtomicBool,
     /// The next this many calls find no instance free.
     pub exhausted: AtomicUsize,
+    /// Done once, when the next call starts (before it finds an instance or not).
+    pub on_next_call: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl FakeRuntime {
     pub fn new() -> FakeRuntime {
+        FakeRuntime::named("fake")
+    }
+
+    /// A runtime whose lineage gives `sha256`: one version of a plugin.
+    pub fn named(sha256: &str) -> FakeRuntime {
         FakeRuntime {
+            sha256: sha256.into(),
             calls: AtomicUsize::new(0),
             panic_next: AtomicBool::new(false),
             exhausted: AtomicUsize::new(0),
+            on_next_call: std::sync::Mutex::default(),
         }
     }
 
@@ -711,12 +722,15 @@ impl FakeRuntime {
 impl PluginRuntime for FakeRuntime {
     fn lineage(&self) -> Lineage {
         Lineage {
-            sha256: "fake".into(),
+            sha256: self.sha256.clone(),
             contract: "fake@0".into(),
         }
     }
 
     async fn run_all(&self, calls: Vec<Call>) -> Result<Vec<CallResult>, RunError> {
+        if let Some(hook) = lock(&self.on_next_call).take() {
+            hook();
+        }
         if self.panic_next.swap(false, Ordering::SeqCst) {
             return Err(RunError::Panicked("index out of bounds".into()));
         }

@@ -362,6 +362,15 @@ impl PipelineMetrics {
         self.families.plugin_info.get_or_create(&labels).set(1);
     }
 
+    /// The pipeline no longer runs this plugin: a reload swapped it.
+    pub fn plugin_unloaded(&self, sha256: &str, contract: &str) {
+        self.families.plugin_info.remove(&PluginLabels {
+            pipeline: self.name.clone(),
+            sha256: sha256.to_owned(),
+            contract: contract.to_owned(),
+        });
+    }
+
     /// Counts `count` dead letters of `kind`, committed.
     pub fn dead_letters(&self, kind: FailureKind, count: u64) {
         if count == 0 {

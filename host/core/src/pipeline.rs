@@ -55,8 +55,8 @@ use crate::metrics::PipelineMetrics;
 use crate::plugin::{Call, CallResult, FailureKind, Outcome};
 use crate::policy::OutputPolicy;
 use crate::ports::{
-    DedupStore, Delivery, Fault, Ledger, PluginRuntime, Point, Probe, PublishError, Publisher,
-    RunError, Source,
+    DedupStore, Delivery, Fault, Ledger, PluginRuntime, PluginSlot, Point, Probe, PublishError,
+    Publisher, RunError, Source,
 };
 use crate::record::{Disposition, DoneRecord, Lineage, OutboundMessage};
 use crate::retry::{Backoff, sleep_unless_shutdown};
@@ -117,7 +117,8 @@ pub struct Pipeline<St, Pu, R, Pr> {
     pub store: Option<Arc<St>>,
     pub fence: Option<Fence>,
     pub publisher: Pu,
-    pub runtime: R,
+    /// Shared with whatever reloads the plugin.
+    pub runtime: Arc<PluginSlot<R>>,
     pub probe: Pr,
     pub policy: OutputPolicy,
     pub dead_letters: DeadLetterSchema,
@@ -592,7 +593,9 @@ where
     ) -> Result<Option<Executed>, Fatal> {
         let mut records: Vec<Option<(DoneRecord, Option<FailureKind>)>> =
             (0..indexes.len()).map(|_| None).collect();
-        let lineage = self.runtime.lineage();
+        // This batch's plugin, for all its calls, whatever a reload does meanwhile.
+        let runtime = self.runtime.current();
+        let lineage = runtime.lineage();
         // Each input the plugin is to see, by wave: the nth input of every state key runs in
         // wave n (all of them in wave 0 without state). An input whose headers could not be
         // read never reaches the plugin: it is a poison input of the stream's, not the
@@ -653,7 +656,7 @@ where
                     })
                     .collect()
             };
-            let Some(results) = self.run_wave(calls, shutdown).await? else {
+            let Some(results) = self.run_wave(&*runtime, calls, shutdown).await? else {
                 return Ok(None);
             };
             for ((at, state_key), result) in wave.into_iter().zip(results) {
@@ -800,12 +803,13 @@ where
     /// `None` on shutdown first.
     async fn run_wave(
         &self,
+        runtime: &R,
         calls: impl Fn() -> Vec<Call>,
         shutdown: &CancellationToken,
     ) -> Result<Option<Vec<CallResult>>, Fatal> {
         let mut retrier = Retrier::new(Step::Execute, self, shutdown);
         loop {
-            match self.runtime.run_all(calls()).await {
+            match runtime.run_all(calls()).await {
                 Ok(results) => {
                     self.metrics.executed.inc_by(results.len() as u64);
                     for result in &results {

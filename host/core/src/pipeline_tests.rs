@@ -16,7 +16,7 @@ use crate::input::DedupMode;
 use crate::metrics::PipelineMetrics;
 use crate::pipeline::{Fatal, Pipeline, Settings};
 use crate::policy::OutputPolicy;
-use crate::ports::{NoProbe, PluginRuntime, Point, Probe};
+use crate::ports::{NoProbe, PluginRuntime, PluginSlot, Point, Probe};
 use crate::record::{PLUGIN_CONTRACT, PLUGIN_SHA256};
 use crate::state::{StateKeyRule, StateLimits, StateSettings};
 use crate::status::PipelineStatus;
@@ -44,7 +44,7 @@ pub(crate) fn pipeline<Pr: Probe>(
         publisher: FakePublisher {
             world: world.clone(),
         },
-        runtime: runtime.clone(),
+        runtime: Arc::new(PluginSlot::new(runtime.clone())),
         probe,
         policy: OutputPolicy {
             pipeline: "p".into(),
@@ -226,6 +226,63 @@ async fn without_faults_every_input_is_published_once() {
         DeadLetterHeaders::parse(&letters[0].headers).kind,
         "invalid-input"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_plugin_swapped_while_a_batch_is_in_hand_runs_from_the_next_batch() {
+    let (world, store) = (World::new(), FakeStore::new());
+    let old = Arc::new(FakeRuntime::named("old"));
+    let new = Arc::new(FakeRuntime::named("new"));
+    world.publish_inputs(&WORKLOAD);
+    let slot = Arc::new(PluginSlot::new(old.clone()));
+    // The reload comes as the first batch's calls start, and they find no instance free:
+    // the retry must run on the plugin the batch started with.
+    let (reload, next) = (slot.clone(), new.clone());
+    *old.on_next_call.lock().expect("not poisoned") = Some(Box::new(move || {
+        reload.replace(next);
+    }));
+    old.exhausted.store(1, Ordering::SeqCst);
+    let mut swapped = pipeline(
+        &world,
+        Some(&store),
+        &old,
+        NoProbe,
+        DedupMode::StreamSequence,
+    );
+    swapped.runtime = slot;
+    run_until_all_acked(&swapped, &world).await;
+    assert_exactly_once(&world, &WORKLOAD);
+    // The plugins each input's outputs and dead letters name, by input.
+    let mut plugins_of_input: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for message in world.stored() {
+        let sequence = message
+            .msg_id
+            .split(['#', ':'])
+            .nth(2)
+            .expect("p:IN@1#<seq>:<n>");
+        let sha256 = message
+            .headers
+            .iter()
+            .find(|(name, _)| name == PLUGIN_SHA256)
+            .map(|(_, value)| value.clone())
+            .expect("every message names its plugin");
+        let plugins = plugins_of_input
+            .entry(sequence.parse().expect("a sequence"))
+            .or_default();
+        if !plugins.contains(&sha256) {
+            plugins.push(sha256);
+        }
+    }
+    let in_input_order: Vec<Vec<String>> = plugins_of_input.into_values().collect();
+    let expected: Vec<Vec<String>> = (0..WORKLOAD.len())
+        .map(|index| vec![if index < BATCH { "old" } else { "new" }.to_owned()])
+        .collect();
+    assert_eq!(
+        in_input_order, expected,
+        "the batch in hand when the swap came ran wholly on the old plugin, every later one on the new"
+    );
+    assert_eq!(old.calls.load(Ordering::SeqCst), BATCH);
+    assert_eq!(new.calls.load(Ordering::SeqCst), WORKLOAD.len() - BATCH);
 }
 
 #[tokio::test(start_paused = true)]

@@ -239,6 +239,42 @@ impl<T: PluginRuntime> PluginRuntime for std::sync::Arc<T> {
     }
 }
 
+/// The plugin a pipeline runs, which a reload may replace while the pipeline runs.
+///
+/// A batch takes the plugin once, before its first call, and runs every call of its
+/// inputs (retries and waves included) on that one, recording its lineage: so a swap takes
+/// effect between two batches, and no input runs under both plugins or under neither.
+pub struct PluginSlot<R> {
+    current: std::sync::RwLock<std::sync::Arc<R>>,
+}
+
+impl<R: PluginRuntime> PluginSlot<R> {
+    pub fn new(runtime: R) -> PluginSlot<R> {
+        PluginSlot {
+            current: std::sync::RwLock::new(std::sync::Arc::new(runtime)),
+        }
+    }
+
+    /// The plugin the next batch runs on.
+    pub fn current(&self) -> std::sync::Arc<R> {
+        // A poisoned lock still holds a whole `Arc`: nothing can be half-swapped.
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes `runtime` the plugin of every batch that has not taken one yet, and returns
+    /// the one it replaces (which batches in hand keep running on).
+    pub fn replace(&self, runtime: R) -> std::sync::Arc<R> {
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *current, std::sync::Arc::new(runtime))
+    }
+}
+
 /// A named point of the message path, in path order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Point {

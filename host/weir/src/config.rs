@@ -180,12 +180,18 @@ impl AdminConfig {
 /// [`Config::load`]) make one, so that nothing can run an unchecked one.
 #[derive(Debug, Clone)]
 pub struct ValidConfig {
+    /// The file it was read from: what a reload reads again.
+    source: PathBuf,
     sandbox: SandboxConfig,
     admin: AdminConfig,
     pipelines: Vec<ValidPipeline>,
 }
 
 impl ValidConfig {
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
     pub fn admin(&self) -> &AdminConfig {
         &self.admin
     }
@@ -347,6 +353,7 @@ impl Config {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ValidConfig {
+            source: source.to_owned(),
             sandbox: self.sandbox,
             admin: self.admin,
             pipelines,

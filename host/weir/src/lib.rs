@@ -11,11 +11,13 @@ pub mod config;
 pub mod dlq;
 pub mod fault;
 pub mod pipeline;
+pub mod reload;
 pub mod replay;
 
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, ValidConfig};
+pub use reload::ReloadRequests;
 pub use weir_core::metrics::StatsSnapshot;
 pub use weir_sandbox::Compiler;
 
@@ -110,16 +112,19 @@ pub fn own_compiler() -> Result<Compiler, Error> {
 /// finish the batch in hand, and returns what they did. A pipeline that cannot start stops
 /// the others, as a failing one does. Plugins are compiled by `compiler`. The admin port,
 /// unless turned off, is bound before anything starts and serves until every pipeline has
-/// stopped (its readiness says why each is not ready meanwhile).
+/// stopped (its readiness says why each is not ready meanwhile). Each of `reloads`'
+/// requests, and each `POST /reload` on the admin port, reloads the plugins (`reload`).
 pub async fn run(
     config: ValidConfig,
     compiler: Compiler,
     shutdown: CancellationToken,
+    reloads: ReloadRequests,
 ) -> Result<RunReport, Error> {
     let sandbox =
         weir_sandbox::Sandbox::new(config.sandbox(), config.largest_memory_limit(), compiler)
             .map_err(|e| Error::Engine(format!("{e:#}")))?;
     let sandbox = std::sync::Arc::new(sandbox);
+    let reloader = std::sync::Arc::new(reload::Reloader::new(&config, sandbox.clone()));
     // A partitioned pipeline runs each of its partitions as a pipeline of its own, named
     // `<pipeline>/<partition>` in the logs, metrics and status when it has several.
     let runs: Vec<(config::ValidPipeline, u32, String)> = config
@@ -162,7 +167,8 @@ pub async fn run(
             let listener = weir_admin::bind(address).await?;
             tracing::info!(%address, "admin port listening (metrics, health, readiness, status)");
             let admin =
-                weir_admin::Admin::new(env!("CARGO_PKG_VERSION"), &metrics, watched.clone());
+                weir_admin::Admin::new(env!("CARGO_PKG_VERSION"), &metrics, watched.clone())
+                    .with_reload(reloader.clone());
             Some(tokio::spawn(weir_admin::serve(
                 listener,
                 std::sync::Arc::new(admin),
@@ -184,10 +190,15 @@ pub async fn run(
                 )
             })
             .collect();
+    let reloading = tokio::spawn({
+        let reloader = reloader.clone();
+        async move { reloader.serve(reloads).await }
+    });
     let mut running = tokio::task::JoinSet::new();
     for ((pipeline, partition, name), watched) in runs.into_iter().zip(watched.clone()) {
         let membership = memberships.get(&pipeline.config().name).cloned();
-        let sandbox = sandbox.clone();
+        let (sandbox, reloader) = (sandbox.clone(), reloader.clone());
+        let pipeline_name = pipeline.config().name.clone();
         let shutdown = shutdown.clone();
         // Every line a pipeline logs carries its name, through the span it runs in.
         let span = tracing::info_span!("pipeline", pipeline = %name);
@@ -201,7 +212,11 @@ pub async fn run(
                     }
                 };
                 match started {
-                    Ok(pipeline) => pipeline.run(shutdown).await,
+                    Ok(started) => {
+                        let plugin = started.plugin();
+                        reloader.serving(&pipeline_name, plugin, share, watched);
+                        started.run(shutdown).await
+                    }
                     Err(error) => {
                         watched.status.stopped(&error.to_string());
                         Err(error)
@@ -240,6 +255,7 @@ pub async fn run(
     if let Some(admin) = admin {
         let _ = admin.await;
     }
+    reloading.abort();
     let report = RunReport {
         pipelines: watched
             .iter()

@@ -11,6 +11,7 @@ use weir_core::dead_letter::{DeadLetterHeaders, DeadLetterSchema};
 use weir_core::fence::{Fence, FenceSettings, MAX_BATCH_MESSAGES};
 use weir_core::pipeline::{Fatal, Settings};
 use weir_core::policy::{MAX_STORED_MESSAGE, OutputPolicy};
+use weir_core::ports::PluginSlot;
 use weir_core::status::PipelineStatus;
 
 use crate::config::{Delivery, ValidPipeline};
@@ -190,7 +191,7 @@ impl Pipeline {
                 contract: plugin.contract(),
             }));
         }
-        let _ = watched.plugin.set(PluginIdentity {
+        watched.set_plugin(PluginIdentity {
             sha256: plugin.sha256().to_owned(),
             contract: plugin.contract().to_owned(),
         });
@@ -323,7 +324,7 @@ impl Pipeline {
                 Some(stream) => broker.ledger(stream),
                 None => broker.publisher(),
             },
-            runtime: plugin,
+            runtime: Arc::new(PluginSlot::new(plugin)),
             store: store.clone(),
             fence: ledger.as_ref().map(|_| {
                 Fence::new(FenceSettings {
@@ -374,6 +375,11 @@ impl Pipeline {
             source,
             poller,
         })
+    }
+
+    /// The plugin it runs, which a reload may replace.
+    pub fn plugin(&self) -> Arc<PluginSlot<Plugin>> {
+        self.path.runtime.clone()
     }
 
     pub fn name(&self) -> &str {

@@ -32,7 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the pipelines of a configuration file until SIGINT or SIGTERM.
+    /// Run the pipelines of a configuration file until SIGINT or SIGTERM. SIGHUP reloads
+    /// their plugins.
     Run {
         /// The TOML configuration file.
         #[arg(short, long)]
@@ -306,11 +307,15 @@ fn exit_code(error: &crate::Error) -> u8 {
 async fn run(config_path: PathBuf) -> Result<(), crate::Error> {
     // Installed before anything else, so that a signal during start-up stops weir cleanly
     // too.
-    let signals = shutdown_signals();
+    let signals = signals();
     let config = crate::Config::load(&config_path)?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(signals, shutdown.clone()));
-    let report = crate::run(config, crate::own_compiler()?, shutdown).await?;
+    let (shutdown, reloads) = (CancellationToken::new(), crate::ReloadRequests::default());
+    tokio::spawn(answer_signals(
+        signals,
+        shutdown.clone(),
+        Some(reloads.clone()),
+    ));
+    let report = crate::run(config, crate::own_compiler()?, shutdown, reloads).await?;
     for (pipeline, stats) in report.pipelines {
         tracing::info!(
             %pipeline,
@@ -408,45 +413,72 @@ impl PipelineArgs {
     }
 }
 
-type Signals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+/// The handlers of the signals `weir run` answers.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
 
-/// SIGINT's and SIGTERM's handlers, from now on; `None` (and an error logged) if they
-/// cannot be installed.
-fn shutdown_signals() -> Option<Signals> {
+/// SIGINT's, SIGTERM's and SIGHUP's handlers, from now on; `None` (and an error logged) if
+/// they cannot be installed.
+fn signals() -> Option<Signals> {
     use tokio::signal::unix::{SignalKind, signal};
     match (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(interrupt), Ok(terminate)) => Some((interrupt, terminate)),
+        (Ok(interrupt), Ok(terminate), Ok(hangup)) => Some(Signals {
+            interrupt,
+            terminate,
+            hangup,
+        }),
         _ => {
-            tracing::error!("cannot install signal handlers; stop weir with SIGKILL");
+            tracing::error!(
+                "cannot install signal handlers; stop weir with SIGKILL, reload through the admin port"
+            );
             None
         }
     }
 }
 
-/// Fires `shutdown` on the first SIGINT or SIGTERM.
-async fn cancel_on_signal(signals: Option<Signals>, shutdown: CancellationToken) {
-    let Some((mut interrupt, mut terminate)) = signals else {
+/// Asks `reloads` for a plugin reload on each SIGHUP (ignored without); fires `shutdown`
+/// on the first SIGINT or SIGTERM, and exits at once on the second.
+async fn answer_signals(
+    signals: Option<Signals>,
+    shutdown: CancellationToken,
+    reloads: Option<crate::ReloadRequests>,
+) {
+    let Some(mut signals) = signals else {
         return;
     };
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
+    let mut stops = 0;
+    loop {
+        tokio::select! {
+            _ = signals.hangup.recv() => {
+                match &reloads {
+                    Some(reloads) => reloads.request(),
+                    None => tracing::info!("SIGHUP ignored: only `weir run` reloads plugins"),
+                }
+                continue;
+            }
+            _ = signals.interrupt.recv() => {}
+            _ = signals.terminate.recv() => {}
+        }
+        stops += 1;
+        if stops == 1 {
+            tracing::info!(
+                "signal received: finishing the batch in hand, then stopping (signal again to stop at once)"
+            );
+            shutdown.cancel();
+            continue;
+        }
+        // A second signal means "now": nothing is lost (unacked inputs are redelivered,
+        // the outbox is re-published on start), only the batch in hand is abandoned.
+        eprintln!("weir: second signal: stopping at once");
+        std::process::exit(130);
     }
-    tracing::info!(
-        "signal received: finishing the batch in hand, then stopping (signal again to stop at once)"
-    );
-    shutdown.cancel();
-    // A second signal means "now": nothing is lost (unacked inputs are redelivered, the
-    // outbox is re-published on start), only the batch in hand is abandoned.
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
-    }
-    eprintln!("weir: second signal: stopping at once");
-    std::process::exit(130);
 }
 
 fn init_logging(format: LogFormat) {
