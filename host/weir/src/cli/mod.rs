@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 mod cluster;
+mod deploy;
 mod dlq;
 mod plugin;
 mod replay;
@@ -133,6 +134,16 @@ enum PluginCommand {
         /// A stateful plugin: running totals per state key, instead of a stateless greeter.
         #[arg(long)]
         stateful: bool,
+    },
+    /// Put a new plugin in a pipeline's plugin file and have the running `weir run` swap
+    /// it in without stopping: checked here first, then by the running weir while the old
+    /// one serves; each partition runs it from its next batch. Refused, the old file is put
+    /// back. The replaced file is kept as `<plugin>.previous`.
+    Deploy {
+        #[command(flatten)]
+        target: PipelineArgs,
+        /// The new component (`.wasm`).
+        file: PathBuf,
     },
     /// Build a plugin crate to a component (with the installed target, else the sysroot in
     /// WEIR_WASM_SYSROOT), then show what `inspect` shows.

@@ -1,4 +1,5 @@
-//! `weir plugin inspect|test`: what a component is, and its golden fixtures and fuzzing.
+//! `weir plugin inspect|test`: what a component is, and its golden fixtures and fuzzing
+//! (`new` and `build` are `scaffold.rs`'s, `deploy` is `deploy.rs`'s).
 
 use std::path::PathBuf;
 
@@ -32,6 +33,9 @@ pub fn run(command: PluginCommand) -> Result<(), crate::Error> {
             stateful,
         } => super::scaffold::new(&name, &dir, sdk, stateful),
         PluginCommand::Build { path, target } => super::scaffold::build(&path, &target),
+        PluginCommand::Deploy { target, file } => {
+            super::block_on(super::deploy::deploy(target, file))
+        }
     }
 }
 
