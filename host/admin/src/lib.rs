@@ -197,7 +197,7 @@ pub struct PipelineReload {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "outcome", rename_all = "kebab-case")]
+#[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum ReloadOutcome {
     /// Its plugin file holds the plugin it runs.
     Unchanged { sha256: String },

@@ -13,6 +13,7 @@ mod dlq;
 mod faults;
 mod harness;
 mod hostile;
+mod hot_swap;
 mod isolation;
 mod kv_lease;
 mod matrix;

@@ -1,0 +1,414 @@
+//! Hot swap: a running weir under load is given a new plugin, by `weir plugin deploy` (a
+//! partitioned pipeline) and by SIGHUP (a pipeline with a store). Every input's outputs are
+//! made by exactly one of the two plugins, complete for it; in each partition's order the
+//! plugin switches once, from old to new; no input runs twice. A bad candidate is refused,
+//! by `deploy` before it touches anything and by the running weir, while the old plugin
+//! keeps serving.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use weir_tests::*;
+
+/// The sha256 every output and dead letter of a plugin carries.
+const PLUGIN_SHA256: &str = "Weir-Plugin-Sha256";
+
+fn sha256_of(path: &Path) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(std::fs::read(path).unwrap())
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// `weir plugin deploy --config <config> <candidate>`, run to its end.
+fn deploy(config: &Path, candidate: &Path) -> Output {
+    Command::new(weir_binary())
+        .args(["plugin", "deploy", "--config"])
+        .arg(config)
+        .arg(candidate)
+        .output()
+        .expect("run weir plugin deploy")
+}
+
+fn printed(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// What the output stream holds of one input: the plugins that made its messages, and the
+/// last part of their ids (`0`, `1`, …, or `dlq`).
+#[derive(Debug, Default)]
+struct Made {
+    plugins: BTreeSet<String>,
+    parts: BTreeSet<String>,
+}
+
+/// Each input's outputs and dead letters in `streams`, by input sequence, from their ids
+/// (`orders:<stream>@<created>#<sequence>:<part>`).
+async fn made_by_input(js: &jetstream::Context, streams: &[&str]) -> BTreeMap<u64, Made> {
+    let mut made: BTreeMap<u64, Made> = BTreeMap::new();
+    for stream in streams {
+        for message in read_stream(js, stream).await {
+            let Some(id) = message.msg_id.as_deref() else {
+                continue;
+            };
+            let Some((input, part)) = id
+                .strip_prefix("orders:")
+                .and_then(|rest| rest.rsplit_once(':'))
+            else {
+                continue;
+            };
+            let sequence = input
+                .rsplit_once('#')
+                .and_then(|(_, sequence)| sequence.parse().ok())
+                .unwrap_or_else(|| panic!("an output id names its input's sequence: {id}"));
+            let entry = made.entry(sequence).or_default();
+            entry.plugins.insert(
+                message
+                    .header(PLUGIN_SHA256)
+                    .unwrap_or_else(|| panic!("{id} names no plugin"))
+                    .to_owned(),
+            );
+            entry.parts.insert(part.to_owned());
+        }
+    }
+    made
+}
+
+/// The parts a plugin makes of `payload`: `orders` two outputs of a valid order and a dead
+/// letter of a malformed one; `hostile` echoes everything once.
+fn parts_of(plugin: &str, payload: &[u8], orders: &str) -> BTreeSet<String> {
+    let valid = serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|order| expected_order_total(&order))
+        .is_some();
+    let parts: &[&str] = match (plugin == orders, valid) {
+        (true, true) => &["0", "1"],
+        (true, false) => &["dlq"],
+        (false, _) => &["0"],
+    };
+    parts.iter().map(|part| (*part).to_owned()).collect()
+}
+
+/// Whether every input of `inputs` (sequence → payload) has all its messages.
+fn all_made(inputs: &BTreeMap<u64, Vec<u8>>, made: &BTreeMap<u64, Made>, orders: &str) -> bool {
+    inputs.iter().all(|(sequence, payload)| {
+        made.get(sequence).is_some_and(|made| {
+            made.plugins.len() == 1
+                && made
+                    .plugins
+                    .iter()
+                    .all(|plugin| made.parts == parts_of(plugin, payload, orders))
+        })
+    })
+}
+
+/// Asserts that each input's messages were made by one plugin, `old` or `new`, and are
+/// complete for it, and that in each order of `orders` (the input sequences of a
+/// partition) the plugin switches once, from `old` to `new`.
+fn assert_switched_once(
+    inputs: &BTreeMap<u64, Vec<u8>>,
+    made: &BTreeMap<u64, Made>,
+    orders: &[Vec<u64>],
+    (old, new): (&str, &str),
+) {
+    for (sequence, payload) in inputs {
+        let made = &made[sequence];
+        assert_eq!(made.plugins.len(), 1, "input {sequence}: {made:?}");
+        let plugin = made.plugins.first().expect("one plugin");
+        assert!(
+            plugin == old || plugin == new,
+            "input {sequence} by {plugin}"
+        );
+        assert_eq!(
+            made.parts,
+            parts_of(plugin, payload, old),
+            "input {sequence}"
+        );
+    }
+    for order in orders {
+        let plugins: Vec<&str> = order
+            .iter()
+            .map(|sequence| made[sequence].plugins.first().expect("one plugin").as_str())
+            .collect();
+        let switch = plugins.iter().position(|plugin| *plugin == new);
+        let switch = switch.unwrap_or_else(|| panic!("the new plugin ran none of {order:?}"));
+        assert!(switch > 0, "the old plugin ran none of {order:?}");
+        assert!(
+            plugins[switch..].iter().all(|plugin| *plugin == new),
+            "after the switch at input {}, every input runs on the new plugin: {plugins:?}",
+            order[switch]
+        );
+    }
+}
+
+/// Publishes `payloads` in the background, in chunks of 50 with a pause between them,
+/// input `i` on `orders.in.c<i % 12>`.
+fn publish_to_customers(
+    js: &jetstream::Context,
+    payloads: Vec<Vec<u8>>,
+    first: usize,
+) -> tokio::task::JoinHandle<()> {
+    let js = js.clone();
+    tokio::spawn(async move {
+        for (chunk, inputs) in payloads.chunks(50).enumerate() {
+            for (offset, payload) in inputs.iter().enumerate() {
+                let customer = (first + chunk * 50 + offset) % 12;
+                publish_all(&js, &format!("orders.in.c{customer}"), &[payload.clone()]).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// The sum of `metric`'s samples for every series of pipeline `orders` (all partitions).
+async fn orders_metric_sum(admin: &str, metric: &str) -> f64 {
+    let (code, text) = weir_admin::fetch(admin, "/metrics")
+        .await
+        .expect("the admin port answers");
+    assert_eq!(code, 200);
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{metric}{{pipeline=\"orders")))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_under_load_switches_each_partition_once_and_a_bad_plugin_is_refused() {
+    let server = NatsServer::start();
+    let js = server.jetstream().await;
+    js.create_stream(jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.in.*".into()],
+        subject_transform: Some(jetstream::stream::SubjectTransform {
+            source: "orders.in.*".into(),
+            destination: "{{partition(3,1)}}.orders.in.{{wildcard(1)}}".into(),
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.create_stream(jetstream::stream::Config {
+        num_replicas: 1,
+        ..cluster_chaos::partitioned_output_stream()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The pipeline's own plugin file, which deploy replaces.
+    let plugin_file = dir.path().join("plugin.wasm");
+    std::fs::copy(plugin("orders"), &plugin_file).unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        cluster_chaos::partitioned_orders_config(&server.url(), 3, 3)
+            .replace(ADMIN_OFF, &format!("[admin]\nlisten = \"{admin}\"\n"))
+            .replace(
+                &plugin("orders").display().to_string(),
+                plugin_file.to_str().unwrap(),
+            ),
+    )
+    .unwrap();
+    let log = dir.path().join("weir.log");
+    let _weir = spawn_weir(&config, Some(&log), None);
+    let (old, new) = (sha256_of(&plugin("orders")), sha256_of(&plugin("hostile")));
+    let payloads = order_workload(3000, 40);
+    let (before, after) = payloads.split_at(1500);
+    let publishing = publish_to_customers(&js, before.to_vec(), 0);
+    wait_for_showing_log(
+        "300 inputs processed",
+        Duration::from_secs(60),
+        &log,
+        || async { made_by_input(&js, &["ORDERS_OUT"]).await.len() >= 300 },
+    )
+    .await;
+
+    // Refused by deploy's own check: nothing changes.
+    let refused = deploy(&config, &plugin("wrong-contract"));
+    assert_eq!(refused.status.code(), Some(2), "{}", printed(&refused));
+    assert!(
+        printed(&refused).contains("cannot run as pipeline \"orders\"'s plugin"),
+        "{}",
+        printed(&refused)
+    );
+    assert_eq!(sha256_of(&plugin_file), old, "the plugin file is untouched");
+    // Refused by the running weir, which keeps the old one serving.
+    std::fs::copy(plugin("wrong-contract"), &plugin_file).unwrap();
+    let (code, body) =
+        weir_admin::post(&admin, "/reload?pipeline=orders", Duration::from_secs(120))
+            .await
+            .expect("the admin port answers");
+    assert_eq!(code, 422, "{body}");
+    let report: weir_admin::ReloadReport = serde_json::from_str(&body).unwrap();
+    assert!(
+        matches!(
+            &report.pipelines[..],
+            [weir_admin::PipelineReload { outcome: weir_admin::ReloadOutcome::Refused { reason }, .. }]
+                if reason.contains("transformer@0.0.1")
+        ),
+        "{report:?}"
+    );
+    std::fs::copy(plugin("orders"), &plugin_file).unwrap();
+
+    // The fix, deployed while inputs flow.
+    let deployed = deploy(&config, &plugin("hostile"));
+    assert!(deployed.status.success(), "{}", printed(&deployed));
+    assert!(
+        printed(&deployed).contains("pipeline orders: swapped plugin"),
+        "{}",
+        printed(&deployed)
+    );
+    assert_eq!(sha256_of(&plugin_file), new);
+    assert_eq!(sha256_of(&dir.path().join("plugin.wasm.previous")), old);
+    publishing.await.unwrap();
+    publish_to_customers(&js, after.to_vec(), before.len())
+        .await
+        .unwrap();
+
+    let inputs: BTreeMap<u64, (String, Vec<u8>)> = read_stream(&js, "ORDERS")
+        .await
+        .into_iter()
+        .map(|message| (message.sequence, (message.subject, message.payload)))
+        .collect();
+    assert_eq!(inputs.len(), payloads.len());
+    let payloads: BTreeMap<u64, Vec<u8>> = inputs
+        .iter()
+        .map(|(sequence, (_, payload))| (*sequence, payload.clone()))
+        .collect();
+    wait_for_showing_log(
+        "every input's outputs",
+        Duration::from_secs(120),
+        &log,
+        || async { all_made(&payloads, &made_by_input(&js, &["ORDERS_OUT"]).await, &old) },
+    )
+    .await;
+    // Each partition's inputs in order: the stream stores them as `<partition>.orders.in.…`.
+    let mut partitions: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for (sequence, (subject, _)) in &inputs {
+        let partition = subject.split('.').next().expect("a partition token");
+        partitions.entry(partition).or_default().push(*sequence);
+    }
+    assert_eq!(partitions.len(), 3);
+    let made = made_by_input(&js, &["ORDERS_OUT"]).await;
+    assert_switched_once(
+        &payloads,
+        &made,
+        &partitions.into_values().collect::<Vec<_>>(),
+        (&old, &new),
+    );
+    assert_eq!(
+        orders_metric_sum(&admin, "weir_inputs_executed_total").await,
+        payloads.len() as f64,
+        "no input ran twice"
+    );
+    let (_, status) = weir_admin::fetch(&admin, "/status").await.unwrap();
+    let status: weir_admin::StatusReport = serde_json::from_str(&status).unwrap();
+    for pipeline in &status.pipelines {
+        let plugin = pipeline.plugin.as_ref().expect("a plugin");
+        assert_eq!(
+            plugin.sha256, new,
+            "{} shows the plugin it runs",
+            pipeline.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_swaps_a_changed_plugin_between_batches_and_keeps_the_old_one_when_it_is_bad() {
+    let server = NatsServer::start();
+    let js = server.jetstream().await;
+    create_orders_stream(&js, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let plugin_file = dir.path().join("plugin.wasm");
+    std::fs::copy(plugin("orders"), &plugin_file).unwrap();
+    let store = dir.path().join("store");
+    let config = PipelineToml {
+        extra: "[pipeline.batch]\nmax_messages = 32\n",
+        ..PipelineToml::orders(&server.url(), &plugin_file, &store)
+    }
+    .write(dir.path(), "weir.toml");
+    let log = dir.path().join("weir.log");
+    let mut weir = spawn_weir(&config, Some(&log), None);
+    let (old, new) = (sha256_of(&plugin("orders")), sha256_of(&plugin("hostile")));
+    let payloads = order_workload(2000, 40);
+    let (before, after) = payloads.split_at(1000);
+    let publishing = publish_orders_spread(&js, before, Duration::from_millis(50));
+    wait_for_showing_log(
+        "200 inputs processed",
+        Duration::from_secs(60),
+        &log,
+        || async {
+            made_by_input(&js, &["ORDERS_OUT", "ORDERS_DLQ"])
+                .await
+                .len()
+                >= 200
+        },
+    )
+    .await;
+    let logged = |line: &'static str| {
+        let log = log.clone();
+        move || {
+            let log = log.clone();
+            async move { std::fs::read_to_string(&log).is_ok_and(|text| text.contains(line)) }
+        }
+    };
+    std::fs::copy(plugin("wrong-contract"), &plugin_file).unwrap();
+    send_signal(&weir, libc::SIGHUP);
+    wait_for_showing_log(
+        "the bad plugin refused",
+        Duration::from_secs(60),
+        &log,
+        logged("new plugin refused; the old one keeps serving"),
+    )
+    .await;
+    std::fs::copy(plugin("hostile"), &plugin_file).unwrap();
+    send_signal(&weir, libc::SIGHUP);
+    wait_for_showing_log(
+        "the new plugin swapped in",
+        Duration::from_secs(60),
+        &log,
+        logged("plugin swapped"),
+    )
+    .await;
+    publishing.await.unwrap();
+    publish_orders_spread(&js, after, Duration::from_millis(50))
+        .await
+        .unwrap();
+    let inputs: BTreeMap<u64, Vec<u8>> = read_stream(&js, "ORDERS")
+        .await
+        .into_iter()
+        .map(|message| (message.sequence, message.payload))
+        .collect();
+    assert_eq!(inputs.len(), payloads.len());
+    wait_for_showing_log(
+        "every input's outputs",
+        Duration::from_secs(120),
+        &log,
+        || async {
+            all_made(
+                &inputs,
+                &made_by_input(&js, &["ORDERS_OUT", "ORDERS_DLQ"]).await,
+                &old,
+            )
+        },
+    )
+    .await;
+    let made = made_by_input(&js, &["ORDERS_OUT", "ORDERS_DLQ"]).await;
+    let order: Vec<u64> = inputs.keys().copied().collect();
+    assert_switched_once(&inputs, &made, &[order], (&old, &new));
+    assert!(terminate(&mut weir).success());
+    let stopped = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        stopped.contains(&format!("executed={}", payloads.len())),
+        "no input ran twice: {}",
+        log_tail(&log)
+    );
+}
