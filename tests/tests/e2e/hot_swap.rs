@@ -161,7 +161,12 @@ fn publish_to_customers(
         for (chunk, inputs) in payloads.chunks(50).enumerate() {
             for (offset, payload) in inputs.iter().enumerate() {
                 let customer = (first + chunk * 50 + offset) % 12;
-                publish_all(&js, &format!("orders.in.c{customer}"), &[payload.clone()]).await;
+                publish_all(
+                    &js,
+                    &format!("orders.in.c{customer}"),
+                    std::slice::from_ref(payload),
+                )
+                .await;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
