@@ -991,6 +991,25 @@ pub fn order_workload(count: usize, malformed_every: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// `weir plugin diff --config <config> <candidate> <args>`, run to its end; it must
+/// succeed. What it printed.
+pub fn plugin_diff(config: &Path, candidate: &Path, args: &[&str]) -> String {
+    let output = std::process::Command::new(weir_binary())
+        .args(["plugin", "diff", "--config"])
+        .arg(config)
+        .arg(candidate)
+        .args(args)
+        .output()
+        .expect("run weir plugin diff");
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    printed
+}
+
 /// A `weir::run` in this process, on a configuration file.
 pub struct InProcessWeir {
     shutdown: tokio_util::sync::CancellationToken,

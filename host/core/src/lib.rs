@@ -16,6 +16,7 @@
 //! (weir-sandbox, weir-store, weir-nats) import those and speak to the core in its types.
 
 pub mod dead_letter;
+pub mod diff;
 #[cfg(test)]
 mod fakes;
 pub mod fence;

@@ -20,7 +20,7 @@ use weir_core::ports::{self, Delivery, PublishError, Source};
 use weir_core::record::OutboundMessage;
 
 mod replay;
-pub use replay::{ReplayFrom, StreamPlace};
+pub use replay::{ReplayFrom, StoredInput, StreamPlace};
 
 /// A broker failure. At start they stop the host with the message; at run time they are
 /// transient: the pipeline retries them and acks nothing in the meantime.
@@ -1381,54 +1381,8 @@ impl Broker {
         stream: &str,
         subject: &str,
     ) -> Result<Vec<StoredMessage>, BrokerError> {
-        let action = || format!("cannot read {subject:?} from stream {stream:?}");
-        let handle = self
-            .jetstream
-            .get_stream(stream)
-            .await
-            .map_err(|e| BrokerError::jetstream(action(), e))?;
-        let reader: jetstream::consumer::PullConsumer = handle
-            .create_consumer(pull::Config {
-                filter_subject: subject.to_owned(),
-                ack_policy: jetstream::consumer::AckPolicy::None,
-                deliver_policy: jetstream::consumer::DeliverPolicy::All,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| BrokerError::jetstream(action(), e))?;
-        let mut remaining = reader.cached_info().num_pending as usize;
-        let mut stored = Vec::with_capacity(remaining);
-        while remaining > 0 {
-            let mut batch = reader
-                .batch()
-                .max_messages(remaining.min(1000))
-                .expires(Duration::from_secs(5))
-                .messages()
-                .await
-                .map_err(|e| BrokerError::jetstream(action(), e))?;
-            let before = stored.len();
-            while let Some(message) = batch.next().await {
-                let message = message.map_err(|e| BrokerError::jetstream(action(), e))?;
-                let info = message
-                    .info()
-                    .map_err(|e| BrokerError::jetstream(action(), e))?;
-                stored.push(StoredMessage {
-                    stream_sequence: info.stream_sequence,
-                    stored_unix_ns: u64::try_from(info.published.unix_timestamp_nanos())
-                        .unwrap_or(0),
-                    subject: message.subject.to_string(),
-                    headers: sorted_headers(message.headers.as_ref()),
-                    payload: message.payload.clone(),
-                });
-            }
-            if stored.len() == before {
-                return Err(BrokerError::jetstream(action(), "the server sent nothing"));
-            }
-            remaining = remaining.saturating_sub(stored.len() - before);
-        }
-        let _ = handle.delete_consumer(&reader.cached_info().name).await;
-        Ok(stored)
+        let all = time::OffsetDateTime::UNIX_EPOCH;
+        self.read_since(stream, vec![subject.to_owned()], all).await
     }
 
     /// The last (at most) `count` messages of `stream` on `subject`, newest first, found by

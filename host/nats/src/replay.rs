@@ -1,6 +1,8 @@
 //! What a replay run asks of the input stream besides consuming it: where a range of it
-//! starts and ends, how many inputs it holds, and how far the run's own consumer is. The
-//! range is found with short-lived consumers of its own, which the server forgets at once.
+//! starts and ends, how many inputs it holds, and how far the run's own consumer is; and
+//! what `weir plugin diff` reads: a range of inputs as the pipeline would see them, and
+//! what the pipeline published since a time. All of it is read with short-lived consumers
+//! of its own, which the server forgets at once.
 
 use std::time::Duration;
 
@@ -8,13 +10,22 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
 use futures::StreamExt;
 use time::OffsetDateTime;
 
-use crate::{Broker, BrokerError, InputConfig};
+use weir_core::input::Input;
+
+use crate::{Broker, BrokerError, InputConfig, InputMessage, StoredMessage};
 
 /// An input's place in its stream: its sequence and when the stream stored it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamPlace {
     pub sequence: u64,
     pub stored: OffsetDateTime,
+}
+
+/// An input read back from its stream, as the pipeline sees it, with the partition it was
+/// stored under (a partitioned pipeline's).
+pub struct StoredInput {
+    pub partition: Option<u32>,
+    pub input: Input,
 }
 
 /// Where a range starts: a stream sequence, or the first input stored at or after a time.
@@ -127,5 +138,140 @@ impl Broker {
         let stream = self.input_stream(input).await?;
         let info = self.existing_consumer(&stream, input).await?;
         Ok(info.map(|info| info.config.description))
+    }
+}
+
+impl Broker {
+    /// The inputs of `input`'s stream matching its subject filter, from sequence `first` to
+    /// `last`, as the pipeline sees them (a partitioned stream's partition token stripped
+    /// from the subject when `input.strip_partition`, and kept as the partition).
+    pub async fn read_inputs(
+        &self,
+        input: &InputConfig,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<StoredInput>, BrokerError> {
+        let stream = self.input_stream(input).await?;
+        let created =
+            u64::try_from(stream.cached_info().created.unix_timestamp_nanos()).unwrap_or(0);
+        let config = pull::Config {
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: first.max(1),
+            },
+            filter_subject: input.subject.clone(),
+            ..reader_config()
+        };
+        let action = format!("cannot read stream {:?}", input.stream);
+        let mut inputs = Vec::new();
+        for message in self.read_to_end(&stream, config, &action, last).await? {
+            let read =
+                InputMessage::read(&message, created, &self.jetstream, input.strip_partition)
+                    .await?;
+            let partition = match input.strip_partition {
+                true => message
+                    .subject
+                    .split_once('.')
+                    .and_then(|(partition, _)| partition.parse().ok()),
+                false => None,
+            };
+            inputs.push(StoredInput {
+                partition,
+                input: read,
+            });
+        }
+        Ok(inputs)
+    }
+
+    /// Every message of `stream` on any of `subjects` stored at or after `since`, oldest
+    /// first.
+    pub async fn read_since(
+        &self,
+        stream: &str,
+        subjects: Vec<String>,
+        since: OffsetDateTime,
+    ) -> Result<Vec<StoredMessage>, BrokerError> {
+        let action = format!("cannot read stream {stream:?}");
+        let handle = self
+            .jetstream
+            .get_stream(stream)
+            .await
+            .map_err(|e| BrokerError::jetstream(action.clone(), e))?;
+        let config = pull::Config {
+            deliver_policy: DeliverPolicy::ByStartTime { start_time: since },
+            filter_subjects: subjects,
+            ..reader_config()
+        };
+        let messages = self.read_to_end(&handle, config, &action, u64::MAX).await?;
+        messages
+            .iter()
+            .map(|message| {
+                let info = message
+                    .info()
+                    .map_err(|e| BrokerError::jetstream(action.clone(), e))?;
+                Ok(StoredMessage {
+                    stream_sequence: info.stream_sequence,
+                    stored_unix_ns: u64::try_from(info.published.unix_timestamp_nanos())
+                        .unwrap_or(0),
+                    subject: message.subject.to_string(),
+                    headers: crate::sorted_headers(message.headers.as_ref()),
+                    payload: message.payload.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// What a reader consumer with `config` delivers up to stream sequence `last` or the
+    /// stream's end, whichever comes first.
+    async fn read_to_end(
+        &self,
+        stream: &jetstream::stream::Stream,
+        config: pull::Config,
+        action: &str,
+        last: u64,
+    ) -> Result<Vec<jetstream::Message>, BrokerError> {
+        let cannot = |e: &dyn std::fmt::Display| BrokerError::jetstream(action, e.to_string());
+        let mut reader: jetstream::consumer::PullConsumer = stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| cannot(&e))?;
+        let mut remaining = reader.info().await.map_err(|e| cannot(&e))?.num_pending;
+        let mut read = Vec::new();
+        'reading: while remaining > 0 {
+            let mut batch = reader
+                .fetch()
+                .max_messages(remaining.min(1000) as usize)
+                .expires(Duration::from_secs(5))
+                .messages()
+                .await
+                .map_err(|e| cannot(&e))?;
+            let before = read.len();
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|e| cannot(&e))?;
+                let info = message.info().map_err(|e| cannot(&e))?;
+                if info.stream_sequence > last {
+                    break 'reading;
+                }
+                remaining = info.pending;
+                read.push(message);
+            }
+            if read.len() == before {
+                return Err(cannot(&"the server sent nothing"));
+            }
+        }
+        let name = reader.cached_info().name.clone();
+        // Best effort: the server forgets it after `inactive_threshold` anyway.
+        let _ = stream.delete_consumer(&name).await;
+        Ok(read)
+    }
+}
+
+/// A short-lived consumer that reads without acks, in memory, forgotten soon after.
+fn reader_config() -> pull::Config {
+    pull::Config {
+        ack_policy: jetstream::consumer::AckPolicy::None,
+        inactive_threshold: Duration::from_secs(30),
+        memory_storage: true,
+        num_replicas: 1,
+        ..Default::default()
     }
 }

@@ -231,6 +231,17 @@ impl ValidPipeline {
         &self.delivery
     }
 
+    /// Its input across all its partitions: a partitioned stream stores each input as
+    /// `<partition>.<subject>`, and the plugin sees the subject as published.
+    pub fn whole_input(&self) -> InputConfig {
+        let mut input = self.config.input.clone();
+        if self.config.input_partitioning().is_some() {
+            input.subject = format!("*.{}", input.subject);
+            input.strip_partition = true;
+        }
+        input
+    }
+
     /// This pipeline as replay run `run` runs it: with `plugin`, outputs under `prefix`
     /// (stored by `output_stream` if weir is to create one), exactly once with a store of
     /// its own, its own durable consumer (`weir-replay-<run>`, starting at stream sequence
@@ -247,11 +258,7 @@ impl ValidPipeline {
         }
         config.mode = Mode::ExactlyOnce;
         config.store_dir = Some(replay.store_dir.clone());
-        if self.config.input_partitioning().is_some() {
-            // Stored as `<partition>.<subject>`; the plugin sees the subject as published.
-            config.input.subject = format!("*.{}", config.input.subject);
-            config.input.strip_partition = true;
-        }
+        config.input = self.whole_input();
         config.partitions = None;
         config.partition_key = None;
         config.input.consumer = format!("weir-replay-{}", replay.run);

@@ -8,6 +8,7 @@
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod diff;
 pub mod dlq;
 pub mod fault;
 pub mod pipeline;

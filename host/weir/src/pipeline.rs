@@ -14,7 +14,7 @@ use weir_core::policy::{MAX_STORED_MESSAGE, OutputPolicy};
 use weir_core::ports::PluginSlot;
 use weir_core::status::PipelineStatus;
 
-use crate::config::{Delivery, ValidPipeline};
+use crate::config::{Delivery, PipelineConfig, ValidPipeline};
 use crate::fault::FaultProbe;
 use crate::{Error, StartError};
 use weir_admin::{PluginIdentity, RECENT_DEAD_LETTERS, RecentDeadLetter, Watched};
@@ -244,11 +244,7 @@ impl Pipeline {
             let stream_limit = answered(deadline, || broker.stream_message_limit(subject))
                 .await
                 .map_err(|e| fail(e.into()))?;
-            Ok([broker.max_payload(), MAX_STORED_MESSAGE]
-                .into_iter()
-                .chain(stream_limit)
-                .min()
-                .unwrap_or(MAX_STORED_MESSAGE))
+            Ok(publishable(broker.max_payload(), stream_limit))
         };
         let output_limit = message_limit(&format!("{}.probe", config.output.prefix)).await?;
         let dlq_limit = message_limit(&config.output.dlq_subject).await?;
@@ -300,20 +296,7 @@ impl Pipeline {
                 ack_wait: Duration::from_millis(config.input.ack_wait_ms),
                 state,
             },
-            policy: OutputPolicy {
-                pipeline: config.name.clone(),
-                prefix: config.output.prefix.clone(),
-                // A partitioned pipeline commits an input's outputs with the marker, in one
-                // atomic batch.
-                // (And, with state, its key's state.)
-                max_outputs: match (&ledger, stateful) {
-                    (Some(_), false) => config.limits.max_outputs.min(MAX_BATCH_MESSAGES - 1),
-                    (Some(_), true) => config.limits.max_outputs.min(MAX_BATCH_MESSAGES - 2),
-                    (None, _) => config.limits.max_outputs,
-                },
-                max_output_bytes: config.limits.max_output_bytes,
-                max_message_bytes: output_limit,
-            },
+            policy: output_policy(config, ledger.is_some(), output_limit),
             dead_letters: DeadLetterSchema {
                 pipeline: config.name.clone(),
                 dlq_subject: config.output.dlq_subject.clone(),
@@ -469,6 +452,36 @@ impl Pipeline {
 }
 
 /// The error a pipeline stopped with, for a fault retrying cannot heal.
+/// What `config`'s plugin may publish. A partitioned pipeline commits an input's outputs
+/// with the marker (and, with state, its key's state) in one atomic batch.
+pub(crate) fn output_policy(
+    config: &PipelineConfig,
+    partitioned: bool,
+    max_message_bytes: usize,
+) -> OutputPolicy {
+    OutputPolicy {
+        pipeline: config.name.clone(),
+        prefix: config.output.prefix.clone(),
+        max_outputs: match (partitioned, config.state.is_some()) {
+            (true, false) => config.limits.max_outputs.min(MAX_BATCH_MESSAGES - 1),
+            (true, true) => config.limits.max_outputs.min(MAX_BATCH_MESSAGES - 2),
+            (false, _) => config.limits.max_outputs,
+        },
+        max_output_bytes: config.limits.max_output_bytes,
+        max_message_bytes,
+    }
+}
+
+/// The largest message the server (`max_payload`) and a stream (`stream_limit`, if it has
+/// one) accept, and weir stores.
+pub(crate) fn publishable(max_payload: usize, stream_limit: Option<usize>) -> usize {
+    [max_payload, MAX_STORED_MESSAGE]
+        .into_iter()
+        .chain(stream_limit)
+        .min()
+        .unwrap_or(MAX_STORED_MESSAGE)
+}
+
 fn stopped_by(pipeline: String, fatal: Fatal) -> Error {
     match fatal {
         Fatal::Store(source) => Error::Stopped { pipeline, source },

@@ -314,6 +314,24 @@ async fn a_deploy_under_load_switches_each_partition_once_and_a_bad_plugin_is_re
         payloads.len() as f64,
         "no input ran twice"
     );
+    // The diff of the new plugin against what ran: the same exactly where it ran.
+    let by_new = made
+        .values()
+        .filter(|made| made.plugins.contains(&new))
+        .count();
+    let compared = plugin_diff(&config, &plugin("hostile"), &["--last", "3000"]);
+    assert!(
+        compared.contains(&format!(
+            "compared 3000: {by_new} same, {} different",
+            3000 - by_new
+        )),
+        "{compared}"
+    );
+    assert!(
+        compared.contains(&format!("{} (", &old[..12]))
+            && compared.contains(&format!("{} (", &new[..12])),
+        "both live plugins are named: {compared}"
+    );
     let (_, status) = weir_admin::fetch(&admin, "/status").await.unwrap();
     let status: weir_admin::StatusReport = serde_json::from_str(&status).unwrap();
     for pipeline in &status.pipelines {

@@ -8,6 +8,7 @@ mod chaos;
 mod cluster;
 mod compile;
 mod crash;
+mod diff;
 mod disk;
 mod dlq;
 mod faults;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use weir_admin::{ReloadOutcome, ReloadReport};
 
 use super::PipelineArgs;
+use super::diff::short;
 use crate::config::ValidPipeline;
 
 /// How long the running weir may take to load and check the new plugin: past the
@@ -217,9 +218,4 @@ fn previous_path(file: &Path) -> PathBuf {
     let mut previous = file.as_os_str().to_owned();
     previous.push(".previous");
     PathBuf::from(previous)
-}
-
-/// A sha256 as people compare them: its first 12 hex digits.
-fn short(sha256: &str) -> &str {
-    sha256.get(..12).unwrap_or(sha256)
 }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 mod cluster;
 mod deploy;
+mod diff;
 mod dlq;
 mod plugin;
 mod replay;
@@ -144,6 +145,28 @@ enum PluginCommand {
         target: PipelineArgs,
         /// The new component (`.wasm`).
         file: PathBuf,
+    },
+    /// Run a candidate plugin on a pipeline's recorded inputs, exactly as the pipeline
+    /// would, and compare what it would publish with what the live plugin published (read
+    /// back from the output and DLQ streams): a summary, then the first differences.
+    /// Publishes nothing.
+    Diff {
+        #[command(flatten)]
+        target: PipelineArgs,
+        /// The candidate component (`.wasm`).
+        file: PathBuf,
+        /// The last N inputs of the input stream (without a range: the last 100).
+        #[arg(long, value_name = "N", conflicts_with_all = ["from_seq", "to_seq"])]
+        last: Option<u64>,
+        /// The first stream sequence of the range.
+        #[arg(long, value_name = "S", requires = "to_seq")]
+        from_seq: Option<u64>,
+        /// The last stream sequence of the range.
+        #[arg(long, value_name = "S2", requires = "from_seq")]
+        to_seq: Option<u64>,
+        /// How many differences to print.
+        #[arg(long, value_name = "K", default_value_t = 10)]
+        show: usize,
     },
     /// Build a plugin crate to a component (with the installed target, else the sysroot in
     /// WEIR_WASM_SYSROOT), then show what `inspect` shows.

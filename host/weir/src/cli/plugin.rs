@@ -1,9 +1,10 @@
 //! `weir plugin inspect|test`: what a component is, and its golden fixtures and fuzzing
-//! (`new` and `build` are `scaffold.rs`'s, `deploy` is `deploy.rs`'s).
+//! (`new` and `build` are `scaffold.rs`'s, `deploy` is `deploy.rs`'s, `diff` is `diff.rs`'s).
 
 use std::path::PathBuf;
 
 use crate::config::{LimitsConfig, SandboxConfig};
+use crate::diff::DiffRange;
 use weir_sandbox::Sandbox;
 use weir_sandbox::harness;
 
@@ -35,6 +36,25 @@ pub fn run(command: PluginCommand) -> Result<(), crate::Error> {
         PluginCommand::Build { path, target } => super::scaffold::build(&path, &target),
         PluginCommand::Deploy { target, file } => {
             super::block_on(super::deploy::deploy(target, file))
+        }
+        PluginCommand::Diff {
+            target,
+            file,
+            last,
+            from_seq,
+            to_seq,
+            show,
+        } => {
+            let range = match (from_seq, to_seq) {
+                (Some(first), Some(last)) if first > last => {
+                    return Err(crate::Error::Usage(format!(
+                        "--from-seq {first} is past --to-seq {last}"
+                    )));
+                }
+                (Some(first), Some(last)) => DiffRange::Sequences(first, last),
+                _ => DiffRange::Last(last.unwrap_or(100).max(1)),
+            };
+            super::block_on(super::diff::diff(target, file, range, show))
         }
     }
 }
