@@ -421,12 +421,39 @@ impl Drop for WeirProcess {
     }
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, for a server a test starts.
+///
+/// Taken below the kernel's ephemeral range, which every outgoing connection draws its
+/// source port from: a port found free in that range (as binding port 0 finds one) can be
+/// taken by any client's connection before the server binds it, and the server then never
+/// listens. Each call in a process tries the next port of a sequence that starts at a
+/// place of this process's own, so that two tests never pick one port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind a free loopback port")
-        .port()
+    static TRIED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_from: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    const SPAN: u32 = 10_000;
+    if ephemeral_from < 1024 + SPAN {
+        // No room below the range: any free port.
+        return TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("bind a free loopback port")
+            .port();
+    }
+    let start = std::process::id().wrapping_mul(7919);
+    loop {
+        let tried = TRIED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            tried < 10 * SPAN,
+            "no free loopback port below {ephemeral_from}"
+        );
+        let port = (ephemeral_from - SPAN + start.wrapping_add(tried) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A message as read back from a stream.

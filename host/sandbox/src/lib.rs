@@ -366,6 +366,16 @@ impl Sandbox {
             .inspect_err(|_| self.forget(&sha256))
     }
 
+    /// Lets go of the compiled component of `sha256`, which no plugin is to be loaded from
+    /// again soon (a reload replaced it): plugins loaded from it keep it until they are
+    /// dropped, and loading it again finds it in the compile cache or compiles it.
+    pub fn release(&self, sha256: &str) {
+        self.compiled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(sha256);
+    }
+
     /// Forgets a component weir refused: its slot in this process (compiled or not) and its
     /// compile cache entry, if it has one.
     fn forget(&self, sha256: &str) {

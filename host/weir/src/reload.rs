@@ -241,6 +241,15 @@ impl Reloader {
         );
         let to = plugin.sha256().to_owned();
         reloadable.swapped_in = Some(plugin);
+        // Its compiled code goes once the batches in hand are done with it, unless another
+        // pipeline runs it too.
+        let still_run = pipelines
+            .values()
+            .flat_map(|reloadable| &reloadable.serving)
+            .any(|serving| slot_sha256(&serving.slot) == running);
+        if !still_run {
+            self.sandbox.release(&running);
+        }
         ReloadOutcome::Swapped { from: running, to }
     }
 }

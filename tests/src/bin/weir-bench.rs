@@ -32,6 +32,11 @@
 //! - `weir-bench replay [COUNT] [--rounds N]`: COUNT orders (default 50 000) through the live
 //!   orders pipeline (l), then the same range again with `weir replay` to another prefix
 //!   (r), each timed from its first delivery to its last ack, alternating for N rounds.
+//! - `weir-bench swap [COUNT] [--rounds N]`: COUNT orders (default 50 000) through the
+//!   orders pipeline without reloads (s), then with its plugin swapped every 250 ms through
+//!   the admin port's `POST /reload` between two builds of it that differ only in a custom
+//!   section (w), alternating for N rounds: what hot swaps cost the pipeline, how long a
+//!   reload takes, and every output still stored once.
 //! - `weir-bench store [COUNT]`: COUNT committed ids (default 10 000 000) in a dedup store,
 //!   then the cost of looking ids up, and resident memory along the way.
 
@@ -75,13 +80,14 @@ async fn main() {
         "fenced" => fenced(count(100_000), sync_always, rounds).await,
         "failover" => failover(rounds).await,
         "replay" => replay(count(50_000), rounds).await,
+        "swap" => swap(count(50_000), rounds).await,
         // Plugin calls block: off the async workers, as in the pipeline.
         "sandbox" => tokio::task::spawn_blocking(sandbox_overhead)
             .await
             .expect("the sandbox benchmark"),
         other => {
             eprintln!(
-                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox, fairness, observability, state, fenced, failover, replay"
+                "weir-bench: unknown scenario {other:?}; scenarios: throughput, malformed, store, sandbox, fairness, observability, state, fenced, failover, replay, swap"
             );
             std::process::exit(2);
         }
@@ -663,6 +669,98 @@ async fn replay(count: usize, rounds: usize) {
         "  median r/l = {:.3} (a replay's speed against the live pipeline's)",
         median(&mut ratios)
     );
+}
+
+async fn swap(count: usize, rounds: usize) {
+    const SWAP_EVERY: Duration = Duration::from_millis(250);
+    let server = NatsServer::start_with_sync(false);
+    let js = server.jetstream().await;
+    println!(
+        "{count} orders per run, exactly-once, nats-server default sync, a swap every {SWAP_EVERY:?} in (w)"
+    );
+    let payloads = order_workload(count, 50);
+    let valid = payloads
+        .iter()
+        .filter(|p| serde_json::from_slice::<serde_json::Value>(p).is_ok())
+        .count();
+    let (mut ratios, mut reloads) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let (steady_tag, swapped_tag) = (format!("SW{round}S"), format!("SW{round}W"));
+        let steady = WeirRun::new(&server, &steady_tag, "orders");
+        let s = steady.process(&js, &payloads, 2 * valid, "weir").await;
+        let mut swapped = WeirRun::new(&server, &swapped_tag, "orders");
+        let admin = format!("127.0.0.1:{}", free_port());
+        swapped.admin = Some(admin.clone());
+        // Two builds of one plugin: the same code, another sha256.
+        let original = std::fs::read(plugin("orders")).expect("the orders plugin");
+        let builds = [original.clone(), with_custom_section(original)];
+        let plugin_file = swapped.dir.path().join("plugin.wasm");
+        std::fs::write(&plugin_file, &builds[0]).expect("write the plugin file");
+        swapped.plugin = plugin_file.clone();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = tokio::spawn({
+            let done = done.clone();
+            async move {
+                let (mut current, mut took) = (0, Vec::new());
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(SWAP_EVERY).await;
+                    std::fs::write(&plugin_file, &builds[1 - current]).expect("swap the file");
+                    let asked = Instant::now();
+                    let answer =
+                        weir_admin::post(&admin, "/reload", Duration::from_secs(120)).await;
+                    match answer {
+                        Ok((200, body)) if body.contains("\"swapped\"") => {
+                            took.push(asked.elapsed().as_secs_f64() * 1000.0);
+                            current = 1 - current;
+                        }
+                        // Not started yet, or stopping: the file goes back.
+                        _ => std::fs::write(&plugin_file, &builds[current])
+                            .expect("restore the file"),
+                    }
+                }
+                took
+            }
+        });
+        let w = swapped.process(&js, &payloads, 2 * valid, "weir").await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut took = swapper.await.expect("the swapper");
+        assert!(!took.is_empty(), "no swap landed while the pipeline ran");
+        assert_eq!(
+            stream_len(&js, &format!("OUT{swapped_tag}")).await,
+            2 * valid as u64,
+            "every output stored once across the swaps"
+        );
+        println!("  round {round} of {rounds}");
+        println!("    (s) no reloads      {:>9.0} inputs/s", s.rate);
+        println!(
+            "    (w) {:>3} swaps      {:>9.0} inputs/s  w/s = {:.3}; a reload took {:.0} ms median, {:.0} ms at most",
+            took.len(),
+            w.rate,
+            w.rate / s.rate,
+            median(&mut took),
+            took.iter().copied().fold(0.0, f64::max)
+        );
+        ratios.push(w.rate / s.rate);
+        reloads.extend(took);
+    }
+    println!(
+        "  median w/s = {:.3} (throughput with a swap every {SWAP_EVERY:?} against none); median reload {:.0} ms over {} swaps",
+        median(&mut ratios),
+        median(&mut reloads),
+        reloads.len()
+    );
+}
+
+/// `component` with a custom section appended: the same plugin to weir, another sha256.
+fn with_custom_section(mut component: Vec<u8>) -> Vec<u8> {
+    let name = b"weir-bench";
+    let data = b"another build";
+    let size = 1 + name.len() + data.len();
+    assert!(size < 128 && name.len() < 128, "one-byte LEB128 lengths");
+    component.extend([0, size as u8, name.len() as u8]);
+    component.extend(name);
+    component.extend(data);
+    component
 }
 
 async fn state(count: usize, rounds: usize) {
