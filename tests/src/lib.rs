@@ -443,17 +443,17 @@ pub fn free_port() -> u16 {
             .port();
     }
     let start = std::process::id().wrapping_mul(7919);
-    loop {
+    for _ in 0..SPAN {
         let tried = TRIED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        assert!(
-            tried < 10 * SPAN,
-            "no free loopback port below {ephemeral_from}"
-        );
         let port = (ephemeral_from - SPAN + start.wrapping_add(tried) % SPAN) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+    panic!(
+        "no free loopback port from {} to {ephemeral_from}",
+        ephemeral_from - SPAN
+    );
 }
 
 /// A message as read back from a stream.
