@@ -1382,7 +1382,8 @@ impl Broker {
         subject: &str,
     ) -> Result<Vec<StoredMessage>, BrokerError> {
         let all = time::OffsetDateTime::UNIX_EPOCH;
-        self.read_since(stream, vec![subject.to_owned()], all).await
+        self.read_since(stream, vec![subject.to_owned()], all, |_| true)
+            .await
     }
 
     /// The last (at most) `count` messages of `stream` on `subject`, newest first, found by

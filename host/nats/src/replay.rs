@@ -162,8 +162,14 @@ impl Broker {
             ..reader_config()
         };
         let action = format!("cannot read stream {:?}", input.stream);
+        let mut messages = Vec::new();
+        self.read_to_end(&stream, config, &action, last, |message| {
+            messages.push(message);
+            Ok(())
+        })
+        .await?;
         let mut inputs = Vec::new();
-        for message in self.read_to_end(&stream, config, &action, last).await? {
+        for message in messages {
             let read =
                 InputMessage::read(&message, created, &self.jetstream, input.strip_partition)
                     .await?;
@@ -182,13 +188,14 @@ impl Broker {
         Ok(inputs)
     }
 
-    /// Every message of `stream` on any of `subjects` stored at or after `since`, oldest
-    /// first.
+    /// Every message of `stream` on any of `subjects` stored at or after `since` that
+    /// `keep` keeps, oldest first (only those are held in memory).
     pub async fn read_since(
         &self,
         stream: &str,
         subjects: Vec<String>,
         since: OffsetDateTime,
+        mut keep: impl FnMut(&StoredMessage) -> bool + Send,
     ) -> Result<Vec<StoredMessage>, BrokerError> {
         let action = format!("cannot read stream {stream:?}");
         let handle = self
@@ -201,41 +208,43 @@ impl Broker {
             filter_subjects: subjects,
             ..reader_config()
         };
-        let messages = self.read_to_end(&handle, config, &action, u64::MAX).await?;
-        messages
-            .iter()
-            .map(|message| {
-                let info = message
-                    .info()
-                    .map_err(|e| BrokerError::jetstream(action.clone(), e))?;
-                Ok(StoredMessage {
-                    stream_sequence: info.stream_sequence,
-                    stored_unix_ns: u64::try_from(info.published.unix_timestamp_nanos())
-                        .unwrap_or(0),
-                    subject: message.subject.to_string(),
-                    headers: crate::sorted_headers(message.headers.as_ref()),
-                    payload: message.payload.clone(),
-                })
-            })
-            .collect()
+        let mut kept = Vec::new();
+        self.read_to_end(&handle, config, &action, u64::MAX, |message| {
+            let info = message
+                .info()
+                .map_err(|e| BrokerError::jetstream(action.clone(), e))?;
+            let stored = StoredMessage {
+                stream_sequence: info.stream_sequence,
+                stored_unix_ns: u64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
+                subject: message.subject.to_string(),
+                headers: crate::sorted_headers(message.headers.as_ref()),
+                payload: message.payload.clone(),
+            };
+            if keep(&stored) {
+                kept.push(stored);
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(kept)
     }
 
-    /// What a reader consumer with `config` delivers up to stream sequence `last` or the
-    /// stream's end, whichever comes first.
+    /// Hands `sink` what a reader consumer with `config` delivers, up to stream sequence
+    /// `last` or the stream's end, whichever comes first.
     async fn read_to_end(
         &self,
         stream: &jetstream::stream::Stream,
         config: pull::Config,
         action: &str,
         last: u64,
-    ) -> Result<Vec<jetstream::Message>, BrokerError> {
+        mut sink: impl FnMut(jetstream::Message) -> Result<(), BrokerError> + Send,
+    ) -> Result<(), BrokerError> {
         let cannot = |e: &dyn std::fmt::Display| BrokerError::jetstream(action, e.to_string());
         let mut reader: jetstream::consumer::PullConsumer = stream
             .create_consumer(config)
             .await
             .map_err(|e| cannot(&e))?;
         let mut remaining = reader.info().await.map_err(|e| cannot(&e))?.num_pending;
-        let mut read = Vec::new();
         'reading: while remaining > 0 {
             let mut batch = reader
                 .fetch()
@@ -244,7 +253,7 @@ impl Broker {
                 .messages()
                 .await
                 .map_err(|e| cannot(&e))?;
-            let before = read.len();
+            let mut received = false;
             while let Some(message) = batch.next().await {
                 let message = message.map_err(|e| cannot(&e))?;
                 let info = message.info().map_err(|e| cannot(&e))?;
@@ -252,16 +261,17 @@ impl Broker {
                     break 'reading;
                 }
                 remaining = info.pending;
-                read.push(message);
+                received = true;
+                sink(message)?;
             }
-            if read.len() == before {
+            if !received {
                 return Err(cannot(&"the server sent nothing"));
             }
         }
         let name = reader.cached_info().name.clone();
         // Best effort: the server forgets it after `inactive_threshold` anyway.
         let _ = stream.delete_consumer(&name).await;
-        Ok(read)
+        Ok(())
     }
 }
 

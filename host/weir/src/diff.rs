@@ -85,6 +85,12 @@ pub async fn diff(
         DiffRange::Sequences(first, last) => (first, last),
         DiffRange::Last(count) => {
             let last = broker.last_sequence(&input).await.map_err(broker_error)?;
+            if last == 0 {
+                return Err(Error::Usage(format!(
+                    "stream {:?} is empty: there is nothing to compare yet",
+                    input.stream
+                )));
+            }
             (last.saturating_sub(count.saturating_sub(1)).max(1), last)
         }
     };
@@ -268,21 +274,21 @@ async fn live_messages(
     let wanted: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
     let id_prefix = format!("{}:", settings.name);
     let mut live: HashMap<String, Vec<StoredPart>> = HashMap::new();
+    // An output's id is `<pipeline>:<its input's key>:<part>`.
+    let key_and_part = |message: &weir_nats::StoredMessage| -> Option<(String, String)> {
+        let (_, id) = message
+            .headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(weir_core::headers::MSG_ID_HEADER))?;
+        let (key, part) = id.strip_prefix(&id_prefix)?.rsplit_once(':')?;
+        wanted
+            .contains(key)
+            .then(|| (key.to_owned(), part.to_owned()))
+    };
     for (stream, subjects) in reads {
-        for message in broker.read_since(&stream, subjects, since).await? {
-            let Some((key, part)) = message
-                .headers
-                .iter()
-                .find(|(name, _)| name.eq_ignore_ascii_case(weir_core::headers::MSG_ID_HEADER))
-                .and_then(|(_, id)| id.strip_prefix(&id_prefix))
-                .and_then(|rest| rest.rsplit_once(':'))
-            else {
-                continue;
-            };
-            if !wanted.contains(key) {
-                continue;
-            }
-            let (key, part) = (key.to_owned(), part.to_owned());
+        let ours = |message: &weir_nats::StoredMessage| key_and_part(message).is_some();
+        for message in broker.read_since(&stream, subjects, since, ours).await? {
+            let (key, part) = key_and_part(&message).expect("kept for its id");
             live.entry(key).or_default().push(StoredPart {
                 part,
                 subject: message.subject,

@@ -434,4 +434,14 @@ async fn sighup_swaps_a_changed_plugin_between_batches_and_keeps_the_old_one_whe
         "no input ran twice: {}",
         log_tail(&log)
     );
+    // With the admin port off, deploy installs the file and says how to swap it in.
+    let rolled_back = deploy(&config, &plugin("orders"));
+    assert!(rolled_back.status.success(), "{}", printed(&rolled_back));
+    assert!(
+        printed(&rolled_back).contains("send SIGHUP to the running weir"),
+        "{}",
+        printed(&rolled_back)
+    );
+    assert_eq!(sha256_of(&plugin_file), old);
+    assert_eq!(sha256_of(&dir.path().join("plugin.wasm.previous")), new);
 }

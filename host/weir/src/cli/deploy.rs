@@ -111,7 +111,17 @@ pub async fn deploy(target: PipelineArgs, candidate: PathBuf) -> Result<(), crat
             install(&plugin_file, None, &installed)?;
             format!("{} is restored", plugin_file.display())
         }
-        _ => format!("{} stays as it is", plugin_file.display()),
+        Some(_) => format!("{} stays as it is", plugin_file.display()),
+        // There was no plugin file: there is none again.
+        None => {
+            std::fs::remove_file(&plugin_file).map_err(|e| {
+                crate::Error::Usage(format!(
+                    "cannot remove the refused plugin {}: {e}",
+                    plugin_file.display()
+                ))
+            })?;
+            format!("{} is removed again", plugin_file.display())
+        }
     };
     Err(crate::Error::Usage(format!(
         "the running weir refused the new plugin: {refusal}. It keeps serving the old one, and {restored}"
