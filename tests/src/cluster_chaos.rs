@@ -456,10 +456,20 @@ pub fn partitioned_orders_config(urls: &str, partitions: u32, ttl_secs: u64) -> 
 /// The R3 input stream, partitioned `partitions` ways by customer (`orders.in.<customer>`),
 /// and the R3 output stream that holds outputs, dead letters and progress markers.
 pub async fn create_partitioned_orders_streams(js: &jetstream::Context, partitions: u32) {
+    create_partitioned_orders_streams_of(js, partitions, 3).await;
+}
+
+/// [`create_partitioned_orders_streams`] with `replicas` replicas each (1 on a single
+/// server).
+pub async fn create_partitioned_orders_streams_of(
+    js: &jetstream::Context,
+    partitions: u32,
+    replicas: usize,
+) {
     js.create_stream(jetstream::stream::Config {
         name: "ORDERS".into(),
         subjects: vec!["orders.in.*".into()],
-        num_replicas: 3,
+        num_replicas: replicas,
         subject_transform: Some(jetstream::stream::SubjectTransform {
             source: "orders.in.*".into(),
             destination: format!("{{{{partition({partitions},1)}}}}.orders.in.{{{{wildcard(1)}}}}"),
@@ -468,9 +478,12 @@ pub async fn create_partitioned_orders_streams(js: &jetstream::Context, partitio
     })
     .await
     .expect("the partitioned input stream");
-    js.create_stream(partitioned_output_stream())
-        .await
-        .expect("the output stream");
+    js.create_stream(jetstream::stream::Config {
+        num_replicas: replicas,
+        ..partitioned_output_stream()
+    })
+    .await
+    .expect("the output stream");
 }
 
 /// The orders pipeline's output stream, partitioned: outputs, dead letters and progress

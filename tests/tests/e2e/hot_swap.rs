@@ -189,23 +189,7 @@ async fn orders_metric_sum(admin: &str, metric: &str) -> f64 {
 async fn a_deploy_under_load_switches_each_partition_once_and_a_bad_plugin_is_refused() {
     let server = NatsServer::start();
     let js = server.jetstream().await;
-    js.create_stream(jetstream::stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.in.*".into()],
-        subject_transform: Some(jetstream::stream::SubjectTransform {
-            source: "orders.in.*".into(),
-            destination: "{{partition(3,1)}}.orders.in.{{wildcard(1)}}".into(),
-        }),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    js.create_stream(jetstream::stream::Config {
-        num_replicas: 1,
-        ..cluster_chaos::partitioned_output_stream()
-    })
-    .await
-    .unwrap();
+    cluster_chaos::create_partitioned_orders_streams_of(&js, 3, 1).await;
     let dir = tempfile::tempdir().unwrap();
     // The pipeline's own plugin file, which deploy replaces.
     let plugin_file = dir.path().join("plugin.wasm");

@@ -271,23 +271,7 @@ async fn a_replay_killed_three_times_and_started_again_publishes_each_output_onc
 async fn a_partitioned_pipelines_range_is_replayed_across_its_partitions_once() {
     let server = NatsServer::start();
     let js = server.jetstream().await;
-    js.create_stream(jetstream::stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.in.*".into()],
-        subject_transform: Some(jetstream::stream::SubjectTransform {
-            source: "orders.in.*".into(),
-            destination: "{{partition(3,1)}}.orders.in.{{wildcard(1)}}".into(),
-        }),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    js.create_stream(jetstream::stream::Config {
-        num_replicas: 1,
-        ..cluster_chaos::partitioned_output_stream()
-    })
-    .await
-    .unwrap();
+    cluster_chaos::create_partitioned_orders_streams_of(&js, 3, 1).await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("weir.toml");
     std::fs::write(
