@@ -427,7 +427,7 @@ impl Drop for WeirProcess {
 /// source port from: a port found free in that range (as binding port 0 finds one) can be
 /// taken by any client's connection before the server binds it, and the server then never
 /// listens. Each call in a process tries the next port of a sequence that starts at a
-/// place of this process's own, so that two tests never pick one port.
+/// place of this process's own, so that two tests of one process never pick one port.
 pub fn free_port() -> u16 {
     static TRIED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let ephemeral_from: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")

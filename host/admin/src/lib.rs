@@ -52,6 +52,9 @@ pub enum AdminError {
     },
     #[error("cannot read {url}: {reason} (is `weir run` running with its admin port there?)")]
     Fetch { url: String, reason: String },
+    /// Connected, and no answer came in time: the request may still be under way.
+    #[error("{url} did not answer within {} s", waited.as_secs())]
+    NoAnswer { url: String, waited: Duration },
 }
 
 /// What a pipeline's plugin is, once it is loaded.
@@ -205,7 +208,7 @@ pub enum ReloadOutcome {
     Swapped { from: String, to: String },
     /// The new plugin cannot run, for `reason`: the old one keeps serving.
     Refused { reason: String },
-    /// It has not started yet: it loads its plugin file as it starts.
+    /// None of its partitions serves yet: each runs the new plugin once started.
     Starting,
 }
 
@@ -500,8 +503,11 @@ struct ReloadQuery {
 /// 200 when every pipeline asked for runs the plugin its file holds, 422 otherwise (the
 /// report says why).
 async fn reload(State(admin): State<Arc<Admin>>, Query(query): Query<ReloadQuery>) -> Response {
-    let report = match &admin.reload {
-        Some(reload) => reload.reload(query.pipeline).await,
+    let report = match admin.reload.clone() {
+        // On a task of its own: a client that goes away does not cancel a reload half done.
+        Some(reload) => tokio::spawn(async move { reload.reload(query.pipeline).await })
+            .await
+            .unwrap_or_else(|e| ReloadReport::failed(format!("the reload failed: {e}"))),
         None => ReloadReport::failed("this process does not reload plugins".into()),
     };
     let code = match report.succeeded() {
@@ -548,10 +554,14 @@ async fn exchange(
         url: url.clone(),
         reason,
     };
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(host),
+    )
+    .await
+    .map_err(|_elapsed| failed("no connection within 10 s".into()))?
+    .map_err(|e| failed(e.to_string()))?;
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(host)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
         let request =
             format!("{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n");
         stream
@@ -567,7 +577,10 @@ async fn exchange(
     };
     let response = tokio::time::timeout(patience, exchange)
         .await
-        .map_err(|_elapsed| failed(format!("no answer within {} s", patience.as_secs())))??;
+        .map_err(|_elapsed| AdminError::NoAnswer {
+            url: url.clone(),
+            waited: patience,
+        })??;
     let response = String::from_utf8_lossy(&response);
     let (head, body) = response
         .split_once("\r\n\r\n")

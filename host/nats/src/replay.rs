@@ -198,18 +198,21 @@ impl Broker {
         mut keep: impl FnMut(&StoredMessage) -> bool + Send,
     ) -> Result<Vec<StoredMessage>, BrokerError> {
         let action = format!("cannot read stream {stream:?}");
+        // Looking the stream up fetches its info: what it holds now is what is read, not
+        // what is stored while reading.
         let handle = self
             .jetstream
             .get_stream(stream)
             .await
             .map_err(|e| BrokerError::jetstream(action.clone(), e))?;
+        let last = handle.cached_info().state.last_sequence;
         let config = pull::Config {
             deliver_policy: DeliverPolicy::ByStartTime { start_time: since },
             filter_subjects: subjects,
             ..reader_config()
         };
         let mut kept = Vec::new();
-        self.read_to_end(&handle, config, &action, u64::MAX, |message| {
+        self.read_to_end(&handle, config, &action, last, |message| {
             let info = message
                 .info()
                 .map_err(|e| BrokerError::jetstream(action.clone(), e))?;
@@ -264,8 +267,13 @@ impl Broker {
                 received = true;
                 sink(message)?;
             }
+            // Nothing within the wait: what was pending may have been removed meanwhile
+            // (retention, a replayed dead letter).
             if !received {
-                return Err(cannot(&"the server sent nothing"));
+                remaining = reader.info().await.map_err(|e| cannot(&e))?.num_pending;
+                if remaining > 0 {
+                    return Err(cannot(&"the server sent nothing"));
+                }
             }
         }
         let name = reader.cached_info().name.clone();

@@ -19,10 +19,13 @@ use crate::Error;
 use crate::config::{ValidConfig, ValidPipeline};
 use crate::pipeline::{output_policy, publishable};
 
+/// How much earlier than its first input the range's outputs are looked for.
+const CLOCK_MARGIN: time::Duration = time::Duration::seconds(60);
+
 /// Which recorded inputs to run the candidate on.
 #[derive(Debug, Clone, Copy)]
 pub enum DiffRange {
-    /// The last this many of the input stream.
+    /// The last this many sequences of the input stream.
     Last(u64),
     /// Stream sequences, both included.
     Sequences(u64, u64),
@@ -55,6 +58,11 @@ pub struct DiffReport {
     pub changes: BTreeMap<Change, usize>,
     /// Inputs the live pipeline has not processed yet: not compared.
     pub not_yet_live: usize,
+    /// With `dedup = "msg-id"`: inputs with the id of an earlier one (processed once, as
+    /// that one), and inputs none of whose outputs were found (a repeat of an input before
+    /// the range, or outputs the stream no longer holds): not compared.
+    pub repeats: usize,
+    pub not_found: usize,
     /// Every input that differs, in stream order.
     pub differences: Vec<Difference>,
 }
@@ -129,14 +137,20 @@ pub async fn diff(
             let transform = stored.input.transform_input(key);
             Published::of_outcome(&policy, &transform, &lineage, outcome)
         });
+    // Outputs are stored after their inputs, by another stream, perhaps on another node
+    // whose clock is a little off.
     let since = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(
         inputs[0].input.published_unix_ns,
     ))
-    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    .map_or(time::OffsetDateTime::UNIX_EPOCH, |stored| {
+        stored - CLOCK_MARGIN
+    });
+    // Read before the outputs: an input at or below its floor has all its outputs stored
+    // before the outputs are read.
+    let floors = ack_floors(&broker, pipeline, &inputs).await;
     let mut live = live_messages(&broker, pipeline, &keys, since)
         .await
         .map_err(broker_error)?;
-    let floors = ack_floors(&broker, pipeline, &inputs).await;
     let mut report = DiffReport {
         pipeline: settings.name.clone(),
         stream: input.stream.clone(),
@@ -148,13 +162,27 @@ pub async fn diff(
         live_plugins: BTreeMap::new(),
         changes: BTreeMap::new(),
         not_yet_live: 0,
+        repeats: 0,
+        not_found: 0,
         differences: Vec::new(),
     };
+    let by_msg_id = settings.dedup == weir_core::input::DedupMode::MsgId;
+    let mut seen = std::collections::HashSet::new();
     for ((stored, key), candidate) in inputs.iter().zip(&keys).zip(candidates) {
         let sequence = stored.input.stream_sequence;
-        let parts = live.remove(key).unwrap_or_default();
-        if parts.is_empty() && sequence > floors.get(&stored.partition).copied().unwrap_or(0) {
+        if sequence > floors.get(&stored.partition).copied().unwrap_or(0) {
             report.not_yet_live += 1;
+            continue;
+        }
+        if !seen.insert(key) {
+            report.repeats += 1;
+            continue;
+        }
+        let parts = live.remove(key).unwrap_or_default();
+        // Without outputs, an input keyed by its own sequence was transformed into none;
+        // one keyed by a producer's id may have been a repeat of one before the range.
+        if parts.is_empty() && by_msg_id {
+            report.not_found += 1;
             continue;
         }
         if let Some(sha256) = parts.first().and_then(|part| header(part, PLUGIN_SHA256)) {

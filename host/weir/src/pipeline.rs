@@ -451,7 +451,6 @@ impl Pipeline {
     }
 }
 
-/// The error a pipeline stopped with, for a fault retrying cannot heal.
 /// What `config`'s plugin may publish. A partitioned pipeline commits an input's outputs
 /// with the marker (and, with state, its key's state) in one atomic batch.
 pub(crate) fn output_policy(
@@ -482,6 +481,7 @@ pub(crate) fn publishable(max_payload: usize, stream_limit: Option<usize>) -> us
         .unwrap_or(MAX_STORED_MESSAGE)
 }
 
+/// The error a pipeline stopped with, for a fault retrying cannot heal.
 fn stopped_by(pipeline: String, fatal: Fatal) -> Error {
     match fatal {
         Fatal::Store(source) => Error::Stopped { pipeline, source },

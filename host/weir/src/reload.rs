@@ -9,7 +9,7 @@
 //! Only the plugins reload: other settings that changed in the file are reported as
 //! needing a restart, and the limits a plugin runs under stay those weir started with.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -48,9 +48,10 @@ struct Reloadable {
     started: ValidPipeline,
     /// Its partitions' plugins, as each starts.
     serving: Vec<Serving>,
-    /// What the last reload swapped in: a partition that was still loading the plugin
-    /// before it gets this one as it starts serving.
-    swapped_in: Option<Plugin>,
+    /// The plugin every partition is to run: the first to serve's, then each reload's. A
+    /// partition that loaded another (its file changed meanwhile) gets this one as it
+    /// starts serving.
+    plugin: Option<Plugin>,
 }
 
 /// Every pipeline's plugins, and the reloading of them.
@@ -75,7 +76,7 @@ impl Reloader {
                 let reloadable = Reloadable {
                     started: pipeline.clone(),
                     serving: Vec::new(),
-                    swapped_in: None,
+                    plugin: None,
                 };
                 (pipeline.config().name.clone(), reloadable)
             })
@@ -114,10 +115,12 @@ impl Reloader {
             thread_share,
             watched,
         };
-        if let Some(plugin) = &reloadable.swapped_in
-            && slot_sha256(&serving.slot) != plugin.sha256()
-        {
-            swap(&serving, plugin);
+        match &reloadable.plugin {
+            Some(plugin) if slot_sha256(&serving.slot) != plugin.sha256() => {
+                swap(&serving, plugin);
+            }
+            Some(_) => {}
+            None => reloadable.plugin = Some((*serving.slot.current()).clone()),
         }
         reloadable.serving.push(serving);
     }
@@ -188,21 +191,11 @@ impl Reloader {
         }
     }
 
-    /// Loads and checks the plugin `now` names for pipeline `name`, and swaps it in if it
-    /// is another than the one running.
+    /// Loads and checks the plugin `now` names for pipeline `name`, and makes it the one
+    /// every partition runs: those serving another from their next batch, those still
+    /// starting as they start.
     async fn reload_pipeline(&self, name: &str, now: &ValidPipeline) -> ReloadOutcome {
-        let (started, running) = {
-            let pipelines = lock(&self.pipelines);
-            let reloadable = &pipelines[name];
-            let running = reloadable
-                .serving
-                .first()
-                .map(|serving| slot_sha256(&serving.slot));
-            (reloadable.started.clone(), running)
-        };
-        let Some(running) = running else {
-            return ReloadOutcome::Starting;
-        };
+        let started = lock(&self.pipelines)[name].started.clone();
         let path = now.config().plugin.clone();
         // Compiling blocks (for seconds, for a large component): on a thread of its own,
         // under the limits weir started with, which its engine is sized for.
@@ -222,35 +215,46 @@ impl Reloader {
             };
             return refused(name, reason.to_string());
         }
-        if plugin.sha256() == running {
-            return ReloadOutcome::Unchanged { sha256: running };
-        }
+        let to = plugin.sha256().to_owned();
         let mut pipelines = lock(&self.pipelines);
         let reloadable = pipelines
             .get_mut(name)
             .expect("a pipeline weir started with");
+        let mut replaced = BTreeSet::new();
         for serving in &reloadable.serving {
-            swap(serving, &plugin);
+            let running = slot_sha256(&serving.slot);
+            if running != to {
+                swap(serving, &plugin);
+                replaced.insert(running);
+            }
         }
+        let starting = reloadable.serving.is_empty();
+        reloadable.plugin = Some(plugin);
+        if starting {
+            return ReloadOutcome::Starting;
+        }
+        let Some(from) = replaced.first().cloned() else {
+            return ReloadOutcome::Unchanged { sha256: to };
+        };
         tracing::info!(
             pipeline = name,
-            from = %running,
-            to = plugin.sha256(),
+            from = %from,
+            to = %to,
             plugin = %now.config().plugin.display(),
             "plugin swapped: each partition runs the new one from its next batch"
         );
-        let to = plugin.sha256().to_owned();
-        reloadable.swapped_in = Some(plugin);
-        // Its compiled code goes once the batches in hand are done with it, unless another
+        // Replaced code goes once the batches in hand are done with it, unless another
         // pipeline runs it too.
-        let still_run = pipelines
-            .values()
-            .flat_map(|reloadable| &reloadable.serving)
-            .any(|serving| slot_sha256(&serving.slot) == running);
-        if !still_run {
-            self.sandbox.release(&running);
+        for running in &replaced {
+            let still_run = pipelines
+                .values()
+                .flat_map(|reloadable| &reloadable.serving)
+                .any(|serving| slot_sha256(&serving.slot) == *running);
+            if !still_run {
+                self.sandbox.release(running);
+            }
         }
-        ReloadOutcome::Swapped { from: running, to }
+        ReloadOutcome::Swapped { from, to }
     }
 }
 

@@ -247,6 +247,31 @@ async fn a_deploy_under_load_switches_each_partition_once_and_a_bad_plugin_is_re
     );
     std::fs::copy(plugin("orders"), &plugin_file).unwrap();
 
+    // Refused by the running weir after deploy's own check passed (its configuration names
+    // a pipeline this weir does not run): both files are put back as they were.
+    let drifted = dir.path().join("drifted.toml");
+    std::fs::write(
+        &drifted,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("name = \"orders\"", "name = \"orders2\""),
+    )
+    .unwrap();
+    let refused = deploy(&drifted, &plugin("hostile"));
+    assert_eq!(refused.status.code(), Some(2), "{}", printed(&refused));
+    assert!(
+        printed(&refused).contains(
+            "the running weir refused the new plugin: this weir runs no pipeline \"orders2\""
+        ),
+        "{}",
+        printed(&refused)
+    );
+    assert_eq!(sha256_of(&plugin_file), old, "the plugin file is as it was");
+    assert!(
+        !dir.path().join("plugin.wasm.previous").exists(),
+        ".previous is as it was: absent"
+    );
+
     // The fix, deployed while inputs flow.
     let deployed = deploy(&config, &plugin("hostile"));
     assert!(deployed.status.success(), "{}", printed(&deployed));
@@ -298,7 +323,11 @@ async fn a_deploy_under_load_switches_each_partition_once_and_a_bad_plugin_is_re
         payloads.len() as f64,
         "no input ran twice"
     );
-    // The diff of the new plugin against what ran: the same exactly where it ran.
+    // The diff of the new plugin against what ran: the same exactly where it ran (once
+    // every input is acked, as the diff compares only those).
+    for partition in 0..3 {
+        wait_until_drained(&js, "ORDERS", &format!("weir-p{partition}")).await;
+    }
     let by_new = made
         .values()
         .filter(|made| made.plugins.contains(&new))
@@ -428,4 +457,80 @@ async fn sighup_swaps_a_changed_plugin_between_batches_and_keeps_the_old_one_whe
     );
     assert_eq!(sha256_of(&plugin_file), old);
     assert_eq!(sha256_of(&dir.path().join("plugin.wasm.previous")), new);
+}
+
+/// A reload while the pipeline is still starting: each partition that loaded the old file
+/// before it changed runs the reloaded plugin as soon as it serves, so that all run one;
+/// a reload of the same file then changes nothing, and of another swaps every partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_that_start_serving_after_a_reload_run_the_reloaded_plugin() {
+    use std::sync::Arc;
+    use weir_admin::ReloadOutcome;
+    use weir_core::ports::PluginSlot;
+
+    let dir = tempfile::tempdir().unwrap();
+    let plugin_file = dir.path().join("plugin.wasm");
+    std::fs::copy(plugin("orders"), &plugin_file).unwrap();
+    let config = PipelineToml::orders(
+        "nats://127.0.0.1:4222",
+        &plugin_file,
+        &dir.path().join("store"),
+    )
+    .write(dir.path(), "weir.toml");
+    let config = weir::Config::load(&config).unwrap();
+    let sandbox = Arc::new(
+        weir_sandbox::Sandbox::new(
+            config.sandbox(),
+            config.largest_memory_limit(),
+            weir_sandbox::Compiler::InThisProcess,
+        )
+        .unwrap(),
+    );
+    let reloader = weir::reload::Reloader::new(&config, sandbox.clone());
+    let limits = config.pipelines()[0].config().limits.clone();
+    // What two partitions loaded as they started, before the file changed.
+    let loaded = sandbox.load(&plugin_file, &limits).unwrap();
+    let (old, new) = (sha256_of(&plugin("orders")), sha256_of(&plugin("hostile")));
+    std::fs::copy(plugin("hostile"), &plugin_file).unwrap();
+    let outcome = |report: weir_admin::ReloadReport| {
+        assert!(report.error.is_none(), "{report:?}");
+        report.pipelines[0].outcome.clone()
+    };
+    assert_eq!(
+        outcome(reloader.reload(Some("orders".into())).await),
+        ReloadOutcome::Starting
+    );
+    let watched = || {
+        let metrics = weir_core::metrics::Metrics::default().pipeline("orders");
+        Arc::new(weir_admin::Watched::new("orders".into(), None, metrics))
+    };
+    let partitions = [
+        Arc::new(PluginSlot::new(loaded.clone())),
+        Arc::new(PluginSlot::new(loaded)),
+    ];
+    for slot in &partitions {
+        reloader.serving("orders", slot.clone(), 1, watched());
+        assert_eq!(
+            slot.current().sha256(),
+            new,
+            "it serves the reloaded plugin"
+        );
+    }
+    assert_eq!(
+        outcome(reloader.reload(None).await),
+        ReloadOutcome::Unchanged {
+            sha256: new.clone()
+        }
+    );
+    std::fs::copy(plugin("orders"), &plugin_file).unwrap();
+    assert_eq!(
+        outcome(reloader.reload(None).await),
+        ReloadOutcome::Swapped {
+            from: new,
+            to: old.clone()
+        }
+    );
+    for slot in &partitions {
+        assert_eq!(slot.current().sha256(), old);
+    }
 }

@@ -4,8 +4,8 @@
 //! The candidate is checked here first, as weir checks a plugin at start; then it replaces
 //! the plugin file in one rename (the file it replaces kept beside it as `.previous`), so
 //! that a restart runs it too; then the running weir is asked, on its admin port, to reload
-//! that one pipeline. If the running weir refuses it, the previous file is put back, so that
-//! what runs and what a restart would run stay the same.
+//! that one pipeline. If the running weir refuses it, the files are put back as they were,
+//! so that what runs and what a restart would run stay the same.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -31,8 +31,11 @@ pub async fn deploy(target: PipelineArgs, candidate: PathBuf) -> Result<(), crat
     let bytes = std::fs::read(&candidate)
         .map_err(|e| crate::Error::Usage(format!("cannot read {}: {e}", candidate.display())))?;
     check(&config, &pipeline, &candidate)?;
-    let installed = std::fs::read(&plugin_file).ok();
+    let installed = read_if_present(&plugin_file)?;
     let previous = previous_path(&plugin_file);
+    // What `.previous` held, put back if the running weir refuses (it may be the candidate:
+    // a rollback).
+    let kept_before = read_if_present(&previous)?;
     match installed.as_deref() == Some(bytes.as_slice()) {
         true => println!(
             "{} already holds this plugin; asking the running weir to reload it",
@@ -64,6 +67,11 @@ pub async fn deploy(target: PipelineArgs, candidate: PathBuf) -> Result<(), crat
     let path = format!("/reload?pipeline={name}");
     let (code, body) = match weir_admin::post(admin, &path, patience(&config)).await {
         Ok(answer) => answer,
+        Err(error @ weir_admin::AdminError::NoAnswer { .. }) => {
+            return Err(crate::Error::Engine(format!(
+                "{error}: its reload may still be under way, and the new plugin file stays installed; `weir status` shows the plugin each pipeline runs"
+            )));
+        }
         Err(error) => {
             println!(
                 "no running weir answered ({error}): a weir started from {} runs the new plugin",
@@ -107,20 +115,13 @@ pub async fn deploy(target: PipelineArgs, candidate: PathBuf) -> Result<(), crat
         (None, None) => format!("{admin} did not say what became of pipeline {name}"),
     };
     let restored = match installed {
-        Some(installed) if installed != bytes => {
-            install(&plugin_file, None, &installed)?;
-            format!("{} is restored", plugin_file.display())
+        Some(installed) if installed == bytes => {
+            format!("{} stays as it is", plugin_file.display())
         }
-        Some(_) => format!("{} stays as it is", plugin_file.display()),
-        // There was no plugin file: there is none again.
-        None => {
-            std::fs::remove_file(&plugin_file).map_err(|e| {
-                crate::Error::Usage(format!(
-                    "cannot remove the refused plugin {}: {e}",
-                    plugin_file.display()
-                ))
-            })?;
-            format!("{} is removed again", plugin_file.display())
+        installed => {
+            put_back(&plugin_file, installed.as_deref())?;
+            put_back(&previous, kept_before.as_deref())?;
+            format!("{} is as it was", plugin_file.display())
         }
     };
     Err(crate::Error::Usage(format!(
@@ -222,6 +223,33 @@ fn install(file: &Path, keep: Option<&PathBuf>, bytes: &[u8]) -> Result<(), crat
         let _ = dir.sync_all();
     }
     Ok(())
+}
+
+/// The bytes of `file`, or `None` if there is no such file.
+fn read_if_present(file: &Path) -> Result<Option<Vec<u8>>, crate::Error> {
+    match std::fs::read(file) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(crate::Error::Usage(format!(
+            "cannot read {}: {e}",
+            file.display()
+        ))),
+    }
+}
+
+/// Makes `file` hold `bytes` again, or not exist if it did not.
+fn put_back(file: &Path, bytes: Option<&[u8]>) -> Result<(), crate::Error> {
+    match bytes {
+        Some(bytes) => install(file, None, bytes),
+        None => match std::fs::remove_file(file) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(crate::Error::Usage(format!(
+                "cannot remove {} again: {e}",
+                file.display()
+            ))),
+        },
+    }
 }
 
 fn previous_path(file: &Path) -> PathBuf {

@@ -69,12 +69,23 @@ fn render(report: &DiffReport, candidate: &std::path::Path, show: usize) -> Stri
     if !kinds.is_empty() {
         let _ = write!(out, " ({})", kinds.join(", "));
     }
-    if report.not_yet_live > 0 {
-        let _ = write!(
-            out,
-            "; {} not yet processed by the live pipeline, not compared",
-            report.not_yet_live
-        );
+    let not_compared: Vec<String> = [
+        (
+            report.not_yet_live,
+            "not yet processed by the live pipeline",
+        ),
+        (report.repeats, "with the msg-id of an earlier input"),
+        (
+            report.not_found,
+            "with no live outputs found (msg-id dedup)",
+        ),
+    ]
+    .into_iter()
+    .filter(|(count, _)| *count > 0)
+    .map(|(count, why)| format!("{count} {why}"))
+    .collect();
+    if !not_compared.is_empty() {
+        let _ = write!(out, "; not compared: {}", not_compared.join(", "));
     }
     let _ = writeln!(out, "\nnothing was published");
     if report.differences.is_empty() {
@@ -213,6 +224,8 @@ mod tests {
             live_plugins: BTreeMap::from([("cd".repeat(32), 2)]),
             changes: BTreeMap::from([(Change::Same, 1), (Change::Outputs, 1)]),
             not_yet_live: 0,
+            repeats: 0,
+            not_found: 0,
             differences: vec![Difference {
                 sequence: 2,
                 subject: "in.a".into(),

@@ -155,7 +155,7 @@ enum PluginCommand {
         target: PipelineArgs,
         /// The candidate component (`.wasm`).
         file: PathBuf,
-        /// The last N inputs of the input stream (without a range: the last 100).
+        /// The inputs among the input stream's last N sequences (without a range: 100).
         #[arg(long, value_name = "N", conflicts_with_all = ["from_seq", "to_seq"])]
         last: Option<u64>,
         /// The first stream sequence of the range.
@@ -341,14 +341,10 @@ fn exit_code(error: &crate::Error) -> u8 {
 async fn run(config_path: PathBuf) -> Result<(), crate::Error> {
     // Installed before anything else, so that a signal during start-up stops weir cleanly
     // too.
-    let signals = signals();
+    let signals = signals(true);
     let config = crate::Config::load(&config_path)?;
     let (shutdown, reloads) = (CancellationToken::new(), crate::ReloadRequests::default());
-    tokio::spawn(answer_signals(
-        signals,
-        shutdown.clone(),
-        Some(reloads.clone()),
-    ));
+    tokio::spawn(answer_signals(signals, shutdown.clone(), reloads.clone()));
     let report = crate::run(config, crate::own_compiler()?, shutdown, reloads).await?;
     for (pipeline, stats) in report.pipelines {
         tracing::info!(
@@ -447,21 +443,22 @@ impl PipelineArgs {
     }
 }
 
-/// The handlers of the signals `weir run` answers.
+/// The handlers of the signals a command answers.
 struct Signals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
-    hangup: tokio::signal::unix::Signal,
+    /// `weir run`'s only: elsewhere SIGHUP keeps its default, ending the process.
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
-/// SIGINT's, SIGTERM's and SIGHUP's handlers, from now on; `None` (and an error logged) if
-/// they cannot be installed.
-fn signals() -> Option<Signals> {
+/// SIGINT's and SIGTERM's handlers, and SIGHUP's if `hangup`, from now on; `None` (and an
+/// error logged) if they cannot be installed.
+fn signals(hangup: bool) -> Option<Signals> {
     use tokio::signal::unix::{SignalKind, signal};
     match (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
+        hangup.then(|| signal(SignalKind::hangup())).transpose(),
     ) {
         (Ok(interrupt), Ok(terminate), Ok(hangup)) => Some(Signals {
             interrupt,
@@ -477,24 +474,27 @@ fn signals() -> Option<Signals> {
     }
 }
 
-/// Asks `reloads` for a plugin reload on each SIGHUP (ignored without); fires `shutdown`
-/// on the first SIGINT or SIGTERM, and exits at once on the second.
+/// Asks `reloads` for a plugin reload on each SIGHUP (when its handler is installed);
+/// fires `shutdown` on the first SIGINT or SIGTERM, and exits at once on the second.
 async fn answer_signals(
     signals: Option<Signals>,
     shutdown: CancellationToken,
-    reloads: Option<crate::ReloadRequests>,
+    reloads: crate::ReloadRequests,
 ) {
     let Some(mut signals) = signals else {
         return;
     };
     let mut stops = 0;
     loop {
+        let hangup = async {
+            match &mut signals.hangup {
+                Some(hangup) => hangup.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = signals.hangup.recv() => {
-                match &reloads {
-                    Some(reloads) => reloads.request(),
-                    None => tracing::info!("SIGHUP ignored: only `weir run` reloads plugins"),
-                }
+            _ = hangup => {
+                reloads.request();
                 continue;
             }
             _ = signals.interrupt.recv() => {}

@@ -53,7 +53,7 @@ pub struct ReplayArgs {
 }
 
 pub async fn run(args: ReplayArgs) -> Result<(), crate::Error> {
-    let signals = super::signals();
+    let signals = super::signals(false);
     let (config, pipeline) = args.target.load_valid()?;
     let config_dir = args
         .target
@@ -88,7 +88,11 @@ pub async fn run(args: ReplayArgs) -> Result<(), crate::Error> {
         return Ok(());
     }
     let shutdown = CancellationToken::new();
-    tokio::spawn(super::answer_signals(signals, shutdown.clone(), None));
+    tokio::spawn(super::answer_signals(
+        signals,
+        shutdown.clone(),
+        crate::ReloadRequests::default(),
+    ));
     let (run, first, last) = (plan.run.clone(), plan.first, plan.last);
     let first = first.map_or(last + 1, |first| first.sequence);
     let shown = Progress::new(first, last);
