@@ -792,16 +792,22 @@ pub fn publish_spread_through_elections(
                         .payload(payloads[input].clone().into());
                     sent.push((input, js.send_publish(subject(input), publish).await));
                 }
-                let mut failed = Vec::new();
-                for (input, sent) in sent {
-                    let acked = match sent {
-                        Ok(ack) => ack.await.is_ok(),
-                        Err(_) => false,
-                    };
-                    if !acked {
-                        failed.push(input);
-                    }
-                }
+                // Awaited together: each ack's timeout runs from its first poll, so acks
+                // lost to an election awaited one by one would cost 5 s each.
+                let acked =
+                    futures::future::join_all(sent.into_iter().map(|(input, sent)| async move {
+                        let acked = match sent {
+                            Ok(ack) => ack.await.is_ok(),
+                            Err(_) => false,
+                        };
+                        (input, acked)
+                    }))
+                    .await;
+                let failed: Vec<usize> = acked
+                    .into_iter()
+                    .filter(|(_, acked)| !acked)
+                    .map(|(input, _)| input)
+                    .collect();
                 if !failed.is_empty() {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }

@@ -1514,6 +1514,9 @@ pub enum PublishFailure {
         #[source]
         source: jetstream::context::PublishError,
     },
+    /// Not sent, because an earlier message of its window could not be: retry later.
+    #[error("publish to {subject:?} not sent: an earlier one could not be ({reason})")]
+    Unsent { subject: String, reason: String },
 }
 
 impl PublishFailure {
@@ -1543,7 +1546,9 @@ impl ports::Publisher for Publisher {
             .map(|result| {
                 result.map_err(|failure| match failure {
                     PublishFailure::Refused { .. } => PublishError::Refused(failure.to_string()),
-                    PublishFailure::Failed { .. } => PublishError::Failed(failure.to_string()),
+                    PublishFailure::Failed { .. } | PublishFailure::Unsent { .. } => {
+                        PublishError::Failed(failure.to_string())
+                    }
                 })
             })
             .collect()
@@ -2009,6 +2014,7 @@ impl Publisher {
         messages: &[&OutboundMessage],
     ) -> Vec<Result<(), PublishFailure>> {
         let mut acks = Vec::with_capacity(messages.len());
+        let mut unsent = None;
         for message in messages {
             let publish = PublishMessage::build()
                 .headers(publish_headers(message))
@@ -2017,6 +2023,10 @@ impl Publisher {
                 .jetstream
                 .send_publish(message.subject.clone(), publish)
                 .await;
+            // A send that fails (the client's queue stayed full for its whole timeout: the
+            // server is away) fails the rest of the window at once, rather than each
+            // message after a timeout of its own, one after another.
+            let failed = sent.as_ref().err().map(ToString::to_string);
             acks.push(async move {
                 let ack = sent.map_err(|e| PublishFailure::of(&message.subject, e))?;
                 ack.into_future()
@@ -2024,8 +2034,21 @@ impl Publisher {
                     .map(|_| ())
                     .map_err(|e| PublishFailure::of(&message.subject, e))
             });
+            if failed.is_some() {
+                unsent = failed;
+                break;
+            }
         }
-        futures::future::join_all(acks).await
+        let mut results = futures::future::join_all(acks).await;
+        if let Some(reason) = unsent {
+            results.extend(messages[results.len()..].iter().map(|message| {
+                Err(PublishFailure::Unsent {
+                    subject: message.subject.clone(),
+                    reason: reason.clone(),
+                })
+            }));
+        }
+        results
     }
 }
 
