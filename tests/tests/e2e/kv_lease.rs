@@ -105,7 +105,11 @@ async fn a_kv_key_with_a_ttl_serves_as_a_lease_renewed_by_compare_and_set() {
     let taken = write_lease(&js, "b", marker)
         .await
         .expect("an expired lease is taken");
-    assert_eq!(lease(&store).await, (Some("b".to_owned()), taken));
+    // As for the renewals above: a replica a moment behind catches up.
+    wait_for("b's take to be read", Duration::from_secs(5), || async {
+        lease(&store).await == (Some("b".to_owned()), taken)
+    })
+    .await;
     wait_for("b's lease to expire", Duration::from_secs(10), || async {
         lease(&store).await.0.is_none()
     })
