@@ -71,11 +71,7 @@ impl Broker {
             .create_consumer(pull::Config {
                 deliver_policy,
                 filter_subject: input.subject.clone(),
-                ack_policy: jetstream::consumer::AckPolicy::None,
-                inactive_threshold: Duration::from_secs(10),
-                memory_storage: true,
-                num_replicas: 1,
-                ..Default::default()
+                ..reader_config()
             })
             .await
             .map_err(|e| cannot(&e))?;
@@ -139,9 +135,7 @@ impl Broker {
         let info = self.existing_consumer(&stream, input).await?;
         Ok(info.map(|info| info.config.description))
     }
-}
 
-impl Broker {
     /// The inputs of `input`'s stream matching its subject filter, from sequence `first` to
     /// `last`, as the pipeline sees them (a partitioned stream's partition token stripped
     /// from the subject when `input.strip_partition`, and kept as the partition).

@@ -87,14 +87,8 @@ async fn check_pipeline(
                 .load(&pipeline.plugin, &pipeline.limits)
                 .map_err(|e| e.to_string())
                 .and_then(|plugin| {
-                    // As `weir run` refuses it.
-                    if pipeline.state.is_some() && plugin.contract() == weir_sandbox::V1_EXPORT {
-                        return Err(crate::StartError::StatelessPlugin {
-                            plugin: pipeline.plugin.clone(),
-                            contract: plugin.contract(),
-                        }
-                        .to_string());
-                    }
+                    crate::StartError::unless_contract_fits(pipeline, &pipeline.plugin, &plugin)
+                        .map_err(|unfit| unfit.to_string())?;
                     Ok(format!(
                         "{} (sha256 {}, {})",
                         pipeline.plugin.display(),

@@ -6,7 +6,7 @@
 //! each input.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use weir_core::diff::{Change, Published, StoredPart, compare};
 use weir_core::input::dedup_key;
@@ -116,7 +116,14 @@ pub async fn diff(
         .iter()
         .map(|stored| dedup_key(settings.dedup, &input.stream, &stored.input))
         .collect();
-    let plugin = load(config, pipeline, candidate).await?;
+    let plugin = crate::load_candidate(config, pipeline, candidate)
+        .await
+        .map_err(|error| match error {
+            Error::Start { source, .. } => {
+                Error::Usage(format!("the candidate cannot run: {source}"))
+            }
+            other => other,
+        })?;
     let lineage = plugin.lineage();
     let partitioned = settings.partitions.is_some();
     let output_limit = broker
@@ -202,26 +209,6 @@ pub async fn diff(
         }
     }
     Ok(report)
-}
-
-/// The candidate, loaded and checked as the pipeline would load it.
-async fn load(
-    config: &ValidConfig,
-    pipeline: &ValidPipeline,
-    candidate: &Path,
-) -> Result<weir_sandbox::Plugin, Error> {
-    let limits = pipeline.config().limits.clone();
-    let sandbox = weir_sandbox::Sandbox::new(
-        config.sandbox(),
-        limits.memory_bytes,
-        crate::own_compiler()?,
-    )
-    .map_err(|e| Error::Engine(format!("{e:#}")))?;
-    let path: PathBuf = candidate.to_owned();
-    tokio::task::spawn_blocking(move || sandbox.load(&path, &limits))
-        .await
-        .map_err(|e| Error::Engine(format!("loading the candidate failed: {e}")))?
-        .map_err(|e| Error::Usage(format!("the candidate cannot run: {e}")))
 }
 
 /// The candidate's outcome for each input, in order. An input whose headers cannot be read

@@ -81,6 +81,52 @@ pub enum StartError {
     },
 }
 
+impl StartError {
+    /// Refuses `plugin`, loaded from `path`, for `pipeline` if the pipeline keeps state
+    /// and the plugin speaks a contract without it: what `weir run`, `weir check`, a
+    /// reload and `weir plugin deploy` all refuse.
+    pub(crate) fn unless_contract_fits(
+        pipeline: &config::PipelineConfig,
+        path: &std::path::Path,
+        plugin: &weir_sandbox::Plugin,
+    ) -> Result<(), StartError> {
+        match pipeline.state.is_some() && plugin.contract() == weir_sandbox::V1_EXPORT {
+            true => Err(StartError::StatelessPlugin {
+                plugin: path.to_owned(),
+                contract: plugin.contract(),
+            }),
+            false => Ok(()),
+        }
+    }
+}
+
+/// A plugin file no pipeline runs yet, loaded and checked as `weir run` would load it for
+/// `pipeline`, on a sandbox of its own (compiling on a blocking thread): for
+/// `weir plugin deploy` and `weir plugin diff`. A component weir refuses is
+/// `Error::Start` with the reason.
+pub async fn load_candidate(
+    config: &ValidConfig,
+    pipeline: &config::ValidPipeline,
+    candidate: &std::path::Path,
+) -> Result<weir_sandbox::Plugin, Error> {
+    let settings = pipeline.config();
+    let limits = settings.limits.clone();
+    let sandbox =
+        weir_sandbox::Sandbox::new(config.sandbox(), limits.memory_bytes, own_compiler()?)
+            .map_err(|e| Error::Engine(format!("{e:#}")))?;
+    let path = candidate.to_owned();
+    let refused = |source: StartError| Error::Start {
+        pipeline: settings.name.clone(),
+        source,
+    };
+    let plugin = tokio::task::spawn_blocking(move || sandbox.load(&path, &limits))
+        .await
+        .map_err(|e| Error::Engine(format!("loading {} failed: {e}", candidate.display())))?
+        .map_err(|e| refused(e.into()))?;
+    StartError::unless_contract_fits(settings, candidate, &plugin).map_err(refused)?;
+    Ok(plugin)
+}
+
 /// What each pipeline did, reported when `run` returns.
 #[derive(Debug, Clone)]
 pub struct RunReport {

@@ -185,12 +185,7 @@ impl Pipeline {
             .state
             .as_ref()
             .and_then(|state| state.settings().ok());
-        if state.is_some() && plugin.contract() == weir_sandbox::V1_EXPORT {
-            return Err(fail(StartError::StatelessPlugin {
-                plugin: config.plugin.clone(),
-                contract: plugin.contract(),
-            }));
-        }
+        StartError::unless_contract_fits(config, &config.plugin, &plugin).map_err(fail)?;
         watched.set_plugin(PluginIdentity {
             sha256: plugin.sha256().to_owned(),
             contract: plugin.contract().to_owned(),

@@ -208,12 +208,13 @@ impl Reloader {
             Ok(Err(error)) => return refused(name, error.to_string()),
             Err(error) => return refused(name, format!("loading it failed: {error}")),
         };
-        if started.config().state.is_some() && plugin.contract() == weir_sandbox::V1_EXPORT {
-            let reason = crate::StartError::StatelessPlugin {
-                plugin: now.config().plugin.clone(),
-                contract: plugin.contract(),
-            };
-            return refused(name, reason.to_string());
+        let fits = crate::StartError::unless_contract_fits(
+            started.config(),
+            &now.config().plugin,
+            &plugin,
+        );
+        if let Err(unfit) = fits {
+            return refused(name, unfit.to_string());
         }
         let to = plugin.sha256().to_owned();
         let mut pipelines = lock(&self.pipelines);

@@ -30,7 +30,7 @@ pub async fn deploy(target: PipelineArgs, candidate: PathBuf) -> Result<(), crat
     refuse_shared_file(&config, &pipeline)?;
     let bytes = std::fs::read(&candidate)
         .map_err(|e| crate::Error::Usage(format!("cannot read {}: {e}", candidate.display())))?;
-    check(&config, &pipeline, &candidate)?;
+    check(&config, &pipeline, &candidate).await?;
     let installed = read_if_present(&plugin_file)?;
     let previous = previous_path(&plugin_file);
     // What `.previous` held, put back if the running weir refuses (it may be the candidate:
@@ -162,34 +162,21 @@ fn refuse_shared_file(
 }
 
 /// Loads and checks `candidate` as weir would before running it for `pipeline`.
-fn check(
+async fn check(
     config: &crate::ValidConfig,
     pipeline: &ValidPipeline,
     candidate: &Path,
 ) -> Result<(), crate::Error> {
-    let limits = &pipeline.config().limits;
-    let sandbox = weir_sandbox::Sandbox::new(
-        config.sandbox(),
-        limits.memory_bytes,
-        crate::own_compiler()?,
-    )
-    .map_err(|e| crate::Error::Engine(format!("{e:#}")))?;
-    let refused = |reason: String| {
-        crate::Error::Usage(format!(
-            "{} cannot run as pipeline {:?}'s plugin: {reason}. Nothing was changed",
-            candidate.display(),
-            pipeline.config().name
-        ))
-    };
-    let plugin = sandbox
-        .load(candidate, limits)
-        .map_err(|e| refused(e.to_string()))?;
-    if pipeline.config().state.is_some() && plugin.contract() == weir_sandbox::V1_EXPORT {
-        return Err(refused(format!(
-            "it exports {}, which keeps no state, and the pipeline has [pipeline.state]",
-            plugin.contract()
-        )));
-    }
+    let plugin = crate::load_candidate(config, pipeline, candidate)
+        .await
+        .map_err(|error| match error {
+            crate::Error::Start { source, .. } => crate::Error::Usage(format!(
+                "{} cannot run as pipeline {:?}'s plugin: {source}. Nothing was changed",
+                candidate.display(),
+                pipeline.config().name
+            )),
+            other => other,
+        })?;
     println!(
         "checked {}: sha256 {}, {}",
         candidate.display(),
