@@ -81,10 +81,7 @@ pub async fn diff(
             settings.name
         )));
     }
-    let broker_error = |e: weir_nats::BrokerError| Error::Start {
-        pipeline: settings.name.clone(),
-        source: e.into(),
-    };
+    let broker_error = |e| crate::replay::start_error(settings, e);
     let broker = Broker::connect(&settings.nats, &format!("weir-diff-{}", settings.name))
         .await
         .map_err(broker_error)?;

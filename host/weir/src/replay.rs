@@ -167,14 +167,12 @@ pub async fn plan(
         .config()
         .input
         .clone();
+    let broker_error = |e| start_error(config, e);
     let broker = Broker::connect(&config.nats, &format!("weir-replay-{run}"))
         .await
-        .map_err(|e| start_error(config, e))?;
+        .map_err(broker_error)?;
     let probe = format!("{output_prefix}.probe");
-    let stored = broker
-        .stream_storing(&probe)
-        .await
-        .map_err(|e| start_error(config, e))?;
+    let stored = broker.stream_storing(&probe).await.map_err(broker_error)?;
     if stored.is_none() && request.output_stream.is_none() {
         return Err(Error::Usage(format!(
             "no stream stores {output_prefix}.>: create one, or name one for weir to create with --output-stream"
@@ -183,7 +181,7 @@ pub async fn plan(
     let resumed = match broker
         .consumer_description(&input)
         .await
-        .map_err(|e| start_error(config, e))?
+        .map_err(broker_error)?
     {
         None => false,
         Some(description) => {
@@ -210,7 +208,6 @@ pub async fn plan(
             }
         }
     };
-    let range = |e| start_error(config, e);
     if !resumed {
         definition.last = match request.to {
             Some(ReplayTo::Sequence(sequence)) => sequence,
@@ -219,13 +216,13 @@ pub async fn plan(
                 match broker
                     .first_from(&input, ReplayFrom::Time(after))
                     .await
-                    .map_err(range)?
+                    .map_err(broker_error)?
                 {
                     (Some(next), _) => next.sequence - 1,
-                    (None, _) => broker.last_sequence(&input).await.map_err(range)?,
+                    (None, _) => broker.last_sequence(&input).await.map_err(broker_error)?,
                 }
             }
-            None => broker.last_sequence(&input).await.map_err(range)?,
+            None => broker.last_sequence(&input).await.map_err(broker_error)?,
         };
     }
     let from = match resumed {
@@ -236,15 +233,18 @@ pub async fn plan(
     let (_, past) = broker
         .first_from(&input, ReplayFrom::Sequence(definition.last + 1))
         .await
-        .map_err(range)?;
-    let (first, from_first) = broker.first_from(&input, from).await.map_err(range)?;
+        .map_err(broker_error)?;
+    let (first, from_first) = broker
+        .first_from(&input, from)
+        .await
+        .map_err(broker_error)?;
     let first = first.filter(|first| first.sequence <= definition.last);
     if !resumed {
         definition.first = first.map_or(definition.last + 1, |first| first.sequence);
     }
     let last_stored = match definition.last {
         0 => None,
-        last => broker.stored_at(&input, last).await.map_err(range)?,
+        last => broker.stored_at(&input, last).await.map_err(broker_error)?,
     };
     let description = serde_json::to_string(&definition).expect("a definition serializes");
     Ok(ReplayPlan {
@@ -313,7 +313,10 @@ pub async fn run(
     })
 }
 
-fn start_error(config: &crate::config::PipelineConfig, error: weir_nats::BrokerError) -> Error {
+pub(crate) fn start_error(
+    config: &crate::config::PipelineConfig,
+    error: weir_nats::BrokerError,
+) -> Error {
     Error::Start {
         pipeline: config.name.clone(),
         source: StartError::Broker(error),
